@@ -1,0 +1,101 @@
+"""The run context handed to job code, and the guard that keeps a run on its target.
+
+Job code reaches the database only through ``ctx``. While a run is active, opening any
+other database through SQLAlchemy, or asking ``ctx`` for another target, raises
+:class:`~fillgate.errors.TargetEscapeError` before anything is written: the in-process
+equivalent of the hard-coded ``live`` header from the first incident.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, Engine
+
+from fillgate.config import Target
+from fillgate.database import TARGET_ATTR
+from fillgate.errors import TargetEscapeError
+
+
+@dataclass
+class RunContext:
+    """What a job's ``compute`` gets as ``ctx``."""
+
+    run_id: str
+    target: Target
+    job: str
+    params: Mapping[str, Any]
+    engine: Engine = field(repr=False)
+    _connection: Connection | None = field(default=None, repr=False)
+
+    @property
+    def environment(self) -> str:
+        return self.target.environment
+
+    @property
+    def connection(self) -> Connection:
+        """A connection to the run's target, for lookups (reads)."""
+        if self._connection is None:
+            self._connection = self.engine.connect()
+        return self._connection
+
+    def execute(self, sql: str, **params: Any) -> list[Mapping[str, Any]]:
+        """Run a read query on the run's target and return its rows as mappings."""
+        return [dict(row) for row in self.connection.execute(text(sql), params).mappings()]
+
+    def open_target(self, name: str) -> Engine:
+        """The engine of target ``name``; only the run's own target is allowed."""
+        if name != self.target.name:
+            raise TargetEscapeError(
+                f"job {self.job} (run {self.run_id}) tried to open target '{name}' while running "
+                f"against '{self.target.name}'; a run reaches only its own target. Remove the "
+                "hard-coded target from the job and use ctx."
+            )
+        return self.engine
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+_active: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
+    "fillgate_active_run", default=None
+)
+
+
+def active_run() -> RunContext | None:
+    return _active.get()
+
+
+@contextmanager
+def activate(ctx: RunContext) -> Iterator[RunContext]:
+    """Mark ``ctx`` as the active run for the code called inside the block."""
+    token = _active.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _active.reset(token)
+        ctx.close()
+
+
+@event.listens_for(Engine, "engine_connect")
+def _guard_engine_connect(conn: Connection) -> None:
+    ctx = _active.get()
+    if ctx is None:
+        return
+    engine = conn.engine
+    if getattr(engine, TARGET_ATTR, None) == ctx.target.name:
+        return
+    if engine.url == ctx.target.url:
+        return
+    raise TargetEscapeError(
+        f"job {ctx.job} (run {ctx.run_id}) opened a database other than its target "
+        f"'{ctx.target.name}': {engine.url.render_as_string(hide_password=True)}. "
+        "A run reaches only its own target; use ctx instead of a hard-coded URL."
+    )

@@ -1,0 +1,95 @@
+"""Every exception fillgate raises, in one place.
+
+Each error carries the process exit code the CLI uses for it (DESIGN.md, "Exit codes"):
+2 for usage or configuration errors, 3 for refusals by a guard. Messages say what was
+wrong, why, and what to do.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ROW_PROBLEMS = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+
+
+class FillgateError(Exception):
+    """Base class of every fillgate error."""
+
+    exit_code: int = EXIT_USAGE
+
+
+# --- usage and configuration (exit 2) -------------------------------------------------
+
+
+class UsageError(FillgateError):
+    """The command was given something it cannot use."""
+
+
+class ConfigError(UsageError):
+    """fillgate.toml / pyproject.toml / DATABASE_URL is missing or wrong."""
+
+
+class JobError(UsageError):
+    """A job could not be loaded, or is not a valid job."""
+
+
+class KeyNotUniqueError(JobError):
+    """The job's key does not identify one row."""
+
+
+class PlanFileError(UsageError):
+    """A plan file is malformed, truncated or modified."""
+
+
+class NotInitializedError(UsageError):
+    """The target database has no fillgate ledger yet."""
+
+
+class RunNotFoundError(UsageError):
+    """No run with that id exists in the target's ledger."""
+
+
+class RunStateError(UsageError):
+    """The run is in a state that does not allow the requested operation."""
+
+
+# --- refusals by a guard (exit 3) -----------------------------------------------------
+
+
+class GuardRefused(FillgateError):
+    """A safety guard refused the command; nothing was written."""
+
+    exit_code = EXIT_REFUSED
+
+
+class StampMismatchError(GuardRefused):
+    """The database's environment stamp differs from the target's environment."""
+
+
+class ProtectedTargetError(GuardRefused):
+    """A write to a protected environment without --confirm ENV."""
+
+
+class GateExceededError(GuardRefused):
+    """The plan has more changes than --max-changes allows."""
+
+
+class ErrorBudgetExceededError(GuardRefused):
+    """The run erred more than --max-errors / --max-error-rate allow."""
+
+
+class LockHeldError(GuardRefused):
+    """Another apply of the same job on the same target holds the lock."""
+
+
+class TargetEscapeError(GuardRefused):
+    """Job code tried to reach a database other than the run's target."""
+
+
+class AlreadyDoneError(GuardRefused):
+    """The plan was already applied, or the run already reverted."""
+
+
+class PlanMismatchError(GuardRefused):
+    """The plan was made for another target, environment or database."""

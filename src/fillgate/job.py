@@ -1,0 +1,252 @@
+"""The Job base class, typed job parameters, and loading a job from ``file.py:Class``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from fillgate.errors import JobError, UsageError
+from fillgate.policy import Policy
+
+if TYPE_CHECKING:
+    from fillgate.context import RunContext
+
+Row = Mapping[str, Any]
+Proposal = Mapping[str, Any] | None
+
+_MISSING: Any = object()
+
+
+class Param:
+    """A typed job parameter, set on the command line with ``--param name=value``."""
+
+    _parsers: ClassVar[dict[type, Any]] = {
+        str: str,
+        int: int,
+        float: float,
+        bool: lambda raw: _parse_bool(raw),
+        dt.date: dt.date.fromisoformat,
+        dt.datetime: dt.datetime.fromisoformat,
+    }
+
+    def __init__(self, type: type = str, default: Any = _MISSING, help: str = "") -> None:
+        if type not in self._parsers:
+            raise JobError(
+                f"Param type {type!r} is not supported; use one of "
+                + ", ".join(t.__name__ for t in self._parsers)
+            )
+        self.type = type
+        self.default = default
+        self.help = help
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    def parse(self, name: str, raw: Any) -> Any:
+        if isinstance(raw, self.type) and not (self.type is int and isinstance(raw, bool)):
+            return raw
+        try:
+            return self._parsers[self.type](str(raw))
+        except (ValueError, TypeError):
+            raise UsageError(
+                f"parameter '{name}' expects {self.type.__name__}, got {raw!r}."
+            ) from None
+
+
+def _parse_bool(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+class Job:
+    """Base class of every job. Subclasses set the class attributes and define
+    ``compute(row, ctx)`` or ``compute_batch(rows, ctx)``.
+
+    ``table``     the table the job writes.
+    ``key``       the column(s) identifying a row; must match a primary key or unique constraint.
+    ``columns``   ``{column: policy}``: the only columns the job may write.
+    ``source``    a SQL select yielding the key and the written columns (default: the whole
+                  table); fillgate pages through it by key, keyset style. It may use
+                  ``:name`` bind parameters filled from the job's parameters.
+    ``params``    ``{name: Param(type, default=...)}``.
+    ``page_size`` rows read and computed per page.
+    """
+
+    table: ClassVar[str]
+    key: ClassVar[Sequence[str]] = ("id",)
+    columns: ClassVar[Mapping[str, Policy]]
+    source: ClassVar[str | None] = None
+    params: ClassVar[Mapping[str, Param | type]] = {}
+    page_size: ClassVar[int] = 1000
+    name: ClassVar[str | None] = None
+
+    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+        self.args: dict[str, Any] = resolve_params(type(self), params or {})
+
+    def compute(self, row: Row, ctx: RunContext) -> Proposal:
+        raise NotImplementedError
+
+    def compute_batch(self, rows: Sequence[Row], ctx: RunContext) -> Sequence[Proposal | BaseException]:
+        """Proposals for ``rows``, one per row, in order. The default calls ``compute``."""
+        raise NotImplementedError
+
+    # --- introspection used by the engine -------------------------------------------
+
+    @classmethod
+    def job_name(cls) -> str:
+        return cls.name or f"{cls.__module__}:{cls.__qualname__}"
+
+    @classmethod
+    def key_columns(cls) -> tuple[str, ...]:
+        return (cls.key,) if isinstance(cls.key, str) else tuple(cls.key)
+
+    @classmethod
+    def policies(cls) -> dict[str, Policy]:
+        out: dict[str, Policy] = {}
+        for column, policy in cls.columns.items():
+            if isinstance(policy, type) and issubclass(policy, Policy):
+                policy = policy()
+            out[column] = policy
+        return out
+
+    @classmethod
+    def has_batch_compute(cls) -> bool:
+        return cls.compute_batch is not Job.compute_batch
+
+    @classmethod
+    def code_fingerprint(cls) -> str:
+        module = sys.modules.get(cls.__module__)
+        try:
+            text = inspect.getsource(module) if module else inspect.getsource(cls)
+        except (OSError, TypeError):
+            text = cls.__qualname__
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @classmethod
+    def select_sql(cls) -> str:
+        return cls.source or f"SELECT * FROM {cls.table}"
+
+
+def resolve_params(cls: type[Job], given: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``given`` against the job's declared parameters and convert each value."""
+    declared = {
+        name: spec if isinstance(spec, Param) else Param(spec) for name, spec in cls.params.items()
+    }
+    unknown = set(given) - set(declared)
+    if unknown:
+        names = ", ".join(sorted(declared)) or "none"
+        raise UsageError(
+            f"job {cls.job_name()} has no parameter(s) {', '.join(sorted(unknown))}; "
+            f"declared parameters: {names}."
+        )
+    out: dict[str, Any] = {}
+    for name, spec in declared.items():
+        if name in given:
+            out[name] = spec.parse(name, given[name])
+        elif spec.required:
+            raise UsageError(
+                f"job {cls.job_name()} needs parameter '{name}' ({spec.type.__name__}); "
+                f"pass --param {name}=VALUE."
+            )
+        else:
+            out[name] = spec.default
+    return out
+
+
+def parse_param_options(options: Sequence[str]) -> dict[str, str]:
+    """Turn repeated ``--param name=value`` options into a dict."""
+    out: dict[str, str] = {}
+    for option in options:
+        name, sep, value = option.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--param expects name=value, got {option!r}.")
+        out[name.strip()] = value
+    return out
+
+
+def validate_job_class(cls: Any, spec: str) -> type[Job]:
+    """Check that ``cls`` is a complete Job subclass; explain what is missing."""
+    if not (isinstance(cls, type) and issubclass(cls, Job)) or cls is Job:
+        raise JobError(f"{spec} is not a fillgate Job subclass.")
+    table = getattr(cls, "table", None)
+    if not isinstance(table, str) or not table:
+        raise JobError(f"job {spec} has no table; set table = \"name\".")
+    keys = cls.key_columns()
+    if not keys or not all(isinstance(k, str) and k for k in keys):
+        raise JobError(f"job {spec}: key must be a column name or a tuple of column names.")
+    columns = getattr(cls, "columns", None)
+    if not isinstance(columns, Mapping) or not columns:
+        raise JobError(f"job {spec} declares no columns; set columns = {{\"col\": FillMissing()}}.")
+    for column, policy in cls.policies().items():
+        if not isinstance(policy, Policy):
+            raise JobError(
+                f"job {spec}: column '{column}' has {policy!r}, not a policy "
+                "(FillMissing(), Promote(unknown=[...]) or Overwrite())."
+            )
+        if column in keys:
+            raise JobError(f"job {spec}: key column '{column}' cannot also be written.")
+    if cls.compute is Job.compute and cls.compute_batch is Job.compute_batch:
+        raise JobError(f"job {spec} defines neither compute(row, ctx) nor compute_batch(rows, ctx).")
+    if not isinstance(cls.page_size, int) or cls.page_size < 1:
+        raise JobError(f"job {spec}: page_size must be a positive integer.")
+    return cls
+
+
+def load_job(spec: str) -> type[Job]:
+    """Load ``path/to/file.py:ClassName`` or ``package.module:ClassName``."""
+    module_part, sep, class_name = spec.rpartition(":")
+    if not sep or not module_part or not class_name:
+        raise JobError(
+            f"cannot load job {spec!r}: expected path/to/file.py:ClassName or package.module:ClassName."
+        )
+    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            raise JobError(f"cannot load job {spec!r}: file {path} does not exist.")
+        module_name = path.stem
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise JobError(f"cannot load job {spec!r}: {path} is not a Python file.")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(module_name, None)
+            raise JobError(
+                f"cannot load job {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ModuleNotFoundError as exc:
+            raise JobError(f"cannot load job {spec!r}: no module named {exc.name!r}.") from exc
+        except Exception as exc:
+            raise JobError(
+                f"cannot load job {spec!r}: importing {module_part} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        found = sorted(
+            n for n, v in vars(module).items()
+            if isinstance(v, type) and issubclass(v, Job) and v is not Job
+        )
+        hint = f" Jobs in that module: {', '.join(found)}." if found else ""
+        raise JobError(f"cannot load job {spec!r}: {module_part} has no class {class_name!r}.{hint}")
+    return validate_job_class(cls, spec)

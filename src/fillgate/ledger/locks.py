@@ -1,0 +1,156 @@
+"""One apply per (job, target) at a time.
+
+PostgreSQL holds a session advisory lock, MariaDB/MySQL a ``GET_LOCK``; both vanish with the
+holder's connection, so a killed process never leaves a stuck lock. SQLite has neither, so
+the lock is a row in ``fillgate_locks`` with a heartbeat: it is stale when its process is
+gone (same host) or its heartbeat is older than ``STALE_AFTER``. On every backend the lock
+row names the holder, so a refusal can say who has it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import os
+import socket
+from typing import Any
+
+from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from fillgate.errors import LockHeldError
+from fillgate.ledger import schema
+from fillgate.ledger.store import utcnow
+
+STALE_AFTER = dt.timedelta(seconds=60)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+def _is_stale(row: Any) -> bool:
+    if row.host == socket.gethostname() and not _pid_alive(row.pid):
+        return True
+    return utcnow() - row.heartbeat_at > STALE_AFTER
+
+
+class ApplyLock:
+    """The lock named ``name`` held for run ``run_id``; use as a context manager."""
+
+    def __init__(self, engine: Engine, name: str, run_id: str, operator: str) -> None:
+        self.engine = engine
+        self.name = name
+        self.run_id = run_id
+        self.operator = operator
+        self.dialect = engine.dialect.name
+        self._conn: Connection | None = None
+        digest = hashlib.sha256(name.encode()).digest()
+        self._pg_key = int.from_bytes(digest[:8], "big", signed=True)
+        self._my_name = "fillgate:" + digest.hex()[:48]
+
+    # --- public --------------------------------------------------------------------------
+
+    def acquire(self) -> ApplyLock:
+        if self.dialect == "sqlite":
+            self._acquire_row()
+            return self
+        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        if self.dialect == "postgresql":
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self._pg_key}).scalar()
+        else:
+            got = conn.execute(text("SELECT GET_LOCK(:n, 0)"), {"n": self._my_name}).scalar()
+        if not got:
+            conn.close()
+            raise self._held_error()
+        self._conn = conn
+        with self.engine.begin() as tx:
+            tx.execute(delete(schema.locks).where(schema.locks.c.name == self.name))
+            tx.execute(insert(schema.locks).values(**self._row()))
+        return self
+
+    def heartbeat(self, conn: Connection) -> None:
+        """Refresh the lock row (inside the caller's batch transaction)."""
+        conn.execute(
+            update(schema.locks)
+            .where(schema.locks.c.name == self.name, schema.locks.c.run_id == self.run_id)
+            .values(heartbeat_at=utcnow())
+        )
+
+    def release(self) -> None:
+        try:
+            with self.engine.begin() as tx:
+                tx.execute(
+                    delete(schema.locks).where(
+                        schema.locks.c.name == self.name, schema.locks.c.run_id == self.run_id
+                    )
+                )
+        finally:
+            if self._conn is not None:
+                if self.dialect == "postgresql":
+                    self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._pg_key})
+                else:
+                    self._conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": self._my_name})
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> ApplyLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _row(self) -> dict[str, Any]:
+        now = utcnow()
+        return {
+            "name": self.name, "run_id": self.run_id, "operator": self.operator,
+            "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": now, "heartbeat_at": now,
+        }
+
+    def _acquire_row(self) -> None:
+        locks = schema.locks
+        try:
+            with self.engine.begin() as tx:
+                tx.execute(insert(locks).values(**self._row()))
+            return
+        except IntegrityError:
+            pass
+        with self.engine.begin() as tx:
+            row = tx.execute(select(locks).where(locks.c.name == self.name)).first()
+            if row is not None and not _is_stale(row):
+                raise self._held_error(row)
+            if row is None:
+                tx.execute(insert(locks).values(**self._row()))
+                return
+            taken = tx.execute(
+                update(locks)
+                .where(locks.c.name == self.name, locks.c.run_id == row.run_id)
+                .values(**self._row())
+            ).rowcount
+            if taken != 1:
+                raise self._held_error()
+
+    def _held_error(self, row: Any = None) -> LockHeldError:
+        if row is None:
+            with self.engine.connect() as conn:
+                row = conn.execute(
+                    select(schema.locks).where(schema.locks.c.name == self.name)
+                ).first()
+        holder = (
+            f"run {row.run_id} by {row.operator} (pid {row.pid} on {row.host}, "
+            f"since {row.acquired_at:%Y-%m-%d %H:%M:%S} UTC)"
+            if row is not None
+            else "another process"
+        )
+        return LockHeldError(
+            f"{self.name} is already running on this target: held by {holder}. "
+            "Wait for it to finish, or pause/cancel it with: fillgate pause RUN / fillgate cancel RUN"
+        )

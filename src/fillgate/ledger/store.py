@@ -1,0 +1,341 @@
+"""Every query on fillgate's own tables."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import os
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import func, insert, inspect, select, update
+from sqlalchemy.engine import Connection, Engine
+from ulid import ULID
+
+from fillgate.errors import NotInitializedError, RunNotFoundError
+from fillgate.ledger import schema
+from fillgate.ledger.schema import VERSION_TABLE
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+RUN_STATUSES = ("planned", "running", "paused", "cancelled", "failed", "succeeded")
+FINISHED = ("planned", "cancelled", "failed", "succeeded")
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC, the ledger's timestamp convention."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def new_run_id() -> str:
+    """A ULID: time-ordered, 80 random bits, so two processes never collide."""
+    return str(ULID())
+
+
+def operator_name() -> str:
+    """Who is running fillgate: ``FILLGATE_OPERATOR`` or user@host."""
+    explicit = os.environ.get("FILLGATE_OPERATOR")
+    if explicit:
+        return explicit
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass
+class Run:
+    """One row of ``fillgate_runs``."""
+
+    run_id: str
+    kind: str
+    target: str
+    environment: str
+    operator: str
+    status: str
+    args: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    job: str | None = None
+    table_name: str | None = None
+    control: str | None = None
+    plan_id: str | None = None
+    plan_path: str | None = None
+    plan_sha256: str | None = None
+    parent_run_id: str | None = None
+    checkpoint: int = 0
+    total: int | None = None
+    message: str | None = None
+    created_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    heartbeat_at: dt.datetime | None = None
+    host: str | None = None
+    pid: int | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        row = dict(self.__dict__)
+        row["args"] = json.dumps(self.args, default=str, sort_keys=True)
+        row["counts"] = json.dumps(self.counts, sort_keys=True)
+        return row
+
+    @classmethod
+    def from_row(cls, row: Any) -> Run:
+        data = dict(row._mapping)
+        data["args"] = json.loads(data["args"])
+        data["counts"] = json.loads(data["counts"])
+        return cls(**data)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        for name, value in out.items():
+            if isinstance(value, dt.datetime):
+                out[name] = value.isoformat() + "Z"
+        return out
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or utcnow()
+        return (end - self.started_at).total_seconds()
+
+
+class Ledger:
+    """fillgate's tables in one target database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    # --- schema and stamp ----------------------------------------------------------------
+
+    def _alembic_config(self, connection: Connection) -> AlembicConfig:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["connection"] = connection
+        return cfg
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table(VERSION_TABLE):
+                return None
+            return MigrationContext.configure(
+                conn, opts={"version_table": VERSION_TABLE}
+            ).get_current_revision()
+
+    def head_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            return ScriptDirectory.from_config(self._alembic_config(conn)).get_current_head()
+
+    def upgrade(self) -> bool:
+        """Create or upgrade the ledger tables; True if anything changed."""
+        if self.current_revision() == self.head_revision():
+            return False
+        with self.engine.begin() as conn:
+            command.upgrade(self._alembic_config(conn), "head")
+        return True
+
+    def is_initialized(self) -> bool:
+        return self.current_revision() is not None
+
+    def read_meta(self) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table("fillgate_meta"):
+                return {}
+            return {r.name: r.value for r in conn.execute(select(schema.meta))}
+
+    def write_meta(self, conn: Connection, values: dict[str, str]) -> None:
+        existing = {r.name for r in conn.execute(select(schema.meta.c.name))}
+        for name, value in values.items():
+            if name in existing:
+                conn.execute(update(schema.meta).where(schema.meta.c.name == name).values(value=value))
+            else:
+                conn.execute(insert(schema.meta).values(name=name, value=value))
+
+    def require_meta(self, target_name: str) -> dict[str, str]:
+        meta = self.read_meta()
+        if "environment" not in meta:
+            raise NotInitializedError(
+                f"the database of target '{target_name}' has no fillgate ledger (or no stamp); "
+                f"run: fillgate init --target {target_name}"
+            )
+        return meta
+
+    # --- runs ----------------------------------------------------------------------------
+
+    def create_run(self, run: Run, conn: Connection | None = None) -> Run:
+        now = utcnow()
+        run.created_at = run.created_at or now
+        run.host = run.host or socket.gethostname()
+        run.pid = run.pid or os.getpid()
+        if conn is None:
+            with self.engine.begin() as own:
+                own.execute(insert(schema.runs).values(**run.to_row()))
+        else:
+            conn.execute(insert(schema.runs).values(**run.to_row()))
+        return run
+
+    def update_run(self, run_id: str, conn: Connection | None = None, **values: Any) -> None:
+        if "counts" in values:
+            values["counts"] = json.dumps(values["counts"], sort_keys=True)
+        if "args" in values:
+            values["args"] = json.dumps(values["args"], default=str, sort_keys=True)
+        stmt = update(schema.runs).where(schema.runs.c.run_id == run_id).values(**values)
+        if conn is None:
+            with self.engine.begin() as own:
+                own.execute(stmt)
+        else:
+            conn.execute(stmt)
+
+    def get_run(self, run_id: str, conn: Connection | None = None) -> Run:
+        stmt = select(schema.runs).where(schema.runs.c.run_id == run_id)
+        if conn is None:
+            with self.engine.connect() as own:
+                row = own.execute(stmt).first()
+        else:
+            row = conn.execute(stmt).first()
+        if row is None:
+            raise RunNotFoundError(f"no run {run_id!r} in this target's ledger; see: fillgate runs")
+        return Run.from_row(row)
+
+    def read_control(self, run_id: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(schema.runs.c.control).where(schema.runs.c.run_id == run_id)
+            ).scalar_one_or_none()
+
+    def list_runs(
+        self, limit: int = 20, kind: str | None = None, status: str | None = None,
+        job: str | None = None,
+    ) -> list[Run]:
+        stmt = select(schema.runs).order_by(schema.runs.c.run_id.desc()).limit(limit)
+        if kind:
+            stmt = stmt.where(schema.runs.c.kind == kind)
+        if status:
+            stmt = stmt.where(schema.runs.c.status == status)
+        if job:
+            stmt = stmt.where(schema.runs.c.job == job)
+        with self.engine.connect() as conn:
+            return [Run.from_row(r) for r in conn.execute(stmt)]
+
+    def runs_of_plan(self, plan_id: str) -> list[Run]:
+        stmt = (
+            select(schema.runs)
+            .where(schema.runs.c.plan_id == plan_id, schema.runs.c.kind == "apply")
+            .order_by(schema.runs.c.run_id)
+        )
+        with self.engine.connect() as conn:
+            return [Run.from_row(r) for r in conn.execute(stmt)]
+
+    def reverts_of(self, run_id: str) -> list[Run]:
+        stmt = (
+            select(schema.runs)
+            .where(schema.runs.c.parent_run_id == run_id, schema.runs.c.kind == "revert")
+            .order_by(schema.runs.c.run_id)
+        )
+        with self.engine.connect() as conn:
+            return [Run.from_row(r) for r in conn.execute(stmt)]
+
+    # --- the audit log -------------------------------------------------------------------
+
+    def _placeholders(self, n: int) -> str:
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        return ", ".join([mark] * n)
+
+    def insert_changes(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Append audit rows: (run_id, table, row_key, column, op, old, new, source, time)."""
+        if not rows:
+            return
+        sql = (
+            "INSERT INTO fillgate_changes (run_id, table_name, row_key, column_name, op, "
+            f"old_value, new_value, source, changed_at) VALUES ({self._placeholders(9)})"
+        )
+        conn.exec_driver_sql(sql, list(rows))
+
+    def insert_errors(self, conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            conn.execute(insert(schema.errors), rows)
+
+    def iter_changes(self, run_id: str, batch: int = 5000) -> Iterator[Any]:
+        """The audit rows of a run, in the order they were written."""
+        c = schema.changes.c
+        last = 0
+        with self.engine.connect() as conn:
+            while True:
+                rows = conn.execute(
+                    select(schema.changes)
+                    .where(c.run_id == run_id, c.id > last)
+                    .order_by(c.id)
+                    .limit(batch)
+                ).all()
+                conn.rollback()  # hold no read lock while the caller writes (SQLite)
+                if not rows:
+                    return
+                yield from rows
+                last = rows[-1].id
+
+    def count_changes(self, run_id: str) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(func.count()).select_from(schema.changes).where(schema.changes.c.run_id == run_id)
+            ).scalar_one()
+
+    def history(self, table: str, row_key: str, column: str | None = None) -> list[dict[str, Any]]:
+        c = schema.changes.c
+        r = schema.runs.c
+        stmt = (
+            select(
+                c.id, c.run_id, c.column_name, c.op, c.old_value, c.new_value, c.source,
+                c.changed_at, r.kind, r.job, r.operator, r.status,
+            )
+            .select_from(schema.changes.outerjoin(schema.runs, r.run_id == c.run_id))
+            .where(c.table_name == table, c.row_key == row_key)
+            .order_by(c.id)
+        )
+        if column:
+            stmt = stmt.where(c.column_name == column)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(stmt)]
+
+    # --- errors --------------------------------------------------------------------------
+
+    def error_groups(self, run_id: str) -> list[dict[str, Any]]:
+        """Errors of a run grouped by fingerprint, with counts and one example each."""
+        e = schema.errors.c
+        with self.engine.connect() as conn:
+            groups = conn.execute(
+                select(e.fingerprint, e.phase, e.error_type, func.count().label("count"),
+                       func.min(e.id).label("first_id"))
+                .where(e.run_id == run_id)
+                .group_by(e.fingerprint, e.phase, e.error_type)
+                .order_by(func.count().desc())
+            ).all()
+            out = []
+            for g in groups:
+                first = conn.execute(select(schema.errors).where(e.id == g.first_id)).one()
+                out.append({
+                    "fingerprint": g.fingerprint, "phase": g.phase, "error_type": g.error_type,
+                    "count": g.count, "example_key": first.row_key, "example_column": first.column_name,
+                    "example_message": first.message,
+                })
+            return out
+
+    def errors_of(self, run_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        e = schema.errors.c
+        with self.engine.connect() as conn:
+            return [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(schema.errors).where(e.run_id == run_id).order_by(e.id).limit(limit)
+                )
+            ]

@@ -1,0 +1,204 @@
+"""The plan file: a reviewable, verifiable record of every proposed change.
+
+A plan is JSON lines. The first line is the header (plan id, job, job code fingerprint,
+target, environment, database fingerprint, created time, parameters, counts, and the number
+and SHA-256 of the body lines). Each following line is one finding, ``kind`` being one of
+``change``, ``disagreement``, ``preserved`` or ``error``. ``apply`` refuses a file whose body
+does not match its header (truncated, edited, or corrupted) before writing anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import IO, Any
+
+from fillgate.errors import PlanFileError
+from fillgate.sql import Change
+from fillgate.values import dumps, loads
+
+PLAN_FORMAT = 1
+LINE_KINDS = ("change", "disagreement", "preserved", "error")
+
+
+@dataclass
+class PlanHeader:
+    plan_id: str
+    job: str
+    job_fingerprint: str
+    table: str
+    key: list[str]
+    columns: dict[str, Any]
+    target: str
+    environment: str
+    database_id: str
+    dialect: str
+    created_at: str
+    operator: str
+    params: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    changes: int = 0
+    lines: int = 0
+    body_sha256: str = ""
+    fillgate_plan: int = PLAN_FORMAT
+
+    def to_line(self) -> str:
+        return json.dumps(asdict(self), default=str, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_line(cls, line: str, path: Path) -> PlanHeader:
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PlanFileError(f"{path} is not a fillgate plan: its first line is not JSON ({exc}).") from None
+        if not isinstance(data, dict) or "fillgate_plan" not in data:
+            raise PlanFileError(f"{path} is not a fillgate plan: its first line has no plan header.")
+        if data["fillgate_plan"] != PLAN_FORMAT:
+            raise PlanFileError(
+                f"{path} is plan format {data['fillgate_plan']}; this fillgate reads format "
+                f"{PLAN_FORMAT}. Re-create the plan with this version."
+            )
+        names = {f.name for f in fields(cls)}
+        missing = sorted(n for n in names if n not in data and n not in ("params", "counts"))
+        if missing:
+            raise PlanFileError(f"{path}: plan header lacks {', '.join(missing)}; the file is damaged.")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class PlanWriter:
+    """Streams findings to a body file, then writes header + body atomically."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        fd, name = tempfile.mkstemp(prefix=".fillgate-plan-", suffix=".body", dir=directory)
+        self._body_path = Path(name)
+        self._body: IO[str] = os.fdopen(fd, "w", encoding="utf-8")
+        self._hash = hashlib.sha256()
+        self.lines = 0
+        self.changes = 0
+
+    def _write(self, record: dict[str, Any]) -> None:
+        line = dumps(record) + "\n"
+        self._body.write(line)
+        self._hash.update(line.encode("utf-8"))
+        self.lines += 1
+
+    def change(self, key: tuple[Any, ...], column: str, old: Any, new: Any) -> None:
+        self._write({"kind": "change", "key": list(key), "column": column, "old": old, "new": new})
+        self.changes += 1
+
+    def disagreement(self, key: tuple[Any, ...], column: str, old: Any, new: Any) -> None:
+        self._write({"kind": "disagreement", "key": list(key), "column": column, "old": old, "new": new})
+
+    def preserved(self, key: tuple[Any, ...], column: str, old: Any, reason: str) -> None:
+        self._write({"kind": "preserved", "key": list(key), "column": column, "old": old, "reason": reason})
+
+    def error(self, key: tuple[Any, ...], error_type: str, message: str, fingerprint: str) -> None:
+        self._write({
+            "kind": "error", "key": list(key), "error_type": error_type,
+            "message": message, "fingerprint": fingerprint,
+        })
+
+    def finish(self, header: PlanHeader, path: Path) -> Path:
+        """Write the complete plan to ``path`` (atomically) and return it."""
+        self._body.close()
+        header.lines = self.lines
+        header.changes = self.changes
+        header.body_sha256 = self._hash.hexdigest()
+        path = path.resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".fillgate-plan-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out, self._body_path.open(encoding="utf-8") as body:
+                out.write(header.to_line())
+                shutil.copyfileobj(body, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        finally:
+            self._body_path.unlink(missing_ok=True)
+        return path
+
+    def discard(self) -> None:
+        self._body.close()
+        self._body_path.unlink(missing_ok=True)
+
+
+def read_header(path: str | Path) -> PlanHeader:
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as fh:
+            first = fh.readline()
+    except FileNotFoundError:
+        raise PlanFileError(f"plan file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanFileError(f"cannot read plan file {path}: {exc}.") from None
+    if not first.strip():
+        raise PlanFileError(f"{path} is empty; it is not a fillgate plan.")
+    return PlanHeader.from_line(first, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_plan(path: str | Path) -> PlanHeader:
+    """Read the header and check the body against it (line count and SHA-256)."""
+    path = Path(path)
+    header = read_header(path)
+    digest = hashlib.sha256()
+    lines = 0
+    with path.open("rb") as fh:
+        fh.readline()
+        for line in fh:
+            digest.update(line)
+            lines += 1
+    if lines != header.lines or digest.hexdigest() != header.body_sha256:
+        raise PlanFileError(
+            f"{path} does not match its header (expected {header.lines} lines, found {lines}; "
+            "checksum differs): the file is truncated or was modified after planning. "
+            "Re-create it with fillgate plan."
+        )
+    return header
+
+
+def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Every body line of a plan, decoded."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        fh.readline()
+        for number, line in enumerate(fh, start=2):
+            try:
+                record = loads(line)
+            except ValueError as exc:
+                raise PlanFileError(f"{path}:{number}: not valid JSON ({exc}).") from None
+            if not isinstance(record, dict) or record.get("kind") not in LINE_KINDS:
+                raise PlanFileError(f"{path}:{number}: not a plan line (no known 'kind').")
+            yield record
+
+
+def iter_changes(path: str | Path, skip: int = 0) -> Iterator[Change]:
+    """The plan's changes in order, after the first ``skip`` of them (a checkpoint)."""
+    seen = 0
+    for record in iter_records(path):
+        if record["kind"] != "change":
+            continue
+        seen += 1
+        if seen <= skip:
+            continue
+        try:
+            yield Change(tuple(record["key"]), record["column"], record["old"], record["new"])
+        except KeyError as exc:
+            raise PlanFileError(f"{path}: change #{seen} lacks {exc}.") from None

@@ -1,0 +1,114 @@
+"""Inverse plans: undo a run from its audit log, as a new audited run.
+
+Each inverse change is a compare-and-set against the value the reverted run wrote, so a
+row changed since then is reported as a conflict and never overwritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fillgate.engine import ApplyResult, Limits, _start_run, execute
+from fillgate.errors import AlreadyDoneError, RunStateError
+from fillgate.ledger import Ledger, Run, new_run_id, operator_name, utcnow
+from fillgate.sql import Change, TableSQL
+from fillgate.stamp import Connected, check_write_allowed
+from fillgate.values import decode_key, loads
+
+WRITING_KINDS = ("apply", "revert")
+
+
+def inverse_changes(ledger: Ledger, run_id: str) -> Iterator[Change]:
+    """For every field the run changed: set it back, if it still holds what the run wrote."""
+    for row in ledger.iter_changes(run_id):
+        yield Change(decode_key(row.row_key), row.column_name, loads(row.new_value), loads(row.old_value))
+
+
+@dataclass
+class RevertPreview:
+    """What ``revert --dry-run`` found: how many fields would be restored, and conflicts."""
+
+    run: Run
+    total: int
+    revertible: int
+    conflicts: int
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    conflict_samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _check_revertible(ledger: Ledger, run_id: str) -> Run:
+    original = ledger.get_run(run_id)
+    if original.kind not in WRITING_KINDS:
+        raise RunStateError(
+            f"run {run_id} is a {original.kind} run and changed no rows; only apply and "
+            "revert runs can be reverted."
+        )
+    if original.status in ("running", "paused"):
+        raise RunStateError(
+            f"run {run_id} is {original.status}; cancel it first (fillgate cancel {run_id}), "
+            "then revert what it applied."
+        )
+    for previous in ledger.reverts_of(run_id):
+        if previous.status == "succeeded":
+            raise AlreadyDoneError(f"run {run_id} was already reverted by run {previous.run_id}.")
+        if previous.status in ("running", "paused", "failed"):
+            raise AlreadyDoneError(
+                f"run {run_id} is being reverted by run {previous.run_id} (status "
+                f"{previous.status}); continue it with: fillgate resume {previous.run_id}"
+            )
+    return original
+
+
+def preview_revert(conn: Connected, run_id: str, sample: int = 20) -> RevertPreview:
+    """Dry run of a revert: read the current values, write nothing."""
+    original = _check_revertible(conn.ledger, run_id)
+    sql = TableSQL(conn.engine.dialect, original.table_name or "", original.args["key"])
+    total = revertible = conflicts = 0
+    samples: list[dict[str, Any]] = []
+    conflict_samples: list[dict[str, Any]] = []
+    with conn.engine.connect() as reader:
+        for change in inverse_changes(conn.ledger, run_id):
+            total += 1
+            row = reader.exec_driver_sql(sql.select_current(change.column), tuple(change.key)).first()
+            item = {"key": list(change.key), "column": change.column, "old": change.old, "new": change.new}
+            if row is not None and row[0] == change.old:
+                revertible += 1
+                if len(samples) < sample:
+                    samples.append(item)
+            else:
+                conflicts += 1
+                if len(conflict_samples) < sample:
+                    item["found"] = row[0] if row is not None else None
+                    item["row_exists"] = row is not None
+                    conflict_samples.append(item)
+    return RevertPreview(original, total, revertible, conflicts, samples, conflict_samples)
+
+
+def revert_run(conn: Connected, run_id: str, limits: Limits | None = None) -> ApplyResult:
+    """Apply the inverse of ``run_id`` as a new, audited, resumable run."""
+    limits = limits or Limits()
+    ledger = conn.ledger
+    original = _check_revertible(ledger, run_id)
+    check_write_allowed(conn.target, limits.confirm)
+    run = Run(
+        run_id=new_run_id(),
+        kind="revert",
+        job=original.job,
+        table_name=original.table_name,
+        target=conn.target.name,
+        environment=conn.target.environment,
+        operator=operator_name(),
+        status="running",
+        args={"key": original.args["key"], "source": f"revert:{run_id}",
+              "batch_size": limits.batch_size},
+        parent_run_id=run_id,
+        total=ledger.count_changes(run_id),
+        started_at=utcnow(),
+    )
+    lock = _start_run(conn, run, limits)
+    try:
+        return execute(conn, run, inverse_changes(ledger, run_id), limits, lock)
+    finally:
+        lock.release()

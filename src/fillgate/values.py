@@ -1,0 +1,71 @@
+"""Lossless JSON encoding of column values and row keys.
+
+Plans and the audit log store values as JSON. Types JSON lacks are tagged so they come back
+as the same Python value: ``{"$datetime": ...}``, ``{"$date": ...}``, ``{"$time": ...}``,
+``{"$decimal": ...}``, ``{"$bytes": <base64>}``, ``{"$uuid": ...}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fillgate.errors import UsageError
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return {"$datetime": value.isoformat()}
+    if isinstance(value, dt.date):
+        return {"$date": value.isoformat()}
+    if isinstance(value, dt.time):
+        return {"$time": value.isoformat()}
+    if isinstance(value, decimal.Decimal):
+        return {"$decimal": str(value)}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, uuid.UUID):
+        return {"$uuid": str(value)}
+    raise UsageError(
+        f"value {value!r} of type {type(value).__name__} cannot be stored in a plan; "
+        "return str, int, float, bool, None, date/datetime, Decimal, bytes or UUID."
+    )
+
+
+_DECODERS = {
+    "$datetime": dt.datetime.fromisoformat,
+    "$date": dt.date.fromisoformat,
+    "$time": dt.time.fromisoformat,
+    "$decimal": decimal.Decimal,
+    "$bytes": lambda s: base64.b64decode(s.encode("ascii")),
+    "$uuid": uuid.UUID,
+}
+
+
+def _hook(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1:
+        ((tag, raw),) = obj.items()
+        decoder = _DECODERS.get(tag)
+        if decoder is not None:
+            return decoder(raw)
+    return obj
+
+
+_encoder = json.JSONEncoder(default=_default, ensure_ascii=False, separators=(",", ":"))
+_decoder = json.JSONDecoder(object_hook=_hook)
+dumps = _encoder.encode
+loads = _decoder.decode
+
+
+def encode_key(key: Sequence[Any]) -> str:
+    """The canonical text of a row key, as stored in plans and the audit log."""
+    return dumps(list(key))
+
+
+def decode_key(text: str) -> tuple[Any, ...]:
+    return tuple(loads(text))

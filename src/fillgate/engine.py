@@ -154,7 +154,8 @@ def make_plan(
     samples: dict[str, list[dict[str, Any]]] = {
         "change": [], "disagreement": [], "preserved": [], "error": []
     }
-    writer = PlanWriter(Path(out).resolve().parent if out else None)
+    plan_dir, plan_file = _plan_location(out)
+    writer = PlanWriter(plan_dir)
     ctx = RunContext(run_id=run.run_id, target=conn.target, job=name, params=job.args, engine=conn.engine)
 
     def sample(kind: str, item: dict[str, Any]) -> None:
@@ -227,8 +228,8 @@ def make_plan(
             counts=counts,
         )
         path = None
-        if out is not None:
-            path = writer.finish(header, Path(out))
+        if plan_dir is not None:
+            path = writer.finish(header, plan_file or plan_dir / f"{run.run_id}.plan")
         else:
             header.lines, header.changes = writer.lines, writer.changes
             writer.discard()
@@ -249,6 +250,19 @@ def make_plan(
     )
     run = ledger.get_run(run.run_id)
     return PlanResult(header=header, run=run, path=path, counts=counts, samples=samples)
+
+
+def _plan_location(out: str | Path | None) -> tuple[Path | None, Path | None]:
+    """(folder, file) for ``-o``: a folder (existing, or ending in /) gets ``<plan id>.plan``."""
+    if out is None:
+        return None, None
+    if Path(out).is_dir() or str(out).endswith(("/", os.sep)):
+        folder = Path(out).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder, None
+    file = Path(out).resolve()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return file.parent, file
 
 
 def _check_proposal(proposal: Any, policies: Mapping[str, Any], row: Mapping[str, Any]) -> Any:
@@ -375,7 +389,7 @@ def lock_name(job: str | None) -> str:
     return f"apply:{job}"
 
 
-def _start_run(conn: Connected, run: Run, limits: Limits) -> ApplyLock:
+def _start_run(conn: Connected, run: Run) -> ApplyLock:
     """Take the (job, target) lock for a new run, then record the run."""
     lock = ApplyLock(conn.engine, lock_name(run.job), run.run_id, run.operator).acquire()
     try:
@@ -448,7 +462,7 @@ def apply_plan(conn: Connected, path: str | Path, limits: Limits | None = None) 
         total=header.changes,
         started_at=utcnow(),
     )
-    lock = _start_run(conn, run, limits)
+    lock = _start_run(conn, run)
     try:
         return execute(conn, run, iter_changes(path), limits, lock)
     finally:

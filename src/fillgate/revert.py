@@ -107,7 +107,7 @@ def revert_run(conn: Connected, run_id: str, limits: Limits | None = None) -> Ap
         total=ledger.count_changes(run_id),
         started_at=utcnow(),
     )
-    lock = _start_run(conn, run, limits)
+    lock = _start_run(conn, run)
     try:
         return execute(conn, run, inverse_changes(ledger, run_id), limits, lock)
     finally:

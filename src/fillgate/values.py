@@ -69,3 +69,32 @@ def encode_key(key: Sequence[Any]) -> str:
 
 def decode_key(text: str) -> tuple[Any, ...]:
     return tuple(loads(text))
+
+
+def key_candidates(raw: str) -> list[str]:
+    """Encoded keys a user-typed key may mean: ``42``, ``a,b`` or a JSON list ``[1, "x"]``.
+
+    A part that looks like a number may be stored as a number or as text, so every reading
+    is returned; the audit log decides which one exists.
+    """
+    raw = raw.strip()
+    if raw.startswith("["):
+        try:
+            parsed = loads(raw)
+        except ValueError:
+            raise UsageError(f"key {raw!r} starts with '[' but is not a JSON list.") from None
+        if not isinstance(parsed, list) or not parsed:
+            raise UsageError(f"key {raw!r} must be a non-empty JSON list.")
+        return [encode_key(parsed)]
+    readings: list[list[Any]] = [[]]
+    for part in (p.strip() for p in raw.split(",")):
+        options: list[Any] = [part]
+        try:
+            options.insert(0, int(part))
+        except ValueError:
+            try:
+                options.insert(0, float(part))
+            except ValueError:
+                pass
+        readings = [[*prefix, option] for prefix in readings for option in options]
+    return [encode_key(r) for r in readings]

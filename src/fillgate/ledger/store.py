@@ -290,7 +290,8 @@ class Ledger:
                 select(func.count()).select_from(schema.changes).where(schema.changes.c.run_id == run_id)
             ).scalar_one()
 
-    def history(self, table: str, row_key: str, column: str | None = None) -> list[dict[str, Any]]:
+    def history(self, table: str, row_keys: Sequence[str], column: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded change of one row (``row_keys``: the encodings it may have)."""
         c = schema.changes.c
         r = schema.runs.c
         stmt = (
@@ -299,7 +300,7 @@ class Ledger:
                 c.changed_at, r.kind, r.job, r.operator, r.status,
             )
             .select_from(schema.changes.outerjoin(schema.runs, r.run_id == c.run_id))
-            .where(c.table_name == table, c.row_key == row_key)
+            .where(c.table_name == table, c.row_key.in_(list(row_keys)))
             .order_by(c.id)
         )
         if column:

@@ -1,0 +1,334 @@
+"""The ``fillgate`` command: a thin Typer layer; every command is a library call."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from sqlalchemy.exc import SQLAlchemyError
+
+from fillgate import report
+from fillgate.config import Target, load_config
+from fillgate.engine import ApplyResult, Limits, apply_plan, control_run, make_plan, resume_run
+from fillgate.errors import EXIT_OK, EXIT_ROW_PROBLEMS, FillgateError, PlanMismatchError
+from fillgate.job import load_job, parse_param_options
+from fillgate.plan import read_header
+from fillgate.revert import preview_revert, revert_run
+from fillgate.stamp import Connected, connect, init_target
+from fillgate.values import key_candidates
+
+app = typer.Typer(
+    name="fillgate",
+    help="Safe, reviewable, reversible backfills: plan, gate, apply with audit, resume and revert.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=False)
+err = Console(stderr=True, highlight=False)
+
+_state: dict[str, Any] = {"config": None}
+
+TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name from fillgate.toml.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+ConfirmOpt = Annotated[
+    str | None, typer.Option("--confirm", help="Type the environment name to write to a protected target.")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Changes per transaction.")]
+MaxErrorsOpt = Annotated[int | None, typer.Option("--max-errors", min=0, help="Stop after more than N errors.")]
+MaxRateOpt = Annotated[
+    float | None,
+    typer.Option("--max-error-rate", min=0.0, max=1.0, help="Stop when errors/rows exceeds R (after 100 rows)."),
+]
+PauseOpt = Annotated[int, typer.Option("--pause-between-batches", min=0, help="Sleep MS milliseconds between batches.")]
+ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Job parameter name=value (repeatable).")]
+
+
+@app.callback()
+def _main(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Config file (default: fillgate.toml found upwards).")
+    ] = None,
+) -> None:
+    _state["config"] = config
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn fillgate errors into a message on stderr and the documented exit code."""
+    try:
+        yield
+    except FillgateError as exc:
+        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        err.print(f"[bold red]database error:[/] {reason}", soft_wrap=True)
+        raise typer.Exit(EXIT_ROW_PROBLEMS) from None
+
+
+def _target(name: str | None) -> Target:
+    return load_config(_state["config"]).target(name)
+
+
+def _emit(as_json: bool, data: Callable[[], Any], human: Callable[[], None]) -> None:
+    if as_json:
+        sys.stdout.write(report.to_json(data()) + "\n")
+    else:
+        human()
+
+
+def _finish_apply(result: ApplyResult, as_json: bool) -> None:
+    _emit(as_json, lambda: report.apply_json(result), lambda: report.print_apply(out, result))
+    raise typer.Exit(EXIT_OK if result.clean else EXIT_ROW_PROBLEMS)
+
+
+@app.command()
+def init(
+    target: TargetOpt = None,
+    force_stamp: Annotated[
+        bool, typer.Option("--force-stamp", help="Change an existing stamp to the target's environment (recorded).")
+    ] = False,
+    confirm: ConfirmOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the ledger tables and stamp the database with the target's environment."""
+    with _errors():
+        result = init_target(_target(target), force_stamp=force_stamp, confirm=confirm)
+    _emit(as_json, lambda: report.init_json(result), lambda: report.print_init(out, result))
+
+
+@app.command()
+def plan(
+    job: Annotated[str, typer.Argument(help="path/to/file.py:ClassName or package.module:ClassName")],
+    target: TargetOpt = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Save the plan file here (a folder gets <plan id>.plan).")
+    ] = None,
+    param: ParamOpt = None,
+    max_errors: MaxErrorsOpt = None,
+    max_error_rate: MaxRateOpt = None,
+    sample: Annotated[int, typer.Option("--sample", min=0, help="Changes to show in the diff.")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dry run: compute every change and show it. Writes nothing to your tables."""
+    with _errors():
+        job_cls = load_job(job)
+        params = parse_param_options(param or [])
+        conn = connect(_target(target))
+        result = make_plan(conn, job_cls, params, out=output,
+                           limits=Limits(max_errors=max_errors, max_error_rate=max_error_rate))
+    _emit(as_json, lambda: report.plan_json(result), lambda: report.print_plan(out, result, sample))
+    raise typer.Exit(EXIT_ROW_PROBLEMS if result.counts["errors"] else EXIT_OK)
+
+
+def _limits(**kwargs: Any) -> Limits:
+    return Limits(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+@app.command()
+def apply(
+    plan_file: Annotated[Path, typer.Argument(help="A plan file made by fillgate plan -o.")],
+    target: TargetOpt = None,
+    max_changes: Annotated[
+        int | None, typer.Option("--max-changes", min=0, help="Refuse a plan with more than N changes.")
+    ] = None,
+    confirm: ConfirmOpt = None,
+    batch_size: BatchOpt = 1000,
+    max_errors: MaxErrorsOpt = None,
+    max_error_rate: MaxRateOpt = None,
+    pause_between_batches: PauseOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write exactly the reviewed plan: compare-and-set, audited, resumable."""
+    with _errors():
+        header = read_header(plan_file)
+        if target is not None and target != header.target:
+            raise PlanMismatchError(
+                f"plan {plan_file} was made for target '{header.target}', not '{target}'. "
+                f"Make a new plan for '{target}'."
+            )
+        conn = connect(_target(header.target))
+        result = apply_plan(conn, plan_file, _limits(
+            max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
+            max_error_rate=max_error_rate, pause_ms=pause_between_batches,
+        ))
+    _finish_apply(result, as_json)
+
+
+@app.command()
+def run(
+    job: Annotated[str, typer.Argument(help="path/to/file.py:ClassName or package.module:ClassName")],
+    target: TargetOpt = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to keep the plan (needed to resume).")
+    ] = Path(".fillgate/plans/"),
+    param: ParamOpt = None,
+    max_changes: Annotated[
+        int | None, typer.Option("--max-changes", min=0, help="Refuse a plan with more than N changes.")
+    ] = None,
+    confirm: ConfirmOpt = None,
+    batch_size: BatchOpt = 1000,
+    max_errors: MaxErrorsOpt = None,
+    max_error_rate: MaxRateOpt = None,
+    pause_between_batches: PauseOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Plan, gate and apply in one go."""
+    from fillgate.stamp import check_write_allowed
+
+    with _errors():
+        job_cls = load_job(job)
+        params = parse_param_options(param or [])
+        conn = connect(_target(target))
+        check_write_allowed(conn.target, confirm)
+        limits = _limits(
+            max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
+            max_error_rate=max_error_rate, pause_ms=pause_between_batches,
+        )
+        planned = make_plan(conn, job_cls, params, out=output, limits=limits)
+        if not as_json:
+            report.print_plan(out, planned)
+        assert planned.path is not None
+        result = apply_plan(conn, planned.path, limits)
+    _finish_apply(result, as_json)
+
+
+@app.command()
+def runs(
+    target: TargetOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 20,
+    kind: Annotated[str | None, typer.Option("--kind", help="plan, apply, revert, init or stamp")] = None,
+    status: Annotated[str | None, typer.Option("--status")] = None,
+    job: Annotated[str | None, typer.Option("--job")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List recent runs, newest first."""
+    with _errors():
+        found = connect(_target(target)).ledger.list_runs(limit=limit, kind=kind, status=status, job=job)
+    _emit(as_json, lambda: report.runs_json(found), lambda: report.print_runs(out, found))
+
+
+@app.command()
+def show(run_id: Annotated[str, typer.Argument(metavar="RUN")], target: TargetOpt = None,
+         as_json: JsonOpt = False) -> None:
+    """Show one run: status, counts, timing, errors grouped by fingerprint."""
+    with _errors():
+        ledger = connect(_target(target)).ledger
+        found = ledger.get_run(run_id)
+        groups = ledger.error_groups(run_id)
+    _emit(as_json, lambda: report.show_json(found, groups), lambda: report.print_show(out, found, groups))
+
+
+@app.command()
+def history(
+    table: Annotated[str, typer.Argument()],
+    key: Annotated[str, typer.Argument(help="The row's key: 42, or a,b for a composite key, or a JSON list.")],
+    column: Annotated[str | None, typer.Option("--column", help="Only this column.")] = None,
+    target: TargetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which runs changed this row, when, and from what to what."""
+    with _errors():
+        entries = connect(_target(target)).ledger.history(table, key_candidates(key), column)
+    _emit(as_json, lambda: report.history_json(entries), lambda: report.print_history(out, table, key, entries))
+
+
+@app.command()
+def revert(
+    run_id: Annotated[str, typer.Argument(metavar="RUN")],
+    target: TargetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be restored; write nothing.")] = False,
+    confirm: ConfirmOpt = None,
+    batch_size: BatchOpt = 1000,
+    pause_between_batches: PauseOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Undo a run from its audit log, as a new audited run; rows changed since are left alone."""
+    with _errors():
+        conn = connect(_target(target))
+        if dry_run:
+            preview = preview_revert(conn, run_id)
+        else:
+            result = revert_run(conn, run_id, _limits(confirm=confirm, batch_size=batch_size,
+                                                      pause_ms=pause_between_batches))
+    if dry_run:
+        _emit(as_json, lambda: report.preview_json(preview), lambda: report.print_preview(out, preview))
+        return
+    _finish_apply(result, as_json)
+
+
+def _control(run_id: str, target: str | None, action: str, as_json: bool) -> None:
+    with _errors():
+        conn: Connected = connect(_target(target))
+        found = control_run(conn, run_id, action)
+    if as_json:
+        sys.stdout.write(json.dumps({"run_id": found.run_id, "status": found.status,
+                                     "control": found.control}) + "\n")
+    elif found.control:
+        out.print(f"Run {run_id} will {action} after its current batch.")
+    else:
+        out.print(f"Run {run_id} is {found.status}.")
+
+
+@app.command()
+def pause(run_id: Annotated[str, typer.Argument(metavar="RUN")], target: TargetOpt = None,
+          as_json: JsonOpt = False) -> None:
+    """Pause a running apply or revert after its current batch."""
+    _control(run_id, target, "pause", as_json)
+
+
+@app.command()
+def cancel(run_id: Annotated[str, typer.Argument(metavar="RUN")], target: TargetOpt = None,
+           as_json: JsonOpt = False) -> None:
+    """Cancel a running or paused apply or revert (applied batches stay audited and revertable)."""
+    _control(run_id, target, "cancel", as_json)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(metavar="RUN")],
+    target: TargetOpt = None,
+    confirm: ConfirmOpt = None,
+    batch_size: BatchOpt = 1000,
+    max_errors: MaxErrorsOpt = None,
+    max_error_rate: MaxRateOpt = None,
+    pause_between_batches: PauseOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue a paused, failed or interrupted run from its checkpoint (exactly once)."""
+    with _errors():
+        conn = connect(_target(target))
+        result = resume_run(conn, run_id, _limits(
+            confirm=confirm, batch_size=batch_size, max_errors=max_errors,
+            max_error_rate=max_error_rate, pause_ms=pause_between_batches,
+        ))
+    _finish_apply(result, as_json)
+
+
+@app.command()
+def demo(
+    path: Annotated[
+        Path | None, typer.Option("--path", help="SQLite file to create (default: a new temporary file).")
+    ] = None,
+    rows: Annotated[int, typer.Option("--rows", min=100, help="Customers to generate.")] = 5000,
+) -> None:
+    """A self-contained tour on an embedded SQLite file: init, plan, gate, apply, history, revert."""
+    from fillgate.demo import run_demo
+
+    with _errors():
+        run_demo(out, path=path, rows=rows)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

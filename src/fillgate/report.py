@@ -1,0 +1,281 @@
+"""How results look: Rich tables for people, plain dicts for ``--json``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fillgate.engine import PLAN_COUNTS, ApplyResult, PlanResult
+from fillgate.ledger import Run
+from fillgate.revert import RevertPreview
+from fillgate.stamp import InitResult
+from fillgate.values import loads
+
+PLAN_LABELS = {
+    "rows": "rows scanned",
+    "writes": "writes",
+    "unchanged": "unchanged",
+    "skipped": "skipped by policy",
+    "disagreements": "disagreements",
+    "preserved": "preserved (guard)",
+    "errors": "row errors",
+}
+
+
+def to_json(data: Any) -> str:
+    def default(value: Any) -> Any:
+        if isinstance(value, dt.datetime):
+            return value.isoformat() + ("Z" if value.tzinfo is None else "")
+        if isinstance(value, dt.date | dt.time):
+            return value.isoformat()
+        return str(value)
+
+    return json.dumps(data, default=default, indent=2, sort_keys=False)
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = "NULL" if value is None else repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _key(key: Sequence[Any]) -> str:
+    return ", ".join(str(k) for k in key)
+
+
+# --- init -------------------------------------------------------------------------------
+
+
+def init_json(result: InitResult) -> dict[str, Any]:
+    return {**result.__dict__, "changed": result.changed}
+
+
+def print_init(console: Console, result: InitResult) -> None:
+    if result.created:
+        console.print(f"Created the fillgate ledger in target [bold]{result.target}[/].")
+    if result.stamped and result.previous_environment is None:
+        console.print(f"Stamped the database as environment [bold]{result.environment}[/].")
+    elif result.stamped:
+        console.print(
+            f"Re-stamped the database from [bold]{result.previous_environment}[/] to "
+            f"[bold]{result.environment}[/] (recorded as run {result.run_id})."
+        )
+    if not result.changed:
+        console.print(
+            f"Target [bold]{result.target}[/] is already initialized and stamped "
+            f"[bold]{result.environment}[/]; nothing to do."
+        )
+
+
+# --- plan -------------------------------------------------------------------------------
+
+
+def plan_json(result: PlanResult) -> dict[str, Any]:
+    return {
+        "plan_id": result.header.plan_id,
+        "run_id": result.run.run_id,
+        "job": result.header.job,
+        "target": result.header.target,
+        "environment": result.header.environment,
+        "path": str(result.path) if result.path else None,
+        "counts": result.counts,
+        "changes": result.header.changes,
+        "samples": result.samples,
+    }
+
+
+def print_plan(console: Console, result: PlanResult, sample: int = 10) -> None:
+    h = result.header
+    console.print(
+        f"[bold]Plan {h.plan_id}[/]  job [cyan]{h.job}[/]  target [bold]{h.target}[/] "
+        f"({h.environment})  table [cyan]{h.table}[/]"
+    )
+    counts = Table(show_header=False, box=None, padding=(0, 2))
+    for name in PLAN_COUNTS:
+        style = "bold green" if name == "writes" else "bold red" if name == "errors" and result.counts[name] else ""
+        counts.add_row(PLAN_LABELS[name], f"[{style}]{result.counts[name]}[/]" if style else str(result.counts[name]))
+    console.print(counts)
+    changes = result.samples.get("change", [])[:sample]
+    if changes:
+        diff = Table(title=f"first {len(changes)} of {h.changes} changes", title_justify="left")
+        diff.add_column("key")
+        diff.add_column("column")
+        diff.add_column("old", style="red")
+        diff.add_column("new", style="green")
+        for item in changes:
+            diff.add_row(_key(item["key"]), item["column"], _short(item["old"]), _short(item["new"]))
+        console.print(diff)
+    for kind, title in (("disagreement", "disagreements (not written)"), ("preserved", "preserved by the guard")):
+        items = result.samples.get(kind, [])[:5]
+        if items:
+            t = Table(title=title, title_justify="left")
+            for col in ("key", "column", "stored", "proposed"):
+                t.add_column(col)
+            for item in items:
+                proposed = item.get("new", item.get("reason"))
+                t.add_row(_key(item["key"]), item["column"], _short(item["old"]), _short(proposed))
+            console.print(t)
+    errors = result.samples.get("error", [])[:5]
+    if errors:
+        t = Table(title="row errors (nothing written for these rows)", title_justify="left")
+        for col in ("key", "error", "message"):
+            t.add_column(col)
+        for item in errors:
+            t.add_row(_key(item["key"]), item["error_type"], _short(item["message"], 70))
+        console.print(t)
+    if result.path:
+        console.print(f"Plan saved to [bold]{result.path}[/]")
+        console.print(f"Apply it with: fillgate apply {result.path} --max-changes {h.changes}")
+    else:
+        console.print("Nothing was written. Save the plan with -o FILE to apply it.")
+
+
+# --- apply / revert / resume -------------------------------------------------------------
+
+
+def apply_json(result: ApplyResult) -> dict[str, Any]:
+    return {
+        "run_id": result.run.run_id,
+        "kind": result.run.kind,
+        "status": result.run.status,
+        "counts": result.counts,
+        "checkpoint": result.run.checkpoint,
+        "total": result.run.total,
+        "conflicts": result.conflicts,
+        "stopped": result.stopped,
+    }
+
+
+def print_apply(console: Console, result: ApplyResult) -> None:
+    run = result.run
+    c = result.counts
+    colour = {"succeeded": "green", "paused": "yellow", "cancelled": "yellow"}.get(run.status, "red")
+    console.print(
+        f"[bold]{run.kind.capitalize()} run {run.run_id}[/]: [{colour}]{run.status}[/]  "
+        f"applied {c['applied']}, conflicts {c['conflicts']}, errors {c['errors']} "
+        f"({run.checkpoint}/{run.total} changes processed)"
+    )
+    if result.conflicts:
+        t = Table(title="conflicts (changed since the plan; left alone)", title_justify="left")
+        for col in ("key", "column", "expected", "found"):
+            t.add_column(col)
+        for item in result.conflicts[:10]:
+            found = _short(item["found"]) if item["row_exists"] else "(row deleted)"
+            t.add_row(_key(item["key"]), item["column"], _short(item["expected"]), found)
+        console.print(t)
+    if result.stopped == "paused":
+        console.print(f"Paused between batches. Continue with: fillgate resume {run.run_id}")
+    elif run.status == "succeeded" and run.kind != "revert":
+        console.print(f"Undo it with: fillgate revert {run.run_id}")
+
+
+def preview_json(preview: RevertPreview) -> dict[str, Any]:
+    return {
+        "run_id": preview.run.run_id,
+        "total": preview.total,
+        "revertible": preview.revertible,
+        "conflicts": preview.conflicts,
+        "samples": preview.samples,
+        "conflict_samples": preview.conflict_samples,
+    }
+
+
+def print_preview(console: Console, preview: RevertPreview) -> None:
+    console.print(
+        f"[bold]Revert of run {preview.run.run_id}[/] (dry run, nothing written): "
+        f"{preview.revertible} of {preview.total} fields would be restored, "
+        f"{preview.conflicts} changed since and would be left alone."
+    )
+    if preview.samples:
+        t = Table(title="would restore", title_justify="left")
+        for col in ("key", "column", "now", "restored to"):
+            t.add_column(col)
+        for item in preview.samples[:10]:
+            t.add_row(_key(item["key"]), item["column"], _short(item["old"]), _short(item["new"]))
+        console.print(t)
+
+
+# --- runs, show, history -----------------------------------------------------------------
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def runs_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    return [r.to_json() for r in runs]
+
+
+def print_runs(console: Console, runs: Sequence[Run]) -> None:
+    if not runs:
+        console.print("No runs yet.")
+        return
+    t = Table()
+    for col in ("run", "kind", "job", "status", "changes", "created (UTC)", "operator"):
+        t.add_column(col)
+    for r in runs:
+        changes = r.counts.get("writes") if r.kind == "plan" else r.counts.get("applied")
+        t.add_row(r.run_id, r.kind, r.job or "", r.status, "" if changes is None else str(changes),
+                  _when(r.created_at), r.operator)
+    console.print(t)
+
+
+def show_json(run: Run, error_groups: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**run.to_json(), "error_groups": error_groups}
+
+
+def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -> None:
+    t = Table(show_header=False, box=None, padding=(0, 2))
+    duration = run.duration_s
+    for label, value in (
+        ("run", run.run_id), ("kind", run.kind), ("status", run.status), ("job", run.job),
+        ("table", run.table_name), ("target", f"{run.target} ({run.environment})"),
+        ("operator", run.operator), ("plan", run.plan_id), ("plan file", run.plan_path),
+        ("parent run", run.parent_run_id),
+        ("progress", f"{run.checkpoint}/{run.total}" if run.kind != "plan" and run.total is not None else None),
+        ("created", _when(run.created_at)), ("finished", _when(run.finished_at)),
+        ("duration", f"{duration:.2f}s" if duration is not None else None),
+        ("message", run.message), ("arguments", json.dumps(run.args, default=str)),
+    ):
+        if value:
+            t.add_row(label, str(value))
+    console.print(t)
+    counts = Table(title="counts", title_justify="left", show_header=False)
+    for name, value in run.counts.items():
+        counts.add_row(name, str(value))
+    console.print(counts)
+    if error_groups:
+        g = Table(title="errors and conflicts by fingerprint", title_justify="left")
+        for col in ("fingerprint", "phase", "type", "count", "example key", "example message"):
+            g.add_column(col)
+        for group in error_groups:
+            g.add_row(group["fingerprint"], group["phase"], group["error_type"], str(group["count"]),
+                      group["example_key"] or "", _short(group["example_message"], 60))
+        console.print(g)
+
+
+def history_json(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for e in entries:
+        item = dict(e)
+        item["old_value"] = loads(e["old_value"])
+        item["new_value"] = loads(e["new_value"])
+        out.append(item)
+    return out
+
+
+def print_history(console: Console, table: str, key: str, entries: Sequence[Mapping[str, Any]]) -> None:
+    if not entries:
+        console.print(f"No recorded changes for {table} {key}.")
+        return
+    t = Table(title=f"history of {table} {key}", title_justify="left")
+    for col in ("when (UTC)", "run", "kind", "job / source", "column", "from", "to", "operator"):
+        t.add_column(col)
+    for e in entries:
+        t.add_row(_when(e["changed_at"]), e["run_id"], e["kind"] or "", e["source"], e["column_name"],
+                  _short(loads(e["old_value"])), _short(loads(e["new_value"])), e["operator"] or "")
+    console.print(t)

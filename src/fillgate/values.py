@@ -8,6 +8,7 @@ as the same Python value: ``{"$datetime": ...}``, ``{"$date": ...}``, ``{"$time"
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import decimal
 import json
@@ -92,9 +93,7 @@ def key_candidates(raw: str) -> list[str]:
         try:
             options.insert(0, int(part))
         except ValueError:
-            try:
+            with contextlib.suppress(ValueError):
                 options.insert(0, float(part))
-            except ValueError:
-                pass
         readings = [[*prefix, option] for prefix in readings for option in options]
     return [encode_key(r) for r in readings]

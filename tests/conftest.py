@@ -1,0 +1,221 @@
+"""Real databases for every test.
+
+SQLite always runs. PostgreSQL and MariaDB run when ``FILLGATE_TEST_POSTGRES_URL`` /
+``FILLGATE_TEST_MYSQL_URL`` are set (``.ci/run`` sets both). Each test gets an empty
+database: a new SQLite file, or a per-worker PostgreSQL database whose ``public`` schema is
+recreated, or a per-worker MariaDB database that is dropped and recreated.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from fillgate.config import Target, parse_url
+from fillgate.database import dispose_all
+
+PG_URL = os.environ.get("FILLGATE_TEST_POSTGRES_URL")
+MY_URL = os.environ.get("FILLGATE_TEST_MYSQL_URL")
+BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else []) + (["mysql"] if MY_URL else [])
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@dataclass
+class TestDB:
+    """A fresh database for one test, and helpers to look inside it."""
+
+    backend: str
+    url: str
+    engine: sa.Engine
+    tmp_path: Path
+
+    __test__ = False
+
+    def target(self, name: str = "staging", environment: str | None = None, protected: bool = False) -> Target:
+        return Target(name, parse_url(self.url, "test"), environment or name, protected)
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(sql), params or {})
+
+    def rows(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(sql), params or {})]
+
+    def scalar(self, sql: str, params: Any = None) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text(sql), params or {}).scalar()
+
+    def create_people(self, n: int = 100, with_email_every: int = 2) -> None:
+        """``people(id, name, email, kind)``: every ``with_email_every``-th person has an email."""
+        self.execute(
+            "CREATE TABLE people (id INTEGER NOT NULL PRIMARY KEY, name VARCHAR(100) NOT NULL, "
+            "email VARCHAR(200), kind VARCHAR(20))"
+        )
+        data = [
+            {"id": i, "name": f"Person{i}", "email": f"old{i}@x.org" if i % with_email_every == 0 else None,
+             "kind": None}
+            for i in range(1, n + 1)
+        ]
+        if data:
+            self.execute("INSERT INTO people (id, name, email, kind) VALUES (:id, :name, :email, :kind)", data)
+
+    def config(self, targets: dict[str, dict[str, Any]] | None = None, name: str = "fillgate.toml") -> Path:
+        """Write a config file declaring ``targets`` (default: staging -> this database)."""
+        targets = targets or {"staging": {}}
+        lines = []
+        for tname, opts in targets.items():
+            lines.append(f"[targets.{tname}]")
+            lines.append(f'url = "{opts.get("url", self.url)}"')
+            for key, value in opts.items():
+                if key == "url":
+                    continue
+                lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else repr(value)}")
+        path = self.tmp_path / name
+        path.write_text("\n".join(lines).replace("'", '"') + "\n")
+        return path
+
+
+def _worker() -> str:
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+def _fresh_postgres() -> str:
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")  # type: ignore[arg-type]
+    name = f"fillgate_t_{_worker()}"
+    with admin.connect() as conn:
+        exists = conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first()
+        if not exists:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    admin.dispose()
+    url = sa.make_url(parse_url(PG_URL, "FILLGATE_TEST_POSTGRES_URL")).set(database=name)  # type: ignore[arg-type]
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("DROP SCHEMA IF EXISTS public CASCADE")
+        conn.exec_driver_sql("CREATE SCHEMA public")
+    engine.dispose()
+    return url.render_as_string(hide_password=False)
+
+
+def _fresh_mysql() -> str:
+    base = parse_url(MY_URL, "FILLGATE_TEST_MYSQL_URL")  # type: ignore[arg-type]
+    admin = sa.create_engine(base)
+    name = f"fillgate_t_{_worker()}"
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    admin.dispose()
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TestDB]:
+    dispose_all()
+    backend = request.param
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'test.db'}"
+    elif backend == "postgresql":
+        url = _fresh_postgres()
+    else:
+        url = _fresh_mysql()
+    engine = sa.create_engine(parse_url(url, "test"))
+    yield TestDB(backend, url, engine, tmp_path)
+    engine.dispose()
+    dispose_all()
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Iterator[TestDB]:
+    """Only SQLite: for behaviour that does not depend on the backend (parsing, config)."""
+    dispose_all()
+    url = f"sqlite:///{tmp_path / 'test.db'}"
+    engine = sa.create_engine(url)
+    yield TestDB("sqlite", url, engine, tmp_path)
+    engine.dispose()
+    dispose_all()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test sees the developer's DATABASE_URL, config or working directory."""
+    for var in ("DATABASE_URL", "FILLGATE_CONFIG", "FILLGATE_OPERATOR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def cli() -> CliRunner:
+    return CliRunner()
+
+
+def run_cli(runner: CliRunner, config: Path | None, *args: str) -> Any:
+    """Invoke the CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
+    from fillgate.cli import app
+
+    argv = (["--config", str(config)] if config else []) + list(args)
+    dispose_all()
+    return runner.invoke(app, argv, catch_exceptions=False)
+
+
+def fillgate_subprocess(args: Sequence[str], cwd: Path, **kwargs: Any) -> subprocess.Popen[str]:
+    """Start ``fillgate ARGS`` in a separate process (for kill -9 and concurrency tests)."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fillgate.cli", *args], cwd=cwd, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
+    )
+
+
+JOBS = '''
+from fillgate import Job, FillMissing, Promote, Overwrite, Param
+
+
+class FillEmail(Job):
+    table = "people"
+    key = ("id",)
+    columns = {"email": FillMissing()}
+    source = "SELECT id, name, email FROM people"
+
+    def compute(self, row, ctx):
+        if row["name"] == "boom":
+            raise RuntimeError("cannot compute email for boom")
+        return {"email": row["name"].lower() + "@example.com"}
+
+
+class OverwriteEmail(Job):
+    table = "people"
+    key = ("id",)
+    columns = {"email": Overwrite()}
+    source = "SELECT id, name, email FROM people"
+    params = {"domain": Param(str, default="example.com")}
+
+    def compute(self, row, ctx):
+        return {"email": row["name"].lower() + "@" + self.args["domain"]}
+
+
+class FillKind(Job):
+    table = "people"
+    key = ("id",)
+    columns = {"kind": Promote(unknown=["unknown"])}
+    source = "SELECT id, name, kind FROM people"
+
+    def compute(self, row, ctx):
+        return {"kind": "even" if row["id"] % 2 == 0 else "odd"}
+'''
+
+
+@pytest.fixture
+def jobs_file(tmp_path: Path) -> Path:
+    """A jobs.py with FillEmail, OverwriteEmail and FillKind on the people table."""
+    path = tmp_path / "jobs.py"
+    path.write_text(JOBS)
+    return path

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import TestDB, run_cli
 from typer.testing import CliRunner
+
+from conftest import TestDB, run_cli
 
 
 def test_plan_apply_revert_roundtrip(db: TestDB, cli: CliRunner, jobs_file: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.exc import SQLAlchemyError
 
 from fillgate import report
@@ -65,11 +66,11 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except FillgateError as exc:
-        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        err.print(f"[bold red]database error:[/] {reason}", soft_wrap=True)
+        err.print(f"[bold red]database error:[/] {escape(reason)}", soft_wrap=True)
         raise typer.Exit(EXIT_ROW_PROBLEMS) from None
 
 
@@ -84,9 +85,9 @@ def _emit(as_json: bool, data: Callable[[], Any], human: Callable[[], None]) -> 
         human()
 
 
-def _finish_apply(result: ApplyResult, as_json: bool) -> None:
+def _finish_apply(result: ApplyResult, as_json: bool, plan_errors: int = 0) -> None:
     _emit(as_json, lambda: report.apply_json(result), lambda: report.print_apply(out, result))
-    raise typer.Exit(EXIT_OK if result.clean else EXIT_ROW_PROBLEMS)
+    raise typer.Exit(EXIT_OK if result.clean and not plan_errors else EXIT_ROW_PROBLEMS)
 
 
 @app.command()
@@ -108,8 +109,8 @@ def init(
 def plan(
     job: Annotated[str, typer.Argument(help="path/to/file.py:ClassName or package.module:ClassName")],
     target: TargetOpt = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Save the plan file here (a folder gets <plan id>.plan).")
+    output: Annotated[  # a str: a Path would drop the trailing "/" that marks a folder
+        str | None, typer.Option("--output", "-o", help="Save the plan file here (a folder gets <plan id>.plan).")
     ] = None,
     param: ParamOpt = None,
     max_errors: MaxErrorsOpt = None,
@@ -166,9 +167,9 @@ def apply(
 def run(
     job: Annotated[str, typer.Argument(help="path/to/file.py:ClassName or package.module:ClassName")],
     target: TargetOpt = None,
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Where to keep the plan (needed to resume).")
-    ] = Path(".fillgate/plans/"),
+    output: Annotated[  # a str: a Path would drop the trailing "/" that marks a folder
+        str, typer.Option("--output", "-o", help="Where to keep the plan (needed to resume).")
+    ] = ".fillgate/plans/",
     param: ParamOpt = None,
     max_changes: Annotated[
         int | None, typer.Option("--max-changes", min=0, help="Refuse a plan with more than N changes.")
@@ -197,7 +198,7 @@ def run(
             report.print_plan(out, planned)
         assert planned.path is not None
         result = apply_plan(conn, planned.path, limits)
-    _finish_apply(result, as_json)
+    _finish_apply(result, as_json, plan_errors=planned.counts["errors"])
 
 
 @app.command()

@@ -90,7 +90,7 @@ def redact_url(url: URL | str) -> str:
     if isinstance(url, str):
         try:
             url = make_url(url)
-        except ArgumentError:
+        except (ArgumentError, ValueError):  # ValueError: e.g. a non-numeric port
             return "<unparseable url>"
     return url.render_as_string(hide_password=True)
 
@@ -112,7 +112,7 @@ def parse_url(raw: str, where: str) -> URL:
     """Parse a database URL, choosing fillgate's drivers and checking they are installed."""
     try:
         url = make_url(raw)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         raise ConfigError(
             f"{where}: '{redact_url(raw)}' is not a database URL "
             "(expected e.g. postgresql://user@host/db, mysql://user@host/db or sqlite:///file.db)."

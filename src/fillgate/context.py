@@ -32,6 +32,8 @@ class RunContext:
     params: Mapping[str, Any]
     engine: Engine = field(repr=False)
     _connection: Connection | None = field(default=None, repr=False)
+    # The first escape attempt, kept so that job code catching the error cannot hide it.
+    escape: TargetEscapeError | None = field(default=None, repr=False)
 
     @property
     def environment(self) -> str:
@@ -51,11 +53,13 @@ class RunContext:
     def open_target(self, name: str) -> Engine:
         """The engine of target ``name``; only the run's own target is allowed."""
         if name != self.target.name:
-            raise TargetEscapeError(
+            exc = TargetEscapeError(
                 f"job {self.job} (run {self.run_id}) tried to open target '{name}' while running "
                 f"against '{self.target.name}'; a run reaches only its own target. Remove the "
                 "hard-coded target from the job and use ctx."
             )
+            self.escape = self.escape or exc
+            raise exc
         return self.engine
 
     def close(self) -> None:
@@ -94,8 +98,10 @@ def _guard_engine_connect(conn: Connection) -> None:
         return
     if engine.url == ctx.target.url:
         return
-    raise TargetEscapeError(
+    exc = TargetEscapeError(
         f"job {ctx.job} (run {ctx.run_id}) opened a database other than its target "
         f"'{ctx.target.name}': {engine.url.render_as_string(hide_password=True)}. "
         "A run reaches only its own target; use ctx instead of a hard-coded URL."
     )
+    ctx.escape = ctx.escape or exc
+    raise exc

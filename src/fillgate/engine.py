@@ -22,6 +22,7 @@ from fillgate.errors import (
     JobError,
     PlanFileError,
     PlanMismatchError,
+    RunNotFoundError,
     RunStateError,
 )
 from fillgate.job import Job
@@ -167,6 +168,8 @@ def make_plan(
             for rows in keyset_pages(reader, job_cls.select_sql(), key_cols, job_cls.page_size, job.args):
                 reader.rollback()  # keep no read transaction open between pages
                 proposals = _compute_page(job, rows, ctx)
+                if ctx.escape is not None:  # a refusal, not a row error, even if the job caught it
+                    raise ctx.escape
                 errors: list[dict[str, Any]] = []
                 for row, proposal in zip(rows, proposals, strict=True):
                     counts["rows"] += 1
@@ -420,12 +423,30 @@ def check_plan_matches(conn: Connected, header: PlanHeader, path: Path) -> None:
         )
 
 
+def check_plan_unmodified(conn: Connected, header: PlanHeader, path: Path) -> None:
+    """The file is byte for byte the one the plan run recorded: the body checksum in the
+    header cannot protect the header itself (its counts feed --max-changes)."""
+    try:
+        planned = conn.ledger.get_run(header.plan_id)
+    except RunNotFoundError:
+        raise PlanFileError(
+            f"plan {path} names plan run {header.plan_id}, which target '{conn.target.name}' has no "
+            "record of: the file was modified. Re-create it with fillgate plan."
+        ) from None
+    if planned.kind != "plan" or (planned.plan_sha256 and planned.plan_sha256 != file_sha256(path)):
+        raise PlanFileError(
+            f"plan {path} was modified after planning (its SHA-256 differs from the one recorded "
+            f"by plan run {header.plan_id}). Re-create it with fillgate plan."
+        )
+
+
 def apply_plan(conn: Connected, path: str | Path, limits: Limits | None = None) -> ApplyResult:
     """Write exactly the reviewed plan, audited, after every check passes."""
     limits = limits or Limits()
     path = Path(path).resolve()
     header = verify_plan(path)
     check_plan_matches(conn, header, path)
+    check_plan_unmodified(conn, header, path)
     check_write_allowed(conn.target, limits.confirm)
     if limits.max_changes is not None and header.changes > limits.max_changes:
         raise GateExceededError(

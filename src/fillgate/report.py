@@ -215,7 +215,12 @@ def print_runs(console: Console, runs: Sequence[Run]) -> None:
         console.print("No runs yet.")
         return
     t = Table()
-    for col in ("run", "kind", "job", "status", "changes", "created (UTC)", "operator"):
+    # run ids (users copy them), kinds and statuses are never truncated, even at 80 columns
+    t.add_column("run", no_wrap=True, min_width=26)
+    t.add_column("kind", no_wrap=True, min_width=6)
+    t.add_column("job")
+    t.add_column("status", no_wrap=True, min_width=9)
+    for col in ("changes", "created (UTC)", "operator"):
         t.add_column(col)
     for r in runs:
         changes = r.counts.get("writes") if r.kind == "plan" else r.counts.get("applied")

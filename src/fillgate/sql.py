@@ -44,19 +44,26 @@ class TableSQL:
         self.q_table = ".".join(q(part) for part in table.split("."))
         self.key_where = " AND ".join(f"{q(k)} = {self.mark}" for k in self.key)
 
-    def null_safe_equal(self, column: str) -> str:
+    def null_safe_equal(self, column: str, exact: bool = False) -> str:
         col = self.quote(column)
         if self.dialect_name == "sqlite":
             return f"{col} IS {self.mark}"
         if self.dialect_name == "postgresql":
             return f"{col} IS NOT DISTINCT FROM {self.mark}"
+        if exact:
+            # MySQL/MariaDB compare text by collation ('a' = 'A' = 'a '): a value changed
+            # only in case or trailing spaces since the plan must still be a conflict. Both
+            # sides become utf8mb4 bytes, whatever the column's character set.
+            return (f"CAST(CONVERT({col} USING utf8mb4) AS BINARY) <=> "
+                    f"CAST(CONVERT({self.mark} USING utf8mb4) AS BINARY)")
         return f"{col} <=> {self.mark}"
 
-    def cas_update(self, column: str) -> str:
-        """``UPDATE t SET col = new WHERE key = k AND col IS NOT DISTINCT FROM old``."""
+    def cas_update(self, column: str, exact: bool = False) -> str:
+        """``UPDATE t SET col = new WHERE key = k AND col IS NOT DISTINCT FROM old``;
+        ``exact``: the old values are text, compared byte for byte."""
         return (
             f"UPDATE {self.q_table} SET {self.quote(column)} = {self.mark} "
-            f"WHERE {self.key_where} AND {self.null_safe_equal(column)}"
+            f"WHERE {self.key_where} AND {self.null_safe_equal(column, exact)}"
         )
 
     def select_current(self, column: str) -> str:
@@ -129,10 +136,13 @@ def keyset_pages(
     quote = conn.dialect.identifier_preparer.quote
     body = source.strip().rstrip(";")
     order = ", ".join(quote(k) for k in key)
-    first = text(f"SELECT * FROM ({body}) fillgate_src ORDER BY {order} LIMIT {int(page_size)}")
+    # One row more than a page: a duplicate key straddling the page boundary must be seen
+    # (the next page starts after the last key, so it would silently skip the second copy).
+    limit = int(page_size) + 1
+    first = text(f"SELECT * FROM ({body}) fillgate_src ORDER BY {order} LIMIT {limit}")
     later = text(
         f"SELECT * FROM ({body}) fillgate_src WHERE {_after_clause(quote, key)} "
-        f"ORDER BY {order} LIMIT {int(page_size)}"
+        f"ORDER BY {order} LIMIT {limit}"
     )
     wanted = set(first._bindparams)
     base = {k: v for k, v in (params or {}).items() if k in wanted}
@@ -162,9 +172,10 @@ def keyset_pages(
                     "a key must identify one row (check joins in the source)."
                 )
             last_key = row_key
-        yield rows
-        if len(rows) < page_size:
+        yield rows[:page_size]
+        if len(rows) <= page_size:
             return
+        last_key = tuple(rows[page_size - 1][k] for k in key)
         stmt = later
         bind = {**base, **{f"fillgate_k{i}": v for i, v in enumerate(last_key)}}
 
@@ -184,7 +195,7 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
     for change in changes:
         groups.setdefault(change.column, []).append(change)
     for column, group in groups.items():
-        statement = sql.cas_update(column)
+        statement = sql.cas_update(column, exact=all(c.old is None or isinstance(c.old, str) for c in group))
         params = [(c.new, *c.key, c.old) for c in group]
         savepoint = conn.begin_nested()
         try:

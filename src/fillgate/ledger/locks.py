@@ -53,7 +53,10 @@ class ApplyLock:
         self._conn: Connection | None = None
         digest = hashlib.sha256(name.encode()).digest()
         self._pg_key = int.from_bytes(digest[:8], "big", signed=True)
-        self._my_name = "fillgate:" + digest.hex()[:48]
+        # GET_LOCK names are server-wide (PostgreSQL advisory locks are per database): name
+        # the database too, so applies on two databases of one server never block each other.
+        scoped = hashlib.sha256(f"{engine.url.database}\0{name}".encode()).hexdigest()
+        self._my_name = "fillgate:" + scoped[:48]
 
     # --- public --------------------------------------------------------------------------
 

@@ -85,8 +85,40 @@ class TestDB:
         return path
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A database URL that is set must work: fail the run rather than skip its tests."""
+    for var, url in (("FILLGATE_TEST_POSTGRES_URL", PG_URL), ("FILLGATE_TEST_MYSQL_URL", MY_URL)):
+        if not url:
+            continue
+        try:
+            engine = sa.create_engine(parse_url(url, var))
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as exc:
+            pytest.exit(f"{var} is set but that database is unreachable: {exc}", returncode=3)
+
+
 def _worker() -> str:
-    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+    """Unique per pytest session and worker, so concurrent sessions never share a database."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return f"{os.getppid()}_{worker}" if worker else f"{os.getpid()}_main"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Drop this session's (or worker's) test databases."""
+    name = f"fillgate_t_{_worker()}"
+    dispose_all()
+    if PG_URL:
+        admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+    if MY_URL:
+        admin = sa.create_engine(parse_url(MY_URL, "FILLGATE_TEST_MYSQL_URL"))
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+        admin.dispose()
 
 
 def _fresh_postgres() -> str:

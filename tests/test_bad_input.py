@@ -1,0 +1,332 @@
+"""Bad input is refused loudly (exit 2, a clear message) and writes nothing: damaged plan
+files, job paths that do not load, keys that do not identify a row, bad --param values,
+undeclared columns and invalid config files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TestDB, run_cli
+
+N = 20
+WRITES = N // 2
+
+
+def people(db: TestDB) -> list[tuple[Any, ...]]:
+    return db.rows("SELECT id, email, kind FROM people ORDER BY id")
+
+
+def assert_nothing_written(db: TestDB, before: list[tuple[Any, ...]]) -> None:
+    assert people(db) == before
+    assert db.scalar("SELECT count(*) FROM fillgate_changes") == 0
+    assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind IN ('apply', 'revert')") == 0
+
+
+def ready(db: TestDB, cli: CliRunner) -> Path:
+    db.create_people(N)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init", "--target", "staging").exit_code == 0
+    return cfg
+
+
+# --- damaged plan files ----------------------------------------------------------------
+
+
+def _edit_one_change(text: str) -> str:
+    header, *body = text.splitlines(keepends=True)
+    index = next(i for i, line in enumerate(body) if '"kind":"change"' in line)
+    record = json.loads(body[index])
+    record["new"] = "attacker@evil.example"
+    body[index] = json.dumps(record, separators=(",", ":")) + "\n"
+    return header + "".join(body)
+
+
+def _header_claims_fewer_changes(text: str) -> str:
+    header, rest = text.split("\n", 1)
+    data = json.loads(header)
+    data["changes"] = 1
+    data["counts"]["writes"] = 1
+    return json.dumps(data, sort_keys=True) + "\n" + rest
+
+
+CORRUPTIONS = {
+    "not_json": (lambda text: "this is not a plan\n" + text, "first line is not JSON"),
+    "not_a_plan": (lambda text: '{"hello": "world"}\n', "has no plan header"),
+    "empty": (lambda text: "", "is empty"),
+    "header_only": (lambda text: text.split("\n", 1)[0] + "\n", f"expected {WRITES} lines, found 0"),
+    "truncated": (lambda text: text[: len(text) // 2], "truncated or was modified"),
+    "edited_line": (_edit_one_change, "truncated or was modified"),
+    "line_dropped": (lambda text: "".join(text.splitlines(keepends=True)[:-1]), "truncated or was modified"),
+    "header_edited": (_header_claims_fewer_changes, "modified"),
+}
+
+
+def test_damaged_plan_files_are_refused(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
+    db = sqlite_db
+    cfg = ready(db, cli)
+    result = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", "good.plan")
+    assert result.exit_code == 0, result.output
+    good = Path("good.plan").read_text()
+    assert good.count('"kind":"change"') == WRITES
+    before = people(db)
+    for name, (damage, message) in CORRUPTIONS.items():
+        path = db.tmp_path / f"{name}.plan"
+        path.write_text(damage(good))
+        # --max-changes 1: an edited header must not sneak a bigger plan past the gate
+        result = run_cli(cli, cfg, "apply", str(path), "--max-changes", "1")
+        assert result.exit_code == 2, (name, result.output)
+        assert message in result.stderr, (name, result.stderr)
+        assert "Traceback" not in result.output
+        assert_nothing_written(db, before)
+    # the intact plan still applies
+    result = run_cli(cli, cfg, "apply", "good.plan")
+    assert result.exit_code == 0, result.output
+    assert db.scalar("SELECT count(*) FROM fillgate_changes") == WRITES
+
+
+def test_missing_plan_file(sqlite_db: TestDB, cli: CliRunner) -> None:
+    cfg = ready(sqlite_db, cli)
+    before = people(sqlite_db)
+    result = run_cli(cli, cfg, "apply", "nowhere.plan")
+    assert result.exit_code == 2
+    assert "nowhere.plan does not exist" in result.stderr
+    assert_nothing_written(sqlite_db, before)
+
+
+# --- job paths that do not load ---------------------------------------------------------
+
+
+def test_unloadable_job_paths(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
+    cfg = ready(sqlite_db, cli)
+    before = people(sqlite_db)
+    runs_before = sqlite_db.rows("SELECT run_id FROM fillgate_runs")
+    broken = sqlite_db.tmp_path / "broken_jobs.py"
+    broken.write_text("from fillgate import Job\n\nclass Oops(Job:\n    pass\n")
+    cases = {
+        "missing_file.py:FillEmail": "file missing_file.py does not exist",
+        f"{jobs_file}:FillEmial": "has no class 'FillEmial'. Jobs in that module: FillEmail, FillKind, OverwriteEmail.",
+        "no_such_package.jobs:FillEmail": "no module named 'no_such_package'",
+        f"{broken}:Oops": "SyntaxError",
+        "nocolon": "expected path/to/file.py:ClassName or package.module:ClassName",
+        f"{jobs_file}:Param": "is not a fillgate Job subclass",
+        f"{jobs_file}:": "expected path/to/file.py:ClassName",
+    }
+    for spec, message in cases.items():
+        for command in ("plan", "run"):
+            result = run_cli(cli, cfg, command, spec, "--target", "staging")
+            assert result.exit_code == 2, (spec, command, result.output)
+            assert message in result.stderr, (spec, command, result.stderr)
+            assert "Traceback" not in result.output
+    assert_nothing_written(sqlite_db, before)
+    assert sqlite_db.rows("SELECT run_id FROM fillgate_runs") == runs_before
+
+
+# --- keys that do not identify a row -------------------------------------------------------
+
+KEY_JOBS = '''
+from fillgate import Job, FillMissing
+
+
+class ByName(Job):
+    table = "people"
+    key = ("name",)  # no primary key or unique constraint on name
+    columns = {"email": FillMissing()}
+    source = "SELECT name, email FROM people"
+
+    def compute(self, row, ctx):
+        return {"email": row["name"].lower() + "@example.com"}
+
+
+class ByHandle(Job):
+    table = "people"
+    key = ("handle",)  # unique, but NULL-able
+    columns = {"email": FillMissing()}
+    source = "SELECT handle, email FROM people"
+
+    def compute(self, row, ctx):
+        return {"email": f"{row['handle']}@example.com"}
+
+
+class Joined(Job):
+    table = "people"
+    key = ("id",)
+    columns = {"email": FillMissing()}
+    # person 3 has two tags: the join returns id 3 twice
+    source = "SELECT p.id, p.name, p.email FROM people p JOIN tags t ON t.person_id = p.id"
+
+    def compute(self, row, ctx):
+        return {"email": row["name"].lower() + "@example.com"}
+
+
+class JoinedSmallPages(Joined):
+    page_size = 3  # the two id-3 rows straddle the first page boundary
+
+
+class JoinedTinyPages(Joined):
+    page_size = 2  # the two id-3 rows are both on the second page
+'''
+
+
+def test_key_must_be_primary_or_unique(db: TestDB, cli: CliRunner) -> None:
+    cfg = ready(db, cli)
+    db.execute("ALTER TABLE people ADD handle VARCHAR(50)")
+    db.execute("CREATE UNIQUE INDEX people_handle ON people (handle)")
+    before = people(db)
+    jobs = db.tmp_path / "key_jobs.py"
+    jobs.write_text(KEY_JOBS)
+    result = run_cli(cli, cfg, "run", f"{jobs}:ByName", "--target", "staging")
+    assert result.exit_code == 2, result.output
+    assert "key (name) of table 'people' matches no primary key or unique constraint" in result.stderr
+    result = run_cli(cli, cfg, "run", f"{jobs}:ByHandle", "--target", "staging")
+    assert result.exit_code == 2, result.output
+    assert "allow NULL" in result.stderr
+    assert_nothing_written(db, before)
+    assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'plan'") == 0
+
+
+def test_duplicate_keys_from_a_join(db: TestDB, cli: CliRunner) -> None:
+    cfg = ready(db, cli)
+    db.execute("CREATE TABLE tags (person_id INTEGER NOT NULL, tag VARCHAR(20) NOT NULL)")
+    db.execute(
+        "INSERT INTO tags (person_id, tag) VALUES (:p, :t)",
+        [{"p": p, "t": "a"} for p in range(1, 8)] + [{"p": 3, "t": "b"}],
+    )
+    before = people(db)
+    jobs = db.tmp_path / "key_jobs.py"
+    jobs.write_text(KEY_JOBS)
+    for job in ("Joined", "JoinedSmallPages", "JoinedTinyPages"):
+        result = run_cli(cli, cfg, "run", f"{jobs}:{job}", "--target", "staging", "-o", "dup.plan")
+        assert result.exit_code == 2, (job, result.output)
+        assert "returns key [3] more than once" in result.stderr
+        assert "check joins" in result.stderr
+        assert not Path("dup.plan").exists()
+        assert_nothing_written(db, before)
+    assert db.rows("SELECT status FROM fillgate_runs WHERE kind = 'plan'") == [("failed",)] * 3
+
+
+# --- job parameters ------------------------------------------------------------------------
+
+PARAM_JOBS = '''
+from fillgate import Job, FillMissing, Param
+
+
+class UpTo(Job):
+    table = "people"
+    key = ("id",)
+    columns = {"email": FillMissing()}
+    source = "SELECT id, name, email FROM people WHERE id <= :limit"
+    params = {"limit": Param(int), "domain": Param(str, default="example.com")}
+
+    def compute(self, row, ctx):
+        return {"email": row["name"].lower() + "@" + self.args["domain"]}
+'''
+
+
+def test_bad_params(sqlite_db: TestDB, cli: CliRunner) -> None:
+    cfg = ready(sqlite_db, cli)
+    before = people(sqlite_db)
+    jobs = sqlite_db.tmp_path / "param_jobs.py"
+    jobs.write_text(PARAM_JOBS)
+    spec = f"{jobs}:UpTo"
+    cases = [
+        (["--param", "limit=4", "--param", "limt=5"], "has no parameter(s) limt; declared parameters: domain, limit"),
+        (["--param", "limit=four"], "parameter 'limit' expects int, got 'four'"),
+        ([], "needs parameter 'limit' (int); pass --param limit=VALUE"),
+        (["--param", "limit"], "--param expects name=value, got 'limit'"),
+        (["--param", "=4"], "--param expects name=value"),
+    ]
+    for extra, message in cases:
+        for command in ("plan", "run"):
+            result = run_cli(cli, cfg, command, spec, "--target", "staging", *extra)
+            assert result.exit_code == 2, (extra, result.output)
+            assert message in result.stderr, (extra, result.stderr)
+    assert_nothing_written(sqlite_db, before)
+    assert sqlite_db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'plan'") == 0
+    # and good values work: only ids 1..4 are read, 1 and 3 lack an email
+    result = run_cli(cli, cfg, "run", spec, "--target", "staging", "-p", "limit=4", "-p", "domain=corp.test")
+    assert result.exit_code == 0, result.output
+    assert sqlite_db.rows("SELECT id FROM people WHERE email LIKE '%@corp.test' ORDER BY id") == [(1,), (3,)]
+
+
+# --- proposals the job did not declare ---------------------------------------------------
+
+PROPOSAL_JOBS = '''
+from fillgate import Job, FillMissing
+
+
+class SneaksKind(Job):
+    table = "people"
+    key = ("id",)
+    columns = {"email": FillMissing()}
+    source = "SELECT id, name, email, kind FROM people"
+
+    def compute(self, row, ctx):
+        if row["id"] % 4 == 1:
+            return {"email": "x@example.com", "kind": "vip"}  # kind is not declared
+        return {"email": row["name"].lower() + "@example.com"}
+
+
+class NotSelected(Job):
+    table = "people"
+    key = ("id",)
+    columns = {"email": FillMissing(), "kind": FillMissing()}
+    source = "SELECT id, name, email FROM people"
+
+    def compute(self, row, ctx):
+        return {"email": "a@example.com", "kind": "vip"}
+'''
+
+
+def test_undeclared_column_is_a_row_error(sqlite_db: TestDB, cli: CliRunner) -> None:
+    db = sqlite_db
+    cfg = ready(db, cli)
+    jobs = db.tmp_path / "proposal_jobs.py"
+    jobs.write_text(PROPOSAL_JOBS)
+    result = run_cli(cli, cfg, "plan", f"{jobs}:SneaksKind", "--target", "staging", "--json")
+    assert result.exit_code == 1, result.output
+    counts = json.loads(result.stdout)["counts"]
+    bad = [i for i in range(1, N + 1) if i % 4 == 1]  # 1, 5, 9, 13, 17: all lack an email
+    assert counts["errors"] == len(bad)
+    assert counts["writes"] == WRITES - len(bad)
+    errors = db.rows("SELECT row_key, error_type, message FROM fillgate_errors ORDER BY id")
+    assert [(e[0], e[1]) for e in errors] == [(json.dumps([i]), "JobError") for i in bad]
+    assert all("kind" in e[2] and "does not declare" in e[2] for e in errors)
+
+    result = run_cli(cli, cfg, "run", f"{jobs}:SneaksKind", "--target", "staging")
+    assert result.exit_code == 1, result.output  # finished with row errors
+    assert db.scalar("SELECT count(*) FROM people WHERE kind IS NOT NULL") == 0
+    for i in bad:
+        assert db.scalar("SELECT email FROM people WHERE id = :i", {"i": i}) is None
+    assert db.scalar("SELECT count(*) FROM fillgate_changes") == WRITES - len(bad)
+    assert db.scalar("SELECT count(*) FROM fillgate_changes WHERE column_name <> 'email'") == 0
+
+
+def test_proposed_column_not_selected_is_a_usage_error(sqlite_db: TestDB, cli: CliRunner) -> None:
+    cfg = ready(sqlite_db, cli)
+    before = people(sqlite_db)
+    jobs = sqlite_db.tmp_path / "proposal_jobs.py"
+    jobs.write_text(PROPOSAL_JOBS)
+    result = run_cli(cli, cfg, "run", f"{jobs}:NotSelected", "--target", "staging")
+    assert result.exit_code == 2, result.output
+    assert "does not select column(s) kind" in result.stderr
+    assert_nothing_written(sqlite_db, before)
+
+
+# --- config files --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fillgate.toml", "pyproject.toml"])
+def test_invalid_toml(tmp_path: Path, cli: CliRunner, name: str) -> None:
+    path = tmp_path / name
+    path.write_text('[targets.staging\nurl = "sqlite:///x.db"\n')
+    for config in (path, None):  # given with --config, or found in the working directory
+        result = run_cli(cli, config, "init")
+        assert result.exit_code == 2, result.output
+        assert f"{name} is not valid TOML" in result.stderr
+        assert "line 1" in result.stderr
+    assert not (tmp_path / "x.db").exists()

@@ -93,3 +93,40 @@ class AlreadyDoneError(GuardRefused):
 
 class PlanMismatchError(GuardRefused):
     """The plan was made for another target, environment or database."""
+
+
+# --- lookups, alerts and throttling ---------------------------------------------------
+
+
+class MissingExtraError(ConfigError):
+    """An optional integration was asked for, but its extra is not installed."""
+
+
+class LookupTimeoutError(FillgateError, TimeoutError):
+    """A batch lookup call took longer than its per-call timeout.
+
+    A subclass of the built-in ``TimeoutError``, so lookups retry it as a transient error
+    by default. It is a row error (exit 1), never a NULL write.
+    """
+
+    exit_code = EXIT_ROW_PROBLEMS
+
+
+class LookupResultError(FillgateError):
+    """A batch lookup returned something other than a list of results (a row error)."""
+
+    exit_code = EXIT_ROW_PROBLEMS
+
+
+class AlertDeliveryError(FillgateError):
+    """An alert sink could not deliver an alert. The run itself carries on."""
+
+    exit_code = EXIT_ROW_PROBLEMS
+
+
+class HealthCheckError(UsageError):
+    """A health check cannot run against this database (wrong backend, missing privilege)."""
+
+
+class HoldTimeoutError(GuardRefused):
+    """A health check held the run for longer than the allowed maximum; the run stopped."""

@@ -1,0 +1,395 @@
+"""Alerts: at most one per batch, with a fingerprint that groups them across runs and deploys.
+
+An :class:`Alerter` looks at each batch's counts. When some count is over its threshold, it
+sends ONE :class:`Alert` for the batch, never one per row, to every configured sink:
+
+* ``kind`` is the most severe anomaly present, in this order:
+  ``unexpected_index`` (lookup results that did not belong to their row) >
+  ``extra_results`` (lookup results that belonged to no row) > ``errors`` > ``conflicts`` >
+  ``disagreements`` > any other count given a threshold. Grouping by the most severe kind keeps
+  a batch that misaligned AND disagreed in the same group as every other misaligned batch.
+* ``anomalies`` lists every kind present, most severe first; ``message`` describes them all;
+  ``counts`` has the whole batch's counts; ``example`` is the first example of ``kind``.
+* ``fingerprint`` hashes only the job and the kind, so it is the same in every run and every
+  deploy: the alerting system groups the alerts into one issue per job and kind.
+
+A run failure sends one alert of kind ``run_failed``.
+
+Sinks are pluggable: anything with ``send(alert)``. Built in: :class:`WebhookSink` (POST the
+alert as JSON) and :class:`SentrySink` (the official ``sentry-sdk``, ``pip install
+'fillgate[sentry]'``). :func:`sinks_from_env` builds them from ``FILLGATE_ALERT_WEBHOOK`` and
+``FILLGATE_SENTRY_DSN``. A sink that fails never breaks the run: the failure is logged,
+warned about and counted, and after three failures in a row the sink is switched off for the
+rest of the run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from fillgate.errors import AlertDeliveryError, ConfigError, MissingExtraError
+
+log = logging.getLogger("fillgate.alerts")
+
+SEVERITY: tuple[str, ...] = ("unexpected_index", "extra_results", "errors", "conflicts", "disagreements")
+"""Anomaly kinds, most severe first. Kinds given a threshold but not listed rank after these."""
+
+DEFAULT_THRESHOLDS: dict[str, int | None] = {
+    "unexpected_index": 0,
+    "extra_results": 0,
+    "errors": 0,
+    "conflicts": None,
+    "disagreements": 0,
+}
+"""A batch is anomalous when ``counts[kind] > threshold``; None switches a kind off."""
+
+LEVELS = {"unexpected_index": "error", "extra_results": "error", "run_failed": "error"}
+"""Alert level per kind; every other kind is a ``warning``."""
+
+_DESCRIPTIONS = {
+    "unexpected_index": "rows whose lookup result was missing, extra, duplicated or out of place (not written)",
+    "extra_results": "lookup results that belonged to no row (ignored)",
+    "errors": "row errors",
+    "conflicts": "conflicts (rows changed since the plan; left alone)",
+    "disagreements": "disagreements (known values that differ; not written)",
+}
+
+MAX_FAILURES_IN_A_ROW = 3
+
+
+def fingerprint(job: str, kind: str) -> str:
+    """Stable across runs, processes and deploys: only the job's name and the anomaly kind."""
+    return hashlib.sha256(f"fillgate|{job}|{kind}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class Alert:
+    """One alert: for one anomalous batch, or for a failed run (``batch`` None)."""
+
+    kind: str
+    job: str
+    run_id: str
+    batch: int | None
+    fingerprint: str
+    counts: dict[str, Any]
+    example: dict[str, Any] | None
+    message: str
+    level: str = "warning"
+    anomalies: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=str, ensure_ascii=False, sort_keys=False)
+
+
+@runtime_checkable
+class AlertSink(Protocol):
+    """Where alerts go. ``send`` may raise; the Alerter contains the failure."""
+
+    def send(self, alert: Alert) -> None: ...
+
+
+def _safe_url(url: str) -> str:
+    """scheme://host[:port]/… — webhook paths and queries often hold secrets."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}/…"
+
+
+class WebhookSink:
+    """POSTs each alert as a JSON object (:meth:`Alert.to_dict`) to ``url``.
+
+    Any 2xx answer is success; anything else raises
+    :class:`~fillgate.errors.AlertDeliveryError` (the URL is never shown in full).
+    """
+
+    def __init__(self, url: str, timeout: float = 5.0, headers: Mapping[str, str] | None = None) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"alert webhook must be an http(s) URL, got {parts.scheme or 'no scheme'}:// "
+                "(check FILLGATE_ALERT_WEBHOOK)."
+            )
+        self.url = url
+        self.timeout = timeout
+        self.headers = {"Content-Type": "application/json", "User-Agent": "fillgate", **(headers or {})}
+
+    def send(self, alert: Alert) -> None:
+        body = alert.to_json().encode("utf-8")
+        request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
+        where = _safe_url(self.url)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the response's socket
+            raise AlertDeliveryError(f"alert webhook {where} answered HTTP {exc.code}.") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AlertDeliveryError(f"alert webhook {where} unreachable: {reason}.") from None
+        if not 200 <= status < 300:
+            raise AlertDeliveryError(f"alert webhook {where} answered HTTP {status}.")
+
+    def __repr__(self) -> str:
+        return f"WebhookSink({_safe_url(self.url)})"
+
+
+def _import_sentry() -> Any:
+    try:
+        import sentry_sdk
+    except ImportError:
+        raise MissingExtraError(
+            "the Sentry alert sink needs the sentry-sdk package: pip install 'fillgate[sentry]' "
+            "(or unset FILLGATE_SENTRY_DSN)."
+        ) from None
+    return sentry_sdk
+
+
+class SentrySink:
+    """Sends each alert as one Sentry event through the official ``sentry-sdk``.
+
+    The event's fingerprint is the alert's (so Sentry groups by job + kind), its level the
+    alert's, tags ``job``, ``kind``, ``run_id`` (and ``batch``), extras ``counts``, ``example``
+    and ``anomalies``. Breadcrumbs: the sink leaves one per alert sent, and every event carries at
+    most ``max_breadcrumbs`` of them (the host application's included).
+
+    With ``dsn``, the sink uses a client of its own (no integrations, nothing global is
+    patched). Without it, it uses the client the application set up with ``sentry_sdk.init``.
+    ``client_options`` go to ``sentry_sdk.Client`` (e.g. ``transport=``, ``environment=``).
+    """
+
+    def __init__(self, dsn: str | None = None, *, max_breadcrumbs: int = 10, **client_options: Any) -> None:
+        sentry_sdk = _import_sentry()
+        self._sdk = sentry_sdk
+        self.max_breadcrumbs = max_breadcrumbs
+        self._crumbs: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_breadcrumbs)
+        self._client: Any = None
+        if dsn:
+            options: dict[str, Any] = {
+                "default_integrations": False,
+                "auto_enabling_integrations": False,
+                "max_breadcrumbs": max_breadcrumbs,
+                **client_options,
+            }
+            try:
+                self._client = sentry_sdk.Client(dsn, **options)
+            except Exception as exc:
+                raise ConfigError(f"FILLGATE_SENTRY_DSN is not a valid Sentry DSN: {exc}") from None
+            atexit.register(self.close)
+        elif client_options:
+            raise ConfigError("SentrySink client options need a dsn; without one the app's Sentry client is used.")
+        elif not (sentry_sdk.get_client().is_active() and sentry_sdk.get_client().dsn):
+            raise ConfigError(
+                "SentrySink has no DSN: set FILLGATE_SENTRY_DSN, pass dsn=..., or call sentry_sdk.init() first."
+            )
+
+    def send(self, alert: Alert) -> None:
+        sdk = self._sdk
+        event: dict[str, Any] = {
+            "message": alert.message,
+            "level": alert.level,
+            "logger": "fillgate.alerts",
+            "fingerprint": [alert.fingerprint],
+            "tags": {"job": alert.job, "kind": alert.kind, "run_id": alert.run_id,
+                     **({"batch": str(alert.batch)} if alert.batch is not None else {})},
+            "extra": {"counts": alert.counts, "example": alert.example, "anomalies": alert.anomalies},
+            "breadcrumbs": {"values": list(self._crumbs)},
+        }
+        cap = self.max_breadcrumbs
+
+        def trim(evt: dict[str, Any], _hint: Any) -> dict[str, Any]:
+            crumbs = evt.get("breadcrumbs")
+            if isinstance(crumbs, dict) and isinstance(crumbs.get("values"), list):
+                crumbs["values"] = crumbs["values"][-cap:] if cap else []
+            return evt
+
+        with sdk.new_scope() as scope:
+            if self._client is not None:
+                scope.set_client(self._client)
+            scope.add_event_processor(trim)
+            event_id = sdk.capture_event(event)
+        if event_id is None and self._client is not None and not self._client.is_active():
+            raise AlertDeliveryError("the Sentry client is not active; the alert was dropped.")
+        self._crumbs.append({
+            "category": "fillgate.alert", "level": alert.level, "message": alert.message[:200],
+            "timestamp": _now_iso(), "data": {"kind": alert.kind, "batch": alert.batch},
+        })
+
+    def flush(self, timeout: float = 2.0) -> None:
+        client = self._client or self._sdk.get_client()
+        client.flush(timeout=timeout)
+
+    def close(self) -> None:
+        """Send what is queued (at most 2 s); a client of its own is closed."""
+        if self._client is not None:
+            client, self._client = self._client, None
+            client.close(timeout=2.0)
+            atexit.unregister(self.close)
+        else:
+            self._sdk.flush(timeout=2.0)
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+def sinks_from_env(environ: Mapping[str, str] | None = None) -> list[AlertSink]:
+    """A WebhookSink if ``FILLGATE_ALERT_WEBHOOK`` is set, a SentrySink if
+    ``FILLGATE_SENTRY_DSN`` is set (which needs ``pip install 'fillgate[sentry]'``)."""
+    env = os.environ if environ is None else environ
+    sinks: list[AlertSink] = []
+    if webhook := env.get("FILLGATE_ALERT_WEBHOOK", "").strip():
+        sinks.append(WebhookSink(webhook))
+    if dsn := env.get("FILLGATE_SENTRY_DSN", "").strip():
+        sinks.append(SentrySink(dsn=dsn))
+    return sinks
+
+
+class Alerter:
+    """Turns batch counts into at most one alert per batch; see the module docstring.
+
+    ``thresholds`` override :data:`DEFAULT_THRESHOLDS` per count name (None switches one off;
+    any other count of the batch can be given one). ``max_alerts`` caps the batch alerts of
+    one Alerter (None = no cap); suppressed alerts are counted in ``suppressed``.
+    """
+
+    def __init__(
+        self,
+        sinks: Sequence[AlertSink] = (),
+        thresholds: Mapping[str, int | None] | None = None,
+        *,
+        max_alerts: int | None = None,
+    ) -> None:
+        for sink in sinks:
+            if not callable(getattr(sink, "send", None)):
+                raise ConfigError(f"alert sink {sink!r} has no send(alert) method.")
+        self.sinks = list(sinks)
+        self.thresholds: dict[str, int | None] = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+        self.max_alerts = max_alerts
+        self.sent: list[Alert] = []
+        self.suppressed = 0
+        self.failures = 0
+        self.delivered = 0
+        self._failing: dict[int, int] = {}
+        self._disabled: set[int] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sinks)
+
+    def anomalies(self, counts: Mapping[str, Any]) -> list[str]:
+        """The kinds over their threshold in ``counts``, most severe first."""
+        extra = [k for k in self.thresholds if k not in SEVERITY]
+        found = []
+        for kind in (*SEVERITY, *extra):
+            limit = self.thresholds.get(kind)
+            value = counts.get(kind) or 0
+            if limit is not None and isinstance(value, int | float) and value > limit:
+                found.append(kind)
+        return found
+
+    def batch_done(
+        self,
+        job: str,
+        run_id: str,
+        batch_no: int,
+        counts: Mapping[str, Any],
+        examples: Mapping[str, Any] | None = None,
+    ) -> Alert | None:
+        """Send one alert if the batch has anomalies; return it (or None)."""
+        found = self.anomalies(counts)
+        if not found:
+            return None
+        kind = found[0]
+        examples = examples or {}
+        parts = []
+        for name in found:
+            limit = self.thresholds.get(name) or 0
+            over = f" (threshold {limit})" if limit else ""
+            parts.append(f"{counts.get(name)} {_DESCRIPTIONS.get(name, name)}{over}")
+        message = f"{job}: batch {batch_no} of run {run_id} had " + "; ".join(parts) + "."
+        first = examples.get(kind)
+        if kind == "unexpected_index" and isinstance(first, Mapping) and "expected" in first:
+            message += f" First mismatch: expected {first.get('expected')!r}, got {first.get('got')!r}."
+        alert = Alert(
+            kind=kind,
+            job=job,
+            run_id=run_id,
+            batch=batch_no,
+            fingerprint=fingerprint(job, kind),
+            counts=dict(counts),
+            example=dict(first) if isinstance(first, Mapping) else first,
+            message=message,
+            level=LEVELS.get(kind, "warning"),
+            anomalies=found,
+        )
+        if self.max_alerts is not None and len(self.sent) >= self.max_alerts:
+            self.suppressed += 1
+            return None
+        self._deliver(alert)
+        return alert
+
+    def run_failed(self, job: str, run_id: str, message: str, counts: Mapping[str, Any] | None = None) -> Alert:
+        """Send one alert for a failed run."""
+        alert = Alert(
+            kind="run_failed",
+            job=job,
+            run_id=run_id,
+            batch=None,
+            fingerprint=fingerprint(job, "run_failed"),
+            counts=dict(counts or {}),
+            example=None,
+            message=f"{job}: run {run_id} failed: {message}",
+            level=LEVELS["run_failed"],
+            anomalies=["run_failed"],
+        )
+        self._deliver(alert)
+        return alert
+
+    def close(self) -> None:
+        """Flush and close the sinks that can be (e.g. Sentry's queue)."""
+        for sink in self.sinks:
+            closer = getattr(sink, "close", None)
+            if callable(closer):
+                try:
+                    closer()
+                except Exception as exc:
+                    log.warning("closing alert sink %r failed: %s", sink, exc)
+
+    def _deliver(self, alert: Alert) -> None:
+        self.sent.append(alert)
+        for sink in self.sinks:
+            sid = id(sink)
+            if sid in self._disabled:
+                continue
+            try:
+                sink.send(alert)
+            except Exception as exc:
+                self.failures += 1
+                self._failing[sid] = self._failing.get(sid, 0) + 1
+                note = f"alert sink {sink!r} failed ({type(exc).__name__}: {exc}); the run carries on."
+                if self._failing[sid] >= MAX_FAILURES_IN_A_ROW:
+                    self._disabled.add(sid)
+                    note += f" It failed {MAX_FAILURES_IN_A_ROW} times in a row and is off for the rest of the run."
+                log.warning(note)
+                warnings.warn(note, RuntimeWarning, stacklevel=3)
+            else:
+                self._failing[sid] = 0
+                self.delivered += 1

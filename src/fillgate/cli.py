@@ -18,10 +18,14 @@ from fillgate import report
 from fillgate.config import Target, load_config
 from fillgate.engine import ApplyResult, Limits, apply_plan, control_run, make_plan, resume_run
 from fillgate.errors import EXIT_OK, EXIT_ROW_PROBLEMS, FillgateError, PlanMismatchError
+from fillgate.events import EventWriter
 from fillgate.job import load_job, parse_param_options
+from fillgate.monitor import Monitor
 from fillgate.plan import read_header
+from fillgate.report import RichProgress
 from fillgate.revert import preview_revert, revert_run
-from fillgate.stamp import Connected, connect, init_target
+from fillgate.stamp import Connected, check_write_allowed, connect, init_target
+from fillgate.throttle import ReplicationLagCheck, SQLCheck
 from fillgate.values import key_candidates
 
 app = typer.Typer(
@@ -48,6 +52,21 @@ MaxRateOpt = Annotated[
     typer.Option("--max-error-rate", min=0.0, max=1.0, help="Stop when errors/rows exceeds R (after 100 rows)."),
 ]
 PauseOpt = Annotated[int, typer.Option("--pause-between-batches", min=0, help="Sleep MS milliseconds between batches.")]
+EventsOpt = Annotated[
+    str | None, typer.Option("--events", help="Write run events as JSON lines to FILE ('-': stdout).")
+]
+RateOpt = Annotated[float | None, typer.Option("--rate", min=0.001, help="At most N rows per second.")]
+LagOpt = Annotated[
+    float | None,
+    typer.Option("--max-replication-lag", min=0.0, help="Hold while a PostgreSQL replica lags more than S seconds."),
+]
+HoldWhileOpt = Annotated[
+    list[str] | None,
+    typer.Option("--hold-while", help="Hold while this SQL returns a true first column (repeatable)."),
+]
+MaxHoldOpt = Annotated[
+    float | None, typer.Option("--max-hold", min=0.0, help="Stop the run if one hold lasts longer than S seconds.")
+]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Job parameter name=value (repeatable).")]
 
 
@@ -85,8 +104,8 @@ def _emit(as_json: bool, data: Callable[[], Any], human: Callable[[], None]) -> 
         human()
 
 
-def _finish_apply(result: ApplyResult, as_json: bool, plan_errors: int = 0) -> None:
-    _emit(as_json, lambda: report.apply_json(result), lambda: report.print_apply(out, result))
+def _finish_apply(result: ApplyResult, as_json: bool, human: Console, plan_errors: int = 0) -> None:
+    _emit(as_json, lambda: report.apply_json(result), lambda: report.print_apply(human, result))
     raise typer.Exit(EXIT_OK if result.clean and not plan_errors else EXIT_ROW_PROBLEMS)
 
 
@@ -116,6 +135,11 @@ def plan(
     max_errors: MaxErrorsOpt = None,
     max_error_rate: MaxRateOpt = None,
     sample: Annotated[int, typer.Option("--sample", min=0, help="Changes to show in the diff.")] = 10,
+    events: EventsOpt = None,
+    rate: RateOpt = None,
+    max_replication_lag: LagOpt = None,
+    hold_while: HoldWhileOpt = None,
+    max_hold: MaxHoldOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Dry run: compute every change and show it. Writes nothing to your tables."""
@@ -123,14 +147,43 @@ def plan(
         job_cls = load_job(job)
         params = parse_param_options(param or [])
         conn = connect(_target(target))
-        result = make_plan(conn, job_cls, params, out=output,
-                           limits=Limits(max_errors=max_errors, max_error_rate=max_error_rate))
-    _emit(as_json, lambda: report.plan_json(result), lambda: report.print_plan(out, result, sample))
-    raise typer.Exit(EXIT_ROW_PROBLEMS if result.counts["errors"] else EXIT_OK)
+        limits = _limits(rate, max_replication_lag, hold_while, max_hold,
+                         max_errors=max_errors, max_error_rate=max_error_rate)
+        monitor = _monitor(events, as_json)
+        try:
+            result = make_plan(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
+        finally:
+            monitor.close()
+    human = _human(events)
+    _emit(as_json, lambda: report.plan_json(result), lambda: report.print_plan(human, result, sample))
+    problems = result.counts["errors"] or result.counts["unexpected_index"]
+    raise typer.Exit(EXIT_ROW_PROBLEMS if problems else EXIT_OK)
 
 
-def _limits(**kwargs: Any) -> Limits:
-    return Limits(**{k: v for k, v in kwargs.items() if v is not None})
+def _limits(
+    rate: float | None = None,
+    max_replication_lag: float | None = None,
+    hold_while: list[str] | None = None,
+    max_hold: float | None = None,
+    **kwargs: Any,
+) -> Limits:
+    """Gates and pacing from the command line (built-in health checks included)."""
+    checks: list[Any] = [SQLCheck(sql) for sql in hold_while or []]
+    if max_replication_lag is not None:
+        checks.append(ReplicationLagCheck(max_replication_lag))
+    values = {k: v for k, v in kwargs.items() if v is not None}
+    return Limits(rate=rate, checks=checks, max_hold_s=max_hold, **values)
+
+
+def _monitor(events: str | None, as_json: bool) -> Monitor:
+    """Events to a file or stdout, alerts from the environment, and a progress bar on a terminal."""
+    progress = RichProgress(err) if err.is_terminal and not as_json else None
+    return Monitor(events=EventWriter(events), progress=progress)
+
+
+def _human(events: str | None) -> Console:
+    """Where human-readable output goes: stderr when the events stream owns stdout."""
+    return err if events == "-" else out
 
 
 @app.command()
@@ -145,6 +198,11 @@ def apply(
     max_errors: MaxErrorsOpt = None,
     max_error_rate: MaxRateOpt = None,
     pause_between_batches: PauseOpt = 0,
+    events: EventsOpt = None,
+    rate: RateOpt = None,
+    max_replication_lag: LagOpt = None,
+    hold_while: HoldWhileOpt = None,
+    max_hold: MaxHoldOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write exactly the reviewed plan: compare-and-set, audited, resumable."""
@@ -156,11 +214,15 @@ def apply(
                 f"Make a new plan for '{target}'."
             )
         conn = connect(_target(header.target))
-        result = apply_plan(conn, plan_file, _limits(
-            max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
-            max_error_rate=max_error_rate, pause_ms=pause_between_batches,
-        ))
-    _finish_apply(result, as_json)
+        limits = _limits(rate, max_replication_lag, hold_while, max_hold,
+                         max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
+                         max_error_rate=max_error_rate, pause_ms=pause_between_batches)
+        monitor = _monitor(events, as_json)
+        try:
+            result = apply_plan(conn, plan_file, limits, monitor)
+        finally:
+            monitor.close()
+    _finish_apply(result, as_json, _human(events))
 
 
 @app.command()
@@ -179,26 +241,33 @@ def run(
     max_errors: MaxErrorsOpt = None,
     max_error_rate: MaxRateOpt = None,
     pause_between_batches: PauseOpt = 0,
+    events: EventsOpt = None,
+    rate: RateOpt = None,
+    max_replication_lag: LagOpt = None,
+    hold_while: HoldWhileOpt = None,
+    max_hold: MaxHoldOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan, gate and apply in one go."""
-    from fillgate.stamp import check_write_allowed
-
     with _errors():
         job_cls = load_job(job)
         params = parse_param_options(param or [])
         conn = connect(_target(target))
         check_write_allowed(conn.target, confirm)
-        limits = _limits(
-            max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
-            max_error_rate=max_error_rate, pause_ms=pause_between_batches,
-        )
-        planned = make_plan(conn, job_cls, params, out=output, limits=limits)
-        if not as_json:
-            report.print_plan(out, planned)
-        assert planned.path is not None
-        result = apply_plan(conn, planned.path, limits)
-    _finish_apply(result, as_json, plan_errors=planned.counts["errors"])
+        limits = _limits(rate, max_replication_lag, hold_while, max_hold,
+                         max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
+                         max_error_rate=max_error_rate, pause_ms=pause_between_batches)
+        monitor = _monitor(events, as_json)
+        try:
+            planned = make_plan(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
+            if not as_json:
+                report.print_plan(_human(events), planned)
+            assert planned.path is not None
+            result = apply_plan(conn, planned.path, limits, monitor)
+        finally:
+            monitor.close()
+    _finish_apply(result, as_json, _human(events),
+                  plan_errors=planned.counts["errors"] + planned.counts["unexpected_index"])
 
 
 @app.command()
@@ -249,6 +318,11 @@ def revert(
     confirm: ConfirmOpt = None,
     batch_size: BatchOpt = 1000,
     pause_between_batches: PauseOpt = 0,
+    events: EventsOpt = None,
+    rate: RateOpt = None,
+    max_replication_lag: LagOpt = None,
+    hold_while: HoldWhileOpt = None,
+    max_hold: MaxHoldOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Undo a run from its audit log, as a new audited run; rows changed since are left alone."""
@@ -257,12 +331,17 @@ def revert(
         if dry_run:
             preview = preview_revert(conn, run_id)
         else:
-            result = revert_run(conn, run_id, _limits(confirm=confirm, batch_size=batch_size,
-                                                      pause_ms=pause_between_batches))
+            limits = _limits(rate, max_replication_lag, hold_while, max_hold,
+                             confirm=confirm, batch_size=batch_size, pause_ms=pause_between_batches)
+            monitor = _monitor(events, as_json)
+            try:
+                result = revert_run(conn, run_id, limits, monitor)
+            finally:
+                monitor.close()
     if dry_run:
         _emit(as_json, lambda: report.preview_json(preview), lambda: report.print_preview(out, preview))
         return
-    _finish_apply(result, as_json)
+    _finish_apply(result, as_json, _human(events))
 
 
 def _control(run_id: str, target: str | None, action: str, as_json: bool) -> None:
@@ -301,16 +380,25 @@ def resume(
     max_errors: MaxErrorsOpt = None,
     max_error_rate: MaxRateOpt = None,
     pause_between_batches: PauseOpt = 0,
+    events: EventsOpt = None,
+    rate: RateOpt = None,
+    max_replication_lag: LagOpt = None,
+    hold_while: HoldWhileOpt = None,
+    max_hold: MaxHoldOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue a paused, failed or interrupted run from its checkpoint (exactly once)."""
     with _errors():
         conn = connect(_target(target))
-        result = resume_run(conn, run_id, _limits(
-            confirm=confirm, batch_size=batch_size, max_errors=max_errors,
-            max_error_rate=max_error_rate, pause_ms=pause_between_batches,
-        ))
-    _finish_apply(result, as_json)
+        limits = _limits(rate, max_replication_lag, hold_while, max_hold,
+                         confirm=confirm, batch_size=batch_size, max_errors=max_errors,
+                         max_error_rate=max_error_rate, pause_ms=pause_between_batches)
+        monitor = _monitor(events, as_json)
+        try:
+            result = resume_run(conn, run_id, limits, monitor)
+        finally:
+            monitor.close()
+    _finish_apply(result, as_json, _human(events))
 
 
 @app.command()

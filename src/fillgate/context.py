@@ -32,6 +32,10 @@ class RunContext:
     params: Mapping[str, Any]
     engine: Engine = field(repr=False)
     _connection: Connection | None = field(default=None, repr=False)
+    # The lookup result aligned with the row being computed (compute), or with the rows
+    # (compute_batch); None without a lookup.
+    result: Any = field(default=None, repr=False)
+    results: list[Any] | None = field(default=None, repr=False)
     # The first escape attempt, kept so that job code catching the error cannot hide it.
     escape: TargetEscapeError | None = field(default=None, repr=False)
 

@@ -7,7 +7,7 @@ import hashlib
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -27,13 +27,18 @@ from fillgate.errors import (
 )
 from fillgate.job import Job
 from fillgate.ledger import ApplyLock, Run, new_run_id, operator_name, utcnow
-from fillgate.plan import PlanHeader, PlanWriter, file_sha256, iter_changes, verify_plan
+from fillgate.lookup import Lookup
+from fillgate.monitor import Monitor
+from fillgate.plan import LINE_KINDS, PlanHeader, PlanWriter, file_sha256, iter_changes, verify_plan
 from fillgate.policy import Decision, Failed
-from fillgate.sql import Change, TableSQL, apply_changes, keyset_pages, verify_table_and_key
+from fillgate.sql import Change, TableSQL, apply_changes, estimate_rows, keyset_pages, verify_table_and_key
 from fillgate.stamp import Connected, check_write_allowed
+from fillgate.throttle import HealthCheck, Throttle
 from fillgate.values import dumps, encode_key
 
-PLAN_COUNTS = ("rows", "writes", "unchanged", "skipped", "disagreements", "preserved", "errors")
+PLAN_COUNTS = (
+    "rows", "writes", "unchanged", "skipped", "disagreements", "preserved", "errors", "unexpected_index",
+)
 APPLY_COUNTS = ("applied", "conflicts", "errors")
 SAMPLE = 20
 
@@ -56,6 +61,14 @@ class Limits:
     batch_size: int = 1000
     pause_ms: int = 0
     confirm: str | None = None
+    rate: float | None = None  # rows per second
+    checks: Sequence[HealthCheck] = ()
+    max_hold_s: float | None = None
+
+    def throttle(self, extra_checks: Sequence[HealthCheck] = ()) -> Throttle:
+        """The pacing these limits ask for (``--rate``, the pause, health checks)."""
+        return Throttle(rate=self.rate, pause_ms=self.pause_ms, checks=[*self.checks, *extra_checks],
+                        max_hold_s=self.max_hold_s)
 
     def check_errors(self, errors: int, seen: int, what: str) -> None:
         if self.max_errors is not None and errors > self.max_errors:
@@ -93,15 +106,25 @@ class PlanResult:
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def _compute_page(
-    job: Job, rows: list[dict[str, Any]], ctx: RunContext
-) -> Sequence[Any]:
-    """One proposal (a mapping, None, or the exception it raised) per row, in order."""
+def _compute_page(job: Job, rows: list[dict[str, Any]], ctx: RunContext, results: list[Any] | None,
+                  monitor: Monitor, key_cols: tuple[str, ...]) -> list[Any]:
+    """One proposal (a mapping, None, or the exception it raised) per row, in order.
+
+    With a lookup, ``ctx.result`` is the row's aligned lookup result during ``compute`` and
+    ``ctx.results`` the list aligned with ``rows`` during ``compute_batch``.
+    """
     if type(job).has_batch_compute():
+        ctx.results = results
+        started = time.perf_counter()
         try:
             proposals = list(job.compute_batch(rows, ctx))
         except Exception as exc:
             return [exc] * len(rows)
+        finally:
+            ctx.results = None
+        per_row = (time.perf_counter() - started) * 1000 / max(len(rows), 1)
+        for row in rows:
+            monitor.row_timing(tuple(row[k] for k in key_cols), per_row)
         if len(proposals) != len(rows):
             exc = JobError(
                 f"compute_batch returned {len(proposals)} results for {len(rows)} rows; "
@@ -110,12 +133,131 @@ def _compute_page(
             return [exc] * len(rows)
         return proposals
     out: list[Any] = []
-    for row in rows:
+    for i, row in enumerate(rows):
+        ctx.result = results[i] if results is not None else None
+        started = time.perf_counter()
         try:
             out.append(job.compute(row, ctx))
         except Exception as exc:
             out.append(exc)
+        monitor.row_timing(tuple(row[k] for k in key_cols), (time.perf_counter() - started) * 1000)
+    ctx.result = None
     return out
+
+
+class _Planner:
+    """The state of one plan: counts, samples, the plan writer and the page's ledger rows."""
+
+    def __init__(self, run: Run, job_cls: type[Job], writer: PlanWriter, monitor: Monitor) -> None:
+        self.run = run
+        self.name = job_cls.job_name()
+        self.policies = job_cls.policies()
+        self.key_cols = job_cls.key_columns()
+        self.writer = writer
+        self.monitor = monitor
+        self.counts = dict.fromkeys(PLAN_COUNTS, 0)
+        self.samples: dict[str, list[dict[str, Any]]] = {kind: [] for kind in LINE_KINDS}
+        self.page_errors: list[dict[str, Any]] = []
+        self.page_counts: dict[str, int] = {}
+
+    def _sample(self, kind: str, item: dict[str, Any]) -> None:
+        if len(self.samples[kind]) < SAMPLE:
+            self.samples[kind].append(item)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+        self.page_counts[name] = self.page_counts.get(name, 0) + n
+
+    def _ledger_error(self, key: tuple[Any, ...], phase: str, error_type: str, message: str,
+                      fp: str, tb: str | None) -> None:
+        self.page_errors.append({
+            "run_id": self.run.run_id, "phase": phase, "row_key": encode_key(key), "column_name": None,
+            "error_type": error_type, "message": message[:4000], "fingerprint": fp, "traceback": tb,
+            "created_at": utcnow(),
+        })
+
+    def row_error(self, key: tuple[Any, ...], exc: BaseException, phase: str = "plan") -> None:
+        self._count("errors")
+        fp = error_fingerprint(self.name, exc)
+        message = str(exc) or type(exc).__name__
+        self.writer.error(key, type(exc).__name__, message, fp)
+        self._sample("error", {"key": list(key), "error_type": type(exc).__name__, "message": message})
+        self._ledger_error(key, phase, type(exc).__name__, message, fp, _format_tb(exc))
+
+    def unexpected(self, key: tuple[Any, ...], description: str, example: dict[str, Any] | None) -> None:
+        """A lookup result that is missing, extra, duplicated or out of place: never written."""
+        self._count("unexpected_index")
+        self.writer.unexpected(key, description)
+        item = {"key": list(key), "message": description, **(example or {})}
+        self._sample("unexpected_index", item)
+        self.monitor.mismatch(item)
+        fp = hashlib.sha256(f"{self.name}|unexpected_index".encode()).hexdigest()[:16]
+        self._ledger_error(key, "lookup", "UnexpectedIndex", description, fp, None)
+
+    def page(self, job: Job, rows: list[dict[str, Any]], ctx: RunContext, lookup: Lookup | None) -> None:
+        """Compute and diff one page of source rows."""
+        self.page_errors, self.page_counts = [], {"rows": len(rows)}
+        self.counts["rows"] += len(rows)
+        keys = [tuple(row[k] for k in self.key_cols) for row in rows]
+        results: list[Any] | None = None
+        if lookup is not None:
+            batch = lookup.resolve(rows)
+            mismatch = batch.first_mismatch
+            clean: list[dict[str, Any]] = []
+            results = []
+            for i, (row, outcome) in enumerate(zip(rows, batch.outcomes, strict=True)):
+                if outcome.unexpected:
+                    example = None
+                    if mismatch is not None and mismatch.get("row") == i:
+                        example = {"expected": mismatch.get("expected"), "got": mismatch.get("got")}
+                    self.unexpected(keys[i], outcome.unexpected, example)
+                elif outcome.error is not None:
+                    self.row_error(keys[i], outcome.error, "lookup")
+                else:
+                    clean.append(row)
+                    results.append(outcome.value)
+                    self.monitor.row_timing(keys[i], outcome.elapsed_ms)
+            if batch.extra_results:
+                self.page_counts["extra_results"] = batch.extra_results
+            rows = clean
+            keys = [tuple(row[k] for k in self.key_cols) for row in rows]
+        proposals = _compute_page(job, rows, ctx, results, self.monitor, self.key_cols)
+        if ctx.escape is not None:  # a refusal, not a row error, even if the job caught it
+            raise ctx.escape
+        for row, key, proposal in zip(rows, keys, proposals, strict=True):
+            if proposal is not None and not isinstance(proposal, BaseException):
+                proposal = _check_proposal(proposal, self.policies, row)
+            if isinstance(proposal, BaseException):
+                self.row_error(key, proposal)
+            elif proposal:
+                self._diff(row, key, proposal)
+
+    def _diff(self, row: Mapping[str, Any], key: tuple[Any, ...], proposal: Mapping[str, Any]) -> None:
+        for column, new in proposal.items():
+            old = row[column]
+            decision = self.policies[column].decide(old, new)
+            self._count(_DECISION_COUNT[decision])
+            if decision is Decision.WRITE:
+                self.writer.change(key, column, old, new)
+                self._sample("change", {"key": list(key), "column": column, "old": old, "new": new})
+            elif decision is Decision.DISAGREEMENT:
+                self.writer.disagreement(key, column, old, new)
+                self._sample("disagreement", {"key": list(key), "column": column, "old": old, "new": new})
+            elif decision is Decision.PRESERVED:
+                reason = new.reason if isinstance(new, Failed) else f"new value {new!r}"
+                self.writer.preserved(key, column, old, reason)
+                self._sample("preserved", {"key": list(key), "column": column, "old": old, "reason": reason})
+
+    def examples(self) -> dict[str, Any]:
+        """The first example of each anomaly kind, for alerts."""
+        out: dict[str, Any] = {}
+        if self.samples["unexpected_index"]:
+            out["unexpected_index"] = self.samples["unexpected_index"][0]
+        if self.samples["error"]:
+            out["errors"] = self.samples["error"][0]
+        if self.samples["disagreement"]:
+            out["disagreements"] = self.samples["disagreement"][0]
+        return out
 
 
 def make_plan(
@@ -125,16 +267,17 @@ def make_plan(
     *,
     out: str | Path | None = None,
     limits: Limits | None = None,
-    on_page: Callable[[dict[str, int]], None] | None = None,
+    monitor: Monitor | None = None,
 ) -> PlanResult:
     """Dry run: read the source, compute, diff. Writes nothing to the user's tables; records
     the plan as a run and, with ``out``, saves the plan file."""
     limits = limits or Limits()
+    monitor = monitor or Monitor()
+    monitor.throttle = limits.throttle(job_cls.health_checks)
     job = job_cls(params)
     name = job_cls.job_name()
-    policies = job_cls.policies()
     key_cols = job_cls.key_columns()
-    verify_table_and_key(conn.engine, job_cls.table, key_cols, list(policies))
+    verify_table_and_key(conn.engine, job_cls.table, key_cols, list(job_cls.policies()))
     ledger = conn.ledger
     run = ledger.create_run(
         Run(
@@ -150,69 +293,23 @@ def make_plan(
             started_at=utcnow(),
         )
     )
-    run.plan_id = run.run_id
-    counts = dict.fromkeys(PLAN_COUNTS, 0)
-    samples: dict[str, list[dict[str, Any]]] = {
-        "change": [], "disagreement": [], "preserved": [], "error": []
-    }
     plan_dir, plan_file = _plan_location(out)
-    writer = PlanWriter(plan_dir)
+    planner = _Planner(run, job_cls, PlanWriter(plan_dir), monitor)
+    counts = planner.counts
     ctx = RunContext(run_id=run.run_id, target=conn.target, job=name, params=job.args, engine=conn.engine)
-
-    def sample(kind: str, item: dict[str, Any]) -> None:
-        if len(samples[kind]) < SAMPLE:
-            samples[kind].append(item)
-
+    monitor.run_started(run.run_id, "plan", name, conn.target.name, conn.target.environment,
+                        estimate_rows(conn.engine, job_cls.table))
+    lookup: Lookup | None = None
     try:
         with conn.engine.connect() as reader, activate(ctx):
+            lookup = job.build_lookup(ctx)
             for rows in keyset_pages(reader, job_cls.select_sql(), key_cols, job_cls.page_size, job.args):
                 reader.rollback()  # keep no read transaction open between pages
-                proposals = _compute_page(job, rows, ctx)
-                if ctx.escape is not None:  # a refusal, not a row error, even if the job caught it
-                    raise ctx.escape
-                errors: list[dict[str, Any]] = []
-                for row, proposal in zip(rows, proposals, strict=True):
-                    counts["rows"] += 1
-                    key = tuple(row[k] for k in key_cols)
-                    if proposal is not None and not isinstance(proposal, BaseException):
-                        proposal = _check_proposal(proposal, policies, row)
-                    if isinstance(proposal, BaseException):
-                        counts["errors"] += 1
-                        fp = error_fingerprint(name, proposal)
-                        message = str(proposal) or type(proposal).__name__
-                        writer.error(key, type(proposal).__name__, message, fp)
-                        sample("error", {"key": list(key), "error_type": type(proposal).__name__,
-                                         "message": message})
-                        errors.append({
-                            "run_id": run.run_id, "phase": "plan", "row_key": encode_key(key),
-                            "column_name": None, "error_type": type(proposal).__name__,
-                            "message": message[:4000], "fingerprint": fp,
-                            "traceback": _format_tb(proposal), "created_at": utcnow(),
-                        })
-                        continue
-                    if not proposal:
-                        continue
-                    for column, new in proposal.items():
-                        old = row[column]
-                        decision = policies[column].decide(old, new)
-                        counts[_DECISION_COUNT[decision]] += 1
-                        if decision is Decision.WRITE:
-                            writer.change(key, column, old, new)
-                            sample("change", {"key": list(key), "column": column, "old": old, "new": new})
-                        elif decision is Decision.DISAGREEMENT:
-                            writer.disagreement(key, column, old, new)
-                            sample("disagreement",
-                                   {"key": list(key), "column": column, "old": old, "new": new})
-                        elif decision is Decision.PRESERVED:
-                            reason = new.reason if isinstance(new, Failed) else f"new value {new!r}"
-                            writer.preserved(key, column, old, reason)
-                            sample("preserved",
-                                   {"key": list(key), "column": column, "old": old, "reason": reason})
+                planner.page(job, rows, ctx, lookup)
                 with conn.engine.begin() as tx:
-                    ledger.insert_errors(tx, errors)
+                    ledger.insert_errors(tx, planner.page_errors)
                     ledger.update_run(run.run_id, tx, counts=counts, heartbeat_at=utcnow())
-                if on_page:
-                    on_page(counts)
+                monitor.batch_done(planner.page_counts, counts["rows"], conn.engine, planner.examples())
                 limits.check_errors(counts["errors"], counts["rows"], f"plan of {name}")
         header = PlanHeader(
             plan_id=run.run_id,
@@ -220,7 +317,7 @@ def make_plan(
             job_fingerprint=job_cls.code_fingerprint(),
             table=job_cls.table,
             key=list(key_cols),
-            columns={c: p.describe() for c, p in policies.items()},
+            columns={c: p.describe() for c, p in planner.policies.items()},
             target=conn.target.name,
             environment=conn.target.environment,
             database_id=conn.database_id,
@@ -232,15 +329,19 @@ def make_plan(
         )
         path = None
         if plan_dir is not None:
-            path = writer.finish(header, plan_file or plan_dir / f"{run.run_id}.plan")
+            path = planner.writer.finish(header, plan_file or plan_dir / f"{run.run_id}.plan")
         else:
-            header.lines, header.changes = writer.lines, writer.changes
-            writer.discard()
+            header.lines, header.changes = planner.writer.lines, planner.writer.changes
+            planner.writer.discard()
     except BaseException as exc:
-        writer.discard()
+        planner.writer.discard()
         ledger.update_run(run.run_id, status="failed", counts=counts, finished_at=utcnow(),
-                          message=str(exc)[:4000])
+                          message=str(exc)[:4000], details=monitor.details())
+        monitor.run_finished("failed", counts, str(exc))
         raise
+    finally:
+        if lookup is not None:
+            lookup.close()
     ledger.update_run(
         run.run_id,
         status="planned",
@@ -250,9 +351,11 @@ def make_plan(
         plan_path=str(path) if path else None,
         plan_sha256=file_sha256(path) if path else None,
         finished_at=utcnow(),
+        details=monitor.details(),
     )
+    monitor.run_finished("planned", counts)
     run = ledger.get_run(run.run_id)
-    return PlanResult(header=header, run=run, path=path, counts=counts, samples=samples)
+    return PlanResult(header=header, run=run, path=path, counts=counts, samples=planner.samples)
 
 
 def _plan_location(out: str | Path | None) -> tuple[Path | None, Path | None]:
@@ -314,9 +417,12 @@ def execute(
     changes: Iterable[Change],
     limits: Limits,
     lock: ApplyLock,
+    monitor: Monitor | None = None,
 ) -> ApplyResult:
     """Write ``changes`` for ``run``: one transaction per batch holding the data changes,
     their audit rows, conflicts/errors, the run's counts and its checkpoint."""
+    monitor = monitor or Monitor()
+    monitor.throttle = limits.throttle()
     ledger = conn.ledger
     engine = conn.engine
     sql = TableSQL(engine.dialect, run.table_name or "", run.args["key"])
@@ -326,6 +432,9 @@ def execute(
     table = run.table_name
     conflicts_sample: list[dict[str, Any]] = []
     result = ApplyResult(run=run, counts=counts, conflicts=conflicts_sample)
+    remaining = None if run.total is None else run.total - checkpoint
+    monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining)
+    status = "succeeded"
     try:
         for batch in _batches(changes, limits.batch_size):
             with engine.begin() as tx:
@@ -368,22 +477,31 @@ def execute(
                 checkpoint += len(batch)
                 ledger.update_run(run.run_id, tx, checkpoint=checkpoint, counts=counts, heartbeat_at=now)
                 lock.heartbeat(tx)
+            examples = (
+                {"conflicts": {k: problems[0][k] for k in ("row_key", "column_name", "error_type", "message")}}
+                if problems else None
+            )
+            monitor.batch_done(
+                {"rows": len(batch), "writes": len(outcome.applied), "conflicts": len(outcome.conflicts),
+                 "errors": len(outcome.errors)},
+                checkpoint - run.checkpoint, engine, examples,
+            )
             control = ledger.read_control(run.run_id)
             if control in ("pause", "cancel"):
                 status = "paused" if control == "pause" else "cancelled"
                 ledger.update_run(run.run_id, status=status, control=None,
                                   finished_at=utcnow() if status == "cancelled" else None)
                 result.stopped = status
-                result.run = ledger.get_run(run.run_id)
-                return result
+                break
             limits.check_errors(counts["errors"], checkpoint, f"{run.kind} run {run.run_id}")
-            if limits.pause_ms:
-                time.sleep(limits.pause_ms / 1000)
     except BaseException as exc:
         message = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"
         ledger.update_run(run.run_id, status="failed", finished_at=utcnow(), message=message[:4000])
+        monitor.run_finished("failed", counts, message)
         raise
-    ledger.update_run(run.run_id, status="succeeded", finished_at=utcnow(), control=None)
+    if status == "succeeded":
+        ledger.update_run(run.run_id, status="succeeded", finished_at=utcnow(), control=None)
+    monitor.run_finished(status, counts)
     result.run = ledger.get_run(run.run_id)
     return result
 
@@ -440,7 +558,9 @@ def check_plan_unmodified(conn: Connected, header: PlanHeader, path: Path) -> No
         )
 
 
-def apply_plan(conn: Connected, path: str | Path, limits: Limits | None = None) -> ApplyResult:
+def apply_plan(
+    conn: Connected, path: str | Path, limits: Limits | None = None, monitor: Monitor | None = None
+) -> ApplyResult:
     """Write exactly the reviewed plan, audited, after every check passes."""
     limits = limits or Limits()
     path = Path(path).resolve()
@@ -485,12 +605,14 @@ def apply_plan(conn: Connected, path: str | Path, limits: Limits | None = None) 
     )
     lock = _start_run(conn, run)
     try:
-        return execute(conn, run, iter_changes(path), limits, lock)
+        return execute(conn, run, iter_changes(path), limits, lock, monitor)
     finally:
         lock.release()
 
 
-def resume_run(conn: Connected, run_id: str, limits: Limits | None = None) -> ApplyResult:
+def resume_run(
+    conn: Connected, run_id: str, limits: Limits | None = None, monitor: Monitor | None = None
+) -> ApplyResult:
     """Continue an apply or revert from its checkpoint: after a pause, a failure, or a
     process that died. Every change is applied exactly once."""
     from fillgate.revert import inverse_changes
@@ -528,7 +650,7 @@ def resume_run(conn: Connected, run_id: str, limits: Limits | None = None) -> Ap
         ledger.update_run(run_id, status="running", control=None, message=None, finished_at=None,
                           pid=os.getpid(), heartbeat_at=utcnow())
         run = ledger.get_run(run_id)
-        return execute(conn, run, changes, limits, lock)
+        return execute(conn, run, changes, limits, lock, monitor)
     finally:
         lock.release()
 

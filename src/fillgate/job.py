@@ -17,6 +17,8 @@ from fillgate.policy import Policy
 
 if TYPE_CHECKING:
     from fillgate.context import RunContext
+    from fillgate.lookup import Lookup
+    from fillgate.throttle import HealthCheck
 
 Row = Mapping[str, Any]
 Proposal = Mapping[str, Any] | None
@@ -82,6 +84,10 @@ class Job:
                   ``:name`` bind parameters filled from the job's parameters.
     ``params``    ``{name: Param(type, default=...)}``.
     ``page_size`` rows read and computed per page.
+    ``lookup``    an optional :class:`~fillgate.lookup.Lookup` (or override ``build_lookup``):
+                  called once per page; ``compute`` reads the row's aligned result from
+                  ``ctx.result``. A misaligned result is never computed from or written.
+    ``health_checks``  checks run between batches that can hold the run (see throttle.py).
     """
 
     table: ClassVar[str]
@@ -91,12 +97,18 @@ class Job:
     params: ClassVar[Mapping[str, Param | type]] = {}
     page_size: ClassVar[int] = 1000
     name: ClassVar[str | None] = None
+    lookup: ClassVar[Lookup | None] = None
+    health_checks: ClassVar[Sequence[HealthCheck]] = ()
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
         self.args: dict[str, Any] = resolve_params(type(self), params or {})
 
     def compute(self, row: Row, ctx: RunContext) -> Proposal:
         raise NotImplementedError
+
+    def build_lookup(self, ctx: RunContext) -> Lookup | None:
+        """The batch lookup of this run (default: the class's ``lookup``); may use ``self.args``."""
+        return type(self).lookup
 
     def compute_batch(self, rows: Sequence[Row], ctx: RunContext) -> Sequence[Proposal | BaseException]:
         """Proposals for ``rows``, one per row, in order. The default calls ``compute``."""

@@ -3,7 +3,7 @@
 A plan is JSON lines. The first line is the header (plan id, job, job code fingerprint,
 target, environment, database fingerprint, created time, parameters, counts, and the number
 and SHA-256 of the body lines). Each following line is one finding, ``kind`` being one of
-``change``, ``disagreement``, ``preserved`` or ``error``. ``apply`` refuses a file whose body
+``change``, ``disagreement``, ``preserved``, ``error`` or ``unexpected_index``. ``apply`` refuses a file whose body
 does not match its header (truncated, edited, or corrupted) before writing anything.
 """
 
@@ -24,7 +24,7 @@ from fillgate.sql import Change
 from fillgate.values import dumps, loads
 
 PLAN_FORMAT = 1
-LINE_KINDS = ("change", "disagreement", "preserved", "error")
+LINE_KINDS = ("change", "disagreement", "preserved", "error", "unexpected_index")
 
 
 @dataclass
@@ -103,6 +103,10 @@ class PlanWriter:
             "kind": "error", "key": list(key), "error_type": error_type,
             "message": message, "fingerprint": fingerprint,
         })
+
+    def unexpected(self, key: tuple[Any, ...], message: str) -> None:
+        """A row whose lookup result was missing, extra, duplicated or out of place."""
+        self._write({"kind": "unexpected_index", "key": list(key), "message": message})
 
     def finish(self, header: PlanHeader, path: Path) -> Path:
         """Write the complete plan to ``path`` (atomically) and return it."""

@@ -8,7 +8,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from fillgate.engine import PLAN_COUNTS, ApplyResult, PlanResult
 from fillgate.ledger import Run
@@ -24,6 +35,7 @@ PLAN_LABELS = {
     "disagreements": "disagreements",
     "preserved": "preserved (guard)",
     "errors": "row errors",
+    "unexpected_index": "unexpected lookup index",
 }
 
 
@@ -119,6 +131,14 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10) -> None:
                 proposed = item.get("new", item.get("reason"))
                 t.add_row(_key(item["key"]), item["column"], _short(item["old"]), _short(proposed))
             console.print(t)
+    unexpected = result.samples.get("unexpected_index", [])[:5]
+    if unexpected:
+        t = Table(title="unexpected lookup index (never written)", title_justify="left")
+        for col in ("key", "what"):
+            t.add_column(col)
+        for item in unexpected:
+            t.add_row(_key(item["key"]), _short(item["message"], 80))
+        console.print(t)
     errors = result.samples.get("error", [])[:5]
     if errors:
         t = Table(title="row errors (nothing written for these rows)", title_justify="left")
@@ -233,6 +253,25 @@ def show_json(run: Run, error_groups: list[dict[str, Any]]) -> dict[str, Any]:
     return {**run.to_json(), "error_groups": error_groups}
 
 
+def _print_details(console: Console, run: Run) -> None:
+    """Anomalies and the slowest rows, as recorded by the run's monitor."""
+    mismatch = run.details.get("first_mismatch")
+    if run.counts.get("unexpected_index"):
+        line = f"[bold red]{run.counts['unexpected_index']} rows had an unexpected lookup index[/] (never written)"
+        if mismatch:
+            line += (f"; first: key {_key(mismatch.get('key', []))}: expected {mismatch.get('expected')!r}, "
+                     f"got {mismatch.get('got')!r} ({mismatch.get('message', '')})")
+        console.print(line)
+    slowest = run.details.get("slowest") or []
+    if slowest:
+        t = Table(title="slowest rows (compute + lookup)", title_justify="left")
+        t.add_column("key")
+        t.add_column("ms", justify="right")
+        for item in slowest:
+            t.add_row(_key(item["key"]), f"{item['ms']:.1f}")
+        console.print(t)
+
+
 def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -> None:
     t = Table(show_header=False, box=None, padding=(0, 2))
     duration = run.duration_s
@@ -253,6 +292,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
     for name, value in run.counts.items():
         counts.add_row(name, str(value))
     console.print(counts)
+    _print_details(console, run)
     if error_groups:
         g = Table(title="errors and conflicts by fingerprint", title_justify="left")
         for col in ("fingerprint", "phase", "type", "count", "example key", "example message"):
@@ -284,3 +324,48 @@ def print_history(console: Console, table: str, key: str, entries: Sequence[Mapp
         t.add_row(_when(e["changed_at"]), e["run_id"], e["kind"] or "", e["source"], e["column_name"],
                   _short(loads(e["old_value"])), _short(loads(e["new_value"])), e["operator"] or "")
     console.print(t)
+
+
+# --- progress ----------------------------------------------------------------------------
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f}/s", style="cyan")
+
+
+class RichProgress:
+    """A progress bar with rate and ETA (for terminals; the CLI leaves it off on pipes and
+    with ``--json``). A held run shows why it is held."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+
+    def start(self, description: str, total: int | None) -> None:
+        self.stop()
+        self._bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+            TimeRemainingColumn(), TextColumn("[yellow]{task.fields[note]}"),
+            console=self.console, transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(description[:40], total=total or None, note="")
+
+    def advance(self, done: int) -> None:
+        if self._bar is not None and self._task is not None:
+            task = self._bar.tasks[0]
+            total = task.total if task.total is None or done <= task.total else done
+            self._bar.update(self._task, completed=done, total=total, note="")
+
+    def hold(self, reason: str | None) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, note=f"held: {reason}" if reason else "")
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+            self._task = None

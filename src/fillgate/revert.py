@@ -13,6 +13,7 @@ from typing import Any
 from fillgate.engine import ApplyResult, Limits, _start_run, execute
 from fillgate.errors import AlreadyDoneError, RunStateError
 from fillgate.ledger import Ledger, Run, new_run_id, operator_name, utcnow
+from fillgate.monitor import Monitor
 from fillgate.sql import Change, TableSQL
 from fillgate.stamp import Connected, check_write_allowed
 from fillgate.values import decode_key, loads
@@ -86,7 +87,9 @@ def preview_revert(conn: Connected, run_id: str, sample: int = 20) -> RevertPrev
     return RevertPreview(original, total, revertible, conflicts, samples, conflict_samples)
 
 
-def revert_run(conn: Connected, run_id: str, limits: Limits | None = None) -> ApplyResult:
+def revert_run(
+    conn: Connected, run_id: str, limits: Limits | None = None, monitor: Monitor | None = None
+) -> ApplyResult:
     """Apply the inverse of ``run_id`` as a new, audited, resumable run."""
     limits = limits or Limits()
     ledger = conn.ledger
@@ -109,6 +112,6 @@ def revert_run(conn: Connected, run_id: str, limits: Limits | None = None) -> Ap
     )
     lock = _start_run(conn, run)
     try:
-        return execute(conn, run, inverse_changes(ledger, run_id), limits, lock)
+        return execute(conn, run, inverse_changes(ledger, run_id), limits, lock, monitor)
     finally:
         lock.release()

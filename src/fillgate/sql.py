@@ -233,3 +233,28 @@ def _apply_one_by_one(
         else:
             current = conn.exec_driver_sql(sql.select_current(change.column), tuple(change.key)).first()
             outcome.conflicts.append((change, current[0] if current else None, current is not None))
+
+
+def estimate_rows(engine: Engine, table: str) -> int | None:
+    """A cheap row-count estimate for progress bars: catalog statistics, never a COUNT(*)."""
+    schema, _, name = table.rpartition(".")
+    dialect = engine.dialect.name
+    try:
+        with engine.connect() as conn:
+            if dialect == "postgresql":
+                value = conn.execute(
+                    text("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(:t)"), {"t": table}
+                ).scalar()
+                return int(value) if value is not None and value >= 0 else None
+            if dialect in ("mysql", "mariadb"):
+                value = conn.execute(
+                    text("SELECT table_rows FROM information_schema.tables "
+                         "WHERE table_schema = COALESCE(:s, DATABASE()) AND table_name = :t"),
+                    {"s": schema or None, "t": name},
+                ).scalar()
+                return int(value) if value is not None else None
+            q = conn.dialect.identifier_preparer.quote
+            row = conn.exec_driver_sql(f"SELECT min(rowid), max(rowid) FROM {q(name)}").first()
+            return int(row[1] - row[0] + 1) if row and row[0] is not None else 0
+    except DBAPIError:
+        return None

@@ -62,6 +62,7 @@ runs = Table(
     Column("heartbeat_at", Timestamp),
     Column("host", String(255)),
     Column("pid", Integer),
+    Column("details", Text),
     Index("ix_fillgate_runs_plan_id", "plan_id"),
     Index("ix_fillgate_runs_parent", "parent_run_id"),
 )

@@ -80,11 +80,13 @@ class Run:
     heartbeat_at: dt.datetime | None = None
     host: str | None = None
     pid: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
         row = dict(self.__dict__)
         row["args"] = json.dumps(self.args, default=str, sort_keys=True)
         row["counts"] = json.dumps(self.counts, sort_keys=True)
+        row["details"] = json.dumps(self.details, default=str)
         return row
 
     @classmethod
@@ -92,6 +94,7 @@ class Run:
         data = dict(row._mapping)
         data["args"] = json.loads(data["args"])
         data["counts"] = json.loads(data["counts"])
+        data["details"] = json.loads(data["details"]) if data.get("details") else {}
         return cls(**data)
 
     def to_json(self) -> dict[str, Any]:
@@ -189,6 +192,8 @@ class Ledger:
             values["counts"] = json.dumps(values["counts"], sort_keys=True)
         if "args" in values:
             values["args"] = json.dumps(values["args"], default=str, sort_keys=True)
+        if "details" in values:
+            values["details"] = json.dumps(values["details"], default=str)
         stmt = update(schema.runs).where(schema.runs.c.run_id == run_id).values(**values)
         if conn is None:
             with self.engine.begin() as own:

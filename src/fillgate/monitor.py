@@ -1,0 +1,123 @@
+"""Watching a run: events, alerts, progress, pacing and timing, behind one object.
+
+The engine calls :class:`Monitor` at the start of a run, after every batch and at the end;
+the monitor fans out to the event writer (``--events``), the alerter (webhook, Sentry), the
+progress display and the throttle (``--rate``, ``--pause-between-batches``, health checks).
+Every part is optional: a bare ``Monitor()`` sends alerts only where the environment
+configures sinks, and otherwise only keeps time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.engine import Engine
+
+from fillgate.alerts import Alerter, sinks_from_env
+from fillgate.events import EventWriter, SlowestRows
+from fillgate.throttle import Throttle
+
+# Every count a batch can carry (events, alerts and the run summary use these names).
+BATCH_FIELDS = (
+    "rows", "writes", "unchanged", "skipped", "disagreements", "preserved", "conflicts", "errors",
+    "unexpected_index",
+)
+
+
+class Progress(Protocol):
+    """A progress display (the CLI's is a Rich bar); all calls are cheap."""
+
+    def start(self, description: str, total: int | None) -> None: ...
+    def advance(self, done: int) -> None: ...
+    def hold(self, reason: str | None) -> None: ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Monitor:
+    """Observes one run at a time (plan, apply, revert or resume)."""
+
+    events: EventWriter = field(default_factory=lambda: EventWriter(None))
+    alerter: Alerter = field(default_factory=lambda: Alerter(sinks_from_env()))
+    progress: Progress | None = None
+    throttle: Throttle = field(default_factory=Throttle)
+    slowest: SlowestRows = field(default_factory=SlowestRows)
+    first_mismatch: dict[str, Any] | None = None
+    _run_id: str = ""
+    _job: str = ""
+    _batch: int = 0
+    _started: float = 0.0
+    _batch_started: float = 0.0
+
+    def run_started(
+        self, run_id: str, kind: str, job: str, target: str, environment: str, total: int | None
+    ) -> None:
+        self._run_id, self._job, self._batch = run_id, job, 0
+        self.slowest = SlowestRows()
+        self.first_mismatch = None
+        self._started = self._batch_started = time.perf_counter()
+        self.throttle.start()
+        self.events.run_started(run_id=run_id, kind=kind, job=job, target=target,
+                                environment=environment, total_estimate=total)
+        if self.progress is not None:
+            self.progress.start(f"{kind} {job}", total)
+
+    def row_timing(self, key: tuple[Any, ...], ms: float) -> None:
+        self.slowest.add(ms, key)
+
+    def mismatch(self, example: Mapping[str, Any]) -> None:
+        if self.first_mismatch is None:
+            self.first_mismatch = dict(example)
+
+    def batch_done(
+        self,
+        counts: Mapping[str, int],
+        done: int,
+        engine: Engine,
+        examples: Mapping[str, Any] | None = None,
+    ) -> None:
+        """After a batch committed: report it, alert once if it had anomalies, then pace."""
+        self._batch += 1
+        elapsed_ms = (time.perf_counter() - self._batch_started) * 1000
+        batch = {name: counts.get(name, 0) for name in BATCH_FIELDS}
+        self.alerter.batch_done(self._job, self._run_id, self._batch, batch, examples)
+        if self.progress is not None:
+            self.progress.advance(done)
+        held_s = 0.0
+        if self.throttle.active:
+            held_s = self.throttle.after_batch(batch["rows"] or batch["writes"] or 1, engine,
+                                               on_hold=self._on_hold)
+            if self.progress is not None and self.throttle.last_held_s:
+                self.progress.hold(None)
+        self.events.batch_done(run_id=self._run_id, batch=self._batch, counts=batch,
+                               elapsed_ms=elapsed_ms, held_ms=held_s * 1000)
+        self._batch_started = time.perf_counter()
+
+    def _on_hold(self, reason: str) -> None:
+        self.events.run_held(run_id=self._run_id, batch=self._batch, reason=reason,
+                             held_ms=self.throttle.hold_s * 1000)
+        if self.progress is not None:
+            self.progress.hold(reason)
+
+    def run_finished(self, status: str, totals: Mapping[str, int], message: str | None = None) -> None:
+        duration_ms = (time.perf_counter() - self._started) * 1000
+        if status == "failed":
+            self.alerter.run_failed(self._job, self._run_id, message or "failed", totals)
+        self.events.run_finished(run_id=self._run_id, status=status, totals=dict(totals),
+                                 duration_ms=duration_ms, slowest=self.slowest)
+        if self.progress is not None:
+            self.progress.stop()
+
+    def details(self) -> dict[str, Any]:
+        """What ``fillgate show`` prints beyond the counts: slowest rows, first mismatch."""
+        out: dict[str, Any] = {"slowest": self.slowest.items()}
+        if self.first_mismatch is not None:
+            out["first_mismatch"] = self.first_mismatch
+        return out
+
+    def close(self) -> None:
+        self.alerter.close()
+        self.events.close()

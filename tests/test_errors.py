@@ -213,7 +213,7 @@ def test_max_error_rate_stops_the_plan(db: TestDB, cli: CliRunner, tmp_path: Pat
     assert ok.exit_code == 1, ok.output
     assert json.loads(ok.stdout)["counts"] == {
         "rows": 300, "writes": 150, "unchanged": 0, "skipped": 0, "disagreements": 0,
-        "preserved": 0, "errors": 150, "unexpected_index": 0,
+        "preserved": 0, "errors": 150, "unexpected_index": 0, "inserts": 0,
     }
 
 

@@ -194,7 +194,7 @@ def test_policies_end_to_end(db: TestDB, cli: CliRunner, tmp_path: Path) -> None
     assert planned.exit_code == 0, planned.output
     counts = json.loads(planned.stdout)["counts"]
     assert counts == {"rows": 6, "writes": 6, "unchanged": 3, "skipped": 2, "disagreements": 1,
-                      "preserved": 6, "errors": 0, "unexpected_index": 0}
+                      "preserved": 6, "errors": 0, "unexpected_index": 0, "inserts": 0}
     assert _table(db) == before  # a plan writes nothing
 
     header, body = _plan_lines(Path("mixed.plan"))

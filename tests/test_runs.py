@@ -128,7 +128,7 @@ def test_show_run(db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
     assert shown["status"] == "planned"
     assert shown["kind"] == "plan"
     assert shown["counts"] == {"rows": 12, "writes": 4, "unchanged": 0, "skipped": 6, "disagreements": 0,
-                               "preserved": 0, "errors": 2, "unexpected_index": 0}
+                               "preserved": 0, "errors": 2, "unexpected_index": 0, "inserts": 0}
     (group,) = shown["error_groups"]
     assert group["count"] == 2
     assert group["error_type"] == "RuntimeError"

@@ -13,6 +13,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from fillgate.context import RunContext, activate
 from fillgate.errors import (
     AlreadyDoneError,
@@ -31,13 +33,22 @@ from fillgate.lookup import Lookup
 from fillgate.monitor import Monitor
 from fillgate.plan import LINE_KINDS, PlanHeader, PlanWriter, file_sha256, iter_changes, verify_plan
 from fillgate.policy import Decision, Failed
-from fillgate.sql import Change, TableSQL, apply_changes, estimate_rows, keyset_pages, verify_table_and_key
+from fillgate.sql import (
+    Change,
+    TableSQL,
+    apply_changes,
+    estimate_rows,
+    existing_rows,
+    keyset_pages,
+    verify_table_and_key,
+)
 from fillgate.stamp import Connected, check_write_allowed
 from fillgate.throttle import HealthCheck, Throttle
 from fillgate.values import dumps, encode_key
 
 PLAN_COUNTS = (
-    "rows", "writes", "unchanged", "skipped", "disagreements", "preserved", "errors", "unexpected_index",
+    "rows", "writes", "inserts", "unchanged", "skipped", "disagreements", "preserved", "errors",
+    "unexpected_index",
 )
 APPLY_COUNTS = ("applied", "conflicts", "errors")
 SAMPLE = 20
@@ -153,6 +164,10 @@ class _Planner:
         self.name = job_cls.job_name()
         self.policies = job_cls.policies()
         self.key_cols = job_cls.key_columns()
+        self.source_key = job_cls.paging_key()
+        self.table = job_cls.table
+        self.mode = job_cls.writes
+        self.ensured: set[str] = set()  # keys of rows an insert/upsert plan already covers
         self.writer = writer
         self.monitor = monitor
         self.counts = dict.fromkeys(PLAN_COUNTS, 0)
@@ -194,11 +209,13 @@ class _Planner:
         fp = hashlib.sha256(f"{self.name}|unexpected_index".encode()).hexdigest()[:16]
         self._ledger_error(key, "lookup", "UnexpectedIndex", description, fp, None)
 
-    def page(self, job: Job, rows: list[dict[str, Any]], ctx: RunContext, lookup: Lookup | None) -> None:
+    def page(
+        self, job: Job, rows: list[dict[str, Any]], ctx: RunContext, lookup: Lookup | None, reader: Connection
+    ) -> None:
         """Compute and diff one page of source rows."""
         self.page_errors, self.page_counts = [], {"rows": len(rows)}
         self.counts["rows"] += len(rows)
-        keys = [tuple(row[k] for k in self.key_cols) for row in rows]
+        keys = [tuple(row[k] for k in self.source_key) for row in rows]
         results: list[Any] | None = None
         if lookup is not None:
             batch = lookup.resolve(rows)
@@ -220,17 +237,46 @@ class _Planner:
             if batch.extra_results:
                 self.page_counts["extra_results"] = batch.extra_results
             rows = clean
-            keys = [tuple(row[k] for k in self.key_cols) for row in rows]
-        proposals = _compute_page(job, rows, ctx, results, self.monitor, self.key_cols)
+            keys = [tuple(row[k] for k in self.source_key) for row in rows]
+        proposals = _compute_page(job, rows, ctx, results, self.monitor, self.source_key)
         if ctx.escape is not None:  # a refusal, not a row error, even if the job caught it
             raise ctx.escape
+        wanted: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         for row, key, proposal in zip(rows, keys, proposals, strict=True):
             if proposal is not None and not isinstance(proposal, BaseException):
-                proposal = _check_proposal(proposal, self.policies, row)
+                proposal = (_check_proposal(proposal, self.policies, row) if self.mode == "update"
+                            else _check_rows(proposal, self.policies, self.key_cols))
             if isinstance(proposal, BaseException):
                 self.row_error(key, proposal)
-            elif proposal:
+            elif proposal and self.mode == "update":
                 self._diff(row, key, proposal)
+            elif proposal:
+                wanted.extend((key, values) for values in proposal)
+        if wanted:
+            self._ensure(wanted, reader)
+
+    def _ensure(self, wanted: list[tuple[tuple[Any, ...], dict[str, Any]]], reader: Connection) -> None:
+        """Insert (or upsert) jobs: plan an insert for every wanted row that does not exist."""
+        row_keys = [tuple(values[k] for k in self.key_cols) for _, values in wanted]
+        existing = existing_rows(reader, self.table, self.key_cols, list(self.policies), row_keys)
+        reader.rollback()
+        for (source_key, values), key in zip(wanted, row_keys, strict=True):
+            encoded = encode_key(key)
+            if encoded in self.ensured:
+                self._count("unchanged")  # another source row already asked for this row
+                continue
+            self.ensured.add(encoded)
+            current = existing.get(key)
+            if current is None:
+                self._count("writes")
+                self._count("inserts")
+                self.writer.insert(key, values)
+                self._sample("insert", {"key": list(key), "values": values, "source": list(source_key)})
+            elif self.mode == "upsert":
+                self._diff(current, key, {c: v for c, v in values.items() if c not in self.key_cols})
+            else:
+                same = all(current.get(c) == v for c, v in values.items() if c in current)
+                self._count("unchanged" if same else "skipped")
 
     def _diff(self, row: Mapping[str, Any], key: tuple[Any, ...], proposal: Mapping[str, Any]) -> None:
         for column, new in proposal.items():
@@ -303,9 +349,10 @@ def make_plan(
     try:
         with conn.engine.connect() as reader, activate(ctx):
             lookup = job.build_lookup(ctx)
-            for rows in keyset_pages(reader, job_cls.select_sql(), key_cols, job_cls.page_size, job.args):
+            pages = keyset_pages(reader, job_cls.select_sql(), job_cls.paging_key(), job_cls.page_size, job.args)
+            for rows in pages:
                 reader.rollback()  # keep no read transaction open between pages
-                planner.page(job, rows, ctx, lookup)
+                planner.page(job, rows, ctx, lookup, reader)
                 with conn.engine.begin() as tx:
                     ledger.insert_errors(tx, planner.page_errors)
                     ledger.update_run(run.run_id, tx, counts=counts, heartbeat_at=utcnow())
@@ -369,6 +416,26 @@ def _plan_location(out: str | Path | None) -> tuple[Path | None, Path | None]:
     file = Path(out).resolve()
     file.parent.mkdir(parents=True, exist_ok=True)
     return file.parent, file
+
+
+def _check_rows(proposal: Any, policies: Mapping[str, Any], key_cols: Sequence[str]) -> Any:
+    """An insert/upsert proposal: a row (dict) or rows holding the key and declared columns."""
+    rows = [proposal] if isinstance(proposal, Mapping) else proposal
+    if not isinstance(rows, list | tuple) or not all(isinstance(r, Mapping) for r in rows):
+        return JobError(f"compute returned {type(proposal).__name__}; expected a row (dict) or a list of rows.")
+    out = []
+    for row in rows:
+        missing = [k for k in key_cols if row.get(k) is None]
+        if missing:
+            return JobError(f"a proposed row lacks key column(s) {', '.join(missing)}: {dict(row)!r}.")
+        undeclared = [c for c in row if c not in policies and c not in key_cols]
+        if undeclared:
+            return JobError(
+                f"a proposed row sets column(s) {', '.join(map(str, undeclared))} that the job does not "
+                f"declare in key or columns."
+            )
+        out.append(dict(row))
+    return out
 
 
 def _check_proposal(proposal: Any, policies: Mapping[str, Any], row: Mapping[str, Any]) -> Any:
@@ -441,17 +508,12 @@ def execute(
                 outcome = apply_changes(tx, sql, batch)
                 now = utcnow()
                 ledger.insert_changes(tx, [
-                    (run.run_id, table, encode_key(c.key), c.column, "update",
-                     dumps(c.old), dumps(c.new), source, now)
+                    (run.run_id, table, encode_key(c.key), c.column, c.op, dumps(c.old), dumps(c.new), source, now)
                     for c in outcome.applied
                 ])
                 problems = []
                 for change, current, exists in outcome.conflicts:
-                    found = f"found {current!r}" if exists else "the row no longer exists"
-                    message = (
-                        f"{change.column} changed since the plan: expected {change.old!r}, "
-                        f"{found}; left alone."
-                    )
+                    message = _conflict_message(change, current, exists)
                     problems.append({
                         "run_id": run.run_id, "phase": "apply", "row_key": encode_key(change.key),
                         "column_name": change.column, "error_type": "Conflict", "message": message,
@@ -504,6 +566,17 @@ def execute(
     monitor.run_finished(status, counts)
     result.run = ledger.get_run(run.run_id)
     return result
+
+
+def _conflict_message(change: Change, current: Any, exists: bool) -> str:
+    if change.op == "insert":
+        return f"row {encode_key(change.key)} already exists ({current!r}); not inserted."
+    if change.op == "delete":
+        if not exists:
+            return f"row {encode_key(change.key)} no longer exists; nothing to delete."
+        return f"row {encode_key(change.key)} changed since it was inserted (now {current!r}); not deleted."
+    found = f"found {current!r}" if exists else "the row no longer exists"
+    return f"{change.column} changed since the plan: expected {change.old!r}, {found}; left alone."
 
 
 def lock_name(job: str | None) -> str:

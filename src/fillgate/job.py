@@ -88,17 +88,28 @@ class Job:
                   called once per page; ``compute`` reads the row's aligned result from
                   ``ctx.result``. A misaligned result is never computed from or written.
     ``health_checks``  checks run between batches that can hold the run (see throttle.py).
+    ``writes``    ``"update"`` (default): the source's rows are the table's rows and compute
+                  proposes new column values. ``"insert"``: compute returns the row(s) that
+                  must exist in ``table`` (a dict or a list of dicts holding the key columns
+                  and any declared columns); a missing row is inserted, an existing one is
+                  left alone. ``"upsert"``: as insert, but an existing row's declared columns
+                  are updated under their policies. ``key`` is then the conflict key, verified
+                  against the table's primary key or unique constraints at plan time.
+    ``source_key``  the column(s) the source is paged by (default: ``key``); needed when
+                  the source's rows are not the table's rows (insert and upsert jobs).
     """
 
     table: ClassVar[str]
     key: ClassVar[Sequence[str]] = ("id",)
-    columns: ClassVar[Mapping[str, Policy]]
+    columns: ClassVar[Mapping[str, Policy]] = {}
     source: ClassVar[str | None] = None
     params: ClassVar[Mapping[str, Param | type]] = {}
     page_size: ClassVar[int] = 1000
     name: ClassVar[str | None] = None
     lookup: ClassVar[Lookup | None] = None
     health_checks: ClassVar[Sequence[HealthCheck]] = ()
+    writes: ClassVar[str] = "update"
+    source_key: ClassVar[Sequence[str] | None] = None
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
         self.args: dict[str, Any] = resolve_params(type(self), params or {})
@@ -123,6 +134,13 @@ class Job:
     @classmethod
     def key_columns(cls) -> tuple[str, ...]:
         return (cls.key,) if isinstance(cls.key, str) else tuple(cls.key)
+
+    @classmethod
+    def paging_key(cls) -> tuple[str, ...]:
+        """The columns the source is paged by."""
+        if cls.source_key is None:
+            return cls.key_columns()
+        return (cls.source_key,) if isinstance(cls.source_key, str) else tuple(cls.source_key)
 
     @classmethod
     def policies(cls) -> dict[str, Policy]:
@@ -198,9 +216,18 @@ def validate_job_class(cls: Any, spec: str) -> type[Job]:
     keys = cls.key_columns()
     if not keys or not all(isinstance(k, str) and k for k in keys):
         raise JobError(f"job {spec}: key must be a column name or a tuple of column names.")
-    columns = getattr(cls, "columns", None)
-    if not isinstance(columns, Mapping) or not columns:
+    if cls.writes not in ("update", "insert", "upsert"):
+        raise JobError(f"job {spec}: writes must be 'update', 'insert' or 'upsert', not {cls.writes!r}.")
+    columns = cls.columns
+    if not isinstance(columns, Mapping) or (not columns and cls.writes != "insert"):
         raise JobError(f"job {spec} declares no columns; set columns = {{\"col\": FillMissing()}}.")
+    if cls.writes != "update" and cls.source is None:
+        raise JobError(
+            f"job {spec} writes '{cls.writes}' rows into {table}, so it needs a source "
+            "(the SELECT whose rows compute turns into the rows that must exist)."
+        )
+    if cls.writes == "update" and cls.source_key is not None and cls.paging_key() != keys:
+        raise JobError(f"job {spec}: an update job pages its source by its key; remove source_key.")
     for column, policy in cls.policies().items():
         if not isinstance(policy, Policy):
             raise JobError(

@@ -3,8 +3,8 @@
 A plan is JSON lines. The first line is the header (plan id, job, job code fingerprint,
 target, environment, database fingerprint, created time, parameters, counts, and the number
 and SHA-256 of the body lines). Each following line is one finding, ``kind`` being one of
-``change``, ``disagreement``, ``preserved``, ``error`` or ``unexpected_index``. ``apply`` refuses a file whose body
-does not match its header (truncated, edited, or corrupted) before writing anything.
+``change``, ``insert``, ``disagreement``, ``preserved``, ``error`` or ``unexpected_index``.
+``apply`` refuses a file whose body does not match its header (truncated, edited, or corrupted) before writing anything.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from fillgate.sql import Change
 from fillgate.values import dumps, loads
 
 PLAN_FORMAT = 1
-LINE_KINDS = ("change", "disagreement", "preserved", "error", "unexpected_index")
+LINE_KINDS = ("change", "insert", "disagreement", "preserved", "error", "unexpected_index")
+APPLIED_KINDS = ("change", "insert")
 
 
 @dataclass
@@ -90,6 +91,11 @@ class PlanWriter:
 
     def change(self, key: tuple[Any, ...], column: str, old: Any, new: Any) -> None:
         self._write({"kind": "change", "key": list(key), "column": column, "old": old, "new": new})
+        self.changes += 1
+
+    def insert(self, key: tuple[Any, ...], values: dict[str, Any]) -> None:
+        """A row that must exist and does not: inserted at apply (if its key is still free)."""
+        self._write({"kind": "insert", "key": list(key), "values": values})
         self.changes += 1
 
     def disagreement(self, key: tuple[Any, ...], column: str, old: Any, new: Any) -> None:
@@ -197,12 +203,15 @@ def iter_changes(path: str | Path, skip: int = 0) -> Iterator[Change]:
     """The plan's changes in order, after the first ``skip`` of them (a checkpoint)."""
     seen = 0
     for record in iter_records(path):
-        if record["kind"] != "change":
+        if record["kind"] not in APPLIED_KINDS:
             continue
         seen += 1
         if seen <= skip:
             continue
         try:
-            yield Change(tuple(record["key"]), record["column"], record["old"], record["new"])
+            if record["kind"] == "insert":
+                yield Change(tuple(record["key"]), "*", None, record["values"], "insert")
+            else:
+                yield Change(tuple(record["key"]), record["column"], record["old"], record["new"])
         except KeyError as exc:
             raise PlanFileError(f"{path}: change #{seen} lacks {exc}.") from None

@@ -30,6 +30,7 @@ from fillgate.values import loads
 PLAN_LABELS = {
     "rows": "rows scanned",
     "writes": "writes",
+    "inserts": "  of which inserts",
     "unchanged": "unchanged",
     "skipped": "skipped by policy",
     "disagreements": "disagreements",

@@ -14,7 +14,7 @@ from fillgate.engine import ApplyResult, Limits, _start_run, execute
 from fillgate.errors import AlreadyDoneError, RunStateError
 from fillgate.ledger import Ledger, Run, new_run_id, operator_name, utcnow
 from fillgate.monitor import Monitor
-from fillgate.sql import Change, TableSQL
+from fillgate.sql import Change, TableSQL, current_value, would_apply
 from fillgate.stamp import Connected, check_write_allowed
 from fillgate.values import decode_key, loads
 
@@ -23,8 +23,10 @@ WRITING_KINDS = ("apply", "revert")
 
 def inverse_changes(ledger: Ledger, run_id: str) -> Iterator[Change]:
     """For every field the run changed: set it back, if it still holds what the run wrote."""
+    inverse = {"update": "update", "insert": "delete", "delete": "insert"}
     for row in ledger.iter_changes(run_id):
-        yield Change(decode_key(row.row_key), row.column_name, loads(row.new_value), loads(row.old_value))
+        yield Change(decode_key(row.row_key), row.column_name, loads(row.new_value), loads(row.old_value),
+                     inverse[row.op])
 
 
 @dataclass
@@ -72,17 +74,17 @@ def preview_revert(conn: Connected, run_id: str, sample: int = 20) -> RevertPrev
     with conn.engine.connect() as reader:
         for change in inverse_changes(conn.ledger, run_id):
             total += 1
-            row = reader.exec_driver_sql(sql.select_current(change.column), tuple(change.key)).first()
+            exists, current = current_value(reader, sql, change)
             item = {"key": list(change.key), "column": change.column, "old": change.old, "new": change.new}
-            if row is not None and row[0] == change.old:
+            if would_apply(change, exists, current):
                 revertible += 1
                 if len(samples) < sample:
                     samples.append(item)
             else:
                 conflicts += 1
                 if len(conflict_samples) < sample:
-                    item["found"] = row[0] if row is not None else None
-                    item["row_exists"] = row is not None
+                    item["found"] = current
+                    item["row_exists"] = exists
                     conflict_samples.append(item)
     return RevertPreview(original, total, revertible, conflicts, samples, conflict_samples)
 

@@ -7,7 +7,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import inspect, text
+from sqlalchemy import column as sa_column
+from sqlalchemy import inspect, select, text, tuple_
+from sqlalchemy import table as sa_table
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -16,12 +18,16 @@ from fillgate.values import encode_key
 
 
 class Change(NamedTuple):
-    """One field change: set ``column`` of the row ``key`` from ``old`` to ``new``."""
+    """One change. ``update``: set ``column`` of the row ``key`` from ``old`` to ``new``.
+    ``insert``: add the row ``new`` (a dict of column values) whose key is ``key``.
+    ``delete``: remove the row ``key`` if it still holds ``old`` (reverting an insert).
+    Inserts and deletes use ``column`` ``"*"``."""
 
     key: tuple[Any, ...]
     column: str
     old: Any
     new: Any
+    op: str = "update"
 
 
 @dataclass
@@ -68,6 +74,18 @@ class TableSQL:
 
     def select_current(self, column: str) -> str:
         return f"SELECT {self.quote(column)} FROM {self.q_table} WHERE {self.key_where}"
+
+    def select_row(self) -> str:
+        return f"SELECT * FROM {self.q_table} WHERE {self.key_where}"
+
+    def insert(self, columns: Sequence[str]) -> str:
+        names = ", ".join(self.quote(c) for c in columns)
+        return f"INSERT INTO {self.q_table} ({names}) VALUES ({', '.join([self.mark] * len(columns))})"
+
+    def cas_delete(self, columns: Sequence[str], exact: Mapping[str, bool]) -> str:
+        """``DELETE FROM t WHERE key = k AND every other column still holds what was inserted``."""
+        checks = "".join(f" AND {self.null_safe_equal(c, exact.get(c, False))}" for c in columns)
+        return f"DELETE FROM {self.q_table} WHERE {self.key_where}{checks}"
 
 
 # --- checking a job's table and key -----------------------------------------------------
@@ -183,20 +201,41 @@ def keyset_pages(
 # --- writing ----------------------------------------------------------------------------
 
 
+def _group_key(change: Change) -> tuple[str, ...]:
+    if change.op == "update":
+        return ("update", change.column)
+    values = change.new if change.op == "insert" else change.old
+    return (change.op, *sorted(values))
+
+
+def _statement(sql: TableSQL, group_key: tuple[str, ...], group: Sequence[Change]) -> tuple[str, list[tuple[Any, ...]]]:
+    """The compare-and-set statement of a group of like changes, and its parameters."""
+    op, *columns = group_key
+    if op == "update":
+        exact = all(c.old is None or isinstance(c.old, str) for c in group)
+        return sql.cas_update(columns[0], exact), [(c.new, *c.key, c.old) for c in group]
+    if op == "insert":
+        return sql.insert(columns), [tuple(c.new[col] for col in columns) for c in group]
+    others = [col for col in columns if col not in sql.key]
+    exact = {col: all(c.old[col] is None or isinstance(c.old[col], str) for c in group) for col in others}
+    return sql.cas_delete(others, exact), [(*c.key, *(c.old[col] for col in others)) for c in group]
+
+
 def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) -> BatchOutcome:
     """Compare-and-set every change inside the caller's transaction.
 
-    The fast path runs one ``executemany`` per column; if any row did not match (it changed
-    since the plan) or the database rejected a value, that column's group is rolled back to
-    a savepoint and redone row by row to tell applied changes from conflicts and errors.
+    Updates set a field only if it still holds the planned old value; inserts add a row only
+    if its key is free; deletes (reverting an insert) remove a row only if it still holds
+    what was inserted. The fast path runs one ``executemany`` per group of like changes; if
+    any row did not match or the database rejected a value, that group is rolled back to a
+    savepoint and redone row by row to tell applied changes from conflicts and errors.
     """
     outcome = BatchOutcome([], [], [])
-    groups: dict[str, list[Change]] = {}
+    groups: dict[tuple[str, ...], list[Change]] = {}
     for change in changes:
-        groups.setdefault(change.column, []).append(change)
-    for column, group in groups.items():
-        statement = sql.cas_update(column, exact=all(c.old is None or isinstance(c.old, str) for c in group))
-        params = [(c.new, *c.key, c.old) for c in group]
+        groups.setdefault(_group_key(change), []).append(change)
+    for group_key, group in groups.items():
+        statement, params = _statement(sql, group_key, group)
         savepoint = conn.begin_nested()
         try:
             matched = conn.exec_driver_sql(statement, params).rowcount
@@ -225,14 +264,53 @@ def _apply_one_by_one(
             matched = conn.exec_driver_sql(statement, param).rowcount
         except DBAPIError as exc:
             savepoint.rollback()
-            outcome.errors.append((change, exc.orig or exc))
+            exists, current = current_value(conn, sql, change)
+            if change.op == "insert" and exists:  # the key was taken since the plan
+                outcome.conflicts.append((change, current, True))
+            else:
+                outcome.errors.append((change, exc.orig or exc))
             continue
         savepoint.commit()
         if matched == 1:
             outcome.applied.append(change)
         else:
-            current = conn.exec_driver_sql(sql.select_current(change.column), tuple(change.key)).first()
-            outcome.conflicts.append((change, current[0] if current else None, current is not None))
+            exists, current = current_value(conn, sql, change)
+            outcome.conflicts.append((change, current, exists))
+
+
+def would_apply(change: Change, exists: bool, current: Any) -> bool:
+    """Whether ``change`` would apply to the row as ``current_value`` found it."""
+    if change.op == "update":
+        return exists and current == change.old
+    if change.op == "insert":
+        return not exists
+    return exists and all(current.get(c) == v for c, v in change.old.items())
+
+
+def current_value(conn: Connection, sql: TableSQL, change: Change) -> tuple[bool, Any]:
+    """(row exists, what it holds now: the field for an update, the whole row otherwise)."""
+    if change.op == "update":
+        row = conn.exec_driver_sql(sql.select_current(change.column), tuple(change.key)).first()
+        return row is not None, (row[0] if row is not None else None)
+    mapping = conn.exec_driver_sql(sql.select_row(), tuple(change.key)).mappings().first()
+    return mapping is not None, (dict(mapping) if mapping is not None else None)
+
+
+def existing_rows(
+    conn: Connection, table: str, key: Sequence[str], columns: Sequence[str], keys: Sequence[tuple[Any, ...]]
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The rows of ``table`` whose key is in ``keys`` (key and ``columns`` only), by key."""
+    schema, _, name = table.rpartition(".")
+    tbl = sa_table(name, *(sa_column(c) for c in dict.fromkeys([*key, *columns])), schema=schema or None)
+    key_expr = tbl.c[key[0]] if len(key) == 1 else tuple_(*(tbl.c[k] for k in key))
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), 500):
+        chunk = unique[start:start + 500]
+        values = [k[0] for k in chunk] if len(key) == 1 else chunk
+        for row in conn.execute(select(tbl).where(key_expr.in_(values))).mappings():
+            out[tuple(row[k] for k in key)] = dict(row)
+    return out
 
 
 def estimate_rows(engine: Engine, table: str) -> int | None:

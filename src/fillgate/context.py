@@ -32,6 +32,9 @@ class RunContext:
     params: Mapping[str, Any]
     engine: Engine = field(repr=False)
     _connection: Connection | None = field(default=None, repr=False)
+    # In a pipeline, ``run_id`` is the pipeline's run (inherited by every stage) and this is
+    # the stage's own plan run; outside one, both are the same run.
+    stage_run_id: str | None = None
     # The lookup result aligned with the row being computed (compute), or with the rows
     # (compute_batch); None without a lookup.
     result: Any = field(default=None, repr=False)
@@ -42,6 +45,13 @@ class RunContext:
     @property
     def environment(self) -> str:
         return self.target.environment
+
+    @property
+    def who(self) -> str:
+        """How refusals name the running code: the job, or the stage of a pipeline run."""
+        if self.stage_run_id and self.stage_run_id != self.run_id:
+            return f"stage {self.job} of pipeline run {self.run_id}"
+        return f"job {self.job} (run {self.run_id})"
 
     @property
     def connection(self) -> Connection:
@@ -58,7 +68,7 @@ class RunContext:
         """The engine of target ``name``; only the run's own target is allowed."""
         if name != self.target.name:
             exc = TargetEscapeError(
-                f"job {self.job} (run {self.run_id}) tried to open target '{name}' while running "
+                f"{self.who} tried to open target '{name}' while running "
                 f"against '{self.target.name}'; a run reaches only its own target. Remove the "
                 "hard-coded target from the job and use ctx."
             )
@@ -103,7 +113,7 @@ def _guard_engine_connect(conn: Connection) -> None:
     if engine.url == ctx.target.url:
         return
     exc = TargetEscapeError(
-        f"job {ctx.job} (run {ctx.run_id}) opened a database other than its target "
+        f"{ctx.who} opened a database other than its target "
         f"'{ctx.target.name}': {engine.url.render_as_string(hide_password=True)}. "
         "A run reaches only its own target; use ctx instead of a hard-coded URL."
     )

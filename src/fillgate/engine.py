@@ -314,9 +314,11 @@ def make_plan(
     out: str | Path | None = None,
     limits: Limits | None = None,
     monitor: Monitor | None = None,
+    pipeline_run_id: str | None = None,
 ) -> PlanResult:
     """Dry run: read the source, compute, diff. Writes nothing to the user's tables; records
-    the plan as a run and, with ``out``, saves the plan file."""
+    the plan as a run and, with ``out``, saves the plan file. Within a pipeline, the plan run
+    is a child of ``pipeline_run_id`` and job code sees the pipeline's run id as ``ctx.run_id``."""
     limits = limits or Limits()
     monitor = monitor or Monitor()
     monitor.throttle = limits.throttle(job_cls.health_checks)
@@ -336,13 +338,15 @@ def make_plan(
             operator=operator_name(),
             status="running",
             args={"params": job.args, "key": list(key_cols), "out": str(out) if out else None},
+            parent_run_id=pipeline_run_id,
             started_at=utcnow(),
         )
     )
     plan_dir, plan_file = _plan_location(out)
     planner = _Planner(run, job_cls, PlanWriter(plan_dir), monitor)
     counts = planner.counts
-    ctx = RunContext(run_id=run.run_id, target=conn.target, job=name, params=job.args, engine=conn.engine)
+    ctx = RunContext(run_id=pipeline_run_id or run.run_id, target=conn.target, job=name, params=job.args,
+                     engine=conn.engine, stage_run_id=run.run_id)
     monitor.run_started(run.run_id, "plan", name, conn.target.name, conn.target.environment,
                         estimate_rows(conn.engine, job_cls.table))
     lookup: Lookup | None = None

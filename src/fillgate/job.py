@@ -244,7 +244,16 @@ def validate_job_class(cls: Any, spec: str) -> type[Job]:
 
 
 def load_job(spec: str) -> type[Job]:
-    """Load ``path/to/file.py:ClassName`` or ``package.module:ClassName``."""
+    """Load ``path/to/file.py:ClassName`` or ``package.module:ClassName`` (a Job)."""
+    cls = load_runnable(spec)
+    if not issubclass(cls, Job):
+        raise JobError(f"{spec} is a pipeline; use fillgate run (or plan) for pipelines.")
+    return cls
+
+
+def load_runnable(spec: str) -> type[Any]:
+    """Load a Job or a Pipeline from ``path/to/file.py:ClassName`` or ``package.module:ClassName``."""
+    from fillgate.pipeline import Pipeline, validate_pipeline
     module_part, sep, class_name = spec.rpartition(":")
     if not sep or not module_part or not class_name:
         raise JobError(
@@ -284,8 +293,10 @@ def load_job(spec: str) -> type[Job]:
     if cls is None:
         found = sorted(
             n for n, v in vars(module).items()
-            if isinstance(v, type) and issubclass(v, Job) and v is not Job
+            if isinstance(v, type) and issubclass(v, Job | Pipeline) and v not in (Job, Pipeline)
         )
         hint = f" Jobs in that module: {', '.join(found)}." if found else ""
         raise JobError(f"cannot load job {spec!r}: {module_part} has no class {class_name!r}.{hint}")
+    if isinstance(cls, type) and issubclass(cls, Pipeline) and cls is not Pipeline:
+        return validate_pipeline(cls, spec)
     return validate_job_class(cls, spec)

@@ -23,6 +23,7 @@ from rich.text import Text
 
 from fillgate.engine import PLAN_COUNTS, ApplyResult, PlanResult
 from fillgate.ledger import Run
+from fillgate.pipeline import PipelineResult
 from fillgate.revert import RevertPreview
 from fillgate.stamp import InitResult
 from fillgate.values import loads
@@ -296,11 +297,11 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
     _print_details(console, run)
     if error_groups:
         g = Table(title="errors and conflicts by fingerprint", title_justify="left")
-        for col in ("fingerprint", "phase", "type", "count", "example key", "example message"):
+        for col in ("job / stage", "fingerprint", "phase", "type", "count", "example key", "example message"):
             g.add_column(col)
         for group in error_groups:
-            g.add_row(group["fingerprint"], group["phase"], group["error_type"], str(group["count"]),
-                      group["example_key"] or "", _short(group["example_message"], 60))
+            g.add_row(group.get("job") or "", group["fingerprint"], group["phase"], group["error_type"],
+                      str(group["count"]), group["example_key"] or "", _short(group["example_message"], 60))
         console.print(g)
 
 
@@ -370,3 +371,34 @@ class RichProgress:
             self._bar.stop()
             self._bar = None
             self._task = None
+
+
+# --- pipelines -----------------------------------------------------------------------------
+
+
+def pipeline_json(result: PipelineResult) -> dict[str, Any]:
+    return {
+        "run_id": result.run.run_id,
+        "kind": "pipeline",
+        "status": result.run.status,
+        "counts": result.run.counts,
+        "stages": [
+            {"stage": s.stage, "plan": plan_json(s.plan), "apply": apply_json(s.apply) if s.apply else None}
+            for s in result.stages
+        ],
+    }
+
+
+def print_pipeline(console: Console, result: PipelineResult) -> None:
+    run = result.run
+    t = Table(title=f"pipeline {run.job}: run {run.run_id} {run.status}", title_justify="left")
+    for col in ("stage", "rows", "writes", "inserts", "errors", "unexpected", "applied", "conflicts", "apply run"):
+        t.add_column(col)
+    for s in result.stages:
+        c = s.plan.counts
+        a = s.apply.counts if s.apply else {}
+        t.add_row(s.stage, str(c["rows"]), str(c["writes"]), str(c["inserts"]), str(c["errors"]),
+                  str(c["unexpected_index"]), str(a.get("applied", "")), str(a.get("conflicts", "")),
+                  s.apply.run.run_id if s.apply else "")
+    console.print(t)
+    console.print(f"Details of every stage, errors included: fillgate show {run.run_id}")

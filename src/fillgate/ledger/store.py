@@ -241,6 +241,12 @@ class Ledger:
         with self.engine.connect() as conn:
             return [Run.from_row(r) for r in conn.execute(stmt)]
 
+    def children_of(self, run_id: str) -> list[Run]:
+        """Runs started on behalf of ``run_id`` (the stage plans of a pipeline), in order."""
+        stmt = select(schema.runs).where(schema.runs.c.parent_run_id == run_id, schema.runs.c.kind == "plan")
+        with self.engine.connect() as conn:
+            return [Run.from_row(r) for r in conn.execute(stmt.order_by(schema.runs.c.run_id))]
+
     def reverts_of(self, run_id: str) -> list[Run]:
         stmt = (
             select(schema.runs)
@@ -315,22 +321,26 @@ class Ledger:
 
     # --- errors --------------------------------------------------------------------------
 
-    def error_groups(self, run_id: str) -> list[dict[str, Any]]:
-        """Errors of a run grouped by fingerprint, with counts and one example each."""
+    def error_groups(self, run_ids: str | Sequence[str]) -> list[dict[str, Any]]:
+        """Errors of one or more runs grouped by job (stage) and fingerprint, with counts and
+        one example each."""
+        ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
         e = schema.errors.c
+        r = schema.runs.c
         with self.engine.connect() as conn:
             groups = conn.execute(
-                select(e.fingerprint, e.phase, e.error_type, func.count().label("count"),
+                select(r.job, e.fingerprint, e.phase, e.error_type, func.count().label("count"),
                        func.min(e.id).label("first_id"))
-                .where(e.run_id == run_id)
-                .group_by(e.fingerprint, e.phase, e.error_type)
+                .select_from(schema.errors.join(schema.runs, r.run_id == e.run_id))
+                .where(e.run_id.in_(ids))
+                .group_by(r.job, e.fingerprint, e.phase, e.error_type)
                 .order_by(func.count().desc())
             ).all()
             out = []
             for g in groups:
                 first = conn.execute(select(schema.errors).where(e.id == g.first_id)).one()
                 out.append({
-                    "fingerprint": g.fingerprint, "phase": g.phase, "error_type": g.error_type,
+                    "job": g.job, "fingerprint": g.fingerprint, "phase": g.phase, "error_type": g.error_type,
                     "count": g.count, "example_key": first.row_key, "example_column": first.column_name,
                     "example_message": first.message,
                 })

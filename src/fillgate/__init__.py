@@ -13,6 +13,8 @@ from fillgate.errors import (
     UsageError,
 )
 from fillgate.job import Job, Param, load_job
+from fillgate.lookup import Lookup
+from fillgate.pipeline import Pipeline
 from fillgate.policy import Failed, FillMissing, Overwrite, Policy, Promote
 from fillgate.revert import preview_revert, revert_run
 from fillgate.stamp import connect, init_target
@@ -30,8 +32,10 @@ __all__ = [
     "Job",
     "JobError",
     "Limits",
+    "Lookup",
     "Overwrite",
     "Param",
+    "Pipeline",
     "PlanFileError",
     "PlanResult",
     "Policy",

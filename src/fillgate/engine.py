@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from fillgate.alerts import fingerprint as alert_fingerprint
 from fillgate.context import RunContext, activate
 from fillgate.errors import (
     AlreadyDoneError,
@@ -52,6 +53,9 @@ PLAN_COUNTS = (
 )
 APPLY_COUNTS = ("applied", "conflicts", "errors")
 SAMPLE = 20
+
+# Plan line kinds that are anomalies, and the count (alert kind) each one feeds.
+_ANOMALY_OF_KIND = {"unexpected_index": "unexpected_index", "error": "errors", "disagreement": "disagreements"}
 
 _DECISION_COUNT = {
     Decision.WRITE: "writes",
@@ -174,10 +178,14 @@ class _Planner:
         self.samples: dict[str, list[dict[str, Any]]] = {kind: [] for kind in LINE_KINDS}
         self.page_errors: list[dict[str, Any]] = []
         self.page_counts: dict[str, int] = {}
+        self.page_examples: dict[str, Any] = {}  # the page's first example of each anomaly, for its alert
 
     def _sample(self, kind: str, item: dict[str, Any]) -> None:
         if len(self.samples[kind]) < SAMPLE:
             self.samples[kind].append(item)
+        anomaly = _ANOMALY_OF_KIND.get(kind)
+        if anomaly is not None:
+            self.page_examples.setdefault(anomaly, item)
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counts[name] += n
@@ -206,14 +214,14 @@ class _Planner:
         item = {"key": list(key), "message": description, **(example or {})}
         self._sample("unexpected_index", item)
         self.monitor.mismatch(item)
-        fp = hashlib.sha256(f"{self.name}|unexpected_index".encode()).hexdigest()[:16]
-        self._ledger_error(key, "lookup", "UnexpectedIndex", description, fp, None)
+        self._ledger_error(key, "lookup", "UnexpectedIndex", description,
+                           alert_fingerprint(self.name, "unexpected_index"), None)
 
     def page(
         self, job: Job, rows: list[dict[str, Any]], ctx: RunContext, lookup: Lookup | None, reader: Connection
     ) -> None:
         """Compute and diff one page of source rows."""
-        self.page_errors, self.page_counts = [], {"rows": len(rows)}
+        self.page_errors, self.page_counts, self.page_examples = [], {"rows": len(rows)}, {}
         self.counts["rows"] += len(rows)
         keys = [tuple(row[k] for k in self.source_key) for row in rows]
         results: list[Any] | None = None
@@ -295,15 +303,8 @@ class _Planner:
                 self._sample("preserved", {"key": list(key), "column": column, "old": old, "reason": reason})
 
     def examples(self) -> dict[str, Any]:
-        """The first example of each anomaly kind, for alerts."""
-        out: dict[str, Any] = {}
-        if self.samples["unexpected_index"]:
-            out["unexpected_index"] = self.samples["unexpected_index"][0]
-        if self.samples["error"]:
-            out["errors"] = self.samples["error"][0]
-        if self.samples["disagreement"]:
-            out["disagreements"] = self.samples["disagreement"][0]
-        return out
+        """The current page's first example of each anomaly kind, for its alert."""
+        return self.page_examples
 
 
 def make_plan(

@@ -8,7 +8,7 @@ import os
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from fillgate.errors import (
     RunNotFoundError,
     RunStateError,
 )
-from fillgate.job import Job
+from fillgate.job import Job, load_job
 from fillgate.ledger import ApplyLock, Run, new_run_id, operator_name, utcnow
 from fillgate.lookup import Lookup
 from fillgate.monitor import Monitor
@@ -367,6 +367,8 @@ def make_plan(
             plan_id=run.run_id,
             job=name,
             job_fingerprint=job_cls.code_fingerprint(),
+            job_spec=job_cls.spec(),
+            health_checks=len(job_cls.health_checks),
             table=job_cls.table,
             key=list(key_cols),
             columns={c: p.describe() for c, p in planner.policies.items()},
@@ -636,6 +638,20 @@ def check_plan_unmodified(conn: Connected, header: PlanHeader, path: Path) -> No
         )
 
 
+def _with_job_checks(limits: Limits, header: PlanHeader) -> Limits:
+    """Add the health checks the plan's job declares: they hold its apply too."""
+    if not header.health_checks:
+        return limits
+    try:
+        job_cls = load_job(header.job_spec)
+    except JobError as exc:
+        raise JobError(
+            f"job {header.job} declares health checks, but its code cannot be loaded again from "
+            f"{header.job_spec} to run them during apply: {exc}"
+        ) from None
+    return replace(limits, checks=[*limits.checks, *job_cls.health_checks])
+
+
 def apply_plan(
     conn: Connected, path: str | Path, limits: Limits | None = None, monitor: Monitor | None = None
 ) -> ApplyResult:
@@ -646,6 +662,7 @@ def apply_plan(
     check_plan_matches(conn, header, path)
     check_plan_unmodified(conn, header, path)
     check_write_allowed(conn.target, limits.confirm)
+    limits = _with_job_checks(limits, header)
     if limits.max_changes is not None and header.changes > limits.max_changes:
         raise GateExceededError(
             f"plan {path.name} has {header.changes} changes, more than --max-changes "
@@ -721,6 +738,7 @@ def resume_run(
                 f"plan file {path} changed since run {run_id} started applying it; refusing to resume."
             )
         changes: Iterable[Change] = iter_changes(path, skip=run.checkpoint)
+        limits = _with_job_checks(limits, verify_plan(path))
     else:
         changes = islice(inverse_changes(ledger, run.parent_run_id or ""), run.checkpoint, None)
     lock = ApplyLock(conn.engine, lock_name(run.job), run.run_id, operator_name()).acquire()

@@ -165,6 +165,14 @@ class Job:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @classmethod
+    def spec(cls) -> str:
+        """How to load this job again: ``/abs/path/file.py:Class`` or ``module:Class``."""
+        try:
+            return f"{Path(inspect.getfile(cls)).resolve()}:{cls.__qualname__}"
+        except (TypeError, OSError):
+            return f"{cls.__module__}:{cls.__qualname__}"
+
+    @classmethod
     def select_sql(cls) -> str:
         return cls.source or f"SELECT * FROM {cls.table}"
 

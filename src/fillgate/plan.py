@@ -47,6 +47,8 @@ class PlanHeader:
     changes: int = 0
     lines: int = 0
     body_sha256: str = ""
+    job_spec: str = ""  # file.py:Class or module:Class, to reload the job's health checks at apply
+    health_checks: int = 0  # how many health checks the job declares
     fillgate_plan: int = PLAN_FORMAT
 
     def to_line(self) -> str:
@@ -66,7 +68,8 @@ class PlanHeader:
                 f"{PLAN_FORMAT}. Re-create the plan with this version."
             )
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names if n not in data and n not in ("params", "counts"))
+        optional = ("params", "counts", "job_spec", "health_checks")
+        missing = sorted(n for n in names if n not in data and n not in optional)
         if missing:
             raise PlanFileError(f"{path}: plan header lacks {', '.join(missing)}; the file is damaged.")
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -17,15 +17,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from fillgate import report
 from fillgate.config import Target, load_config
 from fillgate.engine import ApplyResult, Limits, apply_plan, control_run, make_plan, resume_run
-from fillgate.errors import EXIT_OK, EXIT_ROW_PROBLEMS, FillgateError, PlanMismatchError
+from fillgate.errors import EXIT_OK, EXIT_ROW_PROBLEMS, FillgateError, PlanMismatchError, RunStateError, UsageError
 from fillgate.events import EventWriter
-from fillgate.job import load_job, parse_param_options
+from fillgate.job import load_runnable, parse_param_options
 from fillgate.monitor import Monitor
+from fillgate.pipeline import Pipeline, revert_pipeline, run_pipeline, stage_applies
 from fillgate.plan import read_header
 from fillgate.report import RichProgress
 from fillgate.revert import preview_revert, revert_run
 from fillgate.stamp import Connected, check_write_allowed, connect, init_target
-from fillgate.throttle import ReplicationLagCheck, SQLCheck
+from fillgate.throttle import ReplicationLagCheck, SQLCheck, Throttle
 from fillgate.values import key_candidates
 
 app = typer.Typer(
@@ -144,39 +145,59 @@ def plan(
 ) -> None:
     """Dry run: compute every change and show it. Writes nothing to your tables."""
     with _errors():
-        job_cls = load_job(job)
+        job_cls = load_runnable(job)
         params = parse_param_options(param or [])
         conn = connect(_target(target))
-        limits = _limits(rate, max_replication_lag, hold_while, max_hold,
+        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_errors=max_errors, max_error_rate=max_error_rate)
         monitor = _monitor(events, as_json)
         try:
-            result = make_plan(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
+            if issubclass(job_cls, Pipeline):
+                staged = run_pipeline(conn, job_cls, params, out=output or ".fillgate/plans/", limits=limits,
+                                      monitor=monitor, apply=False)
+            else:
+                result = make_plan(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
         finally:
             monitor.close()
     human = _human(events)
+    if issubclass(job_cls, Pipeline):
+        _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(human, staged))
+        raise typer.Exit(EXIT_OK if staged.clean else EXIT_ROW_PROBLEMS)
     _emit(as_json, lambda: report.plan_json(result), lambda: report.print_plan(human, result, sample))
     problems = result.counts["errors"] or result.counts["unexpected_index"]
     raise typer.Exit(EXIT_ROW_PROBLEMS if problems else EXIT_OK)
 
 
 def _limits(
+    conn: Connected,
     rate: float | None = None,
     max_replication_lag: float | None = None,
     hold_while: list[str] | None = None,
     max_hold: float | None = None,
     **kwargs: Any,
 ) -> Limits:
-    """Gates and pacing from the command line (built-in health checks included)."""
+    """Gates and pacing from the command line (built-in health checks included).
+
+    The health checks run once now, so that one that cannot work on this target (a
+    ``--hold-while`` query that fails, ``--max-replication-lag`` on a backend other than
+    PostgreSQL) stops the command before anything is written, not after the first batch."""
     checks: list[Any] = [SQLCheck(sql) for sql in hold_while or []]
     if max_replication_lag is not None:
         checks.append(ReplicationLagCheck(max_replication_lag))
+    if checks:
+        with conn.engine.connect() as probe:
+            Throttle(checks=checks).reasons(probe)
     values = {k: v for k, v in kwargs.items() if v is not None}
     return Limits(rate=rate, checks=checks, max_hold_s=max_hold, **values)
 
 
 def _monitor(events: str | None, as_json: bool) -> Monitor:
     """Events to a file or stdout, alerts from the environment, and a progress bar on a terminal."""
+    if events == "-" and as_json:
+        raise UsageError(
+            "--events - and --json both write to stdout. Write the events to a file "
+            "(--events run.jsonl), or drop --json (with --events -, people's output goes to stderr)."
+        )
     progress = RichProgress(err) if err.is_terminal and not as_json else None
     return Monitor(events=EventWriter(events), progress=progress)
 
@@ -214,7 +235,7 @@ def apply(
                 f"Make a new plan for '{target}'."
             )
         conn = connect(_target(header.target))
-        limits = _limits(rate, max_replication_lag, hold_while, max_hold,
+        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
         monitor = _monitor(events, as_json)
@@ -250,14 +271,21 @@ def run(
 ) -> None:
     """Plan, gate and apply in one go."""
     with _errors():
-        job_cls = load_job(job)
+        job_cls = load_runnable(job)
         params = parse_param_options(param or [])
         conn = connect(_target(target))
         check_write_allowed(conn.target, confirm)
-        limits = _limits(rate, max_replication_lag, hold_while, max_hold,
+        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
         monitor = _monitor(events, as_json)
+        if issubclass(job_cls, Pipeline):
+            try:
+                staged = run_pipeline(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
+            finally:
+                monitor.close()
+            _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(_human(events), staged))
+            raise typer.Exit(EXIT_OK if staged.clean else EXIT_ROW_PROBLEMS)
         try:
             planned = make_plan(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
             if not as_json:
@@ -290,9 +318,15 @@ def show(run_id: Annotated[str, typer.Argument(metavar="RUN")], target: TargetOp
          as_json: JsonOpt = False) -> None:
     """Show one run: status, counts, timing, errors grouped by fingerprint."""
     with _errors():
-        ledger = connect(_target(target)).ledger
+        conn = connect(_target(target))
+        ledger = conn.ledger
         found = ledger.get_run(run_id)
-        groups = ledger.error_groups(run_id)
+        related = [run_id]
+        if found.kind == "pipeline":  # the stages' plan and apply runs are the pipeline's error log
+            related += [r.run_id for r in ledger.children_of(run_id)] + [
+                r.run_id for r in stage_applies(conn, run_id)
+            ]
+        groups = ledger.error_groups(related)
     _emit(as_json, lambda: report.show_json(found, groups), lambda: report.print_show(out, found, groups))
 
 
@@ -326,22 +360,33 @@ def revert(
     as_json: JsonOpt = False,
 ) -> None:
     """Undo a run from its audit log, as a new audited run; rows changed since are left alone."""
+    earlier_problems = 0
     with _errors():
         conn = connect(_target(target))
         if dry_run:
             preview = preview_revert(conn, run_id)
         else:
-            limits = _limits(rate, max_replication_lag, hold_while, max_hold,
+            limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                              confirm=confirm, batch_size=batch_size, pause_ms=pause_between_batches)
             monitor = _monitor(events, as_json)
             try:
-                result = revert_run(conn, run_id, limits, monitor)
+                if conn.ledger.get_run(run_id).kind == "pipeline":
+                    results = revert_pipeline(conn, run_id, limits, monitor)
+                    for each in results[:-1]:
+                        if not as_json:
+                            report.print_apply(_human(events), each)
+                    if not results:
+                        raise RunStateError(f"pipeline run {run_id} applied no stage; there is nothing to revert.")
+                    result = results[-1]
+                    earlier_problems = sum(not each.clean for each in results[:-1])  # exit 1 for any stage
+                else:
+                    result = revert_run(conn, run_id, limits, monitor)
             finally:
                 monitor.close()
     if dry_run:
         _emit(as_json, lambda: report.preview_json(preview), lambda: report.print_preview(out, preview))
         return
-    _finish_apply(result, as_json, _human(events))
+    _finish_apply(result, as_json, _human(events), plan_errors=earlier_problems)
 
 
 def _control(run_id: str, target: str | None, action: str, as_json: bool) -> None:
@@ -390,7 +435,7 @@ def resume(
     """Continue a paused, failed or interrupted run from its checkpoint (exactly once)."""
     with _errors():
         conn = connect(_target(target))
-        limits = _limits(rate, max_replication_lag, hold_while, max_hold,
+        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
         monitor = _monitor(events, as_json)
@@ -413,6 +458,33 @@ def demo(
 
     with _errors():
         run_demo(out, path=path, rows=rows)
+
+
+@app.command()
+def lint(
+    paths: Annotated[list[Path], typer.Argument(help="Job modules or folders (searched recursively for *.py).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Find hard-coded target names and database URLs in job modules (exit 1 if any)."""
+    from fillgate.lint import configured_names, lint_paths, python_files
+
+    try:
+        names, protected = configured_names(_state["config"])
+        files = python_files(paths)
+        findings = lint_paths(files, names, protected)
+    except FillgateError as exc:  # plain text: lint output is read by scripts and editors
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        data = {"files": len(files), "findings": [f.to_json() for f in findings]}
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        for finding in findings:
+            typer.echo(finding.format())
+        where = f"{len(files)} file{'s' if len(files) != 1 else ''}"
+        typer.echo(f"{len(findings)} finding{'s' if len(findings) != 1 else ''} in {where}."
+                   if findings else f"{where} checked: no hard-coded targets or database URLs.", err=True)
+    raise typer.Exit(EXIT_ROW_PROBLEMS if findings else EXIT_OK)
 
 
 def main() -> None:

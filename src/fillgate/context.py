@@ -61,8 +61,16 @@ class RunContext:
         return self._connection
 
     def execute(self, sql: str, **params: Any) -> list[Mapping[str, Any]]:
-        """Run a read query on the run's target and return its rows as mappings."""
-        return [dict(row) for row in self.connection.execute(text(sql), params).mappings()]
+        """Run a read query on the run's target and return its rows as mappings.
+
+        The read transaction ends with the query: one left open would hold SQLite's shared
+        lock and block the run's own ledger writes ("database is locked")."""
+        connection = self.connection
+        try:
+            return [dict(row) for row in connection.execute(text(sql), params).mappings()]
+        finally:
+            if connection.in_transaction():
+                connection.rollback()
 
     def open_target(self, name: str) -> Engine:
         """The engine of target ``name``; only the run's own target is allowed."""

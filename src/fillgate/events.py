@@ -14,16 +14,19 @@ The event types and their fields (names are stable; new fields may be added):
 
 ``run_started``
     ``run_id``          the run's ULID.
-    ``kind``            ``plan``, ``apply``, ``run``, ``revert`` or ``resume``.
+    ``kind``            ``plan``, ``apply`` or ``revert`` (``fillgate run`` writes a plan run,
+                        then an apply run; a resumed run keeps its kind).
     ``job``             the job's name (``module:Class``).
     ``target``          the target's name.
     ``environment``     the target's environment.
-    ``total_estimate``  rows expected (a cheap estimate, never a COUNT); null if unknown.
+    ``total_estimate``  plan: rows expected (a cheap estimate from catalog statistics,
+                        never a COUNT); null if unknown. apply, revert: the changes left to write.
 
 ``batch_done`` (one per batch)
     ``run_id``            the run.
     ``batch``             the batch number, from 1.
-    ``rows``              rows read and computed in the batch.
+    ``rows``              plan: source rows read and computed in the batch (a page);
+                          apply, revert: changes in the batch.
     ``writes``            changes written (apply) or proposed (plan).
     ``unchanged``         values already equal to the proposal.
     ``skipped``           values the policy left alone (e.g. FillMissing on a filled value).
@@ -46,7 +49,10 @@ The event types and their fields (names are stable; new fields may be added):
 ``run_finished``
     ``run_id``       the run.
     ``status``       ``planned``, ``succeeded``, ``failed``, ``paused`` or ``cancelled``.
-    ``totals``       the run's counts: the ``batch_done`` counts summed over all batches.
+    ``totals``       the run's counts. plan: ``rows``, ``writes``, ``unchanged``, ``skipped``,
+                     ``disagreements``, ``preserved``, ``errors``, ``unexpected_index`` (the
+                     ``batch_done`` counts summed) and any the plan adds; apply, revert:
+                     ``applied``, ``conflicts``, ``errors`` (of the whole run, resumes included).
     ``duration_ms``  wall time of the run.
     ``slowest``      the 10 slowest rows, slowest first: ``[{"key": [...], "ms": 812.4}, ...]``
                      (compute and lookup time of the row).

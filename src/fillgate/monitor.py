@@ -17,13 +17,14 @@ from typing import Any, Protocol
 from sqlalchemy.engine import Engine
 
 from fillgate.alerts import Alerter, sinks_from_env
+from fillgate.errors import HoldTimeoutError
 from fillgate.events import EventWriter, SlowestRows
 from fillgate.throttle import Throttle
 
 # Every count a batch can carry (events, alerts and the run summary use these names).
 BATCH_FIELDS = (
     "rows", "writes", "unchanged", "skipped", "disagreements", "preserved", "conflicts", "errors",
-    "unexpected_index",
+    "unexpected_index", "extra_results",
 )
 
 
@@ -46,8 +47,12 @@ class Monitor:
     throttle: Throttle = field(default_factory=Throttle)
     slowest: SlowestRows = field(default_factory=SlowestRows)
     first_mismatch: dict[str, Any] | None = None
+    # Row times of the current batch, summed per key (a row's lookup and compute are timed
+    # separately), folded into ``slowest`` when the batch is done.
+    _row_ms: dict[Any, float] = field(default_factory=dict)
     _run_id: str = ""
     _job: str = ""
+    _kind: str = ""
     _batch: int = 0
     _started: float = 0.0
     _batch_started: float = 0.0
@@ -55,8 +60,9 @@ class Monitor:
     def run_started(
         self, run_id: str, kind: str, job: str, target: str, environment: str, total: int | None
     ) -> None:
-        self._run_id, self._job, self._batch = run_id, job, 0
+        self._run_id, self._job, self._kind, self._batch = run_id, job, kind, 0
         self.slowest = SlowestRows()
+        self._row_ms = {}
         self.first_mismatch = None
         self._started = self._batch_started = time.perf_counter()
         self.throttle.start()
@@ -66,7 +72,16 @@ class Monitor:
             self.progress.start(f"{kind} {job}", total)
 
     def row_timing(self, key: tuple[Any, ...], ms: float) -> None:
-        self.slowest.add(ms, key)
+        """Time spent on a row; calls for the same row in one batch add up (lookup + compute)."""
+        try:
+            self._row_ms[key] = self._row_ms.get(key, 0.0) + ms
+        except TypeError:  # an unhashable key value: keep it as it is
+            self.slowest.add(ms, key)
+
+    def _fold_row_times(self) -> None:
+        for key, ms in self._row_ms.items():
+            self.slowest.add(ms, key)
+        self._row_ms = {}
 
     def mismatch(self, example: Mapping[str, Any]) -> None:
         if self.first_mismatch is None:
@@ -82,14 +97,20 @@ class Monitor:
         """After a batch committed: report it, alert once if it had anomalies, then pace."""
         self._batch += 1
         elapsed_ms = (time.perf_counter() - self._batch_started) * 1000
+        self._fold_row_times()
         batch = {name: counts.get(name, 0) for name in BATCH_FIELDS}
         self.alerter.batch_done(self._job, self._run_id, self._batch, batch, examples)
         if self.progress is not None:
             self.progress.advance(done)
         held_s = 0.0
         if self.throttle.active:
-            held_s = self.throttle.after_batch(batch["rows"] or batch["writes"] or 1, engine,
-                                               on_hold=self._on_hold)
+            try:
+                held_s = self.throttle.after_batch(batch["rows"] or batch["writes"] or 1, engine,
+                                                   on_hold=self._on_hold)
+            except HoldTimeoutError as exc:
+                hint = (f" Resume it once the database is healthy: fillgate resume {self._run_id}"
+                        if self._kind in ("apply", "revert") else " Plan again once the database is healthy.")
+                raise HoldTimeoutError(f"{exc}{hint}") from None
             if self.progress is not None and self.throttle.last_held_s:
                 self.progress.hold(None)
         self.events.batch_done(run_id=self._run_id, batch=self._batch, counts=batch,
@@ -104,6 +125,7 @@ class Monitor:
 
     def run_finished(self, status: str, totals: Mapping[str, int], message: str | None = None) -> None:
         duration_ms = (time.perf_counter() - self._started) * 1000
+        self._fold_row_times()
         if status == "failed":
             self.alerter.run_failed(self._job, self._run_id, message or "failed", totals)
         self.events.run_finished(run_id=self._run_id, status=status, totals=dict(totals),
@@ -113,6 +135,7 @@ class Monitor:
 
     def details(self) -> dict[str, Any]:
         """What ``fillgate show`` prints beyond the counts: slowest rows, first mismatch."""
+        self._fold_row_times()
         out: dict[str, Any] = {"slowest": self.slowest.items()}
         if self.first_mismatch is not None:
             out["first_mismatch"] = self.first_mismatch

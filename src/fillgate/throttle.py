@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from fillgate.errors import HealthCheckError, HoldTimeoutError, UsageError
 
@@ -118,7 +119,14 @@ class SQLCheck:
         self.params = params or {}
 
     def check(self, conn: Connection) -> str | None:
-        row = conn.execute(text(self.sql), self.params).first()
+        try:
+            row = conn.execute(text(self.sql), self.params).first()
+        except SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise HealthCheckError(
+                f"the health check query {self.description!r} failed: {reason}. Fix the query "
+                "(--hold-while), or drop it."
+            ) from exc
         if row is None or not row[0]:
             return None
         value = row[0]
@@ -245,8 +253,8 @@ class Throttle:
                 if self.max_hold_s is not None and self.hold_s >= self.max_hold_s:
                     raise HoldTimeoutError(
                         f"the run was held for {_seconds(self.hold_s)} by its health checks ({reason}), "
-                        f"longer than the maximum of {self.max_hold_s:g}s, and stopped. The batches "
-                        "written so far are committed; resume the run once the database is healthy."
+                        f"longer than the maximum of {self.max_hold_s:g}s, and stopped; the batches "
+                        "written so far are committed."
                     )
                 if on_hold is not None:
                     on_hold(reason)

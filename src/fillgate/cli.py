@@ -326,6 +326,9 @@ def show(run_id: Annotated[str, typer.Argument(metavar="RUN")], target: TargetOp
             related += [r.run_id for r in ledger.children_of(run_id)] + [
                 r.run_id for r in stage_applies(conn, run_id)
             ]
+        if found.kind == "apply" and not found.details and found.parent_run_id:
+            # an apply computes nothing: its slowest rows and lookup anomalies are its plan's
+            found.details = {**ledger.get_run(found.parent_run_id).details, "from_plan_run": found.parent_run_id}
         groups = ledger.error_groups(related)
     _emit(as_json, lambda: report.show_json(found, groups), lambda: report.print_show(out, found, groups))
 

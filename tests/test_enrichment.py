@@ -6,6 +6,7 @@ events (``--events FILE|-``), ``fillgate show``, throttling (``--hold-while``, `
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import threading
@@ -369,6 +370,63 @@ def test_lookup_matched_by_key_ignores_order_and_holds_back_a_missing_result(
     alerts = hook.take()
     assert [(a["kind"], a["batch"], a["counts"]["unexpected_index"]) for a in alerts] == [
         ("unexpected_index", 1, 1), ("unexpected_index", 2, 1)]
+
+
+class SentryRelay:
+    """Receives what the real sentry-sdk sends for a DSN pointing here: the events of its envelopes."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                lines = body.split(b"\n")
+                for header, payload in zip(lines[1::2], lines[2::2], strict=False):
+                    if json.loads(header).get("type") == "event":
+                        relay.events.append(json.loads(payload))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.dsn = f"http://public@127.0.0.1:{self.server.server_address[1]}/1"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_sentry_dsn_gets_one_event_per_bad_batch_through_the_real_sdk(
+    sqlite_db: TestDB, cli: CliRunner, svc: LookupService, enrich: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("sentry_sdk")
+    relay = SentryRelay()
+    monkeypatch.setenv("FILLGATE_SENTRY_DSN", relay.dsn)
+    monkeypatch.delenv("FILLGATE_ALERT_WEBHOOK", raising=False)
+    try:
+        cfg = setup(sqlite_db, cli)
+        svc.faulty, svc.mode = {6, 16}, "drop"
+        planned = run_cli(cli, cfg, "plan", f"{enrich}:EnrichEmail", "-p", f"url={svc.url}", "--json")
+        assert planned.exit_code == 1, planned.output
+        run_id = json.loads(planned.stdout)["run_id"]
+        # the sink's client is closed (its queue sent) when the command ends
+        got = sorted(relay.events, key=lambda e: e["tags"]["batch"])
+    finally:
+        relay.close()
+    assert [(e["tags"]["kind"], e["tags"]["batch"], e["tags"]["run_id"]) for e in got] == [
+        ("unexpected_index", "2", run_id), ("unexpected_index", "4", run_id)]
+    assert {tuple(e["fingerprint"]) for e in got} == {(fingerprint("enrich_jobs:EnrichEmail", "unexpected_index"),)}
+    assert all(e["level"] == "error" and e["extra"]["counts"]["unexpected_index"] == 3 for e in got)
+    assert len(got[1]["breadcrumbs"]["values"]) == 1  # the first alert, left as a breadcrumb
 
 
 # --- 2. lookup failures: row errors, never a NULL write; transient errors are retried ------------

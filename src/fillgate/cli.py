@@ -289,7 +289,7 @@ def run(
         try:
             planned = make_plan(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
             if not as_json:
-                report.print_plan(_human(events), planned)
+                report.print_plan(_human(events), planned, next_step=False)
             assert planned.path is not None
             result = apply_plan(conn, planned.path, limits, monitor)
         finally:

@@ -102,7 +102,7 @@ def plan_json(result: PlanResult) -> dict[str, Any]:
     }
 
 
-def print_plan(console: Console, result: PlanResult, sample: int = 10) -> None:
+def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step: bool = True) -> None:
     h = result.header
     console.print(
         f"[bold]Plan {h.plan_id}[/]  job [cyan]{h.job}[/]  target [bold]{h.target}[/] "
@@ -151,7 +151,8 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10) -> None:
         console.print(t)
     if result.path:
         console.print(f"Plan saved to [bold]{result.path}[/]")
-        console.print(f"Apply it with: fillgate apply {result.path} --max-changes {h.changes}")
+        if next_step:
+            console.print(f"Apply it with: fillgate apply {result.path} --max-changes {h.changes}")
     else:
         console.print("Nothing was written. Save the plan with -o FILE to apply it.")
 

@@ -110,6 +110,33 @@ def activate(ctx: RunContext) -> Iterator[RunContext]:
         ctx.close()
 
 
+def _escape(ctx: RunContext, where: str) -> TargetEscapeError:
+    exc = TargetEscapeError(
+        f"{ctx.who} tried to open a database other than its target '{ctx.target.name}': {where}. "
+        "A run reaches only its own target; use ctx instead of a hard-coded URL."
+    )
+    ctx.escape = ctx.escape or exc
+    return exc
+
+
+@event.listens_for(Engine, "do_connect")
+def _guard_do_connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> None:
+    """Refuse BEFORE a new database connection is opened (no login, no SQLite file created)
+    when its connect arguments are not the run's target's."""
+    ctx = _active.get()
+    if ctx is None:
+        return
+    expected_args, expected_params = ctx.engine.dialect.create_connect_args(ctx.engine.url)
+    if type(dialect) is type(ctx.engine.dialect) and list(cargs) == list(expected_args) and (
+        dict(cparams) == dict(expected_params)
+    ):
+        return
+    database = cparams.get("dbname") or cparams.get("database") or cparams.get("db") or (
+        cargs[0] if cargs else "?"
+    )
+    raise _escape(ctx, f"a {dialect.name} database ({database})")
+
+
 @event.listens_for(Engine, "engine_connect")
 def _guard_engine_connect(conn: Connection) -> None:
     ctx = _active.get()
@@ -120,10 +147,4 @@ def _guard_engine_connect(conn: Connection) -> None:
         return
     if engine.url == ctx.target.url:
         return
-    exc = TargetEscapeError(
-        f"{ctx.who} opened a database other than its target "
-        f"'{ctx.target.name}': {engine.url.render_as_string(hide_password=True)}. "
-        "A run reaches only its own target; use ctx instead of a hard-coded URL."
-    )
-    ctx.escape = ctx.escape or exc
-    raise exc
+    raise _escape(ctx, engine.url.render_as_string(hide_password=True))

@@ -123,6 +123,14 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step
         for item in changes:
             diff.add_row(_key(item["key"]), item["column"], _short(item["old"]), _short(item["new"]))
         console.print(diff)
+    inserts = result.samples.get("insert", [])[:sample]
+    if inserts:
+        t = Table(title=f"first {len(inserts)} of {result.counts.get('inserts', 0)} inserts", title_justify="left")
+        t.add_column("key")
+        t.add_column("row", style="green")
+        for item in inserts:
+            t.add_row(_key(item["key"]), _short(json.dumps(item["values"], default=str), 70))
+        console.print(t)
     for kind, title in (("disagreement", "disagreements (not written)"), ("preserved", "preserved by the guard")):
         items = result.samples.get(kind, [])[:5]
         if items:

@@ -150,15 +150,12 @@ def plan(
         conn = connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_errors=max_errors, max_error_rate=max_error_rate)
-        monitor = _monitor(events, as_json)
-        try:
+        with _monitor(events, as_json) as monitor:
             if issubclass(job_cls, Pipeline):
                 staged = run_pipeline(conn, job_cls, params, out=output or ".fillgate/plans/", limits=limits,
                                       monitor=monitor, apply=False)
             else:
                 result = make_plan(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
-        finally:
-            monitor.close()
     human = _human(events)
     if issubclass(job_cls, Pipeline):
         _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(human, staged))
@@ -238,11 +235,8 @@ def apply(
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
-        monitor = _monitor(events, as_json)
-        try:
+        with _monitor(events, as_json) as monitor:
             result = apply_plan(conn, plan_file, limits, monitor)
-        finally:
-            monitor.close()
     _finish_apply(result, as_json, _human(events))
 
 
@@ -278,22 +272,18 @@ def run(
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
-        monitor = _monitor(events, as_json)
-        if issubclass(job_cls, Pipeline):
-            try:
+        with _monitor(events, as_json) as monitor:
+            if issubclass(job_cls, Pipeline):
                 staged = run_pipeline(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
-            finally:
-                monitor.close()
-            _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(_human(events), staged))
-            raise typer.Exit(EXIT_OK if staged.clean else EXIT_ROW_PROBLEMS)
-        try:
-            planned = make_plan(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
-            if not as_json:
-                report.print_plan(_human(events), planned, next_step=False)
-            assert planned.path is not None
-            result = apply_plan(conn, planned.path, limits, monitor)
-        finally:
-            monitor.close()
+            else:
+                planned = make_plan(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
+                if not as_json:
+                    report.print_plan(_human(events), planned, next_step=False)
+                assert planned.path is not None
+                result = apply_plan(conn, planned.path, limits, monitor)
+    if issubclass(job_cls, Pipeline):
+        _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(_human(events), staged))
+        raise typer.Exit(EXIT_OK if staged.clean else EXIT_ROW_PROBLEMS)
     _finish_apply(result, as_json, _human(events),
                   plan_errors=planned.counts["errors"] + planned.counts["unexpected_index"])
 
@@ -371,8 +361,7 @@ def revert(
         else:
             limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                              confirm=confirm, batch_size=batch_size, pause_ms=pause_between_batches)
-            monitor = _monitor(events, as_json)
-            try:
+            with _monitor(events, as_json) as monitor:
                 if conn.ledger.get_run(run_id).kind == "pipeline":
                     results = revert_pipeline(conn, run_id, limits, monitor)
                     for each in results[:-1]:
@@ -384,8 +373,6 @@ def revert(
                     earlier_problems = sum(not each.clean for each in results[:-1])  # exit 1 for any stage
                 else:
                     result = revert_run(conn, run_id, limits, monitor)
-            finally:
-                monitor.close()
     if dry_run:
         _emit(as_json, lambda: report.preview_json(preview), lambda: report.print_preview(out, preview))
         return
@@ -441,11 +428,8 @@ def resume(
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
-        monitor = _monitor(events, as_json)
-        try:
+        with _monitor(events, as_json) as monitor:
             result = resume_run(conn, run_id, limits, monitor)
-        finally:
-            monitor.close()
     _finish_apply(result, as_json, _human(events))
 
 

@@ -144,3 +144,9 @@ class Monitor:
     def close(self) -> None:
         self.alerter.close()
         self.events.close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

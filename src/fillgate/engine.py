@@ -73,7 +73,7 @@ class Limits:
     max_changes: int | None = None
     max_errors: int | None = None
     max_error_rate: float | None = None
-    batch_size: int = 1000
+    batch_size: int = 5000
     pause_ms: int = 0
     confirm: str | None = None
     rate: float | None = None  # rows per second
@@ -121,25 +121,27 @@ class PlanResult:
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def _compute_page(job: Job, rows: list[dict[str, Any]], ctx: RunContext, results: list[Any] | None,
-                  monitor: Monitor, key_cols: tuple[str, ...]) -> list[Any]:
-    """One proposal (a mapping, None, or the exception it raised) per row, in order.
+def _compute_page(job: Job, rows: list[dict[str, Any]], keys: list[tuple[Any, ...]], ctx: RunContext,
+                  results: list[Any] | None, monitor: Monitor) -> list[Any]:
+    """One proposal (a mapping, None, or the exception it raised) per row, in order; each
+    row's compute time goes to the monitor.
 
     With a lookup, ``ctx.result`` is the row's aligned lookup result during ``compute`` and
     ``ctx.results`` the list aligned with ``rows`` during ``compute_batch``.
     """
+    clock = time.perf_counter
     if type(job).has_batch_compute():
         ctx.results = results
-        started = time.perf_counter()
+        started = clock()
         try:
             proposals = list(job.compute_batch(rows, ctx))
         except Exception as exc:
             return [exc] * len(rows)
         finally:
             ctx.results = None
-        per_row = (time.perf_counter() - started) * 1000 / max(len(rows), 1)
-        for row in rows:
-            monitor.row_timing(tuple(row[k] for k in key_cols), per_row)
+        per_row = (clock() - started) * 1000 / max(len(rows), 1)
+        for key in keys:
+            monitor.row_timing(key, per_row)
         if len(proposals) != len(rows):
             exc = JobError(
                 f"compute_batch returned {len(proposals)} results for {len(rows)} rows; "
@@ -148,14 +150,16 @@ def _compute_page(job: Job, rows: list[dict[str, Any]], ctx: RunContext, results
             return [exc] * len(rows)
         return proposals
     out: list[Any] = []
+    compute = job.compute
+    timing = monitor.row_timing
     for i, row in enumerate(rows):
         ctx.result = results[i] if results is not None else None
-        started = time.perf_counter()
+        started = clock()
         try:
-            out.append(job.compute(row, ctx))
+            out.append(compute(row, ctx))
         except Exception as exc:
             out.append(exc)
-        monitor.row_timing(tuple(row[k] for k in key_cols), (time.perf_counter() - started) * 1000)
+        timing(keys[i], (clock() - started) * 1000)
     ctx.result = None
     return out
 
@@ -188,8 +192,13 @@ class _Planner:
             self.page_examples.setdefault(anomaly, item)
 
     def _count(self, name: str, n: int = 1) -> None:
-        self.counts[name] += n
+        """Count into the page; ``end_page`` adds the page to the run's counts."""
         self.page_counts[name] = self.page_counts.get(name, 0) + n
+
+    def end_page(self) -> None:
+        for name, n in self.page_counts.items():
+            if name in self.counts and name != "rows":
+                self.counts[name] += n
 
     def _ledger_error(self, key: tuple[Any, ...], phase: str, error_type: str, message: str,
                       fp: str, tb: str | None) -> None:
@@ -223,7 +232,7 @@ class _Planner:
         """Compute and diff one page of source rows."""
         self.page_errors, self.page_counts, self.page_examples = [], {"rows": len(rows)}, {}
         self.counts["rows"] += len(rows)
-        keys = [tuple(row[k] for k in self.source_key) for row in rows]
+        keys = self._keys(rows)
         results: list[Any] | None = None
         if lookup is not None:
             batch = lookup.resolve(rows)
@@ -245,8 +254,8 @@ class _Planner:
             if batch.extra_results:
                 self.page_counts["extra_results"] = batch.extra_results
             rows = clean
-            keys = [tuple(row[k] for k in self.source_key) for row in rows]
-        proposals = _compute_page(job, rows, ctx, results, self.monitor, self.source_key)
+            keys = self._keys(rows)
+        proposals = _compute_page(job, rows, keys, ctx, results, self.monitor)
         if ctx.escape is not None:  # a refusal, not a row error, even if the job caught it
             raise ctx.escape
         wanted: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
@@ -262,6 +271,12 @@ class _Planner:
                 wanted.extend((key, values) for values in proposal)
         if wanted:
             self._ensure(wanted, reader)
+
+    def _keys(self, rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        if len(self.source_key) == 1:
+            (column,) = self.source_key
+            return [(row[column],) for row in rows]
+        return [tuple(row[k] for k in self.source_key) for row in rows]
 
     def _ensure(self, wanted: list[tuple[tuple[Any, ...], dict[str, Any]]], reader: Connection) -> None:
         """Insert (or upsert) jobs: plan an insert for every wanted row that does not exist."""
@@ -351,6 +366,7 @@ def make_plan(
     monitor.run_started(run.run_id, "plan", name, conn.target.name, conn.target.environment,
                         estimate_rows(conn.engine, job_cls.table))
     lookup: Lookup | None = None
+    saved = time.monotonic()
     try:
         with conn.engine.connect() as reader, activate(ctx):
             lookup = job.build_lookup(ctx)
@@ -358,9 +374,13 @@ def make_plan(
             for rows in pages:
                 reader.rollback()  # keep no read transaction open between pages
                 planner.page(job, rows, ctx, lookup, reader)
-                with conn.engine.begin() as tx:
-                    ledger.insert_errors(tx, planner.page_errors)
-                    ledger.update_run(run.run_id, tx, counts=counts, heartbeat_at=utcnow())
+                planner.end_page()
+                # errors are stored with their page; progress at most once a second
+                if planner.page_errors or time.monotonic() - saved >= 1.0:
+                    with conn.engine.begin() as tx:
+                        ledger.insert_errors(tx, planner.page_errors)
+                        ledger.update_run(run.run_id, tx, counts=counts, heartbeat_at=utcnow())
+                    saved = time.monotonic()
                 monitor.batch_done(planner.page_counts, counts["rows"], conn.engine, planner.examples())
                 limits.check_errors(counts["errors"], counts["rows"], f"plan of {name}")
         header = PlanHeader(
@@ -447,6 +467,8 @@ def _check_rows(proposal: Any, policies: Mapping[str, Any], key_cols: Sequence[s
 
 def _check_proposal(proposal: Any, policies: Mapping[str, Any], row: Mapping[str, Any]) -> Any:
     """A proposal must be a mapping of declared columns the source selected."""
+    if type(proposal) is dict and proposal.keys() <= policies.keys() and proposal.keys() <= row.keys():
+        return proposal  # the common case, checked with two set operations
     if not isinstance(proposal, Mapping):
         return JobError(f"compute returned {type(proposal).__name__}; expected a dict of column: value.")
     undeclared = [c for c in proposal if c not in policies]
@@ -546,6 +568,7 @@ def execute(
                 checkpoint += len(batch)
                 ledger.update_run(run.run_id, tx, checkpoint=checkpoint, counts=counts, heartbeat_at=now)
                 lock.heartbeat(tx)
+                control = ledger.read_control(run.run_id, tx)
             examples = (
                 {"conflicts": {k: problems[0][k] for k in ("row_key", "column_name", "error_type", "message")}}
                 if problems else None
@@ -555,7 +578,6 @@ def execute(
                  "errors": len(outcome.errors)},
                 checkpoint - run.checkpoint, engine, examples,
             )
-            control = ledger.read_control(run.run_id)
             if control in ("pause", "cancel"):
                 status = "paused" if control == "pause" else "cancelled"
                 ledger.update_run(run.run_id, status=status, control=None,
@@ -621,7 +643,7 @@ def check_plan_matches(conn: Connected, header: PlanHeader, path: Path) -> None:
         )
 
 
-def check_plan_unmodified(conn: Connected, header: PlanHeader, path: Path) -> None:
+def check_plan_unmodified(conn: Connected, header: PlanHeader, path: Path, sha256: str) -> None:
     """The file is byte for byte the one the plan run recorded: the body checksum in the
     header cannot protect the header itself (its counts feed --max-changes)."""
     try:
@@ -631,7 +653,7 @@ def check_plan_unmodified(conn: Connected, header: PlanHeader, path: Path) -> No
             f"plan {path} names plan run {header.plan_id}, which target '{conn.target.name}' has no "
             "record of: the file was modified. Re-create it with fillgate plan."
         ) from None
-    if planned.kind != "plan" or (planned.plan_sha256 and planned.plan_sha256 != file_sha256(path)):
+    if planned.kind != "plan" or (planned.plan_sha256 and planned.plan_sha256 != sha256):
         raise PlanFileError(
             f"plan {path} was modified after planning (its SHA-256 differs from the one recorded "
             f"by plan run {header.plan_id}). Re-create it with fillgate plan."
@@ -660,7 +682,8 @@ def apply_plan(
     path = Path(path).resolve()
     header = verify_plan(path)
     check_plan_matches(conn, header, path)
-    check_plan_unmodified(conn, header, path)
+    sha256 = file_sha256(path)
+    check_plan_unmodified(conn, header, path, sha256)
     check_write_allowed(conn.target, limits.confirm)
     limits = _with_job_checks(limits, header)
     if limits.max_changes is not None and header.changes > limits.max_changes:
@@ -693,7 +716,7 @@ def apply_plan(
               "max_changes": limits.max_changes},
         plan_id=header.plan_id,
         plan_path=str(path),
-        plan_sha256=file_sha256(path),
+        plan_sha256=sha256,
         parent_run_id=header.plan_id,
         total=header.changes,
         started_at=utcnow(),

@@ -14,6 +14,7 @@ import decimal
 import json
 import uuid
 from collections.abc import Sequence
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 from fillgate.errors import UsageError
@@ -59,12 +60,32 @@ def _hook(obj: dict[str, Any]) -> Any:
 
 _encoder = json.JSONEncoder(default=_default, ensure_ascii=False, separators=(",", ":"))
 _decoder = json.JSONDecoder(object_hook=_hook)
-dumps = _encoder.encode
-loads = _decoder.decode
+_plain_decoder = json.JSONDecoder()
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON; scalars take a fast path with exactly the encoder's output."""
+    kind = type(value)
+    if kind is str:
+        return encode_basestring(value)
+    if kind is int:
+        return int.__repr__(value)
+    if value is None:
+        return "null"
+    return _encoder.encode(value)
+
+
+def loads(text: str) -> Any:
+    """JSON back to Python values; only text holding a ``"$`` tag pays for the tag hook."""
+    if '"$' in text:
+        return _decoder.decode(text)
+    return _plain_decoder.decode(text)
 
 
 def encode_key(key: Sequence[Any]) -> str:
     """The canonical text of a row key, as stored in plans and the audit log."""
+    if len(key) == 1:
+        return "[" + dumps(key[0]) + "]"
     return dumps(list(key))
 
 

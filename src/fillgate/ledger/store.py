@@ -212,11 +212,13 @@ class Ledger:
             raise RunNotFoundError(f"no run {run_id!r} in this target's ledger; see: fillgate runs")
         return Run.from_row(row)
 
-    def read_control(self, run_id: str) -> str | None:
-        with self.engine.connect() as conn:
-            return conn.execute(
-                select(schema.runs.c.control).where(schema.runs.c.run_id == run_id)
-            ).scalar_one_or_none()
+    def read_control(self, run_id: str, conn: Connection | None = None) -> str | None:
+        """A pause or cancel request for the run (read inside the caller's transaction if given)."""
+        stmt = select(schema.runs.c.control).where(schema.runs.c.run_id == run_id)
+        if conn is not None:
+            return conn.execute(stmt).scalar_one_or_none()
+        with self.engine.connect() as own:
+            return own.execute(stmt).scalar_one_or_none()
 
     def list_runs(
         self, limit: int = 20, kind: str | None = None, status: str | None = None,
@@ -265,6 +267,15 @@ class Ledger:
     def insert_changes(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         """Append audit rows: (run_id, table, row_key, column, op, old, new, source, time)."""
         if not rows:
+            return
+        if self.dialect == "postgresql":
+            # one statement per batch; the arrays go in binary (psycopg's text arrays are slow)
+            conn.exec_driver_sql(
+                "INSERT INTO fillgate_changes (run_id, table_name, row_key, column_name, op, old_value, "
+                "new_value, source, changed_at) SELECT * FROM unnest("
+                + ", ".join(["CAST(%b AS text[])"] * 8) + ", CAST(%b AS timestamp[]))",
+                tuple(list(column) for column in zip(*rows, strict=True)),
+            )
             return
         sql = (
             "INSERT INTO fillgate_changes (run_id, table_name, row_key, column_name, op, "

@@ -1,0 +1,634 @@
+"""Benchmark: a fillgate backfill against the plain-script way of doing the same backfill.
+
+For every backend and every row count N, each repetition gets a fresh copy of the same table
+``people(id PRIMARY KEY, name, email)`` in which every odd id has ``email`` NULL, and runs:
+
+(a) baseline: the plain script -- the raw driver (sqlite3 / psycopg) reads the rows whose
+    email is NULL, computes ``name.lower() + "@example.com"`` in Python, and writes them with
+    one ``executemany`` UPDATE in one transaction;
+(b) fillgate: ``connect`` + ``make_plan(out=...)`` + ``apply_plan`` through the library (what
+    ``fillgate run`` does), with the same compute and full audit.
+
+Each measurement runs in its own child process, so the peak RSS it reports
+(``ru_maxrss``) belongs to that measurement alone. After the fillgate run the child checks
+that the table holds exactly the computed values and that ``fillgate_changes`` has one
+audit row per change; a broken run fails loudly instead of printing a good ratio.
+
+    .venv/bin/python bench/bench_backfill.py --backend sqlite --rows 20000 --repeat 1   # seconds
+    .venv/bin/python bench/bench_backfill.py --backend all --rows 100000 --rows 1000000 \\
+        --postgres-url postgresql://postgres@127.0.0.1:5432/test
+
+See bench/README.md for what is measured and how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULT_MARK = "BENCH-RESULT "
+TABLE_DDL = (
+    "CREATE TABLE people (id INTEGER NOT NULL PRIMARY KEY, name VARCHAR(100) NOT NULL, email VARCHAR(200))"
+)
+APPLY_TARGET = 2.0  # apply phase <= 2x the baseline
+RUN_TARGET = 3.0  # plan + apply + audit <= 3x the baseline
+FLAT_TOLERANCE = 0.10  # "flat" memory: peak RSS grows by at most 10% from the smallest to the largest N
+
+
+# --- the data and the compute, shared by both sides ------------------------------------
+
+
+def email_for(name: str) -> str:
+    return name.lower() + "@example.com"
+
+
+def people_rows(n: int) -> Iterator[tuple[int, str, str | None]]:
+    """Rows 1..n; every even id already has an email, every odd id has NULL (to fill)."""
+    for i in range(1, n + 1):
+        yield i, f"Person{i}", (f"old{i}@x.org" if i % 2 == 0 else None)
+
+
+def missing_count(n: int) -> int:
+    return (n + 1) // 2
+
+
+def maxrss_kib() -> int:
+    """Peak resident set size of this process, in KiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak
+
+
+class BenchFailure(Exception):
+    """A measurement produced a wrong result; no number from it may be reported."""
+
+
+def check(condition: bool, message: str) -> None:
+    """An assertion that ``python -O`` cannot switch off."""
+    if not condition:
+        raise BenchFailure(message)
+
+
+# --- backends: fresh copies of one template table --------------------------------------
+
+
+class SQLiteBackend:
+    name = "sqlite"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.template: Path | None = None
+        self.copies = 0
+
+    def prepare(self, n: int) -> None:
+        self.template = self.workdir / f"template-{n}.db"
+        self.template.unlink(missing_ok=True)
+        con = sqlite3.connect(self.template)
+        con.execute(TABLE_DDL)
+        con.executemany("INSERT INTO people (id, name, email) VALUES (?, ?, ?)", people_rows(n))
+        con.commit()
+        con.execute("ANALYZE")
+        con.close()
+
+    @contextlib.contextmanager
+    def fresh(self) -> Iterator[dict[str, Any]]:
+        assert self.template is not None
+        self.copies += 1
+        path = self.workdir / f"run-{self.copies}.db"
+        shutil.copyfile(self.template, path)
+        with path.open("rb+") as fh:  # no write-back of the copy during the measurement
+            os.fsync(fh.fileno())
+        try:
+            yield {"backend": "sqlite", "path": str(path), "url": f"sqlite:///{path}"}
+        finally:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                Path(str(path) + suffix).unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        if self.template is not None:
+            self.template.unlink(missing_ok=True)
+            self.template = None
+
+    def describe(self) -> dict[str, str]:
+        probe = self.workdir / "probe.db"
+        con = sqlite3.connect(probe)
+        opts = {
+            "sqlite": sqlite3.sqlite_version,
+            "sqlite defaults": "journal_mode={}, synchronous={}, page_size={}, cache_size={}".format(
+                *(con.execute(f"PRAGMA {p}").fetchone()[0]
+                  for p in ("journal_mode", "synchronous", "page_size", "cache_size"))
+            ),
+        }
+        con.close()
+        probe.unlink(missing_ok=True)
+        return opts
+
+
+class PostgresBackend:
+    """One template database per N (loaded with COPY, vacuumed, analyzed); every measurement
+    gets ``CREATE DATABASE ... TEMPLATE`` of it, so both sides start from identical data."""
+
+    name = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+        from sqlalchemy.engine import make_url
+
+        self.psycopg = psycopg
+        self.sa_url = make_url(url)
+        if self.sa_url.get_backend_name() != "postgresql":
+            raise SystemExit(f"--postgres-url must be a postgresql:// URL, got {self.sa_url.drivername}://")
+        self.prefix = f"fillgate_bench_{os.getpid()}"
+        self.template: str | None = None
+        self.copies = 0
+
+    def url_for(self, database: str, driver: str = "postgresql") -> str:
+        return self.sa_url.set(drivername=driver, database=database).render_as_string(hide_password=False)
+
+    def admin(self) -> Any:
+        return self.psycopg.connect(self.url_for(self.sa_url.database or "postgres"), autocommit=True)
+
+    def prepare(self, n: int) -> None:
+        self.template = f"{self.prefix}_tpl_{n}"
+        with self.admin() as con:
+            con.execute(f'DROP DATABASE IF EXISTS "{self.template}" WITH (FORCE)')
+            con.execute(f'CREATE DATABASE "{self.template}"')
+        with self.psycopg.connect(self.url_for(self.template), autocommit=True) as con:
+            con.execute(TABLE_DDL)
+            with con.cursor() as cur, cur.copy("COPY people (id, name, email) FROM STDIN") as copy:
+                for row in people_rows(n):
+                    copy.write_row(row)
+            con.execute("VACUUM (FREEZE, ANALYZE) people")
+        with self.admin() as con:  # nothing (not even autovacuum) may hold the template open
+            con.execute(f'ALTER DATABASE "{self.template}" WITH ALLOW_CONNECTIONS false')
+
+    @contextlib.contextmanager
+    def fresh(self) -> Iterator[dict[str, Any]]:
+        assert self.template is not None
+        self.copies += 1
+        name = f"{self.prefix}_run_{self.copies}"
+        with self.admin() as con:
+            for attempt in range(20):
+                try:
+                    con.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+                    break
+                except self.psycopg.errors.ObjectInUse:
+                    if attempt == 19:
+                        raise
+                    time.sleep(0.5)
+            with contextlib.suppress(self.psycopg.Error):
+                con.execute("CHECKPOINT")  # no write-back of the copy during the measurement
+        try:
+            yield {"backend": "postgresql", "url": self.url_for(name)}
+        finally:
+            with self.admin() as con:
+                con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def finish(self) -> None:
+        if self.template is not None:
+            with self.admin() as con:
+                con.execute(f'DROP DATABASE IF EXISTS "{self.template}" WITH (FORCE)')
+            self.template = None
+
+    def describe(self) -> dict[str, str]:
+        with self.admin() as con:
+            version = con.execute("SELECT version()").fetchone()[0]
+            settings = ", ".join(
+                f"{s}={con.execute(f'SHOW {s}').fetchone()[0]}"
+                for s in ("fsync", "synchronous_commit", "shared_buffers", "wal_level", "max_wal_size")
+            )
+        return {
+            "postgresql": version,
+            "postgresql settings": settings,
+            "psycopg": f"{self.psycopg.__version__} ({self.psycopg.pq.__impl__}, libpq "
+                       f"{self.psycopg.pq.version()})",
+            "postgresql url": self.sa_url.render_as_string(hide_password=True),
+        }
+
+
+# --- child processes: one measurement each ---------------------------------------------
+
+
+def child_baseline(spec: dict[str, Any]) -> dict[str, Any]:
+    """The plain script: read what needs a value, compute, one executemany, one commit."""
+    n, expected = spec["rows"], missing_count(spec["rows"])
+    if spec["backend"] == "sqlite":
+        t0, c0 = time.perf_counter(), time.process_time()
+        con = sqlite3.connect(spec["path"])
+        rows = con.execute("SELECT id, name FROM people WHERE email IS NULL").fetchall()
+        params = [(email_for(name), id_) for id_, name in rows]
+        con.executemany("UPDATE people SET email = ? WHERE id = ?", params)
+        con.commit()
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        updated = len(params)
+        fetch = con.execute
+    else:
+        import psycopg
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        con = psycopg.connect(spec["url"])
+        rows = con.execute("SELECT id, name FROM people WHERE email IS NULL").fetchall()
+        params = [(email_for(name), id_) for id_, name in rows]
+        with con.cursor() as cur:
+            cur.executemany("UPDATE people SET email = %s WHERE id = %s", params)
+        con.commit()
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        updated = len(params)
+        fetch = con.execute
+    rss = maxrss_kib()
+    check(updated == expected, f"baseline updated {updated} rows, expected {expected}")
+    nulls = fetch("SELECT count(*) FROM people WHERE email IS NULL").fetchone()[0]
+    check(nulls == 0, f"baseline left {nulls} NULL emails")
+    filled = fetch("SELECT count(*) FROM people WHERE email = lower(name) || '@example.com'").fetchone()[0]
+    check(filled == expected, f"baseline: {filled} computed emails, expected {expected}")
+    kept = fetch("SELECT count(*) FROM people WHERE email LIKE 'old%'").fetchone()[0]
+    check(kept == n - expected, f"baseline: {kept} pre-existing emails kept, expected {n - expected}")
+    con.close()
+    return {"seconds": seconds, "cpu": cpu, "maxrss_kib": rss}
+
+
+def make_job(spec: dict[str, Any]) -> Any:
+    from fillgate import FillMissing, Job
+
+    where = " WHERE email IS NULL" if spec["source"] == "missing" else ""
+
+    class BenchFillEmail(Job):
+        name = "bench:FillEmail"
+        table = "people"
+        key = ("id",)
+        columns = {"email": FillMissing()}
+        source = f"SELECT id, name, email FROM people{where}"
+        page_size = spec["page_size"]
+
+        def compute(self, row: Any, ctx: Any) -> dict[str, Any]:
+            return {"email": email_for(row["name"])}
+
+    return BenchFillEmail
+
+
+def child_fillgate(spec: dict[str, Any]) -> dict[str, Any]:
+    """``fillgate run`` through the library: connect, plan to a file, apply with full audit."""
+    import cProfile
+    import pstats
+
+    from fillgate import Limits, Target, apply_plan, connect, init_target, make_plan
+    from fillgate.config import parse_url
+
+    n, expected = spec["rows"], missing_count(spec["rows"])
+    target = Target("bench", parse_url(spec["url"], "bench"), "bench")
+    init_target(target)  # `fillgate init`: once per database, not part of the run
+    job_cls = make_job(spec)
+    limits = Limits(batch_size=spec["batch_size"])
+    plan_path = Path(spec["plan_dir"]) / "bench.plan"
+    profiles: dict[str, cProfile.Profile] = {}
+
+    cpu: dict[str, float] = {}
+
+    def timed(phase: str, fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        if spec.get("profile_dir"):
+            profiles[phase] = cProfile.Profile()
+            value = profiles[phase].runcall(fn, *args, **kwargs)
+        else:
+            value = fn(*args, **kwargs)
+        cpu[phase] = time.process_time() - c0
+        return value, time.perf_counter() - t0
+
+    rss_before = maxrss_kib()
+    conn, t_connect = timed("connect", connect, target)
+    planned, t_plan = timed("plan", make_plan, conn, job_cls, out=plan_path, limits=limits)
+    result, t_apply = timed("apply", apply_plan, conn, planned.path, limits)
+    rss = maxrss_kib()
+    seconds = {"plan": t_plan, "apply": t_apply}
+
+    # A broken run must not print a good ratio.
+    scanned = n if spec["source"] == "all" else expected
+    check(planned.counts["rows"] == scanned, f"plan read {planned.counts['rows']} rows, expected {scanned}")
+    check(planned.counts["writes"] == expected, f"plan has {planned.counts['writes']} writes, expected {expected}")
+    check(planned.counts["errors"] == 0, f"plan has {planned.counts['errors']} errors")
+    check(result.run.status == "succeeded", f"apply run ended {result.run.status}: {result.run.message}")
+    check(result.clean and result.counts["applied"] == expected,
+          f"apply counts {result.counts}, expected {expected} applied and nothing else")
+    run_id = result.run.run_id
+    with conn.engine.connect() as db:
+        def one(sql: str, **params: Any) -> Any:
+            from sqlalchemy import text
+
+            return db.execute(text(sql), params).one()
+
+        check(one("SELECT count(*) FROM people WHERE email IS NULL")[0] == 0, "fillgate left NULL emails")
+        filled = one("SELECT count(*) FROM people WHERE email = lower(name) || '@example.com'")[0]
+        check(filled == expected, f"fillgate: {filled} computed emails in the table, expected {expected}")
+        kept = one("SELECT count(*) FROM people WHERE email LIKE 'old%'")[0]
+        check(kept == n - expected, f"fillgate: {kept} pre-existing emails kept, expected {n - expected}")
+        audit = one("SELECT count(*), count(DISTINCT row_key) FROM fillgate_changes WHERE run_id = :r", r=run_id)
+        check(tuple(audit) == (expected, expected),
+              f"fillgate_changes has {audit[0]} rows ({audit[1]} keys) for the run, expected {expected}")
+        total = one("SELECT count(*) FROM fillgate_changes")[0]
+        check(total == expected, f"fillgate_changes holds {total} rows in all, expected {expected}")
+        matching = one(
+            # every audit row (all belong to this run, checked above) names a row that now holds
+            # its new value; CROSS JOIN makes SQLite look each one up by ix_fillgate_changes_row
+            "SELECT count(*) FROM people p CROSS JOIN fillgate_changes c "
+            "WHERE c.table_name = 'people' AND c.row_key = '[' || p.id || ']' AND c.column_name = 'email' "
+            "AND c.old_value = 'null' AND c.new_value = '\"' || p.email || '\"'"
+        )[0]
+        check(matching == expected, f"only {matching} of {expected} audit rows match the row they changed")
+    conn.engine.dispose()
+
+    out: dict[str, Any] = {
+        "connect": t_connect, "plan": t_plan, "apply": t_apply, "run": t_connect + t_plan + t_apply,
+        "cpu_plan": cpu["plan"], "cpu_apply": cpu["apply"], "cpu_run": sum(cpu.values()),
+        "maxrss_kib": rss, "rss_before_kib": rss_before,
+        "plan_bytes": plan_path.stat().st_size,
+    }
+    if spec.get("profile_dir"):
+        folder = Path(spec["profile_dir"])
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{spec['backend']}-{n}"
+        out["profiles"] = {}
+        for phase in ("plan", "apply"):
+            prof_path = folder / f"{stem}-{phase}.prof"
+            profiles[phase].dump_stats(prof_path)
+            txt_path = folder / f"{stem}-{phase}.txt"
+            with txt_path.open("w") as fh:
+                stats = pstats.Stats(profiles[phase], stream=fh).strip_dirs()
+                fh.write(f"# {phase} phase, {spec['backend']}, {n} rows, {seconds[phase]:.3f}s "
+                         "(under cProfile)\n")
+                stats.sort_stats("tottime").print_stats(30)
+                stats.sort_stats("cumulative").print_stats(40)
+            out["profiles"][phase] = str(prof_path)
+    return out
+
+
+def run_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)],
+        capture_output=True, text=True, check=False, cwd=spec.get("plan_dir") or None,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise BenchFailure(f"{kind} measurement failed (exit {proc.returncode}); see the output above")
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def child_main(kind: str, raw: str) -> None:
+    spec = json.loads(raw)
+    result = child_baseline(spec) if kind == "baseline" else child_fillgate(spec)
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+# --- the parent: measurements, medians, report -----------------------------------------
+
+
+def environment(backends: list[Any]) -> dict[str, str]:
+    info = {
+        "python": f"{platform.python_implementation()} {sys.version.split()[0]} ({sys.executable})",
+        "platform": platform.platform(),
+        "cpu": _cpu_model() + f", {os.cpu_count()} cores",
+        "fillgate": _fillgate_version(),
+        "sqlalchemy": metadata.version("sqlalchemy"),
+    }
+    for backend in backends:
+        info.update(backend.describe())
+    return info
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown cpu"
+
+
+def _fillgate_version() -> str:
+    """The version, where the imported package lives, and which code that is (git state plus
+    a hash of the package's .py files, so two runs can be compared)."""
+    spec = importlib.util.find_spec("fillgate")
+    if spec is None or spec.origin is None:
+        raise SystemExit("fillgate is not importable; run with the project's venv (.venv/bin/python)")
+    package = Path(spec.origin).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.read_bytes())
+    where = f"{package}, sha256 {digest.hexdigest()[:12]}"
+    try:
+        head = subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"{metadata.version('fillgate')} ({where})"
+    return f"{metadata.version('fillgate')} ({where}; git {head}{', modified' if dirty else ''})"
+
+
+def load() -> str:
+    """Load average, and CPU pressure where the kernel reports it (the share of time runnable
+    tasks waited for a CPU): the numbers are only as good as the machine was quiet."""
+    text = "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        some = Path("/proc/pressure/cpu").read_text().split()
+        text += f", cpu pressure {some[1].split('=')[1]}% (avg10) {some[2].split('=')[1]}% (avg60)"
+    return text
+
+
+def measure(backend: Any, n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    log = args.log
+    log(f"[{backend.name} {n:,} rows] building the template table")
+    backend.prepare(n)
+    samples: dict[str, list[Any]] = {"baseline": [], "fillgate": []}
+    try:
+        for rep in range(args.repeat):
+            order = ("baseline", "fillgate") if rep % 2 == 0 else ("fillgate", "baseline")
+            for kind in order:
+                with backend.fresh() as db:
+                    plan_dir = tempfile.mkdtemp(prefix="plans-", dir=workdir)
+                    spec = {**db, "rows": n, "plan_dir": plan_dir, "source": args.source,
+                            "page_size": args.page_size, "batch_size": args.batch_size}
+                    try:
+                        got = run_child(kind, spec)
+                    finally:
+                        shutil.rmtree(plan_dir, ignore_errors=True)
+                samples[kind].append(got)
+                if kind == "baseline":
+                    log(f"  rep {rep + 1}/{args.repeat} baseline {got['seconds']:.3f}s")
+                else:
+                    log(f"  rep {rep + 1}/{args.repeat} fillgate plan {got['plan']:.3f}s apply {got['apply']:.3f}s "
+                        f"run {got['run']:.3f}s peak {got['maxrss_kib'] / 1024:.1f} MiB")
+        profiles = None
+        if args.profile:
+            with backend.fresh() as db:
+                plan_dir = tempfile.mkdtemp(prefix="plans-", dir=workdir)
+                spec = {**db, "rows": n, "plan_dir": plan_dir, "source": args.source,
+                        "page_size": args.page_size, "batch_size": args.batch_size,
+                        "profile_dir": str(Path(args.profile).resolve())}
+                try:
+                    profiles = run_child("fillgate", spec)
+                finally:
+                    shutil.rmtree(plan_dir, ignore_errors=True)
+            log(f"  profiled run (not in the medians): plan {profiles['plan']:.3f}s apply "
+                f"{profiles['apply']:.3f}s -> {', '.join(profiles['profiles'].values())}")
+    finally:
+        backend.finish()
+    med = statistics.median
+    base = [s["seconds"] for s in samples["baseline"]]
+    fill = samples["fillgate"]
+    return {
+        "backend": backend.name,
+        "rows": n,
+        "baseline": med(base),
+        "plan": med(s["plan"] for s in fill),
+        "apply": med(s["apply"] for s in fill),
+        "run": med(s["run"] for s in fill),
+        # each repetition pairs a baseline with a fillgate run made back to back
+        "apply_ratio": med(f["apply"] / b for f, b in zip(fill, base, strict=True)),
+        "run_ratio": med(f["run"] / b for f, b in zip(fill, base, strict=True)),
+        "cpu_baseline": med(s["cpu"] for s in samples["baseline"]),
+        "cpu_plan": med(s["cpu_plan"] for s in fill),
+        "cpu_apply": med(s["cpu_apply"] for s in fill),
+        "cpu_run": med(s["cpu_run"] for s in fill),
+        "cpu_apply_ratio": med(f["cpu_apply"] / b["cpu"] for f, b in zip(fill, samples["baseline"], strict=True)),
+        "cpu_run_ratio": med(f["cpu_run"] / b["cpu"] for f, b in zip(fill, samples["baseline"], strict=True)),
+        "fillgate_rss_mib": med(s["maxrss_kib"] for s in fill) / 1024,
+        "fillgate_rss_before_mib": med(s["rss_before_kib"] for s in fill) / 1024,
+        "baseline_rss_mib": med(s["maxrss_kib"] for s in samples["baseline"]) / 1024,
+        "plan_mib": med(s["plan_bytes"] for s in fill) / 2**20,
+        "samples": samples,
+        "profile": profiles,
+    }
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> bool:
+    """Print the table and the verdicts; True when every target is met."""
+    header = (f"{'backend':<10} {'rows':>9} {'baseline':>9} {'plan':>8} {'apply':>8} {'run':>8} "
+              f"{'apply/base':>10} {'run/base':>9} {'fg peak':>8} {'fg start':>8} {'base peak':>9}")
+    print(f"\nmedians of {args.repeat} repetition(s); times in seconds, memory = peak RSS in MiB "
+          "(fg start = RSS before the run began)")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['backend']:<10} {r['rows']:>9} {r['baseline']:>9.3f} {r['plan']:>8.3f} {r['apply']:>8.3f} "
+              f"{r['run']:>8.3f} {r['apply_ratio']:>9.2f}x {r['run_ratio']:>8.2f}x "
+              f"{r['fillgate_rss_mib']:>8.1f} {r['fillgate_rss_before_mib']:>8.1f} {r['baseline_rss_mib']:>9.1f}")
+    print("\nthe same runs in CPU seconds of the measuring process (less sensitive to other load on the "
+          "machine; excludes I/O waits and, for PostgreSQL, the server's own work)")
+    header = (f"{'backend':<10} {'rows':>9} {'baseline':>9} {'plan':>8} {'apply':>8} {'run':>8} "
+              f"{'apply/base':>10} {'run/base':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['backend']:<10} {r['rows']:>9} {r['cpu_baseline']:>9.3f} {r['cpu_plan']:>8.3f} "
+              f"{r['cpu_apply']:>8.3f} {r['cpu_run']:>8.3f} {r['cpu_apply_ratio']:>9.2f}x {r['cpu_run_ratio']:>8.2f}x")
+    ok = True
+    print("\ntargets (judged on wall-clock medians):")
+    for backend in dict.fromkeys(r["backend"] for r in results):
+        mine = [r for r in results if r["backend"] == backend]
+        for label, key, limit in (("apply", "apply_ratio", APPLY_TARGET), ("run", "run_ratio", RUN_TARGET)):
+            worst = max(mine, key=lambda r, k=key: r[k])
+            met = worst[key] <= limit
+            ok &= met
+            print(f"{backend}: {label} <= {limit:g}x baseline: {'PASS' if met else 'FAIL'} "
+                  f"(worst {worst[key]:.2f}x at {worst['rows']:,} rows)")
+        if len(mine) > 1:
+            small, big = mine[0], mine[-1]
+            growth = big["fillgate_rss_mib"] - small["fillgate_rss_mib"]
+            flat = growth <= FLAT_TOLERANCE * small["fillgate_rss_mib"]
+            ok &= flat
+            print(f"{backend}: peak memory flat from {small['rows']:,} to {big['rows']:,} rows: "
+                  f"{'PASS' if flat else 'FAIL'} ({small['fillgate_rss_mib']:.1f} -> "
+                  f"{big['fillgate_rss_mib']:.1f} MiB, {growth:+.1f} MiB; baseline "
+                  f"{small['baseline_rss_mib']:.1f} -> {big['baseline_rss_mib']:.1f} MiB)")
+    return ok
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time a fillgate backfill (plan + apply + audit) against a plain executemany UPDATE.",
+    )
+    parser.add_argument("--backend", choices=("sqlite", "postgresql", "all"), default="sqlite")
+    parser.add_argument("--rows", type=int, action="append", metavar="N",
+                        help="table size; repeat for several sizes (default: 20000, a quick run)")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions per size; medians are reported")
+    parser.add_argument("--postgres-url", default=os.environ.get("FILLGATE_TEST_POSTGRES_URL"),
+                        help="server for --backend postgresql/all (default: $FILLGATE_TEST_POSTGRES_URL); "
+                             "the bench creates and drops its own databases there, so it needs CREATEDB")
+    parser.add_argument("--source", choices=("all", "missing"), default="all",
+                        help="the job's source: the whole table (the documented FillMissing job, default) "
+                             "or only the rows WHERE email IS NULL (what the baseline reads)")
+    parser.add_argument("--page-size", type=int, default=1000, help="the job's page_size (fillgate default 1000)")
+    parser.add_argument("--batch-size", type=int, default=1000, help="apply batch size (fillgate default 1000)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="after the timed runs, profile one more fillgate run per size with cProfile; "
+                             "writes DIR/<backend>-<rows>-{plan,apply}.prof and .txt summaries")
+    parser.add_argument("--json", metavar="PATH", help="also write every sample and median to PATH")
+    parser.add_argument("--fail-on-target", action="store_true",
+                        help="exit 1 if a target (apply <= 2x, run <= 3x, flat memory) is missed")
+    parser.add_argument("--workdir", help="where SQLite files and plans go (default: a temporary folder)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+    args.rows = sorted(set(args.rows or [20000]))
+    if min(args.rows) < 2 or args.repeat < 1:
+        parser.error("--rows must be at least 2 and --repeat at least 1")
+    args.backends = ["sqlite", "postgresql"] if args.backend == "all" else [args.backend]
+    if "postgresql" in args.backends and not args.postgres_url:
+        parser.error("--backend postgresql needs --postgres-url URL (or FILLGATE_TEST_POSTGRES_URL)")
+    args.log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        child_main(argv[1], argv[2])
+        return 0
+    args = parse_args(argv)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fillgate-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    backends = [SQLiteBackend(workdir) if b == "sqlite" else PostgresBackend(args.postgres_url)
+                for b in args.backends]
+    print("command:", " ".join(["python", "bench/bench_backfill.py", *argv]))
+    for key, value in environment(backends).items():
+        print(f"{key + ':':<22}{value}")
+    print(f"{'job:':<22}source={args.source}, page_size={args.page_size}, batch_size={args.batch_size}, "
+          f"repeat={args.repeat}")
+    print(f"{'machine:':<22}{load()} (at start)")
+    results = []
+    started = time.perf_counter()
+    try:
+        for backend in backends:
+            for n in args.rows:
+                results.append(measure(backend, n, args, workdir))
+    except BenchFailure as exc:
+        print(f"\nBENCH FAILED: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    ok = report(results, args)
+    print(f"\n{load()} (at end); wall time {time.perf_counter() - started:.1f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "log"},
+                                               "results": results}, indent=2, default=str))
+    return 1 if args.fail_on_target and not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -574,7 +574,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the job's source: the whole table (the documented FillMissing job, default) "
                              "or only the rows WHERE email IS NULL (what the baseline reads)")
     parser.add_argument("--page-size", type=int, default=1000, help="the job's page_size (fillgate default 1000)")
-    parser.add_argument("--batch-size", type=int, default=1000, help="apply batch size (fillgate default 1000)")
+    parser.add_argument("--batch-size", type=int, default=5000, help="apply batch size (fillgate default 5000)")
     parser.add_argument("--profile", metavar="DIR",
                         help="after the timed runs, profile one more fillgate run per size with cProfile; "
                              "writes DIR/<backend>-<rows>-{plan,apply}.prof and .txt summaries")

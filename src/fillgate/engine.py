@@ -536,8 +536,10 @@ def execute(
             with engine.begin() as tx:
                 outcome = apply_changes(tx, sql, batch)
                 now = utcnow()
+                stamp = ledger.timestamp_param(now)
                 ledger.insert_changes(tx, [
-                    (run.run_id, table, encode_key(c.key), c.column, c.op, dumps(c.old), dumps(c.new), source, now)
+                    (run.run_id, table, c.key_text or encode_key(c.key), c.column, c.op,
+                     c.old_text or dumps(c.old), c.new_text or dumps(c.new), source, stamp)
                     for c in outcome.applied
                 ])
                 problems = []

@@ -26,7 +26,7 @@ def inverse_changes(ledger: Ledger, run_id: str) -> Iterator[Change]:
     inverse = {"update": "update", "insert": "delete", "delete": "insert"}
     for row in ledger.iter_changes(run_id):
         yield Change(decode_key(row.row_key), row.column_name, loads(row.new_value), loads(row.old_value),
-                     inverse[row.op])
+                     inverse[row.op], row.row_key, row.new_value, row.old_value)
 
 
 @dataclass

@@ -28,6 +28,10 @@ class Change(NamedTuple):
     old: Any
     new: Any
     op: str = "update"
+    # the JSON text of key, old and new when it came from a plan file (saves re-encoding)
+    key_text: str | None = None
+    old_text: str | None = None
+    new_text: str | None = None
 
 
 @dataclass

@@ -82,6 +82,11 @@ def loads(text: str) -> Any:
     return _plain_decoder.decode(text)
 
 
+def scan(text: str, at: int) -> tuple[Any, int]:
+    """Decode the one JSON value that starts at ``text[at]``; return it and where it ends."""
+    return _decoder.raw_decode(text, at)
+
+
 def encode_key(key: Sequence[Any]) -> str:
     """The canonical text of a row key, as stored in plans and the audit log."""
     if len(key) == 1:

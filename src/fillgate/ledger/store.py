@@ -264,6 +264,11 @@ class Ledger:
         mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         return ", ".join([mark] * n)
 
+    def timestamp_param(self, when: dt.datetime) -> Any:
+        """``when`` as the audit insert binds it: SQLite stores text, so it gets the text
+        (formatted once per batch, not once per row by the driver's adapter)."""
+        return when.isoformat(" ") if self.dialect == "sqlite" else when
+
     def insert_changes(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         """Append audit rows: (run_id, table, row_key, column, op, old, new, source, time)."""
         if not rows:

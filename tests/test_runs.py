@@ -462,3 +462,28 @@ def test_apply_lock_is_per_database(db: TestDB) -> None:
     finally:
         held.release()
     ApplyLock(connect(here).engine, "apply:jobs:FillEmail", "R4", "me").acquire().release()
+
+
+def test_cancel_a_failed_run(db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
+    """A run stopped by a guard can be given up: cancelled, not resumable, its batches audited."""
+    db.create_people(9)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init", "--target", "staging").exit_code == 0
+    db.execute("CREATE TABLE flag (hold INTEGER NOT NULL)")
+    db.execute("INSERT INTO flag (hold) VALUES (0)")
+    assert run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", "p.plan").exit_code == 0
+    db.execute("UPDATE flag SET hold = 1")
+    stopped = run_cli(cli, cfg, "apply", "p.plan", "--batch-size", "2", "--max-hold", "0",
+                      "--hold-while", "SELECT hold FROM flag", "--json")
+    assert stopped.exit_code == 3, stopped.output
+    ((run_id, status),) = db.rows("SELECT run_id, status FROM fillgate_runs WHERE kind = 'apply'")
+    assert status == "failed"
+    assert run_cli(cli, cfg, "pause", run_id).exit_code == 2  # nothing runs: pausing makes no sense
+    cancelled = run_cli(cli, cfg, "cancel", run_id, "--json")
+    assert cancelled.exit_code == 0, cancelled.output
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    assert db.scalar("SELECT status FROM fillgate_runs WHERE run_id = :r", {"r": run_id}) == "cancelled"
+    assert run_cli(cli, cfg, "resume", run_id).exit_code == 2
+    # the batch it applied before stopping stays in the table and in the audit log
+    assert db.scalar("SELECT count(*) FROM fillgate_changes WHERE run_id = :r", {"r": run_id}) == 2
+    assert db.scalar("SELECT count(*) FROM people WHERE email LIKE '%@example.com'") == 2

@@ -784,11 +784,15 @@ def control_run(conn: Connected, run_id: str, action: str) -> Run:
     run = ledger.get_run(run_id)
     if run.kind not in ("apply", "revert"):
         raise RunStateError(f"run {run_id} is a {run.kind} run; only apply and revert runs can be {action}d.")
-    if run.status not in ("running", "paused"):
+    stoppable = ("running", "paused", "failed") if action == "cancel" else ("running", "paused")
+    if run.status not in stoppable:
         raise RunStateError(
-            f"run {run_id} is {run.status}; only running or paused runs can be {action}d."
+            f"run {run_id} is {run.status}; only {' or '.join(stoppable)} runs can be {action}d."
         )
     new_status = "paused" if action == "pause" else "cancelled"
+    if run.status == "failed":  # no process: give up on it (what it applied stays audited)
+        ledger.update_run(run_id, status="cancelled", finished_at=utcnow())
+        return ledger.get_run(run_id)
     if run.status == "paused":
         if action == "cancel":
             ledger.update_run(run_id, status="cancelled", finished_at=utcnow())

@@ -304,9 +304,12 @@ def test_a_conflict_in_any_stage_revert_makes_the_pipeline_revert_exit_1(
     cfg = _setup(db, tmp_path)
     result = _run(cfg, _spec(tmp_path))
     db.execute("UPDATE person_tags SET tag = 'hand-made' WHERE person_id = 7")  # TagPeople's revert conflicts
-    reverted = run_cli(CliRunner(), cfg, "revert", result["run_id"], "--target", "staging")
+    reverted = run_cli(CliRunner(), cfg, "revert", result["run_id"], "--target", "staging", "--json")
     assert reverted.exit_code == 1, reverted.output
     assert _tags(db) == [(7, "hand-made")]
+    # --json reports every stage's revert, last stage first; only TagPeople's had the conflict
+    reverts = json.loads(reverted.stdout)["reverts"]
+    assert [r["counts"]["conflicts"] for r in reverts] == [1] + [0] * (len(reverts) - 1)
 
 
 def test_plan_of_a_pipeline_writes_nothing(db: TestDB, tmp_path: Path, seen_file: Path) -> None:

@@ -353,7 +353,6 @@ def revert(
     as_json: JsonOpt = False,
 ) -> None:
     """Undo a run from its audit log, as a new audited run; rows changed since are left alone."""
-    earlier_problems = 0
     with _errors():
         conn = connect(_target(target))
         if dry_run:
@@ -362,21 +361,20 @@ def revert(
             limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                              confirm=confirm, batch_size=batch_size, pause_ms=pause_between_batches)
             with _monitor(events, as_json) as monitor:
-                if conn.ledger.get_run(run_id).kind == "pipeline":
-                    results = revert_pipeline(conn, run_id, limits, monitor)
-                    for each in results[:-1]:
-                        if not as_json:
-                            report.print_apply(_human(events), each)
-                    if not results:
-                        raise RunStateError(f"pipeline run {run_id} applied no stage; there is nothing to revert.")
-                    result = results[-1]
-                    earlier_problems = sum(not each.clean for each in results[:-1])  # exit 1 for any stage
-                else:
-                    result = revert_run(conn, run_id, limits, monitor)
+                results = (revert_pipeline(conn, run_id, limits, monitor)
+                           if conn.ledger.get_run(run_id).kind == "pipeline"
+                           else [revert_run(conn, run_id, limits, monitor)])
+            if not results:
+                raise RunStateError(f"pipeline run {run_id} applied no stage; there is nothing to revert.")
     if dry_run:
         _emit(as_json, lambda: report.preview_json(preview), lambda: report.print_preview(out, preview))
         return
-    _finish_apply(result, as_json, _human(events), plan_errors=earlier_problems)
+    if len(results) == 1:
+        _finish_apply(results[0], as_json, _human(events))
+    # a pipeline: one revert per stage, last stage first
+    _emit(as_json, lambda: {"run_id": run_id, "reverts": [report.apply_json(r) for r in results]},
+          lambda: [report.print_apply(_human(events), r) for r in results])
+    raise typer.Exit(EXIT_OK if all(r.clean for r in results) else EXIT_ROW_PROBLEMS)
 
 
 def _control(run_id: str, target: str | None, action: str, as_json: bool) -> None:

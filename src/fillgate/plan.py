@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from fillgate.errors import PlanFileError
 from fillgate.sql import Change
-from fillgate.values import dumps, encode_key, loads, scan
+from fillgate.values import dumps, encode_key, loads
 
 PLAN_FORMAT = 1
 LINE_KINDS = ("change", "insert", "disagreement", "preserved", "error", "unexpected_index")
@@ -211,37 +211,6 @@ def _decode_record(path: Path, number: int, line: str) -> dict[str, Any]:
     return record
 
 
-_CHANGE_PREFIX = '{"kind":"change","key":'
-
-
-def _fast_change(line: str) -> Change | None:
-    """A change line exactly as PlanWriter.change writes it, decoded field by field so the
-    JSON text of key, old and new is kept for the audit rows (no re-encoding); None for any
-    other shape (the caller then decodes the line the general way)."""
-    if not line.startswith(_CHANGE_PREFIX):
-        return None
-    try:
-        at = len(_CHANGE_PREFIX)
-        key, end = scan(line, at)
-        key_text = line[at:end]
-        if not line.startswith(',"column":', end):
-            return None
-        column, end = scan(line, end + 10)
-        if not line.startswith(',"old":', end):
-            return None
-        old, old_end = scan(line, end + 7)
-        old_text = line[end + 7:old_end]
-        if not line.startswith(',"new":', old_end):
-            return None
-        new, new_end = scan(line, old_end + 7)
-        new_text = line[old_end + 7:new_end]
-        if line[new_end:].strip() != "}":
-            return None
-    except ValueError:
-        return None
-    return Change(tuple(key), column, old, new, "update", key_text, old_text, new_text)
-
-
 def iter_changes(path: str | Path, skip: int = 0) -> Iterator[Change]:
     """The plan's changes in order, after the first ``skip`` of them (a checkpoint)."""
     path = Path(path)
@@ -249,12 +218,6 @@ def iter_changes(path: str | Path, skip: int = 0) -> Iterator[Change]:
     with path.open(encoding="utf-8") as fh:
         fh.readline()
         for number, line in enumerate(fh, start=2):
-            change = _fast_change(line)
-            if change is not None:
-                seen += 1
-                if seen > skip:
-                    yield change
-                continue
             record = _decode_record(path, number, line)
             if record["kind"] not in APPLIED_KINDS:
                 continue

@@ -76,15 +76,19 @@ def dumps(value: Any) -> str:
 
 
 def loads(text: str) -> Any:
-    """JSON back to Python values; only text holding a ``"$`` tag pays for the tag hook."""
-    if '"$' in text:
-        return _decoder.decode(text)
-    return _plain_decoder.decode(text)
+    """JSON back to Python values; only text holding a ``"$`` tag pays for the tag hook.
 
-
-def scan(text: str, at: int) -> tuple[Any, int]:
-    """Decode the one JSON value that starts at ``text[at]``; return it and where it ends."""
-    return _decoder.raw_decode(text, at)
+    The C scanner is called directly (a plan is decoded line by line, millions of times);
+    anything unusual (leading whitespace, trailing data, bad JSON) takes ``decode`` for its
+    exact error message."""
+    decoder = _decoder if '"$' in text else _plain_decoder
+    try:
+        value, end = decoder.scan_once(text, 0)
+    except (StopIteration, ValueError):
+        return decoder.decode(text)
+    if end != len(text) and text[end:].strip():
+        return decoder.decode(text)
+    return value
 
 
 def encode_key(key: Sequence[Any]) -> str:

@@ -8,12 +8,14 @@ recreated, or a per-worker MariaDB database that is dropped and recreated.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -196,6 +198,21 @@ def run_cli(runner: CliRunner, config: Path | None, *args: str) -> Any:
     argv = (["--config", str(config)] if config else []) + list(args)
     dispose_all()
     return runner.invoke(app, argv, catch_exceptions=False)
+
+
+def load_module(path: Path, name: str, *, shared: bool = False) -> ModuleType:
+    """Import the file at ``path`` as module ``name``. Examples have generic file names
+    (jobs.py, before.py), so each test imports them under a name of its own; ``shared`` reuses
+    a module already imported under that name (an example's world module, which its other
+    files import by that name)."""
+    if shared and name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def fillgate_subprocess(args: Sequence[str], cwd: Path, **kwargs: Any) -> subprocess.Popen[str]:

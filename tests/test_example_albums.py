@@ -9,7 +9,6 @@ one alert per affected batch, with the same fingerprint in a second run.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typer.testing import CliRunner
 
 from fillgate.alerts import fingerprint
 
-from conftest import SRC, TestDB, run_cli
+from conftest import SRC, TestDB, load_module, run_cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "album_lookup"
 JOB_SPEC = f"{EXAMPLE / 'jobs.py'}:FillAlbumMetadata"
@@ -32,12 +31,7 @@ JOB_NAME = "album_lookup:FillAlbumMetadata"
 
 def _load(name: str) -> ModuleType:
     """An example module by path, under a name no other test module uses."""
-    spec = importlib.util.spec_from_file_location(f"album_lookup_{name}", EXAMPLE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(EXAMPLE / f"{name}.py", f"album_lookup_{name}")
 
 
 service = _load("service")

@@ -11,10 +11,8 @@ constraint is an error before anything runs (exit 2), while ``(run_timestamp, to
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sqlite3
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -25,7 +23,7 @@ from typer.testing import CliRunner
 from fillgate import connect, make_plan
 from fillgate.values import encode_key
 
-from conftest import TestDB, fillgate_subprocess, run_cli
+from conftest import TestDB, fillgate_subprocess, load_module, run_cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "run_identity"
 
@@ -35,27 +33,12 @@ BUGGY = f"{EXAMPLE / 'buggy_jobs.py'}"
 
 def _load(name: str) -> ModuleType:
     """A fresh copy of an example module (a new "process" for before.py's RUN_ID)."""
-    spec = importlib.util.spec_from_file_location(f"run_identity_{name}", EXAMPLE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(EXAMPLE / f"{name}.py", f"run_identity_{name}")
 
 
-def _world() -> ModuleType:
-    """The example's shared module, under its own name (jobs.py and before.py import it so),
-    without putting the example folder (its generic before.py, jobs.py) on sys.path."""
-    spec = importlib.util.spec_from_file_location("digest_world", EXAMPLE / "digest_world.py")
-    assert spec is not None and spec.loader is not None
-    module = sys.modules.get("digest_world") or importlib.util.module_from_spec(spec)
-    if "digest_world" not in sys.modules:
-        sys.modules["digest_world"] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-world = _world()
+# the example's shared module, under the name its jobs.py and before.py import it by, without
+# putting the example folder (its generic before.py, jobs.py) on sys.path
+world = load_module(EXAMPLE / "digest_world.py", "digest_world", shared=True)
 N = len(world.TOPICS)
 
 

@@ -13,9 +13,7 @@ Staging is the test database (every backend); live is a second database, a SQLit
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,34 +22,19 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from conftest import TestDB, run_cli
+from conftest import TestDB, load_module, run_cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "enrichment_pipeline"
 
 
 def _load(name: str) -> ModuleType:
     """An example module by path, under a name no other test module uses."""
-    spec = importlib.util.spec_from_file_location(f"enrichment_pipeline_{name}", EXAMPLE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(EXAMPLE / f"{name}.py", f"enrichment_pipeline_{name}")
 
 
-def _world() -> ModuleType:
-    """The example's shared module, under its own name (jobs.py and before.py import it so),
-    without putting the example folder (its generic before.py, jobs.py) on sys.path."""
-    spec = importlib.util.spec_from_file_location("enrichment_world", EXAMPLE / "enrichment_world.py")
-    assert spec is not None and spec.loader is not None
-    module = sys.modules.get("enrichment_world") or importlib.util.module_from_spec(spec)
-    if "enrichment_world" not in sys.modules:
-        sys.modules["enrichment_world"] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-world = _world()
+# the example's shared module, under the name its jobs.py and before.py import it by, without
+# putting the example folder (its generic before.py, jobs.py) on sys.path
+world = load_module(EXAMPLE / "enrichment_world.py", "enrichment_world", shared=True)
 
 
 before = _load("before")

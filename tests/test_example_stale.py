@@ -7,7 +7,6 @@ audit log and history, and a re-probe that never writes NULL over a good value.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 from fillgate import Failed, Job, Limits, apply_plan, connect, init_target, load_job, make_plan
 from fillgate.policy import Decision
 
-from conftest import TestDB, run_cli
+from conftest import TestDB, load_module, run_cli
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "stale_classifications"
 JOBS = str(EXAMPLE / "jobs.py")
@@ -30,14 +29,7 @@ JOBS = str(EXAMPLE / "jobs.py")
 
 def _load(name: str, file: str) -> ModuleType:
     """Load an example module under a unique name (other examples have a before.py too)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLE / file)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(EXAMPLE / file, name, shared=True)
 
 
 world = _load("stale_agents", "stale_agents.py")

@@ -487,3 +487,14 @@ def test_cancel_a_failed_run(db: TestDB, cli: CliRunner, jobs_file: Path) -> Non
     # the batch it applied before stopping stays in the table and in the audit log
     assert db.scalar("SELECT count(*) FROM fillgate_changes WHERE run_id = :r", {"r": run_id}) == 2
     assert db.scalar("SELECT count(*) FROM people WHERE email LIKE '%@example.com'") == 2
+
+
+def test_runs_filters_are_checked(sqlite_db: TestDB, cli: CliRunner) -> None:
+    cfg = sqlite_db.config()
+    assert run_cli(cli, cfg, "init", "--target", "staging").exit_code == 0
+    for option, value in (("--kind", "aply"), ("--status", "done")):
+        result = run_cli(cli, cfg, "runs", option, value)
+        assert result.exit_code == 2, result.output
+        assert f"unknown run {option[2:]} '{value}'" in result.stderr
+    listed = run_cli(cli, cfg, "runs", "--kind", "init", "--json")
+    assert [r["kind"] for r in json.loads(listed.stdout)] == ["init"]

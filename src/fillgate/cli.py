@@ -292,7 +292,9 @@ def run(
 def runs(
     target: TargetOpt = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 20,
-    kind: Annotated[str | None, typer.Option("--kind", help="plan, apply, revert, init or stamp")] = None,
+    kind: Annotated[
+        str | None, typer.Option("--kind", help="init, stamp, plan, apply, revert or pipeline")
+    ] = None,
     status: Annotated[str | None, typer.Option("--status")] = None,
     job: Annotated[str | None, typer.Option("--job")] = None,
     as_json: JsonOpt = False,

@@ -95,10 +95,6 @@ _active: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
 )
 
 
-def active_run() -> RunContext | None:
-    return _active.get()
-
-
 @contextmanager
 def activate(ctx: RunContext) -> Iterator[RunContext]:
     """Mark ``ctx`` as the active run for the code called inside the block."""

@@ -192,15 +192,6 @@ def verify_plan(path: str | Path) -> PlanHeader:
     return header
 
 
-def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Every body line of a plan, decoded."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as fh:
-        fh.readline()
-        for number, line in enumerate(fh, start=2):
-            yield _decode_record(path, number, line)
-
-
 def _decode_record(path: Path, number: int, line: str) -> dict[str, Any]:
     try:
         record = loads(line)

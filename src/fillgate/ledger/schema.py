@@ -111,5 +111,3 @@ locks = Table(
     Column("acquired_at", Timestamp, nullable=False),
     Column("heartbeat_at", Timestamp, nullable=False),
 )
-
-LEDGER_TABLES = ("fillgate_meta", "fillgate_runs", "fillgate_changes", "fillgate_errors", "fillgate_locks")

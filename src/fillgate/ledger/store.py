@@ -20,14 +20,14 @@ from sqlalchemy import func, insert, inspect, select, update
 from sqlalchemy.engine import Connection, Engine
 from ulid import ULID
 
-from fillgate.errors import NotInitializedError, RunNotFoundError
+from fillgate.errors import NotInitializedError, RunNotFoundError, UsageError
 from fillgate.ledger import schema
 from fillgate.ledger.schema import VERSION_TABLE
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 RUN_STATUSES = ("planned", "running", "paused", "cancelled", "failed", "succeeded")
-FINISHED = ("planned", "cancelled", "failed", "succeeded")
+RUN_KINDS = ("init", "stamp", "plan", "apply", "revert", "pipeline")
 
 
 def utcnow() -> dt.datetime:
@@ -224,6 +224,9 @@ class Ledger:
         self, limit: int = 20, kind: str | None = None, status: str | None = None,
         job: str | None = None,
     ) -> list[Run]:
+        for name, value, allowed in (("kind", kind, RUN_KINDS), ("status", status, RUN_STATUSES)):
+            if value is not None and value not in allowed:
+                raise UsageError(f"unknown run {name} {value!r}; use one of: {', '.join(allowed)}.")
         stmt = select(schema.runs).order_by(schema.runs.c.run_id.desc()).limit(limit)
         if kind:
             stmt = stmt.where(schema.runs.c.kind == kind)
@@ -361,13 +364,3 @@ class Ledger:
                     "example_message": first.message,
                 })
             return out
-
-    def errors_of(self, run_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        e = schema.errors.c
-        with self.engine.connect() as conn:
-            return [
-                dict(r._mapping)
-                for r in conn.execute(
-                    select(schema.errors).where(e.run_id == run_id).order_by(e.id).limit(limit)
-                )
-            ]

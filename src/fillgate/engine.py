@@ -302,13 +302,16 @@ class _Planner:
                 self._count("unchanged" if same else "skipped")
 
     def _diff(self, row: Mapping[str, Any], key: tuple[Any, ...], proposal: Mapping[str, Any]) -> None:
+        counts = self.page_counts
         for column, new in proposal.items():
             old = row[column]
             decision = self.policies[column].decide(old, new)
-            self._count(_DECISION_COUNT[decision])
-            if decision is Decision.WRITE:
+            name = _DECISION_COUNT[decision]
+            counts[name] = counts.get(name, 0) + 1
+            if decision is Decision.WRITE:  # the hot path: no sample dict once the samples are full
                 self.writer.change(key, column, old, new)
-                self._sample("change", {"key": list(key), "column": column, "old": old, "new": new})
+                if len(self.samples["change"]) < SAMPLE:
+                    self._sample("change", {"key": list(key), "column": column, "old": old, "new": new})
             elif decision is Decision.DISAGREEMENT:
                 self.writer.disagreement(key, column, old, new)
                 self._sample("disagreement", {"key": list(key), "column": column, "old": old, "new": new})

@@ -224,11 +224,11 @@ class SlowestRows:
         self._seq = itertools.count()  # ties never compare keys (they may not be comparable)
 
     def add(self, ms: float, key: Any) -> None:
-        item = (ms, next(self._seq), key)
-        if len(self._heap) < self.n:
-            heapq.heappush(self._heap, item)
-        elif ms > self._heap[0][0]:
-            heapq.heapreplace(self._heap, item)
+        heap = self._heap
+        if len(heap) < self.n:
+            heapq.heappush(heap, (ms, next(self._seq), key))
+        elif ms > heap[0][0]:
+            heapq.heapreplace(heap, (ms, next(self._seq), key))
 
     def update(self, other: SlowestRows) -> None:
         """Merge the rows another tracker kept (e.g. one per batch into one per run)."""

@@ -277,13 +277,14 @@ class Ledger:
         if not rows:
             return
         if self.dialect == "postgresql":
-            # one statement per batch; the arrays go in binary (psycopg's text arrays are slow)
-            conn.exec_driver_sql(
-                "INSERT INTO fillgate_changes (run_id, table_name, row_key, column_name, op, old_value, "
-                "new_value, source, changed_at) SELECT * FROM unnest("
-                + ", ".join(["CAST(%b AS text[])"] * 8) + ", CAST(%b AS timestamp[]))",
-                tuple(list(column) for column in zip(*rows, strict=True)),
-            )
+            # COPY, in the caller's transaction: the fastest way PostgreSQL takes many rows
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            with cursor.copy(
+                "COPY fillgate_changes (run_id, table_name, row_key, column_name, op, old_value, "
+                "new_value, source, changed_at) FROM STDIN"
+            ) as copy:
+                for row in rows:
+                    copy.write_row(row)
             return
         sql = (
             "INSERT INTO fillgate_changes (run_id, table_name, row_key, column_name, op, "

@@ -278,8 +278,7 @@ class Ledger:
             return
         if self.dialect == "postgresql":
             # COPY, in the caller's transaction: the fastest way PostgreSQL takes many rows
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            with cursor.copy(
+            with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(  # type: ignore[union-attr]
                 "COPY fillgate_changes (run_id, table_name, row_key, column_name, op, old_value, "
                 "new_value, source, changed_at) FROM STDIN"
             ) as copy:

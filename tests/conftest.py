@@ -108,18 +108,28 @@ def _worker() -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Drop this session's (or worker's) test databases."""
-    name = f"fillgate_t_{_worker()}"
+    """Drop this session's (or worker's) test databases, and the extra ones tests made
+    beside them (named with the same prefix)."""
+    prefix = f"fillgate_t_{_worker()}"
     dispose_all()
     if PG_URL:
         admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            names = conn.execute(
+                sa.text("SELECT datname FROM pg_database WHERE starts_with(datname, :p)"), {"p": prefix}
+            ).scalars().all()
+            for name in names:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
     if MY_URL:
         admin = sa.create_engine(parse_url(MY_URL, "FILLGATE_TEST_MYSQL_URL"))
         with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+            names = conn.execute(
+                sa.text("SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE :p"),
+                {"p": prefix.replace("_", "\\_") + "%"},
+            ).scalars().all()
+            for name in names:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
         admin.dispose()
 
 

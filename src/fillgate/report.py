@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -61,6 +61,22 @@ def _key(key: Sequence[Any]) -> str:
     return ", ".join(str(k) for k in key)
 
 
+def _print_table(
+    console: Console, title: str, columns: Sequence[str | tuple[str, str]], rows: Iterable[Sequence[str]]
+) -> None:
+    """A titled table (columns: a name, or (name, style)); nothing at all when there are no rows."""
+    rows = list(rows)
+    if not rows:
+        return
+    t = Table(title=title, title_justify="left")
+    for column in columns:
+        name, style = (column, None) if isinstance(column, str) else column
+        t.add_column(name, style=style)
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+
+
 # --- init -------------------------------------------------------------------------------
 
 
@@ -114,49 +130,23 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step
         counts.add_row(PLAN_LABELS[name], f"[{style}]{result.counts[name]}[/]" if style else str(result.counts[name]))
     console.print(counts)
     changes = result.samples.get("change", [])[:sample]
-    if changes:
-        diff = Table(title=f"first {len(changes)} of {h.changes} changes", title_justify="left")
-        diff.add_column("key")
-        diff.add_column("column")
-        diff.add_column("old", style="red")
-        diff.add_column("new", style="green")
-        for item in changes:
-            diff.add_row(_key(item["key"]), item["column"], _short(item["old"]), _short(item["new"]))
-        console.print(diff)
+    _print_table(console, f"first {len(changes)} of {h.changes} changes",
+                 ("key", "column", ("old", "red"), ("new", "green")),
+                 ((_key(i["key"]), i["column"], _short(i["old"]), _short(i["new"])) for i in changes))
     inserts = result.samples.get("insert", [])[:sample]
-    if inserts:
-        t = Table(title=f"first {len(inserts)} of {result.counts.get('inserts', 0)} inserts", title_justify="left")
-        t.add_column("key")
-        t.add_column("row", style="green")
-        for item in inserts:
-            t.add_row(_key(item["key"]), _short(json.dumps(item["values"], default=str), 70))
-        console.print(t)
+    _print_table(console, f"first {len(inserts)} of {result.counts.get('inserts', 0)} inserts",
+                 ("key", ("row", "green")),
+                 ((_key(i["key"]), _short(json.dumps(i["values"], default=str), 70)) for i in inserts))
     for kind, title in (("disagreement", "disagreements (not written)"), ("preserved", "preserved by the guard")):
-        items = result.samples.get(kind, [])[:5]
-        if items:
-            t = Table(title=title, title_justify="left")
-            for col in ("key", "column", "stored", "proposed"):
-                t.add_column(col)
-            for item in items:
-                proposed = item.get("new", item.get("reason"))
-                t.add_row(_key(item["key"]), item["column"], _short(item["old"]), _short(proposed))
-            console.print(t)
-    unexpected = result.samples.get("unexpected_index", [])[:5]
-    if unexpected:
-        t = Table(title="unexpected lookup index (never written)", title_justify="left")
-        for col in ("key", "what"):
-            t.add_column(col)
-        for item in unexpected:
-            t.add_row(_key(item["key"]), _short(item["message"], 80))
-        console.print(t)
-    errors = result.samples.get("error", [])[:5]
-    if errors:
-        t = Table(title="row errors (nothing written for these rows)", title_justify="left")
-        for col in ("key", "error", "message"):
-            t.add_column(col)
-        for item in errors:
-            t.add_row(_key(item["key"]), item["error_type"], _short(item["message"], 70))
-        console.print(t)
+        _print_table(console, title, ("key", "column", "stored", "proposed"), (
+            (_key(i["key"]), i["column"], _short(i["old"]), _short(i.get("new", i.get("reason"))))
+            for i in result.samples.get(kind, [])[:5]
+        ))
+    _print_table(console, "unexpected lookup index (never written)", ("key", "what"),
+                 ((_key(i["key"]), _short(i["message"], 80)) for i in result.samples.get("unexpected_index", [])[:5]))
+    _print_table(console, "row errors (nothing written for these rows)", ("key", "error", "message"), (
+        (_key(i["key"]), i["error_type"], _short(i["message"], 70)) for i in result.samples.get("error", [])[:5]
+    ))
     if result.path:
         console.print(f"Plan saved to [bold]{result.path}[/]")
         if next_step:
@@ -190,14 +180,10 @@ def print_apply(console: Console, result: ApplyResult) -> None:
         f"applied {c['applied']}, conflicts {c['conflicts']}, errors {c['errors']} "
         f"({run.checkpoint}/{run.total} changes processed)"
     )
-    if result.conflicts:
-        t = Table(title="conflicts (changed since the plan; left alone)", title_justify="left")
-        for col in ("key", "column", "expected", "found"):
-            t.add_column(col)
-        for item in result.conflicts[:10]:
-            found = _short(item["found"]) if item["row_exists"] else "(row deleted)"
-            t.add_row(_key(item["key"]), item["column"], _short(item["expected"]), found)
-        console.print(t)
+    _print_table(console, "conflicts (changed since the plan; left alone)", ("key", "column", "expected", "found"), (
+        (_key(i["key"]), i["column"], _short(i["expected"]), _short(i["found"]) if i["row_exists"] else "(row deleted)")
+        for i in result.conflicts[:10]
+    ))
     if result.stopped == "paused":
         console.print(f"Paused between batches. Continue with: fillgate resume {run.run_id}")
     elif run.status == "succeeded" and run.kind != "revert":
@@ -221,13 +207,9 @@ def print_preview(console: Console, preview: RevertPreview) -> None:
         f"{preview.revertible} of {preview.total} fields would be restored, "
         f"{preview.conflicts} changed since and would be left alone."
     )
-    if preview.samples:
-        t = Table(title="would restore", title_justify="left")
-        for col in ("key", "column", "now", "restored to"):
-            t.add_column(col)
-        for item in preview.samples[:10]:
-            t.add_row(_key(item["key"]), item["column"], _short(item["old"]), _short(item["new"]))
-        console.print(t)
+    _print_table(console, "would restore", ("key", "column", "now", "restored to"), (
+        (_key(i["key"]), i["column"], _short(i["old"]), _short(i["new"])) for i in preview.samples[:10]
+    ))
 
 
 # --- runs, show, history -----------------------------------------------------------------
@@ -305,14 +287,12 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
         counts.add_row(name, str(value))
     console.print(counts)
     _print_details(console, run)
-    if error_groups:
-        g = Table(title="errors and conflicts by fingerprint", title_justify="left")
-        for col in ("job / stage", "fingerprint", "phase", "type", "count", "example key", "example message"):
-            g.add_column(col)
-        for group in error_groups:
-            g.add_row(group.get("job") or "", group["fingerprint"], group["phase"], group["error_type"],
-                      str(group["count"]), group["example_key"] or "", _short(group["example_message"], 60))
-        console.print(g)
+    _print_table(
+        console, "errors and conflicts by fingerprint",
+        ("job / stage", "fingerprint", "phase", "type", "count", "example key", "example message"),
+        ((g.get("job") or "", g["fingerprint"], g["phase"], g["error_type"], str(g["count"]),
+          g["example_key"] or "", _short(g["example_message"], 60)) for g in error_groups),
+    )
 
 
 def history_json(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -329,13 +309,12 @@ def print_history(console: Console, table: str, key: str, entries: Sequence[Mapp
     if not entries:
         console.print(f"No recorded changes for {table} {key}.")
         return
-    t = Table(title=f"history of {table} {key}", title_justify="left")
-    for col in ("when (UTC)", "run", "kind", "job / source", "column", "from", "to", "operator"):
-        t.add_column(col)
-    for e in entries:
-        t.add_row(_when(e["changed_at"]), e["run_id"], e["kind"] or "", e["source"], e["column_name"],
-                  _short(loads(e["old_value"])), _short(loads(e["new_value"])), e["operator"] or "")
-    console.print(t)
+    _print_table(
+        console, f"history of {table} {key}",
+        ("when (UTC)", "run", "kind", "job / source", "column", "from", "to", "operator"),
+        ((_when(e["changed_at"]), e["run_id"], e["kind"] or "", e["source"], e["column_name"],
+          _short(loads(e["old_value"])), _short(loads(e["new_value"])), e["operator"] or "") for e in entries),
+    )
 
 
 # --- progress ----------------------------------------------------------------------------
@@ -401,14 +380,14 @@ def pipeline_json(result: PipelineResult) -> dict[str, Any]:
 
 def print_pipeline(console: Console, result: PipelineResult) -> None:
     run = result.run
-    t = Table(title=f"pipeline {run.job}: run {run.run_id} {run.status}", title_justify="left")
-    for col in ("stage", "rows", "writes", "inserts", "errors", "unexpected", "applied", "conflicts", "apply run"):
-        t.add_column(col)
+    rows = []
     for s in result.stages:
         c = s.plan.counts
         a = s.apply.counts if s.apply else {}
-        t.add_row(s.stage, str(c["rows"]), str(c["writes"]), str(c["inserts"]), str(c["errors"]),
-                  str(c["unexpected_index"]), str(a.get("applied", "")), str(a.get("conflicts", "")),
-                  s.apply.run.run_id if s.apply else "")
-    console.print(t)
+        rows.append((s.stage, str(c["rows"]), str(c["writes"]), str(c["inserts"]), str(c["errors"]),
+                     str(c["unexpected_index"]), str(a.get("applied", "")), str(a.get("conflicts", "")),
+                     s.apply.run.run_id if s.apply else ""))
+    _print_table(console, f"pipeline {run.job}: run {run.run_id} {run.status}",
+                 ("stage", "rows", "writes", "inserts", "errors", "unexpected", "applied", "conflicts", "apply run"),
+                 rows)
     console.print(f"Details of every stage, errors included: fillgate show {run.run_id}")

@@ -32,7 +32,7 @@ from fillgate.job import Job, load_job
 from fillgate.ledger import ApplyLock, Run, new_run_id, operator_name, utcnow
 from fillgate.lookup import Lookup
 from fillgate.monitor import Monitor
-from fillgate.plan import LINE_KINDS, PlanHeader, PlanWriter, file_sha256, iter_changes, verify_plan
+from fillgate.plan import LINE_KINDS, PlanHeader, PlanWriter, file_sha256, iter_changes, read_header, verify_plan
 from fillgate.policy import Decision, Failed
 from fillgate.sql import (
     Change,
@@ -766,7 +766,7 @@ def resume_run(
                 f"plan file {path} changed since run {run_id} started applying it; refusing to resume."
             )
         changes: Iterable[Change] = iter_changes(path, skip=run.checkpoint)
-        limits = _with_job_checks(limits, verify_plan(path))
+        limits = _with_job_checks(limits, read_header(path))  # the file was just checked whole
     else:
         changes = islice(inverse_changes(ledger, run.parent_run_id or ""), run.checkpoint, None)
     lock = ApplyLock(conn.engine, lock_name(run.job), run.run_id, operator_name()).acquire()

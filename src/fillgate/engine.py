@@ -539,10 +539,9 @@ def execute(
             with engine.begin() as tx:
                 outcome = apply_changes(tx, sql, batch)
                 now = utcnow()
-                stamp = ledger.timestamp_param(now)
-                ledger.insert_changes(tx, [
-                    (run.run_id, table, c.key_text or encode_key(c.key), c.column, c.op,
-                     c.old_text or dumps(c.old), c.new_text or dumps(c.new), source, stamp)
+                ledger.insert_changes(tx, run.run_id, table or "", source, now, [
+                    (c.key_text or encode_key(c.key), c.column, c.op,
+                     c.old_text or dumps(c.old), c.new_text or dumps(c.new))
                     for c in outcome.applied
                 ])
                 problems = []

@@ -9,9 +9,11 @@ configures sinks, and otherwise only keeps time.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
@@ -79,7 +81,8 @@ class Monitor:
             self.slowest.add(ms, key)
 
     def _fold_row_times(self) -> None:
-        for key, ms in self._row_ms.items():
+        # only the batch's slowest rows can enter the run's slowest rows
+        for key, ms in heapq.nlargest(self.slowest.n, self._row_ms.items(), key=itemgetter(1)):
             self.slowest.add(ms, key)
         self._row_ms = {}
 

@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from fillgate.errors import PlanFileError
 from fillgate.sql import Change
-from fillgate.values import dumps, encode_key, loads
+from fillgate.values import dumps, encode_key, loads, scan
 
 PLAN_FORMAT = 1
 LINE_KINDS = ("change", "insert", "disagreement", "preserved", "error", "unexpected_index")
@@ -83,23 +83,32 @@ class PlanWriter:
         self._body_path = Path(name)
         self._body: IO[str] = os.fdopen(fd, "w", encoding="utf-8")
         self._hash = hashlib.sha256()
+        self._pending: list[str] = []  # lines not yet written and hashed (flushed in chunks)
         self.lines = 0
         self.changes = 0
 
+    def _flush(self) -> None:
+        if self._pending:
+            chunk = "".join(self._pending)
+            self._pending = []
+            self._body.write(chunk)
+            self._hash.update(chunk.encode("utf-8"))
+
     def _write(self, record: dict[str, Any]) -> None:
-        line = dumps(record) + "\n"
-        self._body.write(line)
-        self._hash.update(line.encode("utf-8"))
+        self._pending.append(dumps(record) + "\n")
         self.lines += 1
+        if len(self._pending) >= 1000:
+            self._flush()
 
     def change(self, key: tuple[Any, ...], column: str, old: Any, new: Any) -> None:
         # the hot path of a plan: the line is put together directly (same JSON as _write)
-        line = (f'{{"kind":"change","key":{encode_key(key)},"column":{dumps(column)},'
-                f'"old":{dumps(old)},"new":{dumps(new)}}}\n')
-        self._body.write(line)
-        self._hash.update(line.encode("utf-8"))
+        pending = self._pending
+        pending.append(f'{{"kind":"change","key":{encode_key(key)},"column":{dumps(column)},'
+                       f'"old":{dumps(old)},"new":{dumps(new)}}}\n')
         self.lines += 1
         self.changes += 1
+        if len(pending) >= 1000:
+            self._flush()
 
     def insert(self, key: tuple[Any, ...], values: dict[str, Any]) -> None:
         """A row that must exist and does not: inserted at apply (if its key is still free)."""
@@ -124,6 +133,7 @@ class PlanWriter:
 
     def finish(self, header: PlanHeader, path: Path) -> Path:
         """Write the complete plan to ``path`` (atomically) and return it."""
+        self._flush()
         self._body.close()
         header.lines = self.lines
         header.changes = self.changes
@@ -202,6 +212,33 @@ def _decode_record(path: Path, number: int, line: str) -> dict[str, Any]:
     return record
 
 
+_CHANGE_START = '{"kind":"change","key":'
+
+
+def _change_from_line(line: str) -> Change | None:
+    """A change line exactly as ``PlanWriter.change`` writes it, decoded in place (the hot
+    path of apply, hence unrolled): key, old and new keep their JSON text, so the audit log
+    stores the plan's own text. None for any other line (the caller decodes it the general way)."""
+    if not line.startswith(_CHANGE_START):
+        return None
+    try:
+        key, a = scan(line, 23)
+        if not line.startswith(',"column":', a):
+            return None
+        column, b = scan(line, a + 10)
+        if not line.startswith(',"old":', b):
+            return None
+        old, c = scan(line, b + 7)
+        if not line.startswith(',"new":', c):
+            return None
+        new, d = scan(line, c + 7)
+    except ValueError:
+        return None
+    if line[d:].rstrip() != "}" or type(key) is not list or type(column) is not str:
+        return None
+    return Change(tuple(key), column, old, new, "update", line[23:a], line[b + 7:c], line[c + 7:d])
+
+
 def iter_changes(path: str | Path, skip: int = 0) -> Iterator[Change]:
     """The plan's changes in order, after the first ``skip`` of them (a checkpoint)."""
     path = Path(path)
@@ -209,6 +246,12 @@ def iter_changes(path: str | Path, skip: int = 0) -> Iterator[Change]:
     with path.open(encoding="utf-8") as fh:
         fh.readline()
         for number, line in enumerate(fh, start=2):
+            change = _change_from_line(line)
+            if change is not None:
+                seen += 1
+                if seen > skip:
+                    yield change
+                continue
             record = _decode_record(path, number, line)
             if record["kind"] not in APPLIED_KINDS:
                 continue

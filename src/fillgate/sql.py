@@ -3,6 +3,7 @@ compare-and-set writes. (Queries on fillgate's own tables live in ``ledger/``.)"
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -215,18 +216,23 @@ def keyset_pages(
                 raise JobError(
                     f"the job's source does not select the key column(s) {', '.join(absent)}."
                 )
-        for row in rows:
-            row_key = tuple(row[k] for k in key)
-            if row_key == last_key:
-                raise KeyNotUniqueError(
-                    f"the job's source returns key {encode_key(row_key)} more than once; "
-                    "a key must identify one row (check joins in the source)."
-                )
-            last_key = row_key
+        if len(key) == 1:
+            (column,) = key
+            page_keys = [(row[column],) for row in rows]
+        else:
+            page_keys = [tuple(row[k] for k in key) for row in rows]
+        # rows come in key order, so a repeated key sits next to its twin (or follows last_key)
+        previous = [last_key, *page_keys[:-1]]
+        if any(map(operator.eq, previous, page_keys)):
+            twin = next(k for p, k in zip(previous, page_keys, strict=True) if p == k)
+            raise KeyNotUniqueError(
+                f"the job's source returns key {encode_key(twin)} more than once; "
+                "a key must identify one row (check joins in the source)."
+            )
         yield rows[:page_size]
         if len(rows) <= page_size:
             return
-        last_key = tuple(rows[page_size - 1][k] for k in key)
+        last_key = page_keys[page_size - 1]
         stmt = later
         bind = {**base, **{f"fillgate_k{i}": v for i, v in enumerate(last_key)}}
 

@@ -267,29 +267,28 @@ class Ledger:
         mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         return ", ".join([mark] * n)
 
-    def timestamp_param(self, when: dt.datetime) -> Any:
-        """``when`` as the audit insert binds it: SQLite stores text, so it gets the text
-        (formatted once per batch, not once per row by the driver's adapter)."""
-        return when.isoformat(" ") if self.dialect == "sqlite" else when
-
-    def insert_changes(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Append audit rows: (run_id, table, row_key, column, op, old, new, source, time)."""
-        if not rows:
+    def insert_changes(
+        self, conn: Connection, run_id: str, table: str, source: str, when: dt.datetime,
+        items: Sequence[tuple[str, str, str, str, str]],
+    ) -> None:
+        """Append the audit rows of one batch, in the caller's transaction. ``items``:
+        (row_key, column, op, old, new), every value already its JSON text."""
+        if not items:
             return
+        columns = "run_id, table_name, row_key, column_name, op, old_value, new_value, source, changed_at"
         if self.dialect == "postgresql":
-            # COPY, in the caller's transaction: the fastest way PostgreSQL takes many rows
+            # COPY: the fastest way PostgreSQL takes many rows
             with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(  # type: ignore[union-attr]
-                "COPY fillgate_changes (run_id, table_name, row_key, column_name, op, old_value, "
-                "new_value, source, changed_at) FROM STDIN"
+                f"COPY fillgate_changes ({columns}) FROM STDIN"
             ) as copy:
-                for row in rows:
-                    copy.write_row(row)
+                for key, column, op, old, new in items:
+                    copy.write_row((run_id, table, key, column, op, old, new, source, when))
             return
-        sql = (
-            "INSERT INTO fillgate_changes (run_id, table_name, row_key, column_name, op, "
-            f"old_value, new_value, source, changed_at) VALUES ({self._placeholders(9)})"
+        stamp: Any = when.isoformat(" ") if self.dialect == "sqlite" else when  # SQLite keeps text
+        conn.exec_driver_sql(
+            f"INSERT INTO fillgate_changes ({columns}) VALUES ({self._placeholders(9)})",
+            [(run_id, table, key, column, op, old, new, source, stamp) for key, column, op, old, new in items],
         )
-        conn.exec_driver_sql(sql, list(rows))
 
     def insert_errors(self, conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
         rows = list(rows)

@@ -4,7 +4,7 @@ compare-and-set writes. (Queries on fillgate's own tables live in ``ledger/``.)"
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -247,16 +247,21 @@ def _group_key(change: Change) -> tuple[str, ...]:
     return (change.op, *sorted(values))
 
 
+def _text_only(values: Iterable[Any]) -> bool:
+    return all(v is None or isinstance(v, str) for v in values)
+
+
 def _statement(sql: TableSQL, group_key: tuple[str, ...], group: Sequence[Change]) -> tuple[str, list[tuple[Any, ...]]]:
     """The compare-and-set statement of a group of like changes, and its parameters."""
     op, *columns = group_key
+    mysql = sql.dialect_name not in ("sqlite", "postgresql")  # only MySQL/MariaDB need to know `exact`
     if op == "update":
-        exact = all(c.old is None or isinstance(c.old, str) for c in group)
+        exact = mysql and _text_only(c.old for c in group)
         return sql.cas_update(columns[0], exact), [(c.new, *c.key, c.old) for c in group]
     if op == "insert":
         return sql.insert(columns), [tuple(c.new[col] for col in columns) for c in group]
     others = [col for col in columns if col not in sql.key]
-    exact = {col: all(c.old[col] is None or isinstance(c.old[col], str) for c in group) for col in others}
+    exact = {col: mysql and _text_only(c.old[col] for c in group) for col in others}
     return sql.cas_delete(others, exact), [(*c.key, *(c.old[col] for col in others)) for c in group]
 
 
@@ -265,16 +270,17 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
 
     Updates set a field only if it still holds the planned old value; inserts add a row only
     if its key is free; deletes (reverting an insert) remove a row only if it still holds
-    what was inserted. The fast path runs one ``executemany`` per group of like changes; if
-    any row did not match or the database rejected a value, that group is rolled back to a
-    savepoint and redone row by row to tell applied changes from conflicts and errors.
+    what was inserted. The fast path runs one statement per group of like changes (an
+    ``executemany``, or on PostgreSQL one ``UPDATE ... FROM unnest(...)``); if any row did not
+    match or the database rejected a value, that group is rolled back to a savepoint and redone
+    row by row to tell applied changes from conflicts and errors.
     """
     outcome = BatchOutcome([], [], [])
     groups: dict[tuple[str, ...], list[Change]] = {}
     for change in changes:
-        groups.setdefault(_group_key(change), []).append(change)
+        group_key = ("update", change.column) if change.op == "update" else _group_key(change)
+        groups.setdefault(group_key, []).append(change)
     for group_key, group in groups.items():
-        statement, params = _statement(sql, group_key, group)
         savepoint = conn.begin_nested()
         try:
             if sql.dialect_name == "postgresql" and group_key[0] == "update":
@@ -282,14 +288,16 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
                 arrays += [[c.new for c in group], [c.old for c in group]]
                 matched = len(conn.exec_driver_sql(sql.pg_cas_update(conn, group_key[1]), tuple(arrays)).all())
             else:
+                statement, params = _statement(sql, group_key, group)
                 matched = conn.exec_driver_sql(statement, params).rowcount
         except Exception:  # a value the fast path cannot send: the row-by-row path decides
             matched = -1
-        if matched == len(params):
+        if matched == len(group):
             savepoint.commit()
             outcome.applied.extend(group)
             continue
         savepoint.rollback()
+        statement, params = _statement(sql, group_key, group)
         _apply_one_by_one(conn, sql, statement, group, params, outcome)
     return outcome
 

@@ -6,7 +6,11 @@ For every backend and every row count N, each repetition gets a fresh copy of th
 (a) baseline: the plain script -- the raw driver (sqlite3 / psycopg) reads the rows whose
     email is NULL, computes ``name.lower() + "@example.com"`` in Python, and writes them with
     one ``executemany`` UPDATE in one transaction;
-(b) fillgate: ``connect`` + ``make_plan(out=...)`` + ``apply_plan`` through the library (what
+(b) audited: the same script written by hand with the guarantees fillgate gives -- a
+    compare-and-set UPDATE and an audit row per change in ``fillgate_changes``, committed
+    together batch by batch -- but no plan, gate, checkpoint or error handling: the cost of
+    the audited writes themselves, below which no audited tool can go;
+(c) fillgate: ``connect`` + ``make_plan(out=...)`` + ``apply_plan`` through the library (what
     ``fillgate run`` does), with the same compute and full audit.
 
 Each measurement runs in its own child process, so the peak RSS it reports
@@ -263,6 +267,65 @@ def child_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds, "cpu": cpu, "maxrss_kib": rss}
 
 
+def child_audited(spec: dict[str, Any]) -> dict[str, Any]:
+    """The plain script plus the audited writes, by hand: per batch of ``batch_size`` changes,
+    a compare-and-set ``executemany`` UPDATE and the audit rows (``executemany`` on SQLite,
+    ``COPY`` on PostgreSQL, as fillgate does), then one commit."""
+    from fillgate import Target, init_target
+    from fillgate.config import parse_url
+
+    expected, size = missing_count(spec["rows"]), spec["batch_size"]
+    init_target(Target("bench", parse_url(spec["url"], "bench"), "bench"))  # the ledger tables
+    run_id, stamp = "01BENCHAUDITEDSCRIPT000000", time.strftime("%Y-%m-%d %H:%M:%S")
+    columns = "run_id, table_name, row_key, column_name, op, old_value, new_value, source, changed_at"
+    if spec["backend"] == "sqlite":
+        t0, c0 = time.perf_counter(), time.process_time()
+        con = sqlite3.connect(spec["path"], isolation_level=None)
+        rows = con.execute("SELECT id, name FROM people WHERE email IS NULL").fetchall()
+        updated = 0
+        for start in range(0, len(rows), size):
+            batch = [(id_, email_for(name)) for id_, name in rows[start:start + size]]
+            con.execute("BEGIN IMMEDIATE")
+            cur = con.executemany("UPDATE people SET email = ? WHERE id = ? AND email IS NULL",
+                                  [(email, id_) for id_, email in batch])
+            check(cur.rowcount == len(batch), "audited script: a compare-and-set missed")
+            con.executemany(
+                f"INSERT INTO fillgate_changes ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, "people", f"[{id_}]", "email", "update", "null", json.dumps(email), "bench", stamp)
+                 for id_, email in batch],
+            )
+            con.execute("COMMIT")
+            updated += len(batch)
+    else:
+        import psycopg
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        con = psycopg.connect(spec["url"])
+        rows = con.execute("SELECT id, name FROM people WHERE email IS NULL").fetchall()
+        con.commit()
+        updated = 0
+        for start in range(0, len(rows), size):
+            batch = [(id_, email_for(name)) for id_, name in rows[start:start + size]]
+            with con.cursor() as cur:
+                cur.executemany("UPDATE people SET email = %s WHERE id = %s AND email IS NULL",
+                                [(email, id_) for id_, email in batch])
+                with cur.copy(f"COPY fillgate_changes ({columns}) FROM STDIN") as copy:
+                    for id_, email in batch:
+                        copy.write_row((run_id, "people", f"[{id_}]", "email", "update", "null",
+                                        json.dumps(email), "bench", stamp))
+            con.commit()
+            updated += len(batch)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rss = maxrss_kib()
+    check(updated == expected, f"audited script updated {updated} rows, expected {expected}")
+    audit = con.execute("SELECT count(*) FROM fillgate_changes").fetchone()[0]
+    check(audit == expected, f"audited script wrote {audit} audit rows, expected {expected}")
+    nulls = con.execute("SELECT count(*) FROM people WHERE email IS NULL").fetchone()[0]
+    check(nulls == 0, f"audited script left {nulls} NULL emails")
+    con.close()
+    return {"seconds": seconds, "cpu": cpu, "maxrss_kib": rss}
+
+
 def make_job(spec: dict[str, Any]) -> Any:
     from fillgate import FillMissing, Job
 
@@ -391,7 +454,7 @@ def run_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_main(kind: str, raw: str) -> None:
     spec = json.loads(raw)
-    result = child_baseline(spec) if kind == "baseline" else child_fillgate(spec)
+    result = {"baseline": child_baseline, "audited": child_audited, "fillgate": child_fillgate}[kind](spec)
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
@@ -454,10 +517,11 @@ def measure(backend: Any, n: int, args: argparse.Namespace, workdir: Path) -> di
     log = args.log
     log(f"[{backend.name} {n:,} rows] building the template table")
     backend.prepare(n)
-    samples: dict[str, list[Any]] = {"baseline": [], "fillgate": []}
+    samples: dict[str, list[Any]] = {"baseline": [], "audited": [], "fillgate": []}
     try:
         for rep in range(args.repeat):
-            order = ("baseline", "fillgate") if rep % 2 == 0 else ("fillgate", "baseline")
+            order = ("baseline", "audited", "fillgate")
+            order = order if rep % 2 == 0 else order[::-1]
             for kind in order:
                 with backend.fresh() as db:
                     plan_dir = tempfile.mkdtemp(prefix="plans-", dir=workdir)
@@ -468,8 +532,8 @@ def measure(backend: Any, n: int, args: argparse.Namespace, workdir: Path) -> di
                     finally:
                         shutil.rmtree(plan_dir, ignore_errors=True)
                 samples[kind].append(got)
-                if kind == "baseline":
-                    log(f"  rep {rep + 1}/{args.repeat} baseline {got['seconds']:.3f}s")
+                if kind != "fillgate":
+                    log(f"  rep {rep + 1}/{args.repeat} {kind} {got['seconds']:.3f}s")
                 else:
                     log(f"  rep {rep + 1}/{args.repeat} fillgate plan {got['plan']:.3f}s apply {got['apply']:.3f}s "
                         f"run {got['run']:.3f}s peak {got['maxrss_kib'] / 1024:.1f} MiB")
@@ -491,10 +555,15 @@ def measure(backend: Any, n: int, args: argparse.Namespace, workdir: Path) -> di
     med = statistics.median
     base = [s["seconds"] for s in samples["baseline"]]
     fill = samples["fillgate"]
+    audited = [s["seconds"] for s in samples["audited"]]
     return {
         "backend": backend.name,
         "rows": n,
         "baseline": med(base),
+        "audited": med(audited),
+        "audited_ratio": med(a / b for a, b in zip(audited, base, strict=True)),
+        # fillgate's own cost: its apply phase against the hand-written audited writes
+        "apply_over_audited": med(f["apply"] / a for f, a in zip(fill, audited, strict=True)),
         "plan": med(s["plan"] for s in fill),
         "apply": med(s["apply"] for s in fill),
         "run": med(s["run"] for s in fill),
@@ -502,6 +571,7 @@ def measure(backend: Any, n: int, args: argparse.Namespace, workdir: Path) -> di
         "apply_ratio": med(f["apply"] / b for f, b in zip(fill, base, strict=True)),
         "run_ratio": med(f["run"] / b for f, b in zip(fill, base, strict=True)),
         "cpu_baseline": med(s["cpu"] for s in samples["baseline"]),
+        "cpu_audited": med(s["cpu"] for s in samples["audited"]),
         "cpu_plan": med(s["cpu_plan"] for s in fill),
         "cpu_apply": med(s["cpu_apply"] for s in fill),
         "cpu_run": med(s["cpu_run"] for s in fill),
@@ -518,25 +588,29 @@ def measure(backend: Any, n: int, args: argparse.Namespace, workdir: Path) -> di
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> bool:
     """Print the table and the verdicts; True when every target is met."""
-    header = (f"{'backend':<10} {'rows':>9} {'baseline':>9} {'plan':>8} {'apply':>8} {'run':>8} "
-              f"{'apply/base':>10} {'run/base':>9} {'fg peak':>8} {'fg start':>8} {'base peak':>9}")
+    header = (f"{'backend':<10} {'rows':>9} {'baseline':>9} {'audited':>8} {'plan':>8} {'apply':>8} {'run':>8} "
+              f"{'audited/base':>12} {'apply/base':>10} {'run/base':>9} {'apply/audited':>13} "
+              f"{'fg peak':>8} {'fg start':>8} {'base peak':>9}")
     print(f"\nmedians of {args.repeat} repetition(s); times in seconds, memory = peak RSS in MiB "
-          "(fg start = RSS before the run began)")
+          "(fg start = RSS before the run began); audited = the plain script plus compare-and-set and "
+          "an audit row per change, committed per batch, by hand")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['backend']:<10} {r['rows']:>9} {r['baseline']:>9.3f} {r['plan']:>8.3f} {r['apply']:>8.3f} "
-              f"{r['run']:>8.3f} {r['apply_ratio']:>9.2f}x {r['run_ratio']:>8.2f}x "
+        print(f"{r['backend']:<10} {r['rows']:>9} {r['baseline']:>9.3f} {r['audited']:>8.3f} {r['plan']:>8.3f} "
+              f"{r['apply']:>8.3f} {r['run']:>8.3f} {r['audited_ratio']:>11.2f}x {r['apply_ratio']:>9.2f}x "
+              f"{r['run_ratio']:>8.2f}x {r['apply_over_audited']:>12.2f}x "
               f"{r['fillgate_rss_mib']:>8.1f} {r['fillgate_rss_before_mib']:>8.1f} {r['baseline_rss_mib']:>9.1f}")
     print("\nthe same runs in CPU seconds of the measuring process (less sensitive to other load on the "
           "machine; excludes I/O waits and, for PostgreSQL, the server's own work)")
-    header = (f"{'backend':<10} {'rows':>9} {'baseline':>9} {'plan':>8} {'apply':>8} {'run':>8} "
+    header = (f"{'backend':<10} {'rows':>9} {'baseline':>9} {'audited':>8} {'plan':>8} {'apply':>8} {'run':>8} "
               f"{'apply/base':>10} {'run/base':>9}")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['backend']:<10} {r['rows']:>9} {r['cpu_baseline']:>9.3f} {r['cpu_plan']:>8.3f} "
-              f"{r['cpu_apply']:>8.3f} {r['cpu_run']:>8.3f} {r['cpu_apply_ratio']:>9.2f}x {r['cpu_run_ratio']:>8.2f}x")
+        print(f"{r['backend']:<10} {r['rows']:>9} {r['cpu_baseline']:>9.3f} {r['cpu_audited']:>8.3f} "
+              f"{r['cpu_plan']:>8.3f} {r['cpu_apply']:>8.3f} {r['cpu_run']:>8.3f} {r['cpu_apply_ratio']:>9.2f}x "
+              f"{r['cpu_run_ratio']:>8.2f}x")
     ok = True
     print("\ntargets (judged on wall-clock medians):")
     for backend in dict.fromkeys(r["backend"] for r in results):

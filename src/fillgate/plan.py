@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from fillgate.errors import PlanFileError
 from fillgate.sql import Change
-from fillgate.values import dumps, encode_key, loads, scan
+from fillgate.values import dumps, encode_key, loads
 
 PLAN_FORMAT = 1
 LINE_KINDS = ("change", "insert", "disagreement", "preserved", "error", "unexpected_index")
@@ -212,33 +212,6 @@ def _decode_record(path: Path, number: int, line: str) -> dict[str, Any]:
     return record
 
 
-_CHANGE_START = '{"kind":"change","key":'
-
-
-def _change_from_line(line: str) -> Change | None:
-    """A change line exactly as ``PlanWriter.change`` writes it, decoded in place (the hot
-    path of apply, hence unrolled): key, old and new keep their JSON text, so the audit log
-    stores the plan's own text. None for any other line (the caller decodes it the general way)."""
-    if not line.startswith(_CHANGE_START):
-        return None
-    try:
-        key, a = scan(line, 23)
-        if not line.startswith(',"column":', a):
-            return None
-        column, b = scan(line, a + 10)
-        if not line.startswith(',"old":', b):
-            return None
-        old, c = scan(line, b + 7)
-        if not line.startswith(',"new":', c):
-            return None
-        new, d = scan(line, c + 7)
-    except ValueError:
-        return None
-    if line[d:].rstrip() != "}" or type(key) is not list or type(column) is not str:
-        return None
-    return Change(tuple(key), column, old, new, "update", line[23:a], line[b + 7:c], line[c + 7:d])
-
-
 def iter_changes(path: str | Path, skip: int = 0) -> Iterator[Change]:
     """The plan's changes in order, after the first ``skip`` of them (a checkpoint)."""
     path = Path(path)
@@ -246,12 +219,6 @@ def iter_changes(path: str | Path, skip: int = 0) -> Iterator[Change]:
     with path.open(encoding="utf-8") as fh:
         fh.readline()
         for number, line in enumerate(fh, start=2):
-            change = _change_from_line(line)
-            if change is not None:
-                seen += 1
-                if seen > skip:
-                    yield change
-                continue
             record = _decode_record(path, number, line)
             if record["kind"] not in APPLIED_KINDS:
                 continue

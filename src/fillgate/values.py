@@ -91,15 +91,6 @@ def loads(text: str) -> Any:
     return value
 
 
-def scan(text: str, pos: int) -> tuple[Any, int]:
-    """The JSON value that starts at ``text[pos]`` and the index just after it (``ValueError``
-    if there is none); only text holding a ``"$`` tag pays for the tag hook."""
-    try:
-        return (_decoder if '"$' in text else _plain_decoder).scan_once(text, pos)  # type: ignore[no-any-return]
-    except StopIteration:
-        raise ValueError(f"no JSON value at position {pos}") from None
-
-
 def encode_key(key: Sequence[Any]) -> str:
     """The canonical text of a row key, as stored in plans and the audit log."""
     if len(key) == 1:

@@ -14,12 +14,13 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects import mysql
+from typer.testing import CliRunner
 
 from fillgate import FillMissing, Job, Limits, apply_plan, connect, init_target, make_plan, revert_run
 from fillgate.plan import PlanHeader, PlanWriter, iter_changes
 from fillgate.values import dumps, encode_key, key_candidates, loads
 
-from conftest import TestDB
+from conftest import TestDB, run_cli
 
 SCALARS = st.one_of(
     st.none(),
@@ -175,3 +176,134 @@ def test_typed_values_and_awkward_keys_round_trip(db: TestDB, tmp_path: Path) ->
         assert db.rows("SELECT code, day, at, raw, amount FROM typed ORDER BY n") == before
     finally:
         conn.engine.dispose()
+
+
+class FillRounded(Job):
+    """Proposes values the columns cannot hold exactly: a timestamp with fractions for a
+    column without them, a third decimal for NUMERIC(10,2), text for an integer column."""
+
+    name = "tests:FillRounded"
+    table = "rounded"
+    key = ("id",)
+    columns = {"at": FillMissing(), "amount": FillMissing(), "count": FillMissing()}
+    source = "SELECT id, at, amount, count FROM rounded"
+
+    def compute(self, row: Any, ctx: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"at": dt.datetime(2026, 1, 1, 12, 0, 0, 250000), "count": str(row["id"] * 10)}
+        if ctx.engine.dialect.name != "sqlite":
+            out["amount"] = decimal.Decimal("1.255")
+        return out
+
+
+def _rounded_table(db: TestDB, at_type: str) -> Any:
+    """``rounded(id, at, amount NUMERIC(10,2), count INTEGER)`` with three empty rows; the
+    target initialised; a connection to it."""
+    db.execute(f"CREATE TABLE rounded (id INTEGER NOT NULL PRIMARY KEY, at {at_type}, "
+               "amount NUMERIC(10, 2), count INTEGER)")
+    db.execute("INSERT INTO rounded (id) VALUES (1), (2), (3)")
+    target = db.target()
+    init_target(target)
+    return connect(target)
+
+
+def test_values_a_column_rounds_are_audited_as_stored(db: TestDB, tmp_path: Path) -> None:
+    """The audit log tells what the row holds, not what was proposed: a value the database
+    rounded or converted is counted, shown, audited as stored, and revert restores the row."""
+    conn = _rounded_table(db, "TIMESTAMP(0)" if db.backend == "postgresql" else "DATETIME")
+    try:
+        plan = make_plan(conn, FillRounded, out=tmp_path / "rounded.plan")
+        applied = apply_plan(conn, plan.path, Limits())
+        assert applied.run.status == "succeeded" and applied.clean
+        audit = {
+            (loads(key)[0], column): loads(new)
+            for key, column, new in db.rows(
+                "SELECT row_key, column_name, new_value FROM fillgate_changes WHERE run_id = :r",
+                {"r": applied.run.run_id},
+            )
+        }
+        if db.backend == "sqlite":
+            # SQLite keeps what it is given (the text '10' becomes the integer 10 by the
+            # column's affinity, which compare-and-set treats as equal): nothing to report
+            assert applied.counts["converted"] == 0 and applied.counts["applied"] == 6
+            assert audit[(1, "count")] == "10"
+        else:
+            assert applied.counts == {"applied": 9, "conflicts": 0, "errors": 0, "converted": 9}
+            assert audit[(2, "at")] == dt.datetime(2026, 1, 1, 12, 0, 0)
+            assert audit[(2, "amount")] == decimal.Decimal("1.26")
+            assert audit[(2, "count")] == 20
+            assert {(i["key"][0], i["column"]) for i in applied.converted} == set(audit)
+            sample = next(i for i in applied.converted if i["key"] == [1] and i["column"] == "amount")
+            assert (sample["planned"], sample["stored"]) == (decimal.Decimal("1.255"), decimal.Decimal("1.26"))
+            assert db.rows("SELECT at, amount, count FROM rounded WHERE id = 3") == [
+                (dt.datetime(2026, 1, 1, 12, 0, 0), decimal.Decimal("1.26"), 30)
+            ]
+        # every field of the run goes back, none reported as changed since
+        reverted = revert_run(conn, applied.run.run_id)
+        assert reverted.clean and reverted.counts["applied"] == applied.counts["applied"]
+        assert db.rows("SELECT id, at, amount, count FROM rounded ORDER BY id") == [
+            (1, None, None, None), (2, None, None, None), (3, None, None, None)
+        ]
+    finally:
+        conn.engine.dispose()
+
+
+def test_rounded_values_are_audited_as_stored_on_the_row_by_row_path(db: TestDB, tmp_path: Path) -> None:
+    """A conflict in a batch sends its group down the row-by-row path; the rows that did
+    apply are still read back and audited as stored."""
+    conn = _rounded_table(db, "TIMESTAMP NULL")
+    try:
+        plan = make_plan(conn, FillRounded, out=tmp_path / "rounded.plan")
+        db.execute("UPDATE rounded SET count = 99 WHERE id = 3")  # drift since the plan
+        applied = apply_plan(conn, plan.path, Limits())
+        stored = db.rows("SELECT count FROM rounded ORDER BY id")
+        assert stored == [(10,), (20,), (99,)]
+        counts = db.rows(
+            "SELECT row_key, new_value FROM fillgate_changes WHERE run_id = :r AND column_name = 'count' "
+            "ORDER BY row_key", {"r": applied.run.run_id},
+        )
+        assert applied.counts["conflicts"] == 1
+        if db.backend == "sqlite":
+            assert counts == [("[1]", '"10"'), ("[2]", '"20"')]
+        else:
+            assert counts == [("[1]", "10"), ("[2]", "20")]
+            # every count and amount; the timestamps too where TIMESTAMP has no fractions (MariaDB)
+            assert applied.counts["applied"] == 8
+            assert applied.counts["converted"] == (5 if db.backend == "postgresql" else 8)
+        reverted = revert_run(conn, applied.run.run_id)
+        assert reverted.clean
+        assert db.rows("SELECT id, count FROM rounded ORDER BY id") == [(1, None), (2, None), (3, 99)]
+    finally:
+        conn.engine.dispose()
+
+
+ROUNDING_JOB = """
+import decimal
+from fillgate import FillMissing, Job
+
+class FillAmount(Job):
+    table = "rounded"
+    key = ("id",)
+    columns = {"amount": FillMissing()}
+    source = "SELECT id, amount FROM rounded"
+
+    def compute(self, row, ctx):
+        return {"amount": decimal.Decimal("2.345") if ctx.engine.dialect.name != "sqlite" else 2.5}
+"""
+
+
+def test_run_reports_values_stored_differently(db: TestDB, cli: CliRunner, tmp_path: Path) -> None:
+    db.execute("CREATE TABLE rounded (id INTEGER NOT NULL PRIMARY KEY, amount NUMERIC(10, 2))")
+    db.execute("INSERT INTO rounded (id) VALUES (1), (2)")
+    (tmp_path / "rounding.py").write_text(ROUNDING_JOB)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init", "--target", "staging").exit_code == 0
+    result = run_cli(cli, cfg, "run", f"{tmp_path / 'rounding.py'}:FillAmount", "--target", "staging")
+    assert result.exit_code == 0, result.output
+    if db.backend == "sqlite":
+        assert "stored differently" not in result.output
+    else:
+        assert "2 field(s) were stored differently from the plan" in result.output
+        assert "2.345" in result.output and "2.35" in result.output
+        runs = json.loads(run_cli(cli, cfg, "runs", "--target", "staging", "--json").stdout)
+        applied = next(r for r in runs if r["kind"] == "apply")
+        assert applied["counts"]["converted"] == 2

@@ -51,7 +51,7 @@ PLAN_COUNTS = (
     "rows", "writes", "inserts", "unchanged", "skipped", "disagreements", "preserved", "errors",
     "unexpected_index",
 )
-APPLY_COUNTS = ("applied", "conflicts", "errors")
+APPLY_COUNTS = ("applied", "conflicts", "errors", "converted")
 SAMPLE = 20
 
 # Plan line kinds that are anomalies, and the count (alert kind) each one feeds.
@@ -498,6 +498,8 @@ class ApplyResult:
     counts: dict[str, int]
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None  # "paused" or "cancelled" when stopped between batches
+    # fields the database stored as something else than planned (a sample): audited as stored
+    converted: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -531,6 +533,7 @@ def execute(
     table = run.table_name
     conflicts_sample: list[dict[str, Any]] = []
     result = ApplyResult(run=run, counts=counts, conflicts=conflicts_sample)
+    converted_sample = result.converted
     remaining = None if run.total is None else run.total - checkpoint
     monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining)
     status = "succeeded"
@@ -566,6 +569,10 @@ def execute(
                         "traceback": None, "created_at": now,
                     })
                 ledger.insert_errors(tx, problems)
+                for change, stored in outcome.converted[:max(SAMPLE - len(converted_sample), 0)]:
+                    converted_sample.append({"key": list(change.key), "column": change.column,
+                                             "planned": change.new, "stored": stored})
+                counts["converted"] += len(outcome.converted)
                 counts["applied"] += len(outcome.applied)
                 counts["conflicts"] += len(outcome.conflicts)
                 counts["errors"] += len(outcome.errors)
@@ -573,14 +580,17 @@ def execute(
                 ledger.update_run(run.run_id, tx, checkpoint=checkpoint, counts=counts, heartbeat_at=now)
                 lock.heartbeat(tx)
                 control = ledger.read_control(run.run_id, tx)
-            examples = (
-                {"conflicts": {k: problems[0][k] for k in ("row_key", "column_name", "error_type", "message")}}
-                if problems else None
-            )
+            examples: dict[str, Any] = {}
+            if problems:
+                examples["conflicts"] = {k: problems[0][k] for k in ("row_key", "column_name", "error_type", "message")}
+            if outcome.converted:
+                change, stored = outcome.converted[0]
+                examples["converted"] = {"key": list(change.key), "column": change.column,
+                                         "planned": change.new, "stored": stored}
             monitor.batch_done(
                 {"rows": len(batch), "writes": len(outcome.applied), "conflicts": len(outcome.conflicts),
-                 "errors": len(outcome.errors)},
-                checkpoint - run.checkpoint, engine, examples,
+                 "errors": len(outcome.errors), "converted": len(outcome.converted)},
+                checkpoint - run.checkpoint, engine, examples or None,
             )
             if control in ("pause", "cancel"):
                 status = "paused" if control == "pause" else "cancelled"

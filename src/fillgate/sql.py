@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from sqlalchemy import column as sa_column
@@ -40,6 +40,10 @@ class BatchOutcome:
     applied: list[Change]
     conflicts: list[tuple[Change, Any, bool]]  # (change, current value, row still exists)
     errors: list[tuple[Change, BaseException]]
+    # updates the database stored as something else than planned (its column type rounded or
+    # converted the value): (the planned change, what the row holds); in ``applied`` such a
+    # change carries the stored value as ``new``, so the audit log records what is there
+    converted: list[tuple[Change, Any]] = field(default_factory=list)
 
 
 class TableSQL:
@@ -91,17 +95,18 @@ class TableSQL:
 
     def pg_cas_update(self, conn: Connection, column: str) -> str:
         """The set-based compare-and-set of a whole group on PostgreSQL:
-        ``UPDATE t SET col = u.new FROM unnest(keys, news, olds) u WHERE t.key = u.key AND
-        t.col IS NOT DISTINCT FROM u.old RETURNING 1`` (one round trip for the batch)."""
+        ``UPDATE t SET col = u.new FROM unnest(keys, news, olds) WITH ORDINALITY u WHERE t.key =
+        u.key AND t.col IS NOT DISTINCT FROM u.old RETURNING u.n, t.col`` (one round trip for
+        the batch; what each row now holds comes back with its position in the group)."""
         types = self.pg_types(conn)
         q = self.quote
         names = [f"k{i}" for i in range(len(self.key))]
         arrays = ", ".join(f"CAST(%b AS {types[k]}[])" for k in (*self.key, column, column))
         match = " AND ".join(f"t.{q(k)} = u.{n}" for k, n in zip(self.key, names, strict=True))
         return (
-            f"UPDATE {self.q_table} AS t SET {q(column)} = u.new FROM unnest({arrays}) "
-            f"AS u({', '.join(names)}, new, old) WHERE {match} AND t.{q(column)} IS NOT DISTINCT FROM u.old "
-            "RETURNING 1"
+            f"UPDATE {self.q_table} AS t SET {q(column)} = u.new FROM unnest({arrays}) WITH ORDINALITY "
+            f"AS u({', '.join(names)}, new, old, n) WHERE {match} AND t.{q(column)} IS NOT DISTINCT FROM u.old "
+            f"RETURNING u.n, t.{q(column)}"
         )
 
     def select_current(self, column: str) -> str:
@@ -282,11 +287,16 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
         groups.setdefault(group_key, []).append(change)
     for group_key, group in groups.items():
         savepoint = conn.begin_nested()
+        stored: list[Any] | None = None  # what each row of the group holds after the update
         try:
             if sql.dialect_name == "postgresql" and group_key[0] == "update":
                 arrays = [[c.key[i] for c in group] for i in range(len(sql.key))]
                 arrays += [[c.new for c in group], [c.old for c in group]]
-                matched = len(conn.exec_driver_sql(sql.pg_cas_update(conn, group_key[1]), tuple(arrays)).all())
+                returned = conn.exec_driver_sql(sql.pg_cas_update(conn, group_key[1]), tuple(arrays)).all()
+                matched = len(returned)
+                stored = [None] * len(group)
+                for n, value in returned:
+                    stored[n - 1] = value
             else:
                 statement, params = _statement(sql, group_key, group)
                 matched = conn.exec_driver_sql(statement, params).rowcount
@@ -294,12 +304,51 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
             matched = -1
         if matched == len(group):
             savepoint.commit()
-            outcome.applied.extend(group)
+            if group_key[0] == "update" and stored is not None:
+                _record_stored(outcome, group, stored)
+            elif group_key[0] == "update" and sql.dialect_name != "sqlite":
+                _record_stored(outcome, group, _stored_values(conn, sql, group_key[1], group))
+            else:
+                outcome.applied.extend(group)
             continue
         savepoint.rollback()
         statement, params = _statement(sql, group_key, group)
-        _apply_one_by_one(conn, sql, statement, group, params, outcome)
+        updated = _apply_one_by_one(conn, sql, statement, group, params, outcome)
+        if updated and group_key[0] == "update" and sql.dialect_name != "sqlite":
+            _record_stored(outcome, updated, _stored_values(conn, sql, group_key[1], updated))
+        else:
+            outcome.applied.extend(updated)
     return outcome
+
+
+def _stored_values(conn: Connection, sql: TableSQL, column: str, changes: Sequence[Change]) -> list[Any]:
+    """What ``column`` holds now in each changed row (read back in the same transaction)."""
+    rows = existing_rows(conn, sql.table, sql.key, [column], [c.key for c in changes])
+    return [rows[c.key][column] if c.key in rows else c.new for c in changes]
+
+
+def _record_stored(outcome: BatchOutcome, changes: Sequence[Change], stored: list[Any]) -> None:
+    """Applied updates, each with the value its row now holds. SQLite keeps what it is given,
+    but a typed column may round or convert a value (a DATETIME without fractions,
+    NUMERIC(10,2), text into a date column): such a change is audited with the stored value
+    and reported as converted."""
+    news = [c.new for c in changes]
+    try:
+        if stored == news:  # the usual case, compared in one go
+            outcome.applied.extend(changes)
+            return
+    except Exception:  # values that refuse comparison: one by one below
+        pass
+    for change, value in zip(changes, stored, strict=True):
+        try:
+            same = value is change.new or bool(value == change.new)
+        except Exception:
+            same = False
+        if same:
+            outcome.applied.append(change)
+        else:
+            outcome.converted.append((change, value))
+            outcome.applied.append(change._replace(new=value, new_text=None))
 
 
 def _apply_one_by_one(
@@ -309,7 +358,9 @@ def _apply_one_by_one(
     group: list[Change],
     params: list[tuple[Any, ...]],
     outcome: BatchOutcome,
-) -> None:
+) -> list[Change]:
+    """Each change on its own; conflicts and errors go to ``outcome``, the applied ones are returned."""
+    applied: list[Change] = []
     for change, param in zip(group, params, strict=True):
         savepoint = conn.begin_nested()
         try:
@@ -324,10 +375,11 @@ def _apply_one_by_one(
             continue
         savepoint.commit()
         if matched == 1:
-            outcome.applied.append(change)
+            applied.append(change)
         else:
             exists, current = current_value(conn, sql, change)
             outcome.conflicts.append((change, current, exists))
+    return applied
 
 
 def would_apply(change: Change, exists: bool, current: Any) -> bool:

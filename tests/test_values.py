@@ -307,3 +307,43 @@ def test_run_reports_values_stored_differently(db: TestDB, cli: CliRunner, tmp_p
         runs = json.loads(run_cli(cli, cfg, "runs", "--target", "staging", "--json").stdout)
         applied = next(r for r in runs if r["kind"] == "apply")
         assert applied["counts"]["converted"] == 2
+
+
+class InsertRounded(Job):
+    """An insert job whose rows carry a value the column rounds."""
+
+    name = "tests:InsertRounded"
+    table = "prices"
+    writes = "insert"
+    key = ("sku",)
+    source_key = ("id",)
+    columns = {"price": FillMissing()}
+    source = "SELECT id FROM rounded"
+
+    def compute(self, row: Any, ctx: Any) -> dict[str, Any]:
+        price = decimal.Decimal("9.999") if ctx.engine.dialect.name != "sqlite" else 9.5
+        return {"sku": f"sku-{row['id']}", "price": price}
+
+
+def test_inserted_rows_are_audited_as_stored(db: TestDB, tmp_path: Path) -> None:
+    conn = _rounded_table(db, "TIMESTAMP NULL")
+    db.execute("CREATE TABLE prices (sku VARCHAR(20) NOT NULL PRIMARY KEY, price NUMERIC(10, 2))")
+    try:
+        plan = make_plan(conn, InsertRounded, out=tmp_path / "prices.plan")
+        applied = apply_plan(conn, plan.path, Limits())
+        assert applied.clean and applied.counts["applied"] == 3
+        audit = db.rows("SELECT row_key, new_value FROM fillgate_changes WHERE run_id = :r AND row_key = :k",
+                        {"r": applied.run.run_id, "k": encode_key(("sku-1",))})
+        if db.backend == "sqlite":
+            assert applied.counts["converted"] == 0
+            assert loads(audit[0][1]) == {"sku": "sku-1", "price": 9.5}
+        else:
+            assert applied.counts["converted"] == 3
+            assert loads(audit[0][1]) == {"sku": "sku-1", "price": decimal.Decimal("10.00")}
+            assert applied.converted[0]["planned"] == {"sku": "sku-1", "price": decimal.Decimal("9.999")}
+        # revert deletes each row only if it still holds what was inserted: it does
+        reverted = revert_run(conn, applied.run.run_id)
+        assert reverted.clean and reverted.counts["applied"] == 3
+        assert db.rows("SELECT count(*) FROM prices") == [(0,)]
+    finally:
+        conn.engine.dispose()

@@ -304,34 +304,43 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
             matched = -1
         if matched == len(group):
             savepoint.commit()
-            if group_key[0] == "update" and stored is not None:
-                _record_stored(outcome, group, stored)
-            elif group_key[0] == "update" and sql.dialect_name != "sqlite":
-                _record_stored(outcome, group, _stored_values(conn, sql, group_key[1], group))
-            else:
-                outcome.applied.extend(group)
-            continue
-        savepoint.rollback()
-        statement, params = _statement(sql, group_key, group)
-        updated = _apply_one_by_one(conn, sql, statement, group, params, outcome)
-        if updated and group_key[0] == "update" and sql.dialect_name != "sqlite":
-            _record_stored(outcome, updated, _stored_values(conn, sql, group_key[1], updated))
+            applied = group
         else:
-            outcome.applied.extend(updated)
+            savepoint.rollback()
+            statement, params = _statement(sql, group_key, group)
+            applied = _apply_one_by_one(conn, sql, statement, group, params, outcome)
+            stored = None
+        if stored is None and applied and group_key[0] != "delete" and sql.dialect_name != "sqlite":
+            stored = _stored_values(conn, sql, applied)
+        if stored is None:
+            outcome.applied.extend(applied)
+        else:
+            _record_stored(outcome, applied, stored)
     return outcome
 
 
-def _stored_values(conn: Connection, sql: TableSQL, column: str, changes: Sequence[Change]) -> list[Any]:
-    """What ``column`` holds now in each changed row (read back in the same transaction)."""
-    rows = existing_rows(conn, sql.table, sql.key, [column], [c.key for c in changes])
-    return [rows[c.key][column] if c.key in rows else c.new for c in changes]
+def _stored_values(conn: Connection, sql: TableSQL, changes: Sequence[Change]) -> list[Any]:
+    """What each update's field, or each inserted row's columns, hold now (read back in the
+    same transaction). A row not found by its planned key counts as holding what was planned."""
+    columns = sorted({col for c in changes for col in ((c.column,) if c.op == "update" else c.new)})
+    rows = existing_rows(conn, sql.table, sql.key, columns, [c.key for c in changes])
+    out: list[Any] = []
+    for c in changes:
+        row = rows.get(c.key)
+        if row is None:
+            out.append(c.new)
+        elif c.op == "update":
+            out.append(row[c.column])
+        else:
+            out.append({col: row[col] for col in c.new})
+    return out
 
 
 def _record_stored(outcome: BatchOutcome, changes: Sequence[Change], stored: list[Any]) -> None:
-    """Applied updates, each with the value its row now holds. SQLite keeps what it is given,
-    but a typed column may round or convert a value (a DATETIME without fractions,
-    NUMERIC(10,2), text into a date column): such a change is audited with the stored value
-    and reported as converted."""
+    """Applied changes, each with what its row now holds (the field of an update, the columns
+    of an inserted row). SQLite keeps what it is given, but a typed column may round or
+    convert a value (a DATETIME without fractions, NUMERIC(10,2), text into a date column):
+    such a change is audited with the stored value and reported as converted."""
     news = [c.new for c in changes]
     try:
         if stored == news:  # the usual case, compared in one go

@@ -228,7 +228,7 @@ def test_cancel_paused_run_then_resume_is_refused(
 
     again = run_cli(cli, cfg, "cancel", run_id)
     assert again.exit_code == 2
-    assert "cancelled" in again.stderr
+    assert "has status cancelled; only running, paused or failed runs can be cancelled" in again.stderr
 
     # what a cancelled run applied stays audited and can be reverted
     reverted = run_cli(cli, cfg, "revert", run_id, "--json")
@@ -478,7 +478,9 @@ def test_cancel_a_failed_run(db: TestDB, cli: CliRunner, jobs_file: Path) -> Non
     assert stopped.exit_code == 3, stopped.output
     ((run_id, status),) = db.rows("SELECT run_id, status FROM fillgate_runs WHERE kind = 'apply'")
     assert status == "failed"
-    assert run_cli(cli, cfg, "pause", run_id).exit_code == 2  # nothing runs: pausing makes no sense
+    paused = run_cli(cli, cfg, "pause", run_id)  # nothing runs: pausing makes no sense
+    assert paused.exit_code == 2
+    assert "has status failed; only running or paused runs can be paused" in paused.stderr
     cancelled = run_cli(cli, cfg, "cancel", run_id, "--json")
     assert cancelled.exit_code == 0, cancelled.output
     assert json.loads(cancelled.stdout)["status"] == "cancelled"

@@ -792,14 +792,16 @@ def control_run(conn: Connected, run_id: str, action: str) -> Run:
     """Ask a run to pause or cancel between batches; a run whose process is gone is
     paused or cancelled at once."""
     assert action in ("pause", "cancel")
+    done = {"pause": "paused", "cancel": "cancelled"}[action]
     ledger = conn.ledger
     run = ledger.get_run(run_id)
     if run.kind not in ("apply", "revert"):
-        raise RunStateError(f"run {run_id} is a {run.kind} run; only apply and revert runs can be {action}d.")
+        raise RunStateError(f"run {run_id} is a {run.kind} run; only apply and revert runs can be {done}.")
     stoppable = ("running", "paused", "failed") if action == "cancel" else ("running", "paused")
     if run.status not in stoppable:
         raise RunStateError(
-            f"run {run_id} is {run.status}; only {' or '.join(stoppable)} runs can be {action}d."
+            f"run {run_id} has status {run.status}; only {', '.join(stoppable[:-1])} or {stoppable[-1]} "
+            f"runs can be {done}."
         )
     new_status = "paused" if action == "pause" else "cancelled"
     if run.status == "failed":  # no process: give up on it (what it applied stays audited)

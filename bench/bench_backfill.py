@@ -621,6 +621,11 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> bool:
             ok &= met
             print(f"{backend}: {label} <= {limit:g}x baseline: {'PASS' if met else 'FAIL'} "
                   f"(worst {worst[key]:.2f}x at {worst['rows']:,} rows)")
+        floor = max(mine, key=lambda r: r["audited_ratio"])
+        over = max(mine, key=lambda r: r["apply_over_audited"])
+        print(f"{backend}: (for reference, not a target) the hand-audited script alone is up to "
+              f"{floor['audited_ratio']:.2f}x baseline; fillgate's apply is up to "
+              f"{over['apply_over_audited']:.2f}x the hand-audited script")
         if len(mine) > 1:
             small, big = mine[0], mine[-1]
             growth = big["fillgate_rss_mib"] - small["fillgate_rss_mib"]

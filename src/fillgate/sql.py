@@ -40,9 +40,9 @@ class BatchOutcome:
     applied: list[Change]
     conflicts: list[tuple[Change, Any, bool]]  # (change, current value, row still exists)
     errors: list[tuple[Change, BaseException]]
-    # updates the database stored as something else than planned (its column type rounded or
-    # converted the value): (the planned change, what the row holds); in ``applied`` such a
-    # change carries the stored value as ``new``, so the audit log records what is there
+    # updates and inserts the database stored as something else than planned (a column type
+    # rounded or converted a value): (the planned change, what the row holds); in ``applied``
+    # such a change carries the stored value as ``new``, so the audit log records what is there
     converted: list[tuple[Change, Any]] = field(default_factory=list)
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +235,48 @@ def fillgate_subprocess(args: Sequence[str], cwd: Path, **kwargs: Any) -> subpro
         [sys.executable, "-m", "fillgate.cli", *args], cwd=cwd, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
     )
+
+
+# --- kill -9 tests: one plan applied by a child process, killed, resumed ---------------------
+
+
+def current_apply(db: TestDB) -> tuple[str, str, int] | None:
+    """(run id, status, checkpoint) of the only apply run, or None before it exists."""
+    runs = db.rows("SELECT run_id, status, checkpoint FROM fillgate_runs WHERE kind = 'apply'")
+    assert len(runs) <= 1, runs
+    return runs[0] if runs else None
+
+
+def start_apply(cfg: Path, cwd: Path, plan: str, run_id: str | None, options: Sequence[str]) -> subprocess.Popen[str]:
+    """``fillgate apply PLAN`` (or ``resume RUN`` once the run exists) in a child process."""
+    args = ["apply", plan] if run_id is None else ["resume", run_id]
+    return fillgate_subprocess(["--config", str(cfg), *args, *options], cwd=cwd)
+
+
+def kill_when(proc: subprocess.Popen[str], when: Any, rng: random.Random) -> str:
+    """Wait until ``when()`` says so (or the process ends), then SIGKILL it a few ms later."""
+    while proc.poll() is None and not when():
+        time.sleep(0.005)
+    if proc.poll() is None:
+        time.sleep(rng.uniform(0, 0.03))  # somewhere inside a batch transaction, or between
+        proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    return "killed" if proc.returncode == -signal.SIGKILL else f"exited {proc.returncode}"
+
+
+def finish_apply(db: TestDB, cfg: Path, plan: str, options: Sequence[str], context: Any) -> None:
+    """Apply (or resume) in-process until the run succeeded; a killed process's lock may take
+    a moment to be released. ``context`` goes into every assertion message (seed, log)."""
+    deadline = time.monotonic() + 15
+    while True:
+        run = current_apply(db)
+        if run is not None and run[1] == "succeeded":
+            return
+        result = run_cli(CliRunner(), cfg, *(["apply", plan] if run is None else ["resume", run[0]]), *options)
+        if result.exit_code == 3 and "already running" in result.stderr and time.monotonic() < deadline:
+            time.sleep(0.1)
+            continue
+        assert result.exit_code == 0, (context, result.output)
 
 
 JOBS = '''

@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from typer.testing import CliRunner
 
-from conftest import TestDB, fillgate_subprocess, run_cli
+from conftest import TestDB, current_apply, finish_apply, kill_when, run_cli, start_apply
 
 ROWS = 1600
 PACE = ("--batch-size", "20", "--pause-between-batches", "5")
@@ -40,21 +38,6 @@ class Enrich(Job):
 def _expected(i: int) -> tuple[int, str, int]:
     """Every 10th account already has an email (kept by FillMissing); every score changes."""
     return (i, f"kept{i}@x.org" if i % 10 == 0 else f"user{i}@example.com", i * 2 + 1)
-
-
-def _apply_runs(db: TestDB) -> list[tuple[str, str, int]]:
-    return db.rows("SELECT run_id, status, checkpoint FROM fillgate_runs WHERE kind = 'apply'")
-
-
-def _kill(proc: subprocess.Popen[str], when: Any, rng: random.Random) -> str:
-    """Wait until ``when()`` says so (or the process ends), then SIGKILL it a few ms later."""
-    while proc.poll() is None and not when():
-        time.sleep(0.005)
-    if proc.poll() is None:
-        time.sleep(rng.uniform(0, 0.03))  # somewhere inside a batch transaction, or between
-        proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    return "killed" if proc.returncode == -signal.SIGKILL else f"exited {proc.returncode}"
 
 
 def test_kill_and_resume_applies_every_change_exactly_once(
@@ -84,20 +67,17 @@ def test_kill_and_resume_applies_every_change_exactly_once(
     assert len(planned_changes) == total
 
     def start(run_id: str | None) -> subprocess.Popen[str]:
-        args = ["apply", "crash.plan"] if run_id is None else ["resume", run_id]
-        return fillgate_subprocess(["--config", str(cfg), *args, *PACE], cwd=tmp_path)
+        return start_apply(cfg, tmp_path, "crash.plan", run_id, PACE)
 
     def current() -> tuple[str, str, int] | None:
-        runs = _apply_runs(db)
-        assert len(runs) <= 1, runs
-        return runs[0] if runs else None
+        return current_apply(db)
 
     log = []
     # 1. kill the apply at a random moment after it starts: maybe before its run exists
     proc = start(None)
     started = time.monotonic()
     delay = rng.uniform(0.0, 3.0)
-    log.append(f"apply killed after {delay:.2f}s: " + _kill(proc, lambda: time.monotonic() - started > delay, rng))
+    log.append(f"apply killed after {delay:.2f}s: " + kill_when(proc, lambda: time.monotonic() - started > delay, rng))
 
     # 2./3. kill it (or a resume of it) twice more, each time after some progress
     for _ in range(2):
@@ -112,26 +92,19 @@ def test_kill_and_resume_applies_every_change_exactly_once(
             r = current()
             return r is not None and r[2] >= target
 
-        log.append(f"{'resume' if run else 'apply'} from {done} killed past {target}: " + _kill(proc, reached, rng))
+        log.append(f"{'resume' if run else 'apply'} from {done} killed past {target}: " + kill_when(proc, reached, rng))
     print("; ".join(log))
 
-    # 4. resume to completion (the dead process's lock may take a moment to be released)
-    deadline = time.monotonic() + 15
-    while True:
-        run = current()
-        if run is not None and run[1] == "succeeded":
-            break
-        result = run_cli(cli, cfg, *(["apply", "crash.plan"] if run is None else ["resume", run[0]]), *PACE[:2])
-        if result.exit_code == 3 and "already running" in result.stderr and time.monotonic() < deadline:
-            time.sleep(0.1)
-            continue
-        assert result.exit_code == 0, (seed, log, result.output)
+    # 4. resume to completion
+    finish_apply(db, cfg, "crash.plan", PACE[:2], (seed, log))
 
     # every intended change is in the table, exactly once
     assert db.rows("SELECT id, email, score FROM accounts ORDER BY id") == [
         _expected(i) for i in range(1, ROWS + 1)
     ], (seed, log)
-    ((run_id, status, checkpoint),) = _apply_runs(db)
+    final = current_apply(db)
+    assert final is not None, (seed, log)
+    run_id, status, checkpoint = final
     assert status == "succeeded", (seed, log)
     assert checkpoint == total, (seed, log)
     assert db.scalar("SELECT total FROM fillgate_runs WHERE run_id = :r", {"r": run_id}) == total

@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from typer.testing import CliRunner
 
 from fillgate.values import encode_key
 
-from conftest import TestDB, fillgate_subprocess, run_cli
+from conftest import TestDB, current_apply, finish_apply, kill_when, run_cli, start_apply
 
 TS = "2024-05-01T06:00"
 
@@ -270,16 +268,6 @@ CRASH_ROWS = 600
 PACE = ("--batch-size", "15", "--pause-between-batches", "5")
 
 
-def _kill(proc: subprocess.Popen[str], when: Any, rng: random.Random) -> str:
-    while proc.poll() is None and not when():
-        time.sleep(0.005)
-    if proc.poll() is None:
-        time.sleep(rng.uniform(0, 0.03))
-        proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    return "killed" if proc.returncode == -signal.SIGKILL else f"exited {proc.returncode}"
-
-
 def test_kill_and_resume_inserts_every_row_exactly_once(db: TestDB, tmp_path: Path) -> None:
     seed = int(os.environ.get("FILLGATE_CRASH_SEED") or random.randrange(2**32))
     print(f"insert crash test seed: {seed} (rerun with FILLGATE_CRASH_SEED={seed})")
@@ -290,13 +278,10 @@ def test_kill_and_resume_inserts_every_row_exactly_once(db: TestDB, tmp_path: Pa
     assert planned["changes"] == CRASH_ROWS
 
     def current() -> tuple[str, str, int] | None:
-        runs = db.rows("SELECT run_id, status, checkpoint FROM fillgate_runs WHERE kind = 'apply'")
-        assert len(runs) <= 1, runs
-        return runs[0] if runs else None
+        return current_apply(db)
 
     def start(run_id: str | None) -> subprocess.Popen[str]:
-        args = ["apply", "crash.plan"] if run_id is None else ["resume", run_id]
-        return fillgate_subprocess(["--config", str(cfg), *args, *PACE], cwd=tmp_path)
+        return start_apply(cfg, tmp_path, "crash.plan", run_id, PACE)
 
     def reached(target: int) -> Any:
         def check() -> bool:
@@ -308,25 +293,15 @@ def test_kill_and_resume_inserts_every_row_exactly_once(db: TestDB, tmp_path: Pa
     # transaction or between two)
     log = []
     first = rng.randint(0, CRASH_ROWS // 3)
-    log.append(f"apply killed past {first}: " + _kill(start(None), reached(first), rng))
+    log.append(f"apply killed past {first}: " + kill_when(start(None), reached(first), rng))
     run = current()
     assert run is not None and run[1] != "succeeded", (seed, log, run)
     done = run[2]
     second = rng.randint(done + 1, done + max(1, (CRASH_ROWS - done) // 2))
-    log.append(f"resume from {done} killed past {second}: " + _kill(start(run[0]), reached(second), rng))
+    log.append(f"resume from {done} killed past {second}: " + kill_when(start(run[0]), reached(second), rng))
     print("; ".join(log))
 
-    deadline = time.monotonic() + 15
-    while True:
-        run = current()
-        if run is not None and run[1] == "succeeded":
-            break
-        result = run_cli(CliRunner(), cfg, *(["apply", "crash.plan"] if run is None else ["resume", run[0]]),
-                         "--batch-size", "50")
-        if result.exit_code == 3 and "already running" in result.stderr and time.monotonic() < deadline:
-            time.sleep(0.1)
-            continue
-        assert result.exit_code == 0, (seed, log, result.output)
+    finish_apply(db, cfg, "crash.plan", ("--batch-size", "50"), (seed, log))
 
     assert _digests(db) == _expected(topics), (seed, log)
     assert db.scalar("SELECT count(*) FROM digests") == CRASH_ROWS

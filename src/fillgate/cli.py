@@ -46,6 +46,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 ConfirmOpt = Annotated[
     str | None, typer.Option("--confirm", help="Type the environment name to write to a protected target.")
 ]
+MaxChangesOpt = Annotated[
+    int | None, typer.Option("--max-changes", min=0, help="Refuse a plan with more than N changes.")
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Changes per transaction.")]
 MaxErrorsOpt = Annotated[int | None, typer.Option("--max-errors", min=0, help="Stop after more than N errors.")]
 MaxRateOpt = Annotated[
@@ -208,9 +211,7 @@ def _human(events: str | None) -> Console:
 def apply(
     plan_file: Annotated[Path, typer.Argument(help="A plan file made by fillgate plan -o.")],
     target: TargetOpt = None,
-    max_changes: Annotated[
-        int | None, typer.Option("--max-changes", min=0, help="Refuse a plan with more than N changes.")
-    ] = None,
+    max_changes: MaxChangesOpt = None,
     confirm: ConfirmOpt = None,
     batch_size: BatchOpt = 5000,
     max_errors: MaxErrorsOpt = None,
@@ -248,9 +249,7 @@ def run(
         str, typer.Option("--output", "-o", help="Where to keep the plan (needed to resume).")
     ] = ".fillgate/plans/",
     param: ParamOpt = None,
-    max_changes: Annotated[
-        int | None, typer.Option("--max-changes", min=0, help="Refuse a plan with more than N changes.")
-    ] = None,
+    max_changes: MaxChangesOpt = None,
     confirm: ConfirmOpt = None,
     batch_size: BatchOpt = 5000,
     max_errors: MaxErrorsOpt = None,

@@ -288,6 +288,7 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
     for group_key, group in groups.items():
         savepoint = conn.begin_nested()
         stored: list[Any] | None = None  # what each row of the group holds after the update
+        statement: str | None = None
         try:
             if sql.dialect_name == "postgresql" and group_key[0] == "update":
                 arrays = [[c.key[i] for c in group] for i in range(len(sql.key))]
@@ -307,7 +308,8 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
             applied = group
         else:
             savepoint.rollback()
-            statement, params = _statement(sql, group_key, group)
+            if statement is None:  # the PostgreSQL set-based path has no per-row statement yet
+                statement, params = _statement(sql, group_key, group)
             applied = _apply_one_by_one(conn, sql, statement, group, params, outcome)
             stored = None
         if stored is None and applied and group_key[0] != "delete" and sql.dialect_name != "sqlite":

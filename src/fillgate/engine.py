@@ -426,7 +426,7 @@ def make_plan(
         total=header.changes,
         plan_id=run.run_id,
         plan_path=str(path) if path else None,
-        plan_sha256=file_sha256(path) if path else None,
+        plan_sha256=planner.writer.file_sha256,
         finished_at=utcnow(),
         details=monitor.details(),
     )
@@ -694,9 +694,8 @@ def apply_plan(
     """Write exactly the reviewed plan, audited, after every check passes."""
     limits = limits or Limits()
     path = Path(path).resolve()
-    header = verify_plan(path)
+    header, sha256 = verify_plan(path)
     check_plan_matches(conn, header, path)
-    sha256 = file_sha256(path)
     check_plan_unmodified(conn, header, path, sha256)
     check_write_allowed(conn.target, limits.confirm)
     limits = _with_job_checks(limits, header)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -84,6 +84,7 @@ class PlanWriter:
         self._body: IO[str] = os.fdopen(fd, "w", encoding="utf-8")
         self._hash = hashlib.sha256()
         self._pending: list[str] = []  # lines not yet written and hashed (flushed in chunks)
+        self.file_sha256: str | None = None  # set by finish
         self.lines = 0
         self.changes = 0
 
@@ -141,13 +142,16 @@ class PlanWriter:
         path = path.resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".fillgate-plan-", dir=path.parent)
+        whole = hashlib.sha256()  # of the file as written: the ledger records it with the plan run
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out, self._body_path.open(encoding="utf-8") as body:
-                out.write(header.to_line())
-                shutil.copyfileobj(body, out, 1 << 20)
+            with os.fdopen(fd, "wb") as out, self._body_path.open("rb") as body:
+                for chunk in chain([header.to_line().encode("utf-8")], iter(lambda: body.read(1 << 20), b"")):
+                    out.write(chunk)
+                    whole.update(chunk)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, path)
+            self.file_sha256 = whole.hexdigest()
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -182,24 +186,26 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_plan(path: str | Path) -> PlanHeader:
-    """Read the header and check the body against it (line count and SHA-256)."""
+def verify_plan(path: str | Path) -> tuple[PlanHeader, str]:
+    """Read the header and check the body against it (line count and SHA-256). Returns the
+    header and the SHA-256 of the whole file, both from one read."""
     path = Path(path)
     header = read_header(path)
-    digest = hashlib.sha256()
+    body, whole = hashlib.sha256(), hashlib.sha256()
     lines = 0
     with path.open("rb") as fh:
-        fh.readline()
+        whole.update(fh.readline())
         for line in fh:
-            digest.update(line)
+            body.update(line)
+            whole.update(line)
             lines += 1
-    if lines != header.lines or digest.hexdigest() != header.body_sha256:
+    if lines != header.lines or body.hexdigest() != header.body_sha256:
         raise PlanFileError(
             f"{path} does not match its header (expected {header.lines} lines, found {lines}; "
             "checksum differs): the file is truncated or was modified after planning. "
             "Re-create it with fillgate plan."
         )
-    return header
+    return header, whole.hexdigest()
 
 
 def _decode_record(path: Path, number: int, line: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from fillgate.errors import (
     RunStateError,
 )
 from fillgate.job import Job, load_job
-from fillgate.ledger import ApplyLock, Run, new_run_id, operator_name, utcnow
+from fillgate.ledger import ApplyLock, Run, error_row, new_run_id, operator_name, utcnow
 from fillgate.lookup import Lookup
 from fillgate.monitor import Monitor
 from fillgate.plan import LINE_KINDS, PlanHeader, PlanWriter, file_sha256, iter_changes, read_header, verify_plan
@@ -202,11 +202,7 @@ class _Planner:
 
     def _ledger_error(self, key: tuple[Any, ...], phase: str, error_type: str, message: str,
                       fp: str, tb: str | None) -> None:
-        self.page_errors.append({
-            "run_id": self.run.run_id, "phase": phase, "row_key": encode_key(key), "column_name": None,
-            "error_type": error_type, "message": message[:4000], "fingerprint": fp, "traceback": tb,
-            "created_at": utcnow(),
-        })
+        self.page_errors.append(error_row(self.run.run_id, phase, key, None, error_type, message, fp, tb))
 
     def row_error(self, key: tuple[Any, ...], exc: BaseException, phase: str = "plan") -> None:
         self._count("errors")
@@ -550,24 +546,16 @@ def execute(
                 problems = []
                 for change, current, exists in outcome.conflicts:
                     message = _conflict_message(change, current, exists)
-                    problems.append({
-                        "run_id": run.run_id, "phase": "apply", "row_key": encode_key(change.key),
-                        "column_name": change.column, "error_type": "Conflict", "message": message,
-                        "fingerprint": hashlib.sha256(f"{source}|conflict|{change.column}".encode())
-                        .hexdigest()[:16],
-                        "traceback": None, "created_at": now,
-                    })
+                    fingerprint = hashlib.sha256(f"{source}|conflict|{change.column}".encode()).hexdigest()[:16]
+                    problems.append(error_row(run.run_id, "apply", change.key, change.column, "Conflict", message,
+                                              fingerprint, created_at=now))
                     if len(conflicts_sample) < SAMPLE:
                         conflicts_sample.append({"key": list(change.key), "column": change.column,
                                                  "expected": change.old, "found": current,
                                                  "row_exists": exists})
                 for change, exc in outcome.errors:
-                    problems.append({
-                        "run_id": run.run_id, "phase": "apply", "row_key": encode_key(change.key),
-                        "column_name": change.column, "error_type": type(exc).__name__,
-                        "message": str(exc)[:4000], "fingerprint": error_fingerprint(source, exc),
-                        "traceback": None, "created_at": now,
-                    })
+                    problems.append(error_row(run.run_id, "apply", change.key, change.column, type(exc).__name__,
+                                              str(exc), error_fingerprint(source, exc), created_at=now))
                 ledger.insert_errors(tx, problems)
                 for change, stored in outcome.converted[:max(SAMPLE - len(converted_sample), 0)]:
                     converted_sample.append({"key": list(change.key), "column": change.column,

@@ -23,6 +23,7 @@ from ulid import ULID
 from fillgate.errors import NotInitializedError, RunNotFoundError, UsageError
 from fillgate.ledger import schema
 from fillgate.ledger.schema import VERSION_TABLE
+from fillgate.values import encode_key
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -50,6 +51,18 @@ def operator_name() -> str:
     except Exception:
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
+
+
+def error_row(
+    run_id: str, phase: str, key: Sequence[Any], column: str | None, error_type: str, message: str,
+    fingerprint: str, traceback: str | None = None, created_at: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """One ``fillgate_errors`` row (a row error, a conflict, a lookup anomaly), for ``insert_errors``."""
+    return {
+        "run_id": run_id, "phase": phase, "row_key": encode_key(key), "column_name": column,
+        "error_type": error_type, "message": message[:4000], "fingerprint": fingerprint,
+        "traceback": traceback, "created_at": created_at or utcnow(),
+    }
 
 
 @dataclass

@@ -352,7 +352,8 @@ def make_plan(
             environment=conn.target.environment,
             operator=operator_name(),
             status="running",
-            args={"params": job.args, "key": list(key_cols), "out": str(out) if out else None},
+            args={"params": job.args, "key": list(key_cols), "columns": sorted(job_cls.policies()),
+                  "out": str(out) if out else None},
             parent_run_id=pipeline_run_id,
             started_at=utcnow(),
         )
@@ -404,8 +405,7 @@ def make_plan(
         if plan_dir is not None:
             path = planner.writer.finish(header, plan_file or plan_dir / f"{run.run_id}.plan")
         else:
-            header.lines, header.changes = planner.writer.lines, planner.writer.changes
-            planner.writer.discard()
+            planner.writer.seal(header)
     except BaseException as exc:
         planner.writer.discard()
         ledger.update_run(run.run_id, status="failed", counts=counts, finished_at=utcnow(),
@@ -646,8 +646,13 @@ def check_plan_matches(conn: Connected, header: PlanHeader, path: Path) -> None:
 
 
 def check_plan_unmodified(conn: Connected, header: PlanHeader, path: Path, sha256: str) -> None:
-    """The file is byte for byte the one the plan run recorded: the body checksum in the
-    header cannot protect the header itself (its counts feed --max-changes)."""
+    """The file is byte for byte the one its plan run recorded, and says what that run planned.
+
+    Every plan run records the SHA-256 of its plan (saved or not), so the body checksum in the
+    header (which a forger can recompute) is not what protects the header or the lines: an
+    edited file pointed at any plan id fails here. The header must also name the job, table,
+    key and columns that plan run recorded (``verify_plan`` checked every line against the
+    header), so a file can only ever write what a job declared."""
     try:
         planned = conn.ledger.get_run(header.plan_id)
     except RunNotFoundError:
@@ -655,10 +660,35 @@ def check_plan_unmodified(conn: Connected, header: PlanHeader, path: Path, sha25
             f"plan {path} names plan run {header.plan_id}, which target '{conn.target.name}' has no "
             "record of: the file was modified. Re-create it with fillgate plan."
         ) from None
-    if planned.kind != "plan" or (planned.plan_sha256 and planned.plan_sha256 != sha256):
+    if planned.kind != "plan":
+        raise PlanFileError(
+            f"plan {path} names run {header.plan_id}, which is a {planned.kind} run, not a plan: the file "
+            "was modified. Re-create it with fillgate plan."
+        )
+    if not planned.plan_sha256:
+        raise PlanFileError(
+            f"plan {path} names plan run {header.plan_id}, which recorded no plan checksum (it was made "
+            "by an older fillgate without -o), so this file cannot be checked against it. Re-create "
+            "it with fillgate plan -o FILE."
+        )
+    if planned.plan_sha256 != sha256:
         raise PlanFileError(
             f"plan {path} was modified after planning (its SHA-256 differs from the one recorded "
             f"by plan run {header.plan_id}). Re-create it with fillgate plan."
+        )
+    recorded_columns = planned.args.get("columns")
+    mismatch = [
+        what for what, same in (
+            ("job", header.job == planned.job),
+            ("table", header.table == planned.table_name),
+            ("key", list(header.key) == list(planned.args.get("key") or [])),
+            ("columns", recorded_columns is None or sorted(header.columns) == sorted(recorded_columns)),
+        ) if not same
+    ]
+    if mismatch:
+        raise PlanFileError(
+            f"plan {path}: its {', '.join(mismatch)} differ from what plan run {header.plan_id} "
+            "recorded: the file was modified. Re-create it with fillgate plan."
         )
 
 

@@ -159,6 +159,25 @@ class PlanWriter:
             self._body_path.unlink(missing_ok=True)
         return path
 
+    def seal(self, header: PlanHeader) -> str:
+        """Complete ``header`` and return the SHA-256 the plan file would have, without
+        writing it (a plan made without ``-o``): the ledger records it for every plan, so no
+        file can later claim to be this plan unless it is byte for byte what was planned."""
+        self._flush()
+        self._body.close()
+        header.lines = self.lines
+        header.changes = self.changes
+        header.body_sha256 = self._hash.hexdigest()
+        whole = hashlib.sha256(header.to_line().encode("utf-8"))
+        try:
+            with self._body_path.open("rb") as body:
+                for chunk in iter(lambda: body.read(1 << 20), b""):
+                    whole.update(chunk)
+        finally:
+            self._body_path.unlink(missing_ok=True)
+        self.file_sha256 = whole.hexdigest()
+        return self.file_sha256
+
     def discard(self) -> None:
         self._body.close()
         self._body_path.unlink(missing_ok=True)
@@ -187,25 +206,72 @@ def file_sha256(path: str | Path) -> str:
 
 
 def verify_plan(path: str | Path) -> tuple[PlanHeader, str]:
-    """Read the header and check the body against it (line count and SHA-256). Returns the
+    """Read the header and check the body against it: line count, SHA-256, and every line a
+    well-formed finding about the header's table, with a key of the header's key columns and
+    only the header's declared columns (an insert: key and declared columns). Returns the
     header and the SHA-256 of the whole file, both from one read."""
     path = Path(path)
     header = read_header(path)
     body, whole = hashlib.sha256(), hashlib.sha256()
     lines = 0
+    check = _LineCheck(header, path)
+    problem: PlanFileError | None = None  # the first bad line, told after the checksum
     with path.open("rb") as fh:
         whole.update(fh.readline())
-        for line in fh:
+        for number, line in enumerate(fh, start=2):
             body.update(line)
             whole.update(line)
             lines += 1
+            if problem is None:
+                try:
+                    check(number, line)
+                except PlanFileError as exc:
+                    problem = exc
     if lines != header.lines or body.hexdigest() != header.body_sha256:
         raise PlanFileError(
             f"{path} does not match its header (expected {header.lines} lines, found {lines}; "
             "checksum differs): the file is truncated or was modified after planning. "
             "Re-create it with fillgate plan."
         )
+    if problem is not None:
+        raise problem
     return header, whole.hexdigest()
+
+
+class _LineCheck:
+    """Checks one body line of a plan against its header (see ``verify_plan``)."""
+
+    def __init__(self, header: PlanHeader, path: Path) -> None:
+        self.path = path
+        self.key_len = len(header.key)
+        self.columns = frozenset(header.columns)
+        self.row_columns = self.columns | frozenset(header.key)
+
+    def __call__(self, number: int, raw: bytes) -> None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PlanFileError(f"{self.path}:{number}: not UTF-8 text; the file is damaged.") from None
+        record = _decode_record(self.path, number, text)
+        key = record.get("key")
+        if not isinstance(key, list) or len(key) != self.key_len:
+            self._bad(number, f"its key {key!r} does not have the plan's {self.key_len} key column(s)")
+        kind = record["kind"]
+        if kind == "insert":
+            values = record.get("values")
+            if not isinstance(values, dict) or not values.keys() <= self.row_columns:
+                extra = sorted(set(values) - self.row_columns) if isinstance(values, dict) else values
+                self._bad(number, f"it inserts column(s) {extra!r} the plan's job does not declare")
+        elif kind in ("change", "disagreement", "preserved"):
+            column = record.get("column")
+            if column not in self.columns:
+                self._bad(number, f"it names column {column!r}, which the plan's job does not declare "
+                                  f"({', '.join(sorted(self.columns))})")
+            if kind == "change" and ("old" not in record or "new" not in record):
+                self._bad(number, "it lacks the old or the new value")
+
+    def _bad(self, number: int, why: str) -> None:
+        raise PlanFileError(f"{self.path}:{number}: {why}; the file was modified. Re-create it with fillgate plan.")
 
 
 def _decode_record(path: Path, number: int, line: str) -> dict[str, Any]:

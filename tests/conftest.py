@@ -232,7 +232,7 @@ def fillgate_subprocess(args: Sequence[str], cwd: Path, **kwargs: Any) -> subpro
     """Start ``fillgate ARGS`` in a separate process (for kill -9 and concurrency tests)."""
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     return subprocess.Popen(
-        [sys.executable, "-m", "fillgate.cli", *args], cwd=cwd, env=env, text=True,
+        [sys.executable, "-m", "fillgate", *args], cwd=cwd, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
     )
 

@@ -1,25 +1,31 @@
-"""fillgate: safe, reviewable, reversible backfills and enrichment sweeps for SQL databases."""
+"""fillgate: safe, reviewable, reversible backfills and enrichment sweeps for SQL databases.
 
-from fillgate.config import Config, Target, load_config
-from fillgate.context import RunContext
-from fillgate.engine import ApplyResult, Limits, PlanResult, apply_plan, make_plan, resume_run
-from fillgate.errors import (
-    ConfigError,
-    FillgateError,
-    GuardRefused,
-    JobError,
-    PlanFileError,
-    TargetEscapeError,
-    UsageError,
-)
-from fillgate.job import Job, Param, load_job
-from fillgate.lookup import Lookup
-from fillgate.pipeline import Pipeline
-from fillgate.policy import Failed, FillMissing, Overwrite, Policy, Promote
-from fillgate.revert import preview_revert, revert_run
-from fillgate.stamp import connect, init_target
+The public API is imported lazily (PEP 562), so ``import fillgate`` and the ``fillgate``
+command start fast; ``from fillgate import Job`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Config": "config", "Target": "config", "load_config": "config",
+    "RunContext": "context",
+    "ApplyResult": "engine", "Limits": "engine", "PlanResult": "engine", "apply_plan": "engine",
+    "make_plan": "engine", "resume_run": "engine",
+    "ConfigError": "errors", "FillgateError": "errors", "GuardRefused": "errors", "Interrupted": "errors",
+    "JobError": "errors", "PlanFileError": "errors", "TargetEscapeError": "errors", "UsageError": "errors",
+    "Job": "job", "Param": "job", "load_job": "job",
+    "Lookup": "lookup",
+    "Pipeline": "pipeline",
+    "Failed": "policy", "FillMissing": "policy", "Overwrite": "policy", "Policy": "policy", "Promote": "policy",
+    "preview_revert": "revert", "revert_run": "revert",
+    "connect": "stamp", "init_target": "stamp",
+}
 
 __all__ = [
     "ApplyResult",
@@ -29,6 +35,7 @@ __all__ = [
     "FillMissing",
     "FillgateError",
     "GuardRefused",
+    "Interrupted",
     "Job",
     "JobError",
     "Limits",
@@ -54,3 +61,38 @@ __all__ = [
     "resume_run",
     "revert_run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fillgate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"fillgate.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:
+    from fillgate.config import Config, Target, load_config
+    from fillgate.context import RunContext
+    from fillgate.engine import ApplyResult, Limits, PlanResult, apply_plan, make_plan, resume_run
+    from fillgate.errors import (
+        ConfigError,
+        FillgateError,
+        GuardRefused,
+        Interrupted,
+        JobError,
+        PlanFileError,
+        TargetEscapeError,
+        UsageError,
+    )
+    from fillgate.job import Job, Param, load_job
+    from fillgate.lookup import Lookup
+    from fillgate.pipeline import Pipeline
+    from fillgate.policy import Failed, FillMissing, Overwrite, Policy, Promote
+    from fillgate.revert import preview_revert, revert_run
+    from fillgate.stamp import connect, init_target

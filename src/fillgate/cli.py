@@ -17,8 +17,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from fillgate import report
 from fillgate.config import Target, load_config
 from fillgate.engine import ApplyResult, Limits, apply_plan, control_run, make_plan, resume_run
-from fillgate.errors import EXIT_OK, EXIT_ROW_PROBLEMS, FillgateError, PlanMismatchError, RunStateError, UsageError
+from fillgate.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_ROW_PROBLEMS,
+    FillgateError,
+    Interrupted,
+    PlanMismatchError,
+    RunStateError,
+    UsageError,
+)
 from fillgate.events import EventWriter
+from fillgate.interrupts import stop_on_signals
 from fillgate.job import load_runnable, parse_param_options
 from fillgate.monitor import Monitor
 from fillgate.pipeline import Pipeline, revert_pipeline, run_pipeline, stage_applies
@@ -88,6 +98,14 @@ def _errors() -> Iterator[None]:
     """Turn fillgate errors into a message on stderr and the documented exit code."""
     try:
         yield
+    except Interrupted as exc:
+        err.print(f"[bold yellow]interrupted:[/] {escape(str(exc))}", soft_wrap=True)
+        if exc.run_id and "resume" not in str(exc) and "Plan again" not in str(exc):
+            err.print(f"Continue it with: fillgate resume {exc.run_id}", soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        err.print("[bold yellow]interrupted:[/] stopped by Ctrl-C before anything was written.", soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except FillgateError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
@@ -110,6 +128,8 @@ def _emit(as_json: bool, data: Callable[[], Any], human: Callable[[], None]) -> 
 
 def _finish_apply(result: ApplyResult, as_json: bool, human: Console, plan_errors: int = 0) -> None:
     _emit(as_json, lambda: report.apply_json(result), lambda: report.print_apply(human, result))
+    if result.stopped == "interrupted":
+        raise typer.Exit(EXIT_INTERRUPTED)
     raise typer.Exit(EXIT_OK if result.clean and not plan_errors else EXIT_ROW_PROBLEMS)
 
 
@@ -191,15 +211,23 @@ def _limits(
     return Limits(rate=rate, checks=checks, max_hold_s=max_hold, **values)
 
 
-def _monitor(events: str | None, as_json: bool) -> Monitor:
-    """Events to a file or stdout, alerts from the environment, and a progress bar on a terminal."""
+@contextmanager
+def _monitor(events: str | None, as_json: bool) -> Iterator[Monitor]:
+    """Events to a file or stdout, alerts from the environment, and a progress bar on a
+    terminal; while inside, Ctrl-C and SIGTERM stop the run at its next batch boundary."""
     if events == "-" and as_json:
         raise UsageError(
             "--events - and --json both write to stdout. Write the events to a file "
             "(--events run.jsonl), or drop --json (with --events -, people's output goes to stderr)."
         )
     progress = RichProgress(err) if err.is_terminal and not as_json else None
-    return Monitor(events=EventWriter(events), progress=progress)
+
+    def stopping(reason: str) -> None:
+        err.print(f"[bold yellow]{reason}[/]: stopping after the current batch "
+                  "(press Ctrl-C again to stop at once; that batch is then rolled back).")
+
+    with stop_on_signals(stopping), Monitor(events=EventWriter(events), progress=progress) as monitor:
+        yield monitor
 
 
 def _human(events: str | None) -> Console:
@@ -474,7 +502,11 @@ def lint(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C outside a command's own handling (while starting up)
+        err.print("[bold yellow]interrupted:[/] stopped by Ctrl-C; nothing was written.")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

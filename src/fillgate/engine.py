@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -22,12 +23,15 @@ from fillgate.errors import (
     ErrorBudgetExceededError,
     FillgateError,
     GateExceededError,
+    Interrupted,
     JobError,
     PlanFileError,
     PlanMismatchError,
     RunNotFoundError,
     RunStateError,
+    UsageError,
 )
+from fillgate.interrupts import stop_requested
 from fillgate.job import Job, load_job
 from fillgate.ledger import ApplyLock, Run, error_row, new_run_id, operator_name, utcnow
 from fillgate.lookup import Lookup
@@ -383,6 +387,10 @@ def make_plan(
                     saved = time.monotonic()
                 monitor.batch_done(planner.page_counts, counts["rows"], conn.engine, planner.examples())
                 limits.check_errors(counts["errors"], counts["rows"], f"plan of {name}")
+                reason = stop_requested()
+                if reason is not None:
+                    raise Interrupted(f"plan {run.run_id} of {name} stopped: {reason} after "
+                                      f"{counts['rows']} rows; nothing was saved. Plan again.", run.run_id)
         header = PlanHeader(
             plan_id=run.run_id,
             job=name,
@@ -408,9 +416,15 @@ def make_plan(
             planner.writer.seal(header)
     except BaseException as exc:
         planner.writer.discard()
+        if isinstance(exc, KeyboardInterrupt):
+            exc = Interrupted(f"plan {run.run_id} of {name} stopped: interrupted by Ctrl-C after "
+                              f"{counts['rows']} rows; nothing was saved. Plan again.", run.run_id)
+        message = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"
         ledger.update_run(run.run_id, status="failed", counts=counts, finished_at=utcnow(),
-                          message=str(exc)[:4000], details=monitor.details())
-        monitor.run_finished("failed", counts, str(exc))
+                          message=message[:4000], details=monitor.details())
+        monitor.run_finished("failed", counts, message)
+        if isinstance(exc, Interrupted):
+            raise exc from None
         raise
     finally:
         if lookup is not None:
@@ -587,13 +601,27 @@ def execute(
                 result.stopped = status
                 break
             limits.check_errors(counts["errors"], checkpoint, f"{run.kind} run {run.run_id}")
+            reason = stop_requested()
+            if reason is not None and checkpoint < (run.total if run.total is not None else checkpoint + 1):
+                status = "paused"
+                done = f"{checkpoint} of {run.total}" if run.total is not None else str(checkpoint)
+                ledger.update_run(run.run_id, status=status, control=None, message=f"{reason} after {done} changes")
+                result.stopped = "interrupted"
+                break
+    except KeyboardInterrupt:
+        # a second Ctrl-C, inside a batch: the database rolled that batch back, and every
+        # batch before it is committed with its checkpoint, so the run is resumable
+        message = f"interrupted by Ctrl-C during a batch (rolled back) after {checkpoint} changes"
+        ledger.update_run(run.run_id, status="paused", control=None, message=message)
+        monitor.run_finished("paused", counts, message)
+        raise Interrupted(f"{run.kind} run {run.run_id} was {message}.", run.run_id) from None
     except BaseException as exc:
         message = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"
         ledger.update_run(run.run_id, status="failed", finished_at=utcnow(), message=message[:4000])
         monitor.run_finished("failed", counts, message)
         raise
     if status == "succeeded":
-        ledger.update_run(run.run_id, status="succeeded", finished_at=utcnow(), control=None)
+        ledger.update_run(run.run_id, status="succeeded", finished_at=utcnow(), control=None, message=None)
     monitor.run_finished(status, counts)
     result.run = ledger.get_run(run.run_id)
     return result
@@ -759,6 +787,19 @@ def apply_plan(
         lock.release()
 
 
+def _check_resumable(run: Run) -> None:
+    if run.kind not in ("apply", "revert"):
+        raise RunStateError(
+            f"run {run.run_id} is a {run.kind} run; only apply and revert runs can be resumed."
+        )
+    if run.status == "succeeded":
+        raise RunStateError(f"run {run.run_id} already succeeded; there is nothing to resume.")
+    if run.status == "cancelled":
+        raise RunStateError(
+            f"run {run.run_id} was cancelled; it cannot be resumed. Make a new plan instead."
+        )
+
+
 def resume_run(
     conn: Connected, run_id: str, limits: Limits | None = None, monitor: Monitor | None = None
 ) -> ApplyResult:
@@ -769,36 +810,31 @@ def resume_run(
     limits = limits or Limits()
     ledger = conn.ledger
     run = ledger.get_run(run_id)
-    if run.kind not in ("apply", "revert"):
-        raise RunStateError(
-            f"run {run_id} is a {run.kind} run; only apply and revert runs can be resumed."
-        )
-    if run.status == "succeeded":
-        raise RunStateError(f"run {run_id} already succeeded; there is nothing to resume.")
-    if run.status == "cancelled":
-        raise RunStateError(
-            f"run {run_id} was cancelled; it cannot be resumed. Make a new plan instead."
-        )
+    _check_resumable(run)  # refuse early, without taking the lock
     check_write_allowed(conn.target, limits.confirm)
-    if run.kind == "apply":
-        path = Path(run.plan_path or "")
-        if not path.is_file():
-            raise PlanFileError(
-                f"run {run_id} applies plan file {path}, which no longer exists; "
-                "it is needed to resume the run."
-            )
-        if file_sha256(path) != run.plan_sha256:
-            raise PlanFileError(
-                f"plan file {path} changed since run {run_id} started applying it; refusing to resume."
-            )
-        changes: Iterable[Change] = iter_changes(path, skip=run.checkpoint)
-        limits = _with_job_checks(limits, read_header(path))  # the file was just checked whole
-    else:
-        changes = islice(inverse_changes(ledger, run.parent_run_id or ""), run.checkpoint, None)
     lock = ApplyLock(conn.engine, lock_name(run.job), run.run_id, operator_name()).acquire()
     try:
+        # Read the run again under the lock: its own process may have finished (or moved its
+        # checkpoint) between the first read and the lock.
+        run = ledger.get_run(run_id)
+        _check_resumable(run)
+        if run.kind == "apply":
+            path = Path(run.plan_path or "")
+            if not path.is_file():
+                raise PlanFileError(
+                    f"run {run_id} applies plan file {path}, which no longer exists; "
+                    "it is needed to resume the run."
+                )
+            if file_sha256(path) != run.plan_sha256:
+                raise PlanFileError(
+                    f"plan file {path} changed since run {run_id} started applying it; refusing to resume."
+                )
+            changes: Iterable[Change] = iter_changes(path, skip=run.checkpoint)
+            limits = _with_job_checks(limits, read_header(path))  # the file was just checked whole
+        else:
+            changes = islice(inverse_changes(ledger, run.parent_run_id or ""), run.checkpoint, None)
         ledger.update_run(run_id, status="running", control=None, message=None, finished_at=None,
-                          pid=os.getpid(), heartbeat_at=utcnow())
+                          pid=os.getpid(), host=socket.gethostname(), heartbeat_at=utcnow())
         run = ledger.get_run(run_id)
         return execute(conn, run, changes, limits, lock, monitor)
     finally:
@@ -807,27 +843,24 @@ def resume_run(
 
 def control_run(conn: Connected, run_id: str, action: str) -> Run:
     """Ask a run to pause or cancel between batches; a run whose process is gone is
-    paused or cancelled at once."""
-    assert action in ("pause", "cancel")
+    paused or cancelled at once. A failed run can be cancelled (given up on)."""
+    if action not in ("pause", "cancel"):
+        raise UsageError(f"unknown run action {action!r}; use pause or cancel.")
     done = {"pause": "paused", "cancel": "cancelled"}[action]
-    ledger = conn.ledger
-    run = ledger.get_run(run_id)
-    if run.kind not in ("apply", "revert"):
-        raise RunStateError(f"run {run_id} is a {run.kind} run; only apply and revert runs can be {done}.")
     stoppable = ("running", "paused", "failed") if action == "cancel" else ("running", "paused")
-    if run.status not in stoppable:
-        raise RunStateError(
-            f"run {run_id} has status {run.status}; only {', '.join(stoppable[:-1])} or {stoppable[-1]} "
-            f"runs can be {done}."
-        )
-    new_status = "paused" if action == "pause" else "cancelled"
-    if run.status == "failed":  # no process: give up on it (what it applied stays audited)
-        ledger.update_run(run_id, status="cancelled", finished_at=utcnow())
-        return ledger.get_run(run_id)
-    if run.status == "paused":
-        if action == "cancel":
-            ledger.update_run(run_id, status="cancelled", finished_at=utcnow())
-        return ledger.get_run(run_id)
+    ledger = conn.ledger
+
+    def checked(run: Run) -> Run:
+        if run.kind not in ("apply", "revert"):
+            raise RunStateError(f"run {run_id} is a {run.kind} run; only apply and revert runs can be {done}.")
+        if run.status not in stoppable:
+            raise RunStateError(
+                f"run {run_id} has status {run.status}; only {', '.join(stoppable[:-1])} or {stoppable[-1]} "
+                f"runs can be {done}."
+            )
+        return run
+
+    run = checked(ledger.get_run(run_id))
     probe = ApplyLock(conn.engine, lock_name(run.job), run.run_id, operator_name())
     try:
         probe.acquire()
@@ -835,9 +868,15 @@ def control_run(conn: Connected, run_id: str, action: str) -> Run:
         ledger.update_run(run_id, control=action)  # the live process stops after its batch
         return ledger.get_run(run_id)
     try:
-        ledger.update_run(run_id, status=new_status, control=None,
-                          finished_at=utcnow() if new_status == "cancelled" else None,
-                          message=f"{new_status} while its process was not running")
+        # Under the lock no process is writing this run: read it again (it may have finished
+        # or been resumed and paused since the first read), then change it.
+        run = checked(ledger.get_run(run_id))
+        if run.status == "running":  # its process is gone (killed, crashed)
+            ledger.update_run(run_id, status=done, control=None,
+                              finished_at=utcnow() if done == "cancelled" else None,
+                              message=f"{done} while its process was not running")
+        elif action == "cancel":  # paused or failed: give up on it (what it applied stays audited)
+            ledger.update_run(run_id, status="cancelled", control=None, finished_at=utcnow())
     finally:
         probe.release()
     return ledger.get_run(run_id)

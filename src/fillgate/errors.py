@@ -11,6 +11,7 @@ EXIT_OK = 0
 EXIT_ROW_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 class FillgateError(Exception):
@@ -52,6 +53,17 @@ class RunNotFoundError(UsageError):
 
 class RunStateError(UsageError):
     """The run is in a state that does not allow the requested operation."""
+
+
+class Interrupted(FillgateError):
+    """Ctrl-C or SIGTERM stopped a run. An apply or revert is left paused at a batch
+    boundary (``run_id`` names it; ``fillgate resume`` continues it); a plan is left failed."""
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, message: str, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 # --- refusals by a guard (exit 3) -----------------------------------------------------

@@ -196,6 +196,9 @@ def print_apply(console: Console, result: ApplyResult) -> None:
     ))
     if result.stopped == "paused":
         console.print(f"Paused between batches. Continue with: fillgate resume {run.run_id}")
+    elif result.stopped == "interrupted":
+        console.print(f"Paused: {run.message}; no batch is half-written. "
+                      f"Continue with: fillgate resume {run.run_id}")
     elif run.status == "succeeded" and run.kind != "revert":
         console.print(f"Undo it with: fillgate revert {run.run_id}")
 

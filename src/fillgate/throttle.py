@@ -37,6 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from fillgate import interrupts
 from fillgate.errors import HealthCheckError, HoldTimeoutError, UsageError
 
 ConnectionSource = Engine | Callable[[], Connection]
@@ -162,7 +163,7 @@ class Throttle:
         *,
         on_hold: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = interrupts.sleep,
     ) -> None:
         if rate is not None and not rate > 0:
             raise UsageError(f"--rate must be a positive number of rows per second, got {rate!r}.")
@@ -244,7 +245,7 @@ class Throttle:
             while True:
                 reasons = self.reasons(conn)
                 self.hold_s = self._clock() - started
-                if not reasons:
+                if not reasons or interrupts.stop_requested():  # a stop ends the hold; the run stops
                     return self.hold_s
                 reason = "; ".join(reasons)
                 if not counted:

@@ -1,0 +1,104 @@
+"""Commands that change a run read it again under the run's lock: a run that finished (or was
+resumed) between the first read and the lock is never re-opened, re-applied or re-labelled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TestDB, run_cli
+from fillgate import Limits, apply_plan, connect, resume_run
+from fillgate.engine import control_run
+from fillgate.errors import RunStateError
+from fillgate.ledger import ApplyLock
+from fillgate.monitor import Monitor
+
+N = 100
+
+
+class _StopAfterFirstBatch(Monitor):
+    def batch_done(self, *args: Any, **kwargs: Any) -> None:
+        super().batch_done(*args, **kwargs)
+        raise RuntimeError("the process died after its first batch")
+
+
+def _failed_after_one_batch(db: TestDB, cli: CliRunner, jobs_file: Path) -> str:
+    db.create_people(N, with_email_every=N + 1)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    assert run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", "p.plan").exit_code == 0
+    conn = connect(db.target())
+    with pytest.raises(RuntimeError):
+        apply_plan(conn, "p.plan", Limits(batch_size=10), _StopAfterFirstBatch())
+    run_id, status, checkpoint = db.rows("SELECT run_id, status, checkpoint FROM fillgate_runs WHERE kind = 'apply'")[0]
+    assert (status, checkpoint) == ("failed", 10)
+    return str(run_id)
+
+
+def test_resume_racing_a_finishing_apply(db: TestDB, cli: CliRunner, jobs_file: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run finishes (here: another resume completes it) after this resume read it and
+    before it took the lock: this resume must see that, not re-apply from the old checkpoint."""
+    run_id = _failed_after_one_batch(db, cli, jobs_file)
+    conn = connect(db.target())
+    real_acquire = ApplyLock.acquire
+    raced = []
+
+    def acquire(self: ApplyLock) -> ApplyLock:
+        if not raced:
+            raced.append(True)
+            resume_run(conn, run_id, Limits(batch_size=10))  # the other process finishes the run
+        return real_acquire(self)
+
+    monkeypatch.setattr(ApplyLock, "acquire", acquire)
+    with pytest.raises(RunStateError, match="already succeeded"):
+        resume_run(conn, run_id, Limits(batch_size=10))
+    assert raced
+    assert db.rows("SELECT status, checkpoint FROM fillgate_runs WHERE kind = 'apply'") == [("succeeded", N)]
+    assert db.scalar("SELECT count(*) FROM fillgate_errors") == 0  # no bogus conflicts
+    assert db.scalar("SELECT count(*) FROM fillgate_changes") == N
+    assert db.scalar("SELECT count(*) FROM people WHERE email LIKE '%@example.com'") == N
+
+
+def test_pause_racing_a_finishing_apply(db: TestDB, cli: CliRunner, jobs_file: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pause reads the run as running, its process finishes, then pause takes the lock: the
+    succeeded run must stay succeeded."""
+    run_id = _failed_after_one_batch(db, cli, jobs_file)
+    conn = connect(db.target())
+    db.execute("UPDATE fillgate_runs SET status = 'running' WHERE run_id = :r", {"r": run_id})
+    real_acquire = ApplyLock.acquire
+
+    def acquire(self: ApplyLock) -> ApplyLock:
+        db.execute("UPDATE fillgate_runs SET status = 'succeeded' WHERE run_id = :r", {"r": run_id})
+        return real_acquire(self)
+
+    monkeypatch.setattr(ApplyLock, "acquire", acquire)
+    with pytest.raises(RunStateError, match="has status succeeded"):
+        control_run(conn, run_id, "pause")
+    assert db.scalar("SELECT status FROM fillgate_runs WHERE run_id = :r", {"r": run_id}) == "succeeded"
+
+
+def test_cancel_of_a_paused_run_resumed_meanwhile(db: TestDB, cli: CliRunner, jobs_file: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """cancel reads a failed run; before it acts, a resume finishes it: cancel must not
+    overwrite 'succeeded' with 'cancelled'."""
+    run_id = _failed_after_one_batch(db, cli, jobs_file)
+    conn = connect(db.target())
+    real_acquire = ApplyLock.acquire
+    raced = []
+
+    def acquire(self: ApplyLock) -> ApplyLock:
+        if not raced:
+            raced.append(True)
+            monkeypatch.setattr(ApplyLock, "acquire", real_acquire)
+            resume_run(conn, run_id, Limits(batch_size=10))
+        return real_acquire(self)
+
+    monkeypatch.setattr(ApplyLock, "acquire", acquire)
+    with pytest.raises(RunStateError, match="has status succeeded"):
+        control_run(conn, run_id, "cancel")
+    assert db.scalar("SELECT status FROM fillgate_runs WHERE run_id = :r", {"r": run_id}) == "succeeded"

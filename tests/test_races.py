@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TestDB, run_cli
 from fillgate import Limits, apply_plan, connect, resume_run
 from fillgate.engine import control_run
 from fillgate.errors import RunStateError
 from fillgate.ledger import ApplyLock
 from fillgate.monitor import Monitor
+
+from conftest import TestDB, run_cli
 
 N = 100
 

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fillgate import report
 from fillgate.config import Target, load_config
-from fillgate.engine import ApplyResult, Limits, apply_plan, control_run, make_plan, resume_run
+from fillgate.engine import ApplyResult, Limits, PlanResult, apply_plan, control_run, make_plan, resume_run, run_job
 from fillgate.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -303,11 +303,12 @@ def run(
             if issubclass(job_cls, Pipeline):
                 staged = run_pipeline(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
             else:
-                planned = make_plan(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
-                if not as_json:
-                    report.print_plan(_human(events), planned, next_step=False)
-                assert planned.path is not None
-                result = apply_plan(conn, planned.path, limits, monitor)
+                def show_plan(planned: PlanResult) -> None:
+                    if not as_json:
+                        report.print_plan(_human(events), planned, next_step=False)
+
+                planned, result = run_job(conn, job_cls, params, out=output, limits=limits, monitor=monitor,
+                                          on_planned=show_plan)
     if issubclass(job_cls, Pipeline):
         _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(_human(events), staged))
         raise typer.Exit(EXIT_OK if staged.clean else EXIT_ROW_PROBLEMS)

@@ -8,7 +8,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -23,6 +23,7 @@ from fillgate.errors import (
     ErrorBudgetExceededError,
     FillgateError,
     GateExceededError,
+    GuardRefused,
     Interrupted,
     JobError,
     PlanFileError,
@@ -785,6 +786,46 @@ def apply_plan(
         return execute(conn, run, iter_changes(path), limits, lock, monitor)
     finally:
         lock.release()
+
+
+def run_job(
+    conn: Connected,
+    job_cls: type[Job],
+    params: Mapping[str, Any] | None = None,
+    *,
+    out: str | Path = ".fillgate/plans/",
+    limits: Limits | None = None,
+    monitor: Monitor | None = None,
+    on_planned: Callable[[PlanResult], None] | None = None,
+) -> tuple[PlanResult, ApplyResult]:
+    """Plan, gate and apply in one go (``fillgate run``). The plan is saved under ``out`` so
+    the apply can be resumed; ``on_planned`` sees it before anything is written.
+
+    A guard that refuses after planning (``--max-changes``, a held lock, ...) writes nothing
+    to the user's tables, and its message says what the plan left behind: the plan run and
+    the plan file, which can be reviewed and applied later."""
+    limits = limits or Limits()
+    check_write_allowed(conn.target, limits.confirm)
+    planned = make_plan(conn, job_cls, params, out=out, limits=limits, monitor=monitor)
+    if on_planned is not None:
+        on_planned(planned)
+    assert planned.path is not None  # out is never None here
+    try:
+        return planned, apply_plan(conn, planned.path, limits, monitor)
+    except GateExceededError:
+        changes = planned.header.changes
+        confirm = f" --confirm {conn.target.environment}" if conn.target.protected else ""
+        raise GateExceededError(
+            f"the plan has {changes} changes, more than --max-changes {limits.max_changes}. Nothing "
+            f"was written to your tables. The plan was recorded as plan run {planned.run.run_id} and "
+            f"saved to {planned.path}: review it (fillgate show {planned.run.run_id}), and if it is right "
+            f"apply it with: fillgate apply {planned.path} --max-changes {changes}{confirm}"
+        ) from None
+    except GuardRefused as exc:
+        raise type(exc)(
+            f"{exc} The plan was recorded as plan run {planned.run.run_id} and saved to {planned.path}; "
+            "nothing was written to your tables."
+        ) from None
 
 
 def _check_resumable(run: Run) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from fillgate.engine import ApplyResult, Limits, PlanResult, apply_plan, make_plan
-from fillgate.errors import JobError, UsageError
+from fillgate.errors import GuardRefused, JobError, UsageError
 from fillgate.job import Job, Param, validate_job_class
 from fillgate.ledger import Run, new_run_id, operator_name, utcnow
 from fillgate.monitor import Monitor
@@ -149,10 +149,23 @@ def run_pipeline(
     except BaseException as exc:
         conn.ledger.update_run(run.run_id, status="failed", counts=_totals(result.stages),
                                finished_at=utcnow(), message=str(exc)[:4000])
+        if isinstance(exc, GuardRefused):
+            raise type(exc)(f"{exc} {_recorded(run, result)}") from None
         raise
     conn.ledger.update_run(run.run_id, status=status, counts=_totals(result.stages), finished_at=utcnow())
     result.run = conn.ledger.get_run(run.run_id)
     return result
+
+
+def _recorded(run: Run, result: PipelineResult) -> str:
+    """What a refused pipeline left behind, for the refusal's message."""
+    plans = [f"{s.stage}: plan run {s.plan.run.run_id}" + (f" ({s.plan.path})" if s.plan.path else "")
+             for s in result.stages]
+    applied = [f"{s.stage}: apply run {s.apply.run.run_id}" for s in result.stages if s.apply is not None]
+    return (f"Recorded: pipeline run {run.run_id} (now failed)"
+            + (f"; stage plans {'; '.join(plans)}" if plans else "")
+            + (f"; applied stages (audited, revertable) {'; '.join(applied)}" if applied
+               else "; no stage wrote to your tables") + ".")
 
 
 def stage_applies(conn: Connected, pipeline_run_id: str) -> list[Run]:

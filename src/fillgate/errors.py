@@ -1,6 +1,6 @@
 """Every exception fillgate raises, in one place.
 
-Each error carries the process exit code the CLI uses for it (DESIGN.md, "Exit codes"):
+Each error carries the process exit code the CLI uses for it (docs/design.md, "Exit codes"):
 2 for usage or configuration errors, 3 for refusals by a guard. Messages say what was
 wrong, why, and what to do.
 """

@@ -1,6 +1,6 @@
 """``fillgate lint``: find hard-coded targets and database URLs in job modules.
 
-A job reaches its database only through the ``ctx`` it is handed (DESIGN.md, "Run
+A job reaches its database only through the ``ctx`` it is handed (docs/design.md, "Run
 context"). The first incident was a nested call whose target was hard-coded to ``live``; the
 third, a hidden ``sqlite3.connect()`` that bypassed ``DATABASE_URL``. fillgate refuses both
 at run time; this module finds them before anything runs, by reading the source with

@@ -103,3 +103,31 @@ def test_cancel_of_a_paused_run_resumed_meanwhile(db: TestDB, cli: CliRunner, jo
     with pytest.raises(RunStateError, match="has status succeeded"):
         control_run(conn, run_id, "cancel")
     assert db.scalar("SELECT status FROM fillgate_runs WHERE run_id = :r", {"r": run_id}) == "succeeded"
+
+
+def test_a_live_process_keeps_its_lock_however_old_its_heartbeat(sqlite_db: TestDB) -> None:
+    """A run held for minutes by a health check sends no batch heartbeat: on its own host its
+    lock is judged by its process, which is alive, so a second apply is still refused."""
+    from fillgate.errors import LockHeldError
+    from fillgate.stamp import init_target
+
+    db = sqlite_db
+    target = db.target()
+    init_target(target)
+    conn = connect(target)
+    held = ApplyLock(conn.engine, "apply:job", "01HOLDER0000000000000000AA", "me@here").acquire()
+    try:
+        db.execute("UPDATE fillgate_locks SET heartbeat_at = :t", {"t": "2000-01-01 00:00:00.000000"})
+        with pytest.raises(LockHeldError, match="01HOLDER0000000000000000AA"):
+            ApplyLock(conn.engine, "apply:job", "01SECOND0000000000000000AA", "you@there").acquire()
+    finally:
+        held.release()
+
+
+def test_a_hold_refreshes_the_heartbeat() -> None:
+    beats: list[int] = []
+    monitor = Monitor()
+    monitor.heartbeat = lambda: beats.append(1)
+    monitor._on_hold("replication lag 12s > 5s")
+    monitor._on_hold("replication lag 12s > 5s")  # within 10 s of the last beat: not again
+    assert beats == [1]

@@ -372,6 +372,7 @@ def make_plan(
                         estimate_rows(conn.engine, job_cls.table))
     lookup: Lookup | None = None
     saved = time.monotonic()
+    monitor.heartbeat = lambda: ledger.update_run(run.run_id, heartbeat_at=utcnow())
     try:
         with conn.engine.connect() as reader, activate(ctx):
             lookup = job.build_lookup(ctx)
@@ -428,6 +429,7 @@ def make_plan(
             raise exc from None
         raise
     finally:
+        monitor.heartbeat = None
         if lookup is not None:
             lookup.close()
     ledger.update_run(
@@ -537,6 +539,13 @@ def execute(
     monitor.throttle = limits.throttle()
     ledger = conn.ledger
     engine = conn.engine
+
+    def heartbeat() -> None:
+        with engine.begin() as tx:
+            ledger.update_run(run.run_id, tx, heartbeat_at=utcnow())
+            lock.heartbeat(tx)
+
+    monitor.heartbeat = heartbeat
     sql = TableSQL(engine.dialect, run.table_name or "", run.args["key"])
     source = run.args.get("source") or run.job or run.kind
     counts = {k: run.counts.get(k, 0) for k in APPLY_COUNTS}
@@ -621,6 +630,8 @@ def execute(
         ledger.update_run(run.run_id, status="failed", finished_at=utcnow(), message=message[:4000])
         monitor.run_finished("failed", counts, message)
         raise
+    finally:
+        monitor.heartbeat = None
     if status == "succeeded":
         ledger.update_run(run.run_id, status="succeeded", finished_at=utcnow(), control=None, message=None)
     monitor.run_finished(status, counts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Protocol
@@ -58,6 +58,10 @@ class Monitor:
     _batch: int = 0
     _started: float = 0.0
     _batch_started: float = 0.0
+    # Refreshes the run's heartbeat (set by the engine for writing runs); called while a
+    # health check holds the run, so a long hold never makes a live run look dead.
+    heartbeat: Callable[[], None] | None = None
+    _last_beat: float = 0.0
 
     def run_started(
         self, run_id: str, kind: str, job: str, target: str, environment: str, total: int | None
@@ -121,6 +125,9 @@ class Monitor:
         self._batch_started = time.perf_counter()
 
     def _on_hold(self, reason: str) -> None:
+        if self.heartbeat is not None and time.monotonic() - self._last_beat >= 10.0:
+            self.heartbeat()
+            self._last_beat = time.monotonic()
         self.events.run_held(run_id=self._run_id, batch=self._batch, reason=reason,
                              held_ms=self.throttle.hold_s * 1000)
         if self.progress is not None:

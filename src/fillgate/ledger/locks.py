@@ -3,14 +3,12 @@
 PostgreSQL holds a session advisory lock, MariaDB/MySQL a ``GET_LOCK``; both vanish with the
 holder's connection, so a killed process never leaves a stuck lock. SQLite has neither, so
 the lock is a row in ``fillgate_locks`` with a heartbeat: it is stale when its process is
-gone (same host) or its heartbeat is older than ``STALE_AFTER``. On every backend the lock
+gone (same host) or its heartbeat is older than ``runs.STALE_AFTER`` (another host). On every backend the lock
 row names the holder, so a refusal can say who has it.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import errno
 import hashlib
 import os
 import socket
@@ -23,22 +21,11 @@ from sqlalchemy.exc import IntegrityError
 from fillgate.errors import LockHeldError
 from fillgate.ledger import schema
 from fillgate.ledger.store import utcnow
-
-STALE_AFTER = dt.timedelta(seconds=60)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
+from fillgate.runs import process_gone
 
 
 def _is_stale(row: Any) -> bool:
-    if row.host == socket.gethostname() and not _pid_alive(row.pid):
-        return True
-    return utcnow() - row.heartbeat_at > STALE_AFTER
+    return process_gone(row.host, row.pid, row.heartbeat_at, utcnow()) is not None
 
 
 class ApplyLock:

@@ -6,22 +6,21 @@ the audit rows of a run without also recomputing the run's hash chain, and they 
 a chain head that has left the database (the ``run_finished`` event, shipped to a log they do
 not control). ``fillgate verify`` recomputes every chain and says exactly what differs.
 
-The chain of a run (apply or revert):
+The chain of a run (apply or revert), SHA-256 in lowercase hex throughout:
 
-    start     = sha256("fillgate-audit-v1\\n" + run_id)
+    start     = sha256("fillgate-audit-v1\n" + run_id)
     chain[i]  = sha256(chain[i-1] + canonical(row i))        for i = 1, 2, ... (its ``seq``)
 
-with SHA-256 over ASCII text, written in lowercase hex, and ``canonical(row)`` the JSON array
-(ASCII only, no spaces)
-
-    [run_id, seq, table_name, row_key, column_name, op, old_value, new_value, source, changed_at]
-
-of the values ``fillgate_changes`` stores: the key and the values are already their JSON
-text, ``changed_at`` is naive UTC as ``YYYY-MM-DDTHH:MM:SS.ffffff`` (every backend keeps
-microseconds). The row's ``id`` is not covered: the database assigns it. Each row stores its
-``seq`` and ``chain_sha256``; the run stores ``audit_rows`` (the last ``seq``) and
-``audit_sha256`` (the last chain value, or ``start`` for a run that wrote nothing), written in
-the same transaction as the rows.
+where ``canonical(row)`` concatenates, for each of ``run_id, table_name, source, changed_at,
+seq, row_key, column_name, op, old_value, new_value`` in this order, the field's length in
+characters, a colon and the field (``7:[12345]``), and the hash is taken over the UTF-8 bytes.
+Length prefixes make the text unambiguous whatever the fields hold. The fields are the text
+``fillgate_changes`` stores (the key and the values are their JSON text); ``seq`` is written in
+decimal and ``changed_at`` (naive UTC) as ``YYYY-MM-DDTHH:MM:SS.ffffff``: every backend keeps
+microseconds, so the text read back is the text written. The row's ``id`` is not covered: the
+database assigns it. Each row stores its ``seq`` and ``chain_sha256``; the run stores
+``audit_rows`` (the last ``seq``) and ``audit_sha256`` (the last chain value, or ``start`` for
+a run that wrote nothing), written in the same transaction as the rows.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ MAX_FINDINGS = 20
 """Findings kept per run for the report (the counts of missing, added and altered rows are
 always complete)."""
 
-_canonical = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -59,11 +57,15 @@ def canonical_time(value: dt.datetime) -> str:
     return value.replace(tzinfo=None).isoformat(timespec="microseconds")
 
 
+def _fields(*fields: str) -> str:
+    return "".join(f"{len(f)}:{f}" for f in fields)
+
+
 def link(previous: str, run_id: str, seq: int, table: str, key: str, column: str, op: str, old: str,
          new: str, source: str, stamp: str) -> str:
     """The chain value of one audit row (``stamp``: ``canonical_time`` of ``changed_at``)."""
-    text = previous + _canonical([run_id, seq, table, key, column, op, old, new, source, stamp])
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
+    text = previous + _fields(run_id, table, source, stamp, str(seq), key, column, op, old, new)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def row_link(previous: str, row: Any) -> str:
@@ -89,14 +91,16 @@ class AuditChain:
     ) -> tuple[AuditChain, list[tuple[int, str]]]:
         """Chain one batch of audit rows ``(row_key, column, op, old, new)``: the chain after
         them, and each row's ``(seq, chain_sha256)``."""
-        stamp = canonical_time(when)
+        head = _fields(run_id, table, source, canonical_time(when))  # the same for the whole batch
         sha256 = hashlib.sha256
         previous, seq = self.sha256, self.rows
         out: list[tuple[int, str]] = []
         for key, column, op, old, new in items:
             seq += 1
-            text = previous + _canonical([run_id, seq, table, key, column, op, old, new, source, stamp])
-            previous = sha256(text.encode("ascii")).hexdigest()
+            n = str(seq)
+            text = (f"{previous}{head}{len(n)}:{n}{len(key)}:{key}{len(column)}:{column}{len(op)}:{op}"
+                    f"{len(old)}:{old}{len(new)}:{new}")  # link(), inlined: this runs once per audit row
+            previous = sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
             out.append((seq, previous))
         return AuditChain(seq, previous), out
 

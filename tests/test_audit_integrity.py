@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from fillgate.errors import UsageError
 from fillgate.ledger import Ledger
 from fillgate.ledger import schema as ledger_schema
-from fillgate.ledger.integrity import read_anchors, row_link, start
+from fillgate.ledger.integrity import check_run, read_anchors, row_link, start
 from fillgate.values import dumps
 
 from conftest import TestDB, current_apply, finish_apply, kill_when, run_cli, start_apply
@@ -282,6 +282,23 @@ def test_verify_is_ok_after_apply_kill_resume_and_revert_and_matches_events_and_
     assert shown.exit_code == 0 and f"audit: {n} rows, sha256 {recorded[run_id]}" in shown.stdout
     one = run_cli(cli, cfg, "verify", revert_id)
     assert one.exit_code == 0 and "matches its tamper evidence (1 run checked)" in one.stdout, one.output
+
+
+def test_verify_of_a_run_still_writing_checks_what_it_committed(
+    db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path
+) -> None:
+    """verify read the run's record, then the run committed more batches before verify read
+    its rows: the rows past the record are not 'added', the record is read again."""
+    cfg, run_id, rows = _chained_run(db, cli, jobs_file, tmp_path)
+    ledger = Ledger(db.engine)
+    earlier = ledger.get_run(run_id)
+    head = db.scalar("SELECT chain_sha256 FROM fillgate_changes WHERE id = :i", {"i": rows[2][0]})
+    earlier.audit_rows, earlier.audit_sha256, earlier.status = 3, head, "running"
+    earlier.counts = {**earlier.counts, "applied": 3}
+    check = check_run(ledger, earlier)
+    assert (check.state, check.rows, check.recorded_rows, check.status, check.findings) == (
+        "ok", 10, 10, "succeeded", [])
+    assert _verify(cli, cfg)[0] == 0
 
 
 def test_verify_of_a_run_that_is_not_an_apply_and_of_an_empty_ledger(

@@ -413,7 +413,8 @@ def _orphans(ledger: Any) -> list[Finding]:
             .group_by(c.run_id)
             .order_by(func.min(c.id))
         ).all()
-    return [Finding("orphan", f"{row.n} audit row{'s' if row.n != 1 else ''} (first: row id {row.first}) name run "
-                              f"{row.run_id}, which is not an apply or revert run of this ledger", row.first)
+    return [Finding("orphan", f"{row.n} audit row{'s' if row.n != 1 else ''} (first: row id {row.first}) "
+                              f"name{'s' if row.n == 1 else ''} run {row.run_id}, which is not an apply or revert "
+                              "run of this ledger", row.first, rows=row.n)
             for row in rows]
 

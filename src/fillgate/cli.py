@@ -351,13 +351,14 @@ def history(
 def verify(
     run_ids: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[RUN]...", help="Runs to check (default: every apply and revert run)."),
+        typer.Argument(metavar="RUN", help="Runs to check (default: every apply and revert run)."),
     ] = None,
     target: TargetOpt = None,
     events: Annotated[
         list[Path] | None,
-        typer.Option("--events", help="Also check the audit hashes run_finished events recorded in FILE "
-                                      "(a file written by --events; repeatable)."),
+        typer.Option("--events", metavar="FILE",
+                     help="Also check the audit hashes run_finished events recorded in FILE "
+                          "(a file written by --events; repeatable)."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

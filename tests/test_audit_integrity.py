@@ -437,6 +437,23 @@ def test_a_run_lost_from_the_ledger_is_named_by_its_events(
     assert [(f["kind"], run_id in f["message"]) for f in report["findings"]] == [("run_missing", True)]
 
 
+def test_verify_reports_garbled_rows_and_a_dropped_table_without_a_traceback(
+    sqlite_db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path
+) -> None:
+    """SQLite stores any value in any column: a tampered row may hold what fillgate never writes."""
+    cfg, run_id, rows = _chained_run(sqlite_db, cli, jobs_file, tmp_path)
+    _bypass_guards(sqlite_db)
+    sqlite_db.execute("UPDATE fillgate_changes SET seq = 'two' WHERE id = :i", {"i": rows[1][0]})
+    check = _tampered(_verify(cli, cfg)[1], run_id)
+    assert [(f["kind"], f["row_id"]) for f in check["findings"]][:1] == [("altered", rows[1][0])]
+    sqlite_db.execute("UPDATE fillgate_changes SET changed_at = 'yesterday' WHERE id = :i", {"i": rows[5][0]})
+    check = _tampered(_verify(cli, cfg)[1], run_id)
+    assert "cannot be read back as fillgate wrote them" in check["findings"][0]["message"]
+    sqlite_db.execute("DROP TABLE fillgate_changes")
+    done = run_cli(cli, cfg, "verify")
+    assert done.exit_code == 4 and "fillgate_changes does not exist" in done.stdout, done.output
+
+
 def test_mariadb_truncate_after_disabling_foreign_key_checks_is_detected(
     db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path
 ) -> None:

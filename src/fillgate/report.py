@@ -439,15 +439,16 @@ def print_verify(console: Console, result: VerifyReport) -> None:
     if not result.runs and not result.findings:
         console.print(f"Target '{escape(result.target)}' has no apply or revert runs: no audit rows to verify.")
         return
-    t = Table(title=f"audit log of target {escape(result.target)}", title_justify="left")
-    t.add_column("run", no_wrap=True, min_width=26)
-    t.add_column("kind", no_wrap=True)
-    t.add_column("status", no_wrap=True)
-    t.add_column("rows", justify="right")
-    t.add_column("result", overflow="fold")
-    for check in result.runs:
-        t.add_row(check.run_id, check.kind, check.status, str(check.rows), _verdict(check))
-    console.print(t)
+    if result.runs:
+        t = Table(title=f"audit log of target {escape(result.target)}", title_justify="left")
+        t.add_column("run", no_wrap=True, min_width=26)
+        t.add_column("kind", no_wrap=True)
+        t.add_column("status", no_wrap=True)
+        t.add_column("rows", justify="right")
+        t.add_column("result", overflow="fold")
+        for check in result.runs:
+            t.add_row(check.run_id, check.kind, check.status, str(check.rows), _verdict(check))
+        console.print(t)
     for check in result.tampered:
         console.print(f"[bold red]run {check.run_id}[/] ({check.kind} on {escape(check.table or '')}): "
                       f"first difference: {escape(check.first.message if check.first else '')}", soft_wrap=True)

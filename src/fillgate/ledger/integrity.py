@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 
 from fillgate.errors import RunStateError, UsageError
 from fillgate.ledger import schema
@@ -288,6 +288,10 @@ def check_run(ledger: Any, run: Any, anchors: Sequence[Anchor] = (), since: str 
             check.add(Finding("added", f"{_describe(row)} carries no tamper evidence (no seq, no chain hash): "
                                        "it was not written by this run", row.id))
             continue
+        if type(row.seq) is not int or not isinstance(row.chain_sha256, str):
+            check.add(Finding("altered", f"{_describe(row)}: its position {row.seq!r} or chain hash is not what "
+                                         "fillgate writes", row.id))
+            continue
         if row.seq < expected:
             check.add(Finding("added", f"{_describe(row)} claims position {row.seq}, which an earlier row "
                                        "of the run holds", row.id, row.seq))
@@ -389,8 +393,20 @@ def verify_ledger(ledger: Any, run_ids: Sequence[str] | None = None, anchors: An
             ids = conn.execute(select(r.run_id).where(r.kind.in_(WRITING_KINDS)).order_by(r.run_id)).scalars().all()
         runs = [ledger.get_run(run_id) for run_id in ids]
     report = VerifyReport(target, [], anchors=anchors, whole_ledger=whole)
+    with ledger.engine.connect() as conn:
+        if not inspect(conn).has_table(schema.changes.name):
+            report.findings.append(Finding("table_missing", f"the audit log table {schema.changes.name} does not "
+                                                            "exist: it was dropped"))
+            return report
     for run in runs:
-        report.runs.append(check_run(ledger, run, anchors.by_run.get(run.run_id, ()), since))
+        listed = anchors.by_run.get(run.run_id, ())
+        try:
+            check = check_run(ledger, run, listed, since)
+        except (ValueError, TypeError, UnicodeError) as exc:  # a value no fillgate row holds
+            check = RunCheck(run.run_id, run.kind, run.status, run.table_name)
+            check.add(Finding("altered", f"the run's audit rows cannot be read back as fillgate wrote them: "
+                                         f"{type(exc).__name__}: {exc}"))
+        report.runs.append(check)
     known = {r.run_id for r in runs}
     for run_id, listed in anchors.by_run.items():
         if run_id not in known and (whole or run_id in (run_ids or ())):

@@ -32,12 +32,15 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, inspect, select
 
 from fillgate.errors import RunStateError, UsageError
 from fillgate.ledger import schema
+
+if TYPE_CHECKING:  # store.py imports this module
+    from fillgate.ledger.store import Ledger, Run
 
 VERSION = "fillgate-audit-v1"
 WRITING_KINDS = ("apply", "revert")
@@ -269,7 +272,7 @@ def _describe(row: Any) -> str:
     return f"row id {row.id} (key {row.row_key}, column {row.column_name})"
 
 
-def check_run(ledger: Any, run: Any, anchors: Sequence[Anchor] = (), since: str | None = None) -> RunCheck:
+def check_run(ledger: Ledger, run: Run, anchors: Sequence[Anchor] = (), since: str | None = None) -> RunCheck:
     """Recompute one run's chain from ``fillgate_changes`` and compare. A run still writing is
     checked up to the batches committed when its rows were read (a row past the run's record
     makes verify read the record again)."""
@@ -348,7 +351,7 @@ def _missing(first: int, last: int, after: int | None, before: int | None) -> Fi
                               + (f", {where}" if where else ""), before, first, n)
 
 
-def _check_predating(ledger: Any, run: Any, check: RunCheck, anchors: Sequence[Anchor],
+def _check_predating(ledger: Ledger, run: Run, check: RunCheck, anchors: Sequence[Anchor],
                      since: str | None) -> RunCheck:
     """A run without tamper evidence: fine if it predates the ledger's tamper evidence."""
     c = schema.changes.c
@@ -372,7 +375,7 @@ def _check_predating(ledger: Any, run: Any, check: RunCheck, anchors: Sequence[A
     return check
 
 
-def verify_ledger(ledger: Any, run_ids: Sequence[str] | None = None, anchors: Anchors | None = None,
+def verify_ledger(ledger: Ledger, run_ids: Sequence[str] | None = None, anchors: Anchors | None = None,
                   target: str = "") -> VerifyReport:
     """Check runs against their tamper evidence: ``run_ids``, or every apply and revert run
     (plus audit rows that belong to no such run, and anchored runs the ledger lost)."""
@@ -417,7 +420,7 @@ def verify_ledger(ledger: Any, run_ids: Sequence[str] | None = None, anchors: An
     return report
 
 
-def _orphans(ledger: Any) -> list[Finding]:
+def _orphans(ledger: Ledger) -> list[Finding]:
     """Audit rows whose run is not an apply or revert run of this ledger."""
     c = schema.changes.c
     r = schema.runs.c

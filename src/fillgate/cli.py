@@ -21,6 +21,7 @@ from fillgate.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_ROW_PROBLEMS,
+    EXIT_TAMPERED,
     FillgateError,
     Interrupted,
     PlanMismatchError,
@@ -30,6 +31,7 @@ from fillgate.errors import (
 from fillgate.events import EventWriter
 from fillgate.interrupts import stop_on_signals
 from fillgate.job import load_runnable, parse_param_options
+from fillgate.ledger.integrity import read_anchors, verify_ledger
 from fillgate.monitor import Monitor
 from fillgate.pipeline import Pipeline, revert_pipeline, run_pipeline, stage_applies
 from fillgate.plan import read_header
@@ -365,6 +367,30 @@ def history(
     with _errors():
         entries = connect(_target(target)).ledger.history(table, key_candidates(key), column)
     _emit(as_json, lambda: report.history_json(entries), lambda: report.print_history(out, table, key, entries))
+
+
+@app.command()
+def verify(
+    run_ids: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="RUN", help="Runs to check (default: every apply and revert run)."),
+    ] = None,
+    target: TargetOpt = None,
+    events: Annotated[
+        list[Path] | None,
+        typer.Option("--events", metavar="FILE",
+                     help="Also check the audit hashes run_finished events recorded in FILE "
+                          "(a file written by --events; repeatable)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the audit log against its tamper evidence (exit 0: it matches; 4: it does not)."""
+    with _errors():
+        conn = connect(_target(target))
+        anchors = read_anchors(events or [], conn.target.name)
+        result = verify_ledger(conn.ledger, run_ids, anchors, conn.target.name)
+    _emit(as_json, lambda: report.verify_json(result), lambda: report.print_verify(out, result))
+    raise typer.Exit(EXIT_OK if result.ok else EXIT_TAMPERED)
 
 
 @app.command()

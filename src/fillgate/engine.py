@@ -550,6 +550,7 @@ def execute(
     source = run.args.get("source") or run.job or run.kind
     counts = {k: run.counts.get(k, 0) for k in APPLY_COUNTS}
     checkpoint = run.checkpoint
+    audit = run.audit  # the run's audit hash chain, as far as the committed batches got
     table = run.table_name
     conflicts_sample: list[dict[str, Any]] = []
     result = ApplyResult(run=run, counts=counts, conflicts=conflicts_sample)
@@ -562,11 +563,11 @@ def execute(
             with engine.begin() as tx:
                 outcome = apply_changes(tx, sql, batch)
                 now = utcnow()
-                ledger.insert_changes(tx, run.run_id, table or "", source, now, [
+                chained = ledger.insert_changes(tx, run.run_id, table or "", source, now, [
                     (c.key_text or encode_key(c.key), c.column, c.op,
                      c.old_text or dumps(c.old), c.new_text or dumps(c.new))
                     for c in outcome.applied
-                ])
+                ], audit)
                 problems = []
                 for change, current, exists in outcome.conflicts:
                     message = _conflict_message(change, current, exists)
@@ -589,9 +590,11 @@ def execute(
                 counts["conflicts"] += len(outcome.conflicts)
                 counts["errors"] += len(outcome.errors)
                 checkpoint += len(batch)
-                ledger.update_run(run.run_id, tx, checkpoint=checkpoint, counts=counts, heartbeat_at=now)
+                ledger.update_run(run.run_id, tx, checkpoint=checkpoint, counts=counts, heartbeat_at=now,
+                                  audit=chained)
                 lock.heartbeat(tx)
                 control = ledger.read_control(run.run_id, tx)
+            audit = chained
             examples: dict[str, Any] = {}
             if problems:
                 examples["conflicts"] = {k: problems[0][k] for k in ("row_key", "column_name", "error_type", "message")}
@@ -623,18 +626,19 @@ def execute(
         # batch before it is committed with its checkpoint, so the run is resumable
         message = f"interrupted by Ctrl-C during a batch (rolled back) after {checkpoint} changes"
         ledger.update_run(run.run_id, status="paused", control=None, message=message)
-        monitor.run_finished("paused", counts, message)
+        monitor.run_finished("paused", counts, message, audit=ledger.get_run(run.run_id).audit)
         raise Interrupted(f"{run.kind} run {run.run_id} was {message}.", run.run_id) from None
     except BaseException as exc:
         message = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"
         ledger.update_run(run.run_id, status="failed", finished_at=utcnow(), message=message[:4000])
-        monitor.run_finished("failed", counts, message)
+        # the chain of what the database committed (the batch in flight was rolled back)
+        monitor.run_finished("failed", counts, message, audit=ledger.get_run(run.run_id).audit)
         raise
     finally:
         monitor.heartbeat = None
     if status == "succeeded":
         ledger.update_run(run.run_id, status="succeeded", finished_at=utcnow(), control=None, message=None)
-    monitor.run_finished(status, counts)
+    monitor.run_finished(status, counts, audit=audit)
     result.run = ledger.get_run(run.run_id)
     return result
 

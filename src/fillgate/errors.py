@@ -2,7 +2,8 @@
 
 Each error carries the process exit code the CLI uses for it (docs/design.md, "Exit codes"):
 2 for usage or configuration errors, 3 for refusals by a guard. Messages say what was
-wrong, why, and what to do.
+wrong, why, and what to do. ``fillgate verify`` exits 4 when the audit log does not match
+its tamper evidence (a finding, not an error).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ EXIT_OK = 0
 EXIT_ROW_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
+EXIT_TAMPERED = 4  # fillgate verify: the audit log differs from its tamper evidence
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 

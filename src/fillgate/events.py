@@ -59,6 +59,13 @@ The event types and their fields (names are stable; new fields may be added):
     ``duration_ms``  wall time of the run.
     ``slowest``      the 10 slowest rows, slowest first: ``[{"key": [...], "ms": 812.4}, ...]``
                      (compute and lookup time of the row).
+    ``audit_rows``   apply, revert: the audit rows the run has written (committed batches,
+                     resumes included); null for a plan run, or a run started before the
+                     ledger kept tamper evidence.
+    ``audit_sha256`` apply, revert: the head of the run's audit hash chain over those rows
+                     (the same value ``fillgate show`` prints); null when ``audit_rows`` is.
+                     Kept outside the database, it is an anchor the database's owner cannot
+                     rewrite: ``fillgate verify --events FILE`` checks the ledger against it.
 
 Values JSON lacks are written for reading, not for round trips: dates and times in ISO 8601,
 tuples and sets as lists, bytes as hex, anything else (Decimal, UUID, ...) as its ``str()``;
@@ -87,7 +94,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
         "conflicts", "errors", "unexpected_index", "converted", "elapsed_ms", "held_ms",
     ),
     "run_held": ("run_id", "batch", "reason", "held_ms"),
-    "run_finished": ("run_id", "status", "totals", "duration_ms", "slowest"),
+    "run_finished": ("run_id", "status", "totals", "duration_ms", "slowest", "audit_rows", "audit_sha256"),
 }
 """The documented fields of each event type, in the order they are written."""
 
@@ -196,11 +203,13 @@ class EventWriter:
 
     def run_finished(
         self, *, run_id: str, status: str, totals: Mapping[str, Any], duration_ms: float,
-        slowest: SlowestRows | Sequence[Mapping[str, Any]] = (), **extra: Any,
+        slowest: SlowestRows | Sequence[Mapping[str, Any]] = (), audit_rows: int | None = None,
+        audit_sha256: str | None = None, **extra: Any,
     ) -> None:
         rows = slowest.items() if isinstance(slowest, SlowestRows) else list(slowest)
         self.emit("run_finished", run_id=run_id, status=status, totals=dict(totals),
-                  duration_ms=round(duration_ms, 3), slowest=rows, **extra)
+                  duration_ms=round(duration_ms, 3), slowest=rows, audit_rows=audit_rows,
+                  audit_sha256=audit_sha256, **extra)
 
     def close(self) -> None:
         """Close a file this writer opened; a stream it was given (or stdout) stays open."""

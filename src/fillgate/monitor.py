@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from fillgate.alerts import Alerter, sinks_from_env
 from fillgate.errors import HoldTimeoutError
 from fillgate.events import EventWriter, SlowestRows
+from fillgate.ledger.integrity import AuditChain
 from fillgate.throttle import Throttle
 
 # Every count a batch can carry (events, alerts and the run summary use these names).
@@ -133,13 +134,17 @@ class Monitor:
         if self.progress is not None:
             self.progress.hold(reason)
 
-    def run_finished(self, status: str, totals: Mapping[str, int], message: str | None = None) -> None:
+    def run_finished(self, status: str, totals: Mapping[str, int], message: str | None = None,
+                     audit: AuditChain | None = None) -> None:
+        """``audit``: how far an apply's or revert's audit hash chain got (its committed rows)."""
         duration_ms = (time.perf_counter() - self._started) * 1000
         self._fold_row_times()
         if status == "failed":
             self.alerter.run_failed(self._job, self._run_id, message or "failed", totals)
         self.events.run_finished(run_id=self._run_id, status=status, totals=dict(totals),
-                                 duration_ms=duration_ms, slowest=self.slowest)
+                                 duration_ms=duration_ms, slowest=self.slowest,
+                                 audit_rows=audit.rows if audit else None,
+                                 audit_sha256=audit.sha256 if audit else None)
         if self.progress is not None:
             self.progress.stop()
 

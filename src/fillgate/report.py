@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,6 +24,7 @@ from rich.text import Text
 
 from fillgate.engine import PLAN_COUNTS, ApplyResult, PlanResult
 from fillgate.ledger import Run
+from fillgate.ledger.integrity import RunCheck, VerifyReport
 from fillgate.pipeline import PipelineResult
 from fillgate.revert import RevertPreview
 from fillgate.stamp import InitResult
@@ -279,6 +281,17 @@ def _print_details(console: Console, run: Run) -> None:
         console.print(t)
 
 
+def _print_audit(console: Console, run: Run) -> None:
+    """The head of the run's audit hash chain (``fillgate verify`` checks the rows against
+    it), on a line of its own: a hash is never cut."""
+    if run.kind not in ("apply", "revert"):
+        return
+    if run.audit is None:
+        console.print("audit: no tamper evidence (the run predates it)")
+    else:
+        console.print(f"audit: {run.audit.rows} rows, sha256 {run.audit.sha256}", soft_wrap=True)
+
+
 def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -> None:
     t = Table(show_header=False, box=None, padding=(0, 2))
     duration = run.duration_s
@@ -295,6 +308,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
         if value:
             t.add_row(label, str(value))
     console.print(t)
+    _print_audit(console, run)
     counts = Table(title="counts", title_justify="left", show_header=False)
     for name, value in run.counts.items():
         counts.add_row(name, str(value))
@@ -404,3 +418,79 @@ def print_pipeline(console: Console, result: PipelineResult) -> None:
                  ("stage", "rows", "writes", "inserts", "errors", "unexpected", "applied", "conflicts", "apply run"),
                  rows)
     console.print(f"Details of every stage, errors included: fillgate show {run.run_id}")
+
+
+# --- verify --------------------------------------------------------------------------------
+
+
+def verify_json(result: VerifyReport) -> dict[str, Any]:
+    return result.to_json()
+
+
+def _verdict(check: RunCheck) -> str:
+    if check.state == "predates":
+        return "no tamper evidence (run predates it)" if not check.findings else "[bold red]TAMPERED[/]"
+    if check.state == "ok":
+        return "ok"
+    parts = [f"{n} {what}" for n, what in ((check.missing, "missing"), (check.added, "added"),
+                                           (check.altered, "altered")) if n]
+    return "[bold red]TAMPERED[/]" + (f": {', '.join(parts)}" if parts else "")
+
+
+def print_verify(console: Console, result: VerifyReport) -> None:
+    """One line per run, then what differs in each tampered run, first difference first."""
+    if not result.runs and not result.findings:
+        console.print(f"Target '{escape(result.target)}' has no apply or revert runs: no audit rows to verify.")
+        return
+    if result.runs:
+        t = Table(title=f"audit log of target {escape(result.target)}", title_justify="left")
+        t.add_column("run", no_wrap=True, min_width=26)
+        t.add_column("kind", no_wrap=True)
+        t.add_column("status", no_wrap=True)
+        t.add_column("rows", justify="right")
+        t.add_column("result", overflow="fold")
+        for check in result.runs:
+            t.add_row(check.run_id, check.kind, check.status, str(check.rows), _verdict(check))
+        console.print(t)
+    for check in result.tampered:
+        console.print(f"[bold red]run {check.run_id}[/] ({check.kind} on {escape(check.table or '')}): "
+                      f"first difference: {escape(check.first.message if check.first else '')}", soft_wrap=True)
+        if len(check.findings) > 1:
+            found = Table(title=f"differences in run {check.run_id}", title_justify="left")
+            for name in ("kind", "position", "row id"):
+                found.add_column(name, no_wrap=True)
+            found.add_column("what", overflow="fold")  # a long key is folded, never cut
+            for f in check.findings:
+                found.add_row(f.kind, "" if f.seq is None else str(f.seq), "" if f.row_id is None else str(f.row_id),
+                              escape(f.message))
+            console.print(found)
+        if check.more_findings:
+            console.print(f"… and {check.more_findings} more differences (counted above).")
+        if check.recorded_sha256 is not None:
+            console.print(f"  recorded: {check.recorded_rows} rows, audit sha256 {check.recorded_sha256}",
+                          soft_wrap=True)
+            console.print(f"  computed: {check.rows} row{'s' if check.rows != 1 else ''}, audit sha256 "
+                          f"{check.computed_sha256}", soft_wrap=True)
+    for finding in result.findings:
+        console.print(f"[bold red]{finding.kind}:[/] {escape(finding.message)}", soft_wrap=True)
+    anchors = result.anchors
+    if anchors.files:
+        console.print(f"Checked {len(anchors)} audit hash{'es' if len(anchors) != 1 else ''} recorded in "
+                      f"{', '.join(escape(f) for f in anchors.files)}"
+                      + (f" ({anchors.other_targets} of runs on other targets skipped)" if anchors.other_targets
+                         else "") + ".", soft_wrap=True)
+    quiet = [c for c in result.predating if not c.findings]
+    if quiet:
+        console.print(f"{len(quiet)} run{'s' if len(quiet) != 1 else ''} predate{'s' if len(quiet) == 1 else ''} "
+                      "tamper evidence (written before ledger revision 0003_audit_integrity): the database "
+                      "still refuses to rewrite their rows, but they carry no hash to check.", soft_wrap=True)
+    if result.ok:
+        console.print(f"The audit log matches its tamper evidence ({len(result.runs)} "
+                      f"run{'s' if len(result.runs) != 1 else ''} checked).")
+    else:
+        bad = len(result.tampered)
+        console.print(f"[bold red]The audit log does not match its tamper evidence[/]: {bad} "
+                      f"run{'s' if bad != 1 else ''} differ"
+                      + (f", {len(result.findings)} other finding{'s' if len(result.findings) != 1 else ''}"
+                         if result.findings else "") + ". See README, \"What the audit log guarantees\".",
+                      soft_wrap=True)

@@ -1,7 +1,12 @@
 """fillgate's own tables (the ledger), as SQLAlchemy Core tables.
 
-The initial Alembic migration creates exactly these; later schema changes are new
-migrations under ``migrations/versions``.
+The Alembic migrations under ``migrations/versions`` create exactly these (a test compares
+the migrated schema with this module on every backend); a schema change is a new migration
+plus the same change here.
+
+``fillgate_changes`` and ``fillgate_errors`` are append-only: the migrations add triggers (and
+on MariaDB/MySQL the guard table, whose foreign keys make InnoDB refuse TRUNCATE) so the
+database itself refuses to rewrite them; see README "What the audit log guarantees".
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -25,6 +31,10 @@ VERSION_TABLE = "fillgate_alembic_version"
 Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 # An auto-incrementing 64-bit id (SQLite needs INTEGER for its rowid alias).
 Serial = BigInteger().with_variant(Integer(), "sqlite")
+# Unbounded text: TEXT holds 64 KiB on MariaDB/MySQL, LONGTEXT what any user column holds.
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+# A SHA-256 in hex.
+Sha256 = String(64)
 
 metadata = MetaData()
 
@@ -32,7 +42,7 @@ meta = Table(
     "fillgate_meta",
     metadata,
     Column("name", String(64), primary_key=True),
-    Column("value", Text, nullable=False),
+    Column("value", LongText, nullable=False),
 )
 
 runs = Table(
@@ -45,24 +55,28 @@ runs = Table(
     Column("target", String(128), nullable=False),
     Column("environment", String(128), nullable=False),
     Column("operator", String(255), nullable=False),
-    Column("args", Text, nullable=False),
+    Column("args", LongText, nullable=False),
     Column("status", String(16), nullable=False),
     Column("control", String(16)),
     Column("plan_id", String(26)),
-    Column("plan_path", Text),
+    Column("plan_path", LongText),
     Column("plan_sha256", String(64)),
     Column("parent_run_id", String(26)),
-    Column("counts", Text, nullable=False),
+    Column("counts", LongText, nullable=False),
     Column("checkpoint", Integer, nullable=False),
     Column("total", Integer),
-    Column("message", Text),
+    Column("message", LongText),
     Column("created_at", Timestamp, nullable=False),
     Column("started_at", Timestamp),
     Column("finished_at", Timestamp),
     Column("heartbeat_at", Timestamp),
     Column("host", String(255)),
     Column("pid", Integer),
-    Column("details", Text),
+    Column("details", LongText),
+    # tamper evidence of the run's audit rows (apply and revert runs; NULL on runs started
+    # before ledger revision 0003): how many it wrote, and the hash chain over them
+    Column("audit_rows", Integer),
+    Column("audit_sha256", Sha256),
     Index("ix_fillgate_runs_plan_id", "plan_id"),
     Index("ix_fillgate_runs_parent", "parent_run_id"),
 )
@@ -73,15 +87,21 @@ changes = Table(
     Column("id", Serial, primary_key=True, autoincrement=True),
     Column("run_id", String(26), nullable=False),
     Column("table_name", String(128), nullable=False),
-    Column("row_key", String(512), nullable=False),
+    Column("row_key", LongText, nullable=False),
     Column("column_name", String(128), nullable=False),
     Column("op", String(8), nullable=False),
-    Column("old_value", Text, nullable=False),
-    Column("new_value", Text, nullable=False),
+    Column("old_value", LongText, nullable=False),
+    Column("new_value", LongText, nullable=False),
     Column("source", String(255), nullable=False),
     Column("changed_at", Timestamp, nullable=False),
+    # the row's place in its run's audit record (1, 2, ...) and the run's hash chain up to and
+    # including it (fillgate.ledger.integrity); NULL on rows of runs started before revision 0003
+    Column("seq", Integer),
+    Column("chain_sha256", Sha256),
     Index("ix_fillgate_changes_run", "run_id"),
-    Index("ix_fillgate_changes_row", "table_name", "row_key"),
+    # keys of any length: a hash index on PostgreSQL (a btree entry holds at most 2704 bytes),
+    # a prefix index on MariaDB/MySQL; history filters the table name on the few rows found
+    Index("ix_fillgate_changes_row", "row_key", postgresql_using="hash", mysql_length=255),
 )
 
 errors = Table(
@@ -90,12 +110,12 @@ errors = Table(
     Column("id", Serial, primary_key=True, autoincrement=True),
     Column("run_id", String(26), nullable=False),
     Column("phase", String(16), nullable=False),
-    Column("row_key", String(512)),
+    Column("row_key", LongText),
     Column("column_name", String(128)),
     Column("error_type", String(255), nullable=False),
-    Column("message", Text, nullable=False),
+    Column("message", LongText, nullable=False),
     Column("fingerprint", String(32), nullable=False),
-    Column("traceback", Text),
+    Column("traceback", LongText),
     Column("created_at", Timestamp, nullable=False),
     Index("ix_fillgate_errors_run", "run_id"),
 )
@@ -111,3 +131,23 @@ locks = Table(
     Column("acquired_at", Timestamp, nullable=False),
     Column("heartbeat_at", Timestamp, nullable=False),
 )
+
+APPEND_ONLY_TABLES = ("fillgate_changes", "fillgate_errors")
+"""Tables no statement may rewrite: UPDATE, DELETE, TRUNCATE and REPLACE are refused."""
+
+# The names of the guard's foreign keys: InnoDB's refusal to TRUNCATE names the constraint.
+GUARD_NAMES = {table: f"{table} is append-only" for table in APPEND_ONLY_TABLES}
+
+audit_guard = Table(
+    "fillgate_audit_guard",
+    metadata,
+    # MariaDB/MySQL only, and always empty. Triggers do not fire on TRUNCATE there, but InnoDB
+    # refuses to TRUNCATE (or DROP) a table another table's foreign key references: this table
+    # is what stops TRUNCATE of the append-only tables. (PostgreSQL has TRUNCATE triggers;
+    # SQLite has no TRUNCATE.)
+    Column("id", Integer, primary_key=True),
+    Column("change_id", BigInteger, ForeignKey("fillgate_changes.id", name=GUARD_NAMES["fillgate_changes"])),
+    Column("error_id", BigInteger, ForeignKey("fillgate_errors.id", name=GUARD_NAMES["fillgate_errors"])),
+)
+GUARD_DIALECTS = ("mysql", "mariadb")
+"""The backends that have ``fillgate_audit_guard``."""

@@ -22,6 +22,7 @@ from ulid import ULID
 
 from fillgate.errors import NotInitializedError, RunNotFoundError, UsageError
 from fillgate.ledger import schema
+from fillgate.ledger.integrity import WRITING_KINDS, AuditChain
 from fillgate.ledger.schema import VERSION_TABLE
 from fillgate.values import encode_key
 
@@ -94,6 +95,16 @@ class Run:
     host: str | None = None
     pid: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    audit_rows: int | None = None
+    audit_sha256: str | None = None
+
+    @property
+    def audit(self) -> AuditChain | None:
+        """How far the run's audit hash chain got; None for a run that keeps none (one started
+        before ledger revision 0003, or a run that writes no audit rows)."""
+        if self.audit_rows is None or self.audit_sha256 is None:
+            return None
+        return AuditChain(self.audit_rows, self.audit_sha256)
 
     def to_row(self) -> dict[str, Any]:
         row = dict(self.__dict__)
@@ -184,12 +195,29 @@ class Ledger:
                 f"the database of target '{target_name}' has no fillgate ledger (or no stamp); "
                 f"run: fillgate init --target {target_name}"
             )
+        current, head = self.current_revision(), self.head_revision()
+        if current != head:
+            known = {s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
+            if current in known:
+                raise NotInitializedError(
+                    f"the fillgate ledger of target '{target_name}' is at schema revision {current}, older "
+                    f"than this fillgate's {head}; upgrade it (it keeps every row) with: "
+                    f"fillgate init --target {target_name}"
+                )
+            raise NotInitializedError(
+                f"the fillgate ledger of target '{target_name}' is at schema revision {current}, which this "
+                f"fillgate does not know (it knows up to {head}): a newer fillgate upgraded it. Use that "
+                "version of fillgate."
+            )
         return meta
 
     # --- runs ----------------------------------------------------------------------------
 
     def create_run(self, run: Run, conn: Connection | None = None) -> Run:
         now = utcnow()
+        if run.kind in WRITING_KINDS and run.audit_rows is None:
+            chain = AuditChain.start(run.run_id)
+            run.audit_rows, run.audit_sha256 = chain.rows, chain.sha256
         run.created_at = run.created_at or now
         run.host = run.host or socket.gethostname()
         run.pid = run.pid or os.getpid()
@@ -201,6 +229,12 @@ class Ledger:
         return run
 
     def update_run(self, run_id: str, conn: Connection | None = None, **values: Any) -> None:
+        """Set columns of the run's row; ``audit=AuditChain`` sets ``audit_rows`` and
+        ``audit_sha256`` (``audit=None``: the run keeps no chain, nothing is set)."""
+        if "audit" in values:
+            chain = values.pop("audit")
+            if chain is not None:
+                values.update(audit_rows=chain.rows, audit_sha256=chain.sha256)
         if "counts" in values:
             values["counts"] = json.dumps(values["counts"], sort_keys=True)
         if "args" in values:
@@ -282,26 +316,39 @@ class Ledger:
 
     def insert_changes(
         self, conn: Connection, run_id: str, table: str, source: str, when: dt.datetime,
-        items: Sequence[tuple[str, str, str, str, str]],
-    ) -> None:
+        items: Sequence[tuple[str, str, str, str, str]], chain: AuditChain | None = None,
+    ) -> AuditChain | None:
         """Append the audit rows of one batch, in the caller's transaction. ``items``:
-        (row_key, column, op, old, new), every value already its JSON text."""
+        (row_key, column, op, old, new), every value already its JSON text.
+
+        ``chain`` is how far the run's hash chain got; the rows get their place in it and the
+        chain after them is returned, for the caller to record with the run in the same
+        transaction (``update_run(..., audit=chain)``). A run without a chain (started before
+        ledger revision 0003) writes rows without one."""
         if not items:
-            return
-        columns = "run_id, table_name, row_key, column_name, op, old_value, new_value, source, changed_at"
+            return chain
+        links: list[tuple[int | None, str | None]]
+        if chain is None:
+            links = [(None, None)] * len(items)
+        else:
+            chain, links = chain.extend(run_id, table, source, when, items)
+        columns = ("run_id, table_name, row_key, column_name, op, old_value, new_value, source, changed_at, "
+                   "seq, chain_sha256")
         if self.dialect == "postgresql":
             # COPY: the fastest way PostgreSQL takes many rows
             with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(  # type: ignore[union-attr]
                 f"COPY fillgate_changes ({columns}) FROM STDIN"
             ) as copy:
-                for key, column, op, old, new in items:
-                    copy.write_row((run_id, table, key, column, op, old, new, source, when))
-            return
+                for (key, column, op, old, new), (seq, link) in zip(items, links, strict=True):
+                    copy.write_row((run_id, table, key, column, op, old, new, source, when, seq, link))
+            return chain
         stamp: Any = when.isoformat(" ") if self.dialect == "sqlite" else when  # SQLite keeps text
         conn.exec_driver_sql(
-            f"INSERT INTO fillgate_changes ({columns}) VALUES ({self._placeholders(9)})",
-            [(run_id, table, key, column, op, old, new, source, stamp) for key, column, op, old, new in items],
+            f"INSERT INTO fillgate_changes ({columns}) VALUES ({self._placeholders(11)})",
+            [(run_id, table, key, column, op, old, new, source, stamp, seq, link)
+             for (key, column, op, old, new), (seq, link) in zip(items, links, strict=True)],
         )
+        return chain
 
     def insert_errors(self, conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
         rows = list(rows)

@@ -1,0 +1,439 @@
+"""Tamper evidence for the audit log: one SHA-256 hash chain per run, and ``fillgate verify``.
+
+The database refuses UPDATE, DELETE, TRUNCATE and REPLACE on ``fillgate_changes``, but the
+owner of the tables can drop or disable those guards. What they cannot do unnoticed is change
+the audit rows of a run without also recomputing the run's hash chain, and they cannot change
+a chain head that has left the database (the ``run_finished`` event, shipped to a log they do
+not control). ``fillgate verify`` recomputes every chain and says exactly what differs.
+
+The chain of a run (apply or revert), SHA-256 in lowercase hex throughout:
+
+    start     = sha256("fillgate-audit-v1\n" + run_id)
+    chain[i]  = sha256(chain[i-1] + canonical(row i))        for i = 1, 2, ... (its ``seq``)
+
+where ``canonical(row)`` concatenates, for each of ``run_id, table_name, source, changed_at,
+seq, row_key, column_name, op, old_value, new_value`` in this order, the field's length in
+characters, a colon and the field (``7:[12345]``), and the hash is taken over the UTF-8 bytes.
+Length prefixes make the text unambiguous whatever the fields hold. The fields are the text
+``fillgate_changes`` stores (the key and the values are their JSON text); ``seq`` is written in
+decimal and ``changed_at`` (naive UTC) as ``YYYY-MM-DDTHH:MM:SS.ffffff``: every backend keeps
+microseconds, so the text read back is the text written. The row's ``id`` is not covered: the
+database assigns it. Each row stores its ``seq`` and ``chain_sha256``; the run stores
+``audit_rows`` (the last ``seq``) and ``audit_sha256`` (the last chain value, or ``start`` for
+a run that wrote nothing), written in the same transaction as the rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, inspect, select
+
+from fillgate.errors import RunStateError, UsageError
+from fillgate.ledger import schema
+
+if TYPE_CHECKING:  # store.py imports this module
+    from fillgate.ledger.store import Ledger, Run
+
+VERSION = "fillgate-audit-v1"
+WRITING_KINDS = ("apply", "revert")
+MAX_FINDINGS = 20
+"""Findings kept per run for the report (the counts of missing, added and altered rows are
+always complete)."""
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def start(run_id: str) -> str:
+    """The chain value before a run's first audit row."""
+    return hashlib.sha256(f"{VERSION}\n{run_id}".encode()).hexdigest()
+
+
+def canonical_time(value: dt.datetime) -> str:
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+def _fields(*fields: str) -> str:
+    return "".join(f"{len(f)}:{f}" for f in fields)
+
+
+def link(previous: str, run_id: str, seq: int, table: str, key: str, column: str, op: str, old: str,
+         new: str, source: str, stamp: str) -> str:
+    """The chain value of one audit row (``stamp``: ``canonical_time`` of ``changed_at``)."""
+    text = previous + _fields(run_id, table, source, stamp, str(seq), key, column, op, old, new)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def row_link(previous: str, row: Any) -> str:
+    """The chain value of a ``fillgate_changes`` row as the database holds it now."""
+    return link(previous, row.run_id, row.seq, row.table_name, row.row_key, row.column_name, row.op,
+                row.old_value, row.new_value, row.source, canonical_time(row.changed_at))
+
+
+@dataclass(frozen=True)
+class AuditChain:
+    """How far a run's chain got: ``rows`` audit rows, the last one's chain value ``sha256``."""
+
+    rows: int
+    sha256: str
+
+    @classmethod
+    def start(cls, run_id: str) -> AuditChain:
+        return cls(0, start(run_id))
+
+    def extend(
+        self, run_id: str, table: str, source: str, when: dt.datetime,
+        items: Sequence[tuple[str, str, str, str, str]],
+    ) -> tuple[AuditChain, list[tuple[int, str]]]:
+        """Chain one batch of audit rows ``(row_key, column, op, old, new)``: the chain after
+        them, and each row's ``(seq, chain_sha256)``."""
+        head = _fields(run_id, table, source, canonical_time(when))  # the same for the whole batch
+        sha256 = hashlib.sha256
+        previous, seq = self.sha256, self.rows
+        out: list[tuple[int, str]] = []
+        for key, column, op, old, new in items:
+            seq += 1
+            n = str(seq)
+            text = (f"{previous}{head}{len(n)}:{n}{len(key)}:{key}{len(column)}:{column}{len(op)}:{op}"
+                    f"{len(old)}:{old}{len(new)}:{new}")  # link(), inlined: this runs once per audit row
+            previous = sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            out.append((seq, previous))
+        return AuditChain(seq, previous), out
+
+
+# --- anchors: chain heads recorded outside the database ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A chain head a ``run_finished`` event recorded: the run's first ``rows`` audit rows
+    hashed to ``sha256``. ``where`` is ``file:line``."""
+
+    rows: int
+    sha256: str
+    where: str
+
+
+@dataclass
+class Anchors:
+    """Anchors of this target's runs, read from events files."""
+
+    by_run: dict[str, list[Anchor]] = field(default_factory=dict)
+    other_targets: int = 0  # run_finished events of runs on other targets, not checked
+    files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(len(a) for a in self.by_run.values())
+
+
+def read_anchors(paths: Iterable[str | Path], target: str) -> Anchors:
+    """The audit hashes that ``run_finished`` events in ``paths`` (``--events`` files) recorded
+    for runs of ``target`` (named by their ``run_started`` event)."""
+    anchors = Anchors()
+    found: list[tuple[str, Anchor]] = []
+    targets: dict[str, Any] = {}
+    for raw in paths:
+        path = Path(raw)
+        anchors.files.append(str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise UsageError(f"cannot read events file {path}: {reason}.") from None
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                event = json.loads(line)
+            except ValueError:
+                raise UsageError(
+                    f"{where} is not a JSON line; an events file holds one JSON object per line "
+                    "(as written by --events). Remove or repair that line."
+                ) from None
+            if not isinstance(event, dict):
+                raise UsageError(f"{where} is not a JSON object; an events file holds one JSON object per line.")
+            run_id = event.get("run_id")
+            if event.get("event") == "run_started" and isinstance(run_id, str):
+                targets[run_id] = event.get("target")
+            if event.get("event") != "run_finished" or event.get("audit_sha256") is None:
+                continue
+            rows, sha = event.get("audit_rows"), event.get("audit_sha256")
+            if (not isinstance(run_id, str) or type(rows) is not int or rows < 0 or not isinstance(sha, str)
+                    or not _SHA256.fullmatch(sha)):
+                raise UsageError(
+                    f"{where}: a run_finished event needs a run_id, audit_rows (an integer >= 0) and "
+                    f"audit_sha256 (64 hex digits); found run_id={run_id!r}, audit_rows={rows!r}, "
+                    f"audit_sha256={sha!r}."
+                )
+            found.append((run_id, Anchor(rows, sha, where)))
+    for run_id, anchor in found:
+        if targets.get(run_id, target) != target:
+            anchors.other_targets += 1
+        else:
+            anchors.by_run.setdefault(run_id, []).append(anchor)
+    return anchors
+
+
+# --- verify ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    """One difference between the audit rows and their tamper evidence."""
+
+    kind: str  # missing, added, altered, record, anchor, orphan, run_missing
+    message: str
+    row_id: int | None = None  # the row concerned (missing rows: the row after the gap)
+    seq: int | None = None  # its position in the run (missing rows: the first missing)
+    rows: int = 1  # rows concerned
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunCheck:
+    """The verdict on one run: ``ok``, ``tampered``, or ``predates`` (written before the
+    ledger kept tamper evidence: nothing to check it against)."""
+
+    run_id: str
+    kind: str
+    status: str
+    table: str | None
+    state: str = "ok"
+    rows: int = 0  # audit rows found
+    recorded_rows: int | None = None
+    recorded_sha256: str | None = None
+    computed_sha256: str | None = None
+    missing: int = 0
+    added: int = 0
+    altered: int = 0
+    anchors: int = 0  # anchors checked
+    findings: list[Finding] = field(default_factory=list)
+    more_findings: int = 0  # findings beyond MAX_FINDINGS (counted, not kept)
+
+    def add(self, finding: Finding) -> None:
+        self.state = "tampered"
+        if finding.kind in ("missing", "added", "altered"):
+            setattr(self, finding.kind, getattr(self, finding.kind) + finding.rows)
+        if len(self.findings) < MAX_FINDINGS:
+            self.findings.append(finding)
+        else:
+            self.more_findings += 1
+
+    @property
+    def first(self) -> Finding | None:
+        return self.findings[0] if self.findings else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "findings"}
+        out["findings"] = [f.to_json() for f in self.findings]
+        return out
+
+
+@dataclass
+class VerifyReport:
+    target: str
+    runs: list[RunCheck]
+    findings: list[Finding] = field(default_factory=list)  # not tied to one run of the ledger
+    anchors: Anchors = field(default_factory=Anchors)
+    whole_ledger: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings and all(r.state != "tampered" for r in self.runs)
+
+    @property
+    def tampered(self) -> list[RunCheck]:
+        return [r for r in self.runs if r.state == "tampered"]
+
+    @property
+    def predating(self) -> list[RunCheck]:
+        return [r for r in self.runs if r.state == "predates"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target, "ok": self.ok, "whole_ledger": self.whole_ledger,
+            "runs": [r.to_json() for r in self.runs], "findings": [f.to_json() for f in self.findings],
+            "anchors": {"files": self.anchors.files, "checked": len(self.anchors),
+                        "other_targets": self.anchors.other_targets},
+        }
+
+
+def _describe(row: Any) -> str:
+    return f"row id {row.id} (key {row.row_key}, column {row.column_name})"
+
+
+def check_run(ledger: Ledger, run: Run, anchors: Sequence[Anchor] = (), since: str | None = None) -> RunCheck:
+    """Recompute one run's chain from ``fillgate_changes`` and compare. A run still writing is
+    checked up to the batches committed when its rows were read (a row past the run's record
+    makes verify read the record again)."""
+    check = RunCheck(run.run_id, run.kind, run.status, run.table_name, recorded_rows=run.audit_rows,
+                     recorded_sha256=run.audit_sha256)
+    recorded = run.audit_rows
+    if recorded is None or run.audit_sha256 is None:
+        return _check_predating(ledger, run, check, anchors, since)
+    wanted = {a.rows for a in anchors}
+    seen: dict[int, str] = {0: start(run.run_id)}
+    stored = pure = seen[0]
+    expected, last_id, reread = 1, None, False
+    for row in ledger.iter_changes(run.run_id):
+        check.rows += 1
+        if row.seq is None or row.chain_sha256 is None:
+            check.add(Finding("added", f"{_describe(row)} carries no tamper evidence (no seq, no chain hash): "
+                                       "it was not written by this run", row.id))
+            continue
+        if type(row.seq) is not int or not isinstance(row.chain_sha256, str):
+            check.add(Finding("altered", f"{_describe(row)}: its position {row.seq!r} or chain hash is not what "
+                                         "fillgate writes", row.id))
+            continue
+        if row.seq < expected:
+            check.add(Finding("added", f"{_describe(row)} claims position {row.seq}, which an earlier row "
+                                       "of the run holds", row.id, row.seq))
+            continue
+        if row.seq > recorded and not reread:
+            # a live run commits its rows and its record together: read the record again (once
+            # per batch it committed since)
+            run = ledger.get_run(run.run_id)
+            reread = run.audit_rows == recorded
+            recorded = run.audit_rows or 0
+            check.status, check.recorded_rows, check.recorded_sha256 = run.status, run.audit_rows, run.audit_sha256
+        if row.seq > recorded:
+            check.add(Finding("added", f"{_describe(row)} claims position {row.seq}, beyond the {recorded} "
+                                       "rows the run recorded", row.id, row.seq))
+            continue
+        if row.seq > expected:
+            check.add(_missing(expected, row.seq - 1, last_id, row.id))
+        elif row_link(stored, row) != row.chain_sha256:
+            check.add(Finding("altered", f"{_describe(row)} at position {row.seq} differs from what the run "
+                                         "wrote (a value, the key, the time or its chain hash was changed)",
+                              row.id, row.seq))
+        pure = row_link(pure, row)
+        if row.seq in wanted:
+            seen[row.seq] = pure
+        stored, expected, last_id = row.chain_sha256, row.seq + 1, row.id
+    if expected <= recorded:
+        check.add(_missing(expected, recorded, last_id, None))
+    check.computed_sha256 = pure
+    if check.state == "ok" and pure != run.audit_sha256:
+        check.add(Finding("record", f"the run's recorded audit hash {run.audit_sha256} differs from its rows' "
+                                    f"{pure}: the run's record was changed"))
+    applied = run.counts.get("applied", 0)
+    if applied != recorded:
+        check.add(Finding("record", f"the run's counts say {applied} changes applied, its audit record "
+                                    f"{recorded} rows: the run's record was changed"))
+    for anchor in anchors:
+        check.anchors += 1
+        now = seen.get(anchor.rows)
+        if now != anchor.sha256:
+            found = (f"the ledger's first {anchor.rows} rows now hash to {now}" if now is not None
+                     else f"the ledger holds no row at position {anchor.rows}")
+            check.add(Finding("anchor", f"{anchor.where} recorded that the run's first {anchor.rows} audit rows "
+                                        f"hash to {anchor.sha256}; {found}: the log was rewritten (and its chain "
+                                        "recomputed, if nothing else differs)", seq=anchor.rows))
+    return check
+
+
+def _missing(first: int, last: int, after: int | None, before: int | None) -> Finding:
+    n = last - first + 1
+    where = " and ".join(w for w in (f"after row id {after}" if after is not None else "",
+                                     f"before row id {before}" if before is not None else "") if w)
+    span = f"position {first}" if n == 1 else f"positions {first}-{last}"
+    return Finding("missing", f"{n} row{'s' if n != 1 else ''} missing: {span} of the run"
+                              + (f", {where}" if where else ""), before, first, n)
+
+
+def _check_predating(ledger: Ledger, run: Run, check: RunCheck, anchors: Sequence[Anchor],
+                     since: str | None) -> RunCheck:
+    """A run without tamper evidence: fine if it predates the ledger's tamper evidence."""
+    c = schema.changes.c
+    with ledger.engine.connect() as conn:
+        total, chained = conn.execute(
+            select(func.count(), func.count(c.chain_sha256)).where(c.run_id == run.run_id)
+        ).one()
+    check.rows = total
+    check.state = "predates"
+    if chained:
+        check.add(Finding("record", f"the run's record holds no audit hash, yet {chained} of its rows carry "
+                                    "one: the run's record was changed"))
+    elif since is not None and run.run_id > since:
+        check.add(Finding("record", "the run started after this ledger began keeping tamper evidence, yet "
+                                    "has none: its record and rows were stripped, or a fillgate older than "
+                                    "the ledger wrote it"))
+    for anchor in anchors:
+        check.anchors += 1
+        check.add(Finding("anchor", f"{anchor.where} recorded {anchor.rows} audit rows hashing to "
+                                    f"{anchor.sha256}, but the ledger's record of the run holds no audit hash"))
+    return check
+
+
+def verify_ledger(ledger: Ledger, run_ids: Sequence[str] | None = None, anchors: Anchors | None = None,
+                  target: str = "") -> VerifyReport:
+    """Check runs against their tamper evidence: ``run_ids``, or every apply and revert run
+    (plus audit rows that belong to no such run, and anchored runs the ledger lost)."""
+    anchors = anchors or Anchors()
+    since = ledger.read_meta().get("audit_evidence_since")
+    whole = not run_ids
+    if run_ids:
+        runs = [ledger.get_run(run_id) for run_id in dict.fromkeys(run_ids)]
+        for run in runs:
+            if run.kind not in WRITING_KINDS:
+                raise RunStateError(
+                    f"run {run.run_id} is a {run.kind} run; only apply and revert runs write audit rows. "
+                    "Run fillgate verify without a run to check the whole audit log."
+                )
+    else:
+        r = schema.runs.c
+        with ledger.engine.connect() as conn:
+            ids = conn.execute(select(r.run_id).where(r.kind.in_(WRITING_KINDS)).order_by(r.run_id)).scalars().all()
+        runs = [ledger.get_run(run_id) for run_id in ids]
+    report = VerifyReport(target, [], anchors=anchors, whole_ledger=whole)
+    with ledger.engine.connect() as conn:
+        if not inspect(conn).has_table(schema.changes.name):
+            report.findings.append(Finding("table_missing", f"the audit log table {schema.changes.name} does not "
+                                                            "exist: it was dropped"))
+            return report
+    for run in runs:
+        listed = anchors.by_run.get(run.run_id, ())
+        try:
+            check = check_run(ledger, run, listed, since)
+        except (ValueError, TypeError, UnicodeError) as exc:  # a value no fillgate row holds
+            check = RunCheck(run.run_id, run.kind, run.status, run.table_name)
+            check.add(Finding("altered", f"the run's audit rows cannot be read back as fillgate wrote them: "
+                                         f"{type(exc).__name__}: {exc}"))
+        report.runs.append(check)
+    known = {r.run_id for r in runs}
+    for run_id, listed in anchors.by_run.items():
+        if run_id not in known and (whole or run_id in (run_ids or ())):
+            report.findings.append(Finding("run_missing", f"{listed[0].where} recorded run {run_id}, which this "
+                                                          "ledger no longer has"))
+    if whole:
+        report.findings.extend(_orphans(ledger))
+    return report
+
+
+def _orphans(ledger: Ledger) -> list[Finding]:
+    """Audit rows whose run is not an apply or revert run of this ledger."""
+    c = schema.changes.c
+    r = schema.runs.c
+    writing = select(r.run_id).where(r.kind.in_(WRITING_KINDS))
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(
+            select(c.run_id, func.count().label("n"), func.min(c.id).label("first"))
+            .where(c.run_id.not_in(writing))
+            .group_by(c.run_id)
+            .order_by(func.min(c.id))
+        ).all()
+    return [Finding("orphan", f"{row.n} audit row{'s' if row.n != 1 else ''} (first: row id {row.first}) "
+                              f"name{'s' if row.n == 1 else ''} run {row.run_id}, which is not an apply or revert "
+                              "run of this ledger", row.first, rows=row.n)
+            for row in rows]
+

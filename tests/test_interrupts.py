@@ -154,9 +154,12 @@ def test_ctrl_c_while_starting_never_shows_a_traceback(sqlite_db: TestDB, cli: C
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert "Traceback" not in out + err, err
-    # -SIGINT: the signal came before Python itself had started (it dies silently then)
-    assert proc.returncode in (0, 130) or (proc.returncode == -signal.SIGINT and not err), (out, err)
+    # Before the interpreter has started, Python itself may die of the signal (silently, or
+    # "Could not import runpy module"): no program can handle that. From fillgate's own code
+    # on, there is never a traceback.
+    python_starting = proc.returncode == -signal.SIGINT and "fillgate" not in err
+    assert python_starting or "Traceback" not in out + err, err
+    assert proc.returncode in (0, 130) or python_starting, (out, err)
     status = db.rows("SELECT status FROM fillgate_runs WHERE kind = 'apply'")
     assert status in ([], [("paused",)], [("succeeded",)])
     if db.rows("SELECT 1 FROM fillgate_runs WHERE kind = 'apply'"):

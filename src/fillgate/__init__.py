@@ -7,7 +7,8 @@ command start fast; ``from fillgate import Job`` works as usual.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing here would slow every start
 
 __version__ = "0.1.0"
 
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fillgate' has no attribute {name!r}")

@@ -13,9 +13,9 @@ from sqlalchemy.engine import URL
 
 MASK = "***"
 
-# scheme://user:PASSWORD@host: the password runs to the last "@" before the host ends, so a
-# password with a raw "@", ":" or "/" in it is masked whole.
-_USERINFO = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s'\"]*:)[^\s'\"]*?@(?=[^@\s'\"]*(?:[/?#\s'\"]|$))")
+# scheme://user:PASSWORD@host: the password runs to the last "@" before the query string, so
+# a password with a raw "@", ":" or "/" in it is masked whole (at worst, with the host).
+_USERINFO = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s'\"]*:)[^\s'\"]*?@(?=[^@\s'\"?#]*(?:[?#\s'\"]|$))")
 # password=..., pass=..., pwd=..., sslpassword=... in a query string or a key=value DSN
 _PARAM = re.compile(
     r"(?i)((?:^|(?<=[?&;\s,(]))(?:ssl)?(?:password|passwd|pass|pwd)\s*=\s*)"

@@ -44,8 +44,8 @@ def test_unset_variable_of_another_target_does_not_block(
     which variable is missing, naming the target."""
     monkeypatch.delenv("FG_LIVE_URL_UNSET", raising=False)
     db.create_people(N)
-    cfg = _write(db.tmp_path / "fillgate.toml",
-                 f'[targets.staging]\nurl = "{db.url}"\n\n[targets.live]\nurl = "${{FG_LIVE_URL_UNSET}}"\nprotected = true\n')
+    cfg = _write(db.tmp_path / "fillgate.toml", f'[targets.staging]\nurl = "{db.url}"\n\n'
+                 '[targets.live]\nurl = "${FG_LIVE_URL_UNSET}"\nprotected = true\n')
     assert load_config(cfg).target("staging").environment == "staging"
     assert run_cli(cli, cfg, "init", "--target", "staging").exit_code == 0
     ran = run_cli(cli, cfg, "run", f"{jobs_file}:FillEmail", "--target", "staging", "--json")

@@ -10,6 +10,7 @@ import decimal
 import io
 import json
 import re
+import shlex
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -330,3 +331,44 @@ def test_history_of_a_dropped_table_that_fillgate_changed(db: TestDB, cli: CliRu
     assert run_id in result.stdout
     wrong = run_cli(cli, cfg, "history", "visits", "1")
     assert wrong.exit_code == 2 and "has 1 part but visits's key has 2 parts" in wrong.stderr
+
+
+# --- the demo's commands work after it ---------------------------------------------------------------
+
+
+def _printed_commands(text: str) -> list[list[str]]:
+    tail = text.split("Try the commands yourself from there:", 1)[1]
+    return [shlex.split(line.strip()) for line in tail.strip().splitlines()]
+
+
+def test_demo_commands_can_be_run_afterwards(tmp_path: Path, cli: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tour dir" / "demo.db"
+    result = run_cli(cli, None, "demo", "--path", str(path), "--rows", "300")
+    assert result.exit_code == 0, result.output
+    assert (path.parent / "fillgate.toml").exists()
+    commands = _printed_commands(result.stdout)
+    assert commands[0] == ["cd", str(path.parent)]
+    monkeypatch.chdir(commands[0][1])
+    for command in commands[1:]:
+        assert command[0] == "fillgate"
+        ran = run_cli(cli, None, *command[1:])
+        assert ran.exit_code == 0, (command, ran.output)
+    # the printed step commands work too: the stamp refuses the 'live' target
+    refused = run_cli(cli, None, "plan", "fillgate.demo:FillCustomerEmail", "--target", "live")
+    assert refused.exit_code == 3 and refused.stderr.startswith("refused: target 'live' points at a database")
+
+
+def test_demo_never_overwrites_a_config_of_yours(tmp_path: Path, cli: CliRunner,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = tmp_path / "fillgate.toml"
+    mine.write_text('[targets.mine]\nurl = "sqlite:///mine.db"\n')
+    result = run_cli(cli, None, "demo", "--path", str(tmp_path / "demo.db"), "--rows", "300")
+    assert result.exit_code == 0, result.output
+    assert mine.read_text() == '[targets.mine]\nurl = "sqlite:///mine.db"\n'
+    assert (tmp_path / "demo.fillgate.toml").exists()
+    commands = _printed_commands(result.stdout)
+    monkeypatch.chdir(commands[0][1])
+    for command in commands[1:]:
+        assert command[-2:] == ["--config", str(tmp_path / "demo.fillgate.toml")]
+        ran = run_cli(cli, None, *command[1:])
+        assert ran.exit_code == 0, (command, ran.output)

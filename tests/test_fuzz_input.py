@@ -255,6 +255,26 @@ def test_each_config_field_is_checked(tmp_path: Path, cli: CliRunner, text: str,
     assert not (tmp_path / "a.db").exists()
 
 
+@pytest.mark.parametrize("text", ["a = " + "[" * 5000 + "\n", "a = " + "9" * 5000 + "\n"])
+def test_config_files_no_parser_survives(tmp_path: Path, cli: CliRunner, text: str) -> None:
+    """Arrays nested too deep and integers too long to read: errors, not tracebacks."""
+    cfg = tmp_path / "fillgate.toml"
+    cfg.write_text(text)
+    for command in (["runs"], ["lint", str(tmp_path)]):
+        result = run_cli(cli, cfg, *command)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: ") and "fillgate.toml" in result.stderr
+
+
+@pytest.mark.parametrize("line", ['{"fillgate_plan": 1, "changes": ' + "9" * 5000 + "}", "[" * 100000])
+def test_plan_headers_no_parser_survives(planned: tuple[TestDB, Path, str, str], cli: CliRunner, line: str) -> None:
+    db, cfg, _, body = planned
+    (db.tmp_path / "deep.plan").write_text(line + "\n" + body)
+    result = run_cli(cli, cfg, "apply", "deep.plan", "--max-changes", "100")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and "is not a fillgate plan" in result.stderr
+
+
 def test_non_utf8_config_file(tmp_path: Path, cli: CliRunner) -> None:
     cfg = tmp_path / "fillgate.toml"
     cfg.write_bytes(b'[targets.a]\nurl = "sqlite:///caf\xe9.db"\n')

@@ -230,6 +230,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path} is not valid TOML: byte {exc.start} is not UTF-8 (TOML files are UTF-8 text)."
         ) from None
+    except (ValueError, RecursionError) as exc:  # an integer too long to read, arrays nested too deep
+        raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
 
 
 def _tool_fillgate(pyproject: dict[str, Any]) -> Any:

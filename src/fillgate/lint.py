@@ -442,7 +442,7 @@ def configured_names(config: str | Path | None = None) -> tuple[list[str], list[
         return [], list(DEFAULT_PROTECTED)
     try:
         data = tomllib.loads(file.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad TOML or UTF-8, too long an integer
         raise UsageError(f"cannot read config file {file}: {exc}") from None
     if file.name == "pyproject.toml":
         data = data.get("tool", {}).get("fillgate", {})

@@ -72,7 +72,7 @@ class PlanHeader:
     def from_line(cls, line: str, path: Path) -> PlanHeader:
         try:
             data = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an integer too long to read
             raise PlanFileError(f"{path} is not a fillgate plan: its first line is not JSON ({exc}).") from None
         if not isinstance(data, dict) or "fillgate_plan" not in data:
             raise PlanFileError(f"{path} is not a fillgate plan: its first line has no plan header.")

@@ -19,7 +19,7 @@ from fillgate.errors import ConfigError
 from fillgate.lint import lint_source
 from fillgate.redact import mask_secrets, redact_url
 
-from conftest import run_cli
+from conftest import TestDB, run_cli
 
 SECRET = "hunter2-Zq9"
 
@@ -106,3 +106,35 @@ def test_unparseable_url_is_shown_masked(tmp_path: Path, cli: CliRunner) -> None
 def test_lint_masks_every_password_form() -> None:
     findings = lint_source(f'URL = "postgresql://app@db/app?password={SECRET}"\n', "job.py")
     assert [f.found for f in findings] == ["postgresql://app@db/app?password=***"]
+
+
+LEAKY_JOB = f'''
+from fillgate import Job, FillMissing
+
+
+class Leaky(Job):
+    table = "people"
+    key = ("id",)
+    columns = {{"email": FillMissing()}}
+    source = "SELECT id, name, email FROM people"
+
+    def compute(self, row, ctx):
+        raise RuntimeError("cannot reach postgresql://svc:{SECRET}@crm/db?sslpassword={SECRET}")
+'''
+
+
+def test_error_messages_of_jobs_are_masked(sqlite_db: TestDB, cli: CliRunner) -> None:
+    """Row errors quote whatever the job's exception said: plan, show and --json mask it."""
+    sqlite_db.create_people(3)
+    cfg = sqlite_db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    (sqlite_db.tmp_path / "leaky.py").write_text(LEAKY_JOB)
+    job = f"{sqlite_db.tmp_path / 'leaky.py'}:Leaky"
+    planned = run_cli(cli, cfg, "plan", job, "--json")
+    assert planned.exit_code == 1
+    run_id = json.loads(planned.stdout)["run_id"]
+    outputs = [planned, run_cli(cli, cfg, "plan", job), run_cli(cli, cfg, "show", run_id),
+               run_cli(cli, cfg, "show", run_id, "--json")]
+    for result in outputs:
+        assert "svc:***@crm/db?sslpassword=***" in result.stdout, result.stdout
+        assert SECRET not in result.stdout and SECRET not in result.stderr

@@ -260,7 +260,8 @@ def plan_json(result: PlanResult) -> dict[str, Any]:
         "path": str(result.path) if result.path else None,
         "counts": result.counts,
         "changes": result.header.changes,
-        "samples": result.samples,
+        "samples": {kind: [{**i, "message": mask_secrets(i["message"])} if "message" in i else i for i in items]
+                    for kind, items in result.samples.items()},
     }
 
 
@@ -304,7 +305,7 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step
     _print_table(console, "unexpected lookup index (never written)", ("key", Col("what", wrap=True)),
                  ((_key(i["key"]), i["message"]) for i in result.samples.get("unexpected_index", [])[:5]))
     _print_table(console, "row errors (nothing written for these rows)", ("key", "error", Col("message", wrap=True)), (
-        (_key(i["key"]), i["error_type"], i["message"]) for i in result.samples.get("error", [])[:5]
+        (_key(i["key"]), i["error_type"], mask_secrets(i["message"])) for i in result.samples.get("error", [])[:5]
     ))
     if result.path:
         _line(console, f"Plan saved to [bold]{escape(str(result.path))}[/]")
@@ -389,8 +390,16 @@ def _when(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
 
 
+def _run_json(run: Run) -> dict[str, Any]:
+    """A run for --json; its message (which may quote a driver's error) with passwords masked."""
+    data = run.to_json()
+    if data.get("message"):
+        data["message"] = mask_secrets(data["message"])
+    return data
+
+
 def runs_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    return [r.to_json() for r in runs]
+    return [_run_json(r) for r in runs]
 
 
 def print_runs(console: Console, runs: Sequence[Run]) -> None:
@@ -409,7 +418,8 @@ def print_runs(console: Console, runs: Sequence[Run]) -> None:
 
 
 def show_json(run: Run, error_groups: list[dict[str, Any]]) -> dict[str, Any]:
-    return {**run.to_json(), "error_groups": error_groups}
+    groups = [{**g, "example_message": mask_secrets(g["example_message"] or "")} for g in error_groups]
+    return {**_run_json(run), "error_groups": groups}
 
 
 def _print_details(console: Console, run: Run) -> None:
@@ -437,7 +447,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
         ("progress", f"{run.checkpoint}/{run.total}" if run.kind != "plan" and run.total is not None else None),
         ("created", _when(run.created_at)), ("finished", _when(run.finished_at)),
         ("duration", f"{duration:.2f}s" if duration is not None else None),
-        ("message", run.message), ("arguments", json.dumps(run.args, default=str)),
+        ("message", mask_secrets(run.message or "")), ("arguments", json.dumps(run.args, default=str)),
     ) if value]
     _print_records(console, [label for label, _ in fields], [[value for _, value in fields]], numbered=False)
     _print_table(console, "counts", ("count", Col("value", justify="right")),
@@ -448,7 +458,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
         (Col("job / stage", wrap=True), "fingerprint", "phase", "type", Col("count", justify="right"),
          "example key", Col("example message", wrap=True)),
         ((g.get("job") or "", g["fingerprint"], g["phase"], g["error_type"], str(g["count"]),
-          _stored_key(g["example_key"]), g["example_message"]) for g in error_groups),
+          _stored_key(g["example_key"]), mask_secrets(g["example_message"] or "")) for g in error_groups),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -102,6 +103,34 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             engine.dispose()
         except Exception as exc:
             pytest.exit(f"{var} is set but that database is unreachable: {exc}", returncode=3)
+
+
+_BACKEND_VARS = {"postgresql": "FILLGATE_TEST_POSTGRES_URL", "mysql": "FILLGATE_TEST_MYSQL_URL"}
+_BACKEND_ID = re.compile(r"\[(?:[^\]]*-)?(sqlite|postgresql|mysql)(?:-[^\]]*)?\]$")
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Say which database backends the run covered, and why any was left out (a run without
+    the two variables tests SQLite only, which is easy to miss). Works under xdist: the
+    controller sees every worker's reports."""
+    ran: dict[str, set[str]] = {backend: set() for backend in ("sqlite", "postgresql", "mysql")}
+    for category in ("passed", "failed", "error", "xfailed", "xpassed"):
+        for report in terminalreporter.stats.get(category, []):
+            match = _BACKEND_ID.search(getattr(report, "nodeid", ""))
+            if match:
+                ran[match.group(1)].add(report.nodeid)
+    parts = []
+    for backend, tests in ran.items():
+        if backend in BACKENDS:
+            parts.append(f"{backend}: {len(tests)} tests ran")
+        else:
+            parts.append(f"{backend}: SKIPPED ({_BACKEND_VARS[backend]} is not set)")
+    terminalreporter.write_sep("-", "database backends")
+    terminalreporter.write_line("; ".join(parts))
+    if len(BACKENDS) < 3:
+        terminalreporter.write_line(
+            "Set FILLGATE_TEST_POSTGRES_URL and FILLGATE_TEST_MYSQL_URL to run every backend (README: Development)."
+        )
 
 
 def _worker() -> str:

@@ -130,7 +130,7 @@ def test_protected_environment_needs_typed_confirmation(db: TestDB, cli: CliRunn
         assert "protected environment 'live'" in result.stderr
     assert_untouched(db, before)
 
-    applied = run_cli(cli, cfg, "apply", "p.plan", "--confirm", "live", "--json")
+    applied = run_cli(cli, cfg, "apply", "p.plan", "--confirm", "live", "--max-changes", str(WRITES), "--json")
     assert applied.exit_code == 0, applied.output
     run_id = json.loads(applied.stdout)["run_id"]
     assert n_changes(db) == WRITES
@@ -148,7 +148,8 @@ def test_protected_environment_needs_typed_confirmation(db: TestDB, cli: CliRunn
     assert reverted.exit_code == 0, reverted.output
     assert people(db) == before
 
-    ran = run_cli(cli, cfg, "run", f"{jobs_file}:FillKind", "--target", "live", "--confirm", "live")
+    ran = run_cli(cli, cfg, "run", f"{jobs_file}:FillKind", "--target", "live", "--confirm", "live",
+                  "--max-changes", "100")
     assert ran.exit_code == 0, ran.output
     assert [row[2] for row in people(db)] == ["odd" if i % 2 else "even" for i in range(1, N + 1)]
 

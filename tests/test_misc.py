@@ -154,7 +154,7 @@ def test_demo(tmp_path: Path, cli: CliRunner) -> None:
     ):
         assert f"step {step}" in text
         assert command in text
-    assert "refused (exit 3)" in text and "--max-changes 25" in text  # the gate
+    assert "refused: plan demo.plan has" in text and "--max-changes 25" in text  # the gate
     assert "stamped 'demo'" in text  # the stamp
     assert "history of customers" in text
 

@@ -4,6 +4,7 @@ revert (of a revert, twice, dry run), on every backend."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -108,11 +109,13 @@ def test_runs_lists_plan_apply_revert(db: TestDB, cli: CliRunner, jobs_file: Pat
     only = run_cli(cli, cfg, "runs", "--kind", "plan", "--status", "failed", "--json")
     assert [r["status"] for r in json.loads(only.stdout)] == ["failed"]
     assert "--max-errors 0" in json.loads(only.stdout)[0]["message"]
-    human = run_cli(cli, cfg, "runs")  # 80 columns: run ids and statuses are shown in full
+    human = run_cli(cli, cfg, "runs")  # 80 columns: one block per run, run ids and statuses in full
     assert human.exit_code == 0
-    lines = human.stdout.splitlines()
-    assert any(apply_id in line and "succeeded" in line for line in lines)
-    assert any(revert_id in line and "revert" in line for line in lines)
+    blocks = human.stdout.split("── ")
+    assert any(re.search(rf"^run +{apply_id}$", block, re.M) and re.search(r"^status +succeeded$", block, re.M)
+               for block in blocks)
+    assert any(re.search(rf"^run +{revert_id}$", block, re.M) and re.search(r"^kind +revert$", block, re.M)
+               for block in blocks)
 
 
 def test_show_run(db: TestDB, cli: CliRunner, jobs_file: Path) -> None:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from fillgate.errors import AlertDeliveryError, ConfigError, MissingExtraError
+from fillgate.redact import mask_secrets, redact_url
 
 log = logging.getLogger("fillgate.alerts")
 
@@ -111,10 +112,7 @@ class AlertSink(Protocol):
 
 def _safe_url(url: str) -> str:
     """scheme://host[:port]/… — webhook paths and queries often hold secrets."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}/…"
+    return redact_url(url, hide_path=True)
 
 
 class WebhookSink:
@@ -360,7 +358,7 @@ class Alerter:
             fingerprint=fingerprint(job, "run_failed"),
             counts=dict(counts or {}),
             example=None,
-            message=f"{job}: run {run_id} failed: {message}",
+            message=f"{job}: run {run_id} failed: {mask_secrets(message)}",
             level=LEVELS["run_failed"],
             anomalies=["run_failed"],
         )

@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from sqlalchemy.exc import SQLAlchemyError
+from typer.core import TyperGroup
 
 from fillgate import report
 from fillgate.config import Target, load_config
@@ -22,13 +22,17 @@ from fillgate.errors import (
     EXIT_OK,
     EXIT_ROW_PROBLEMS,
     EXIT_TAMPERED,
+    EXIT_USAGE,
     FillgateError,
     Interrupted,
     PlanMismatchError,
+    ProtectedTargetError,
+    RunNotFoundError,
     RunStateError,
     UsageError,
 )
 from fillgate.events import EventWriter
+from fillgate.history import row_history
 from fillgate.interrupts import stop_on_signals
 from fillgate.job import load_runnable, parse_param_options
 from fillgate.ledger.integrity import read_anchors, verify_ledger
@@ -39,7 +43,82 @@ from fillgate.report import RichProgress
 from fillgate.revert import preview_revert, revert_run
 from fillgate.stamp import Connected, check_write_allowed, connect, init_target
 from fillgate.throttle import ReplicationLagCheck, SQLCheck, Throttle
-from fillgate.values import key_candidates
+from fillgate.validate import has_surrogate
+
+# Click's usage errors (a bad option, a missing argument) derive from this class; found through
+# typer's own BadParameter so that it works whether typer vendors click or uses it.
+_ClickException: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_GLOBAL_OPTIONS = ("--config", "-c")
+
+
+def _config_first(args: list[str]) -> list[str]:
+    """Move ``--config PATH`` given after the subcommand in front of it (where Click expects
+    the group's options), so that ``fillgate runs --config f.toml`` works like
+    ``fillgate --config f.toml runs``. Arguments after ``--`` are left alone."""
+    i = 0  # the subcommand's position, after the group's own options
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":
+        i += 2 if args[i] in _GLOBAL_OPTIONS else 1
+    if i >= len(args):
+        return list(args)
+    moved: list[str] = []
+    rest: list[str] = []
+    j = i + 1
+    while j < len(args):
+        arg = args[j]
+        if arg == "--":
+            rest.extend(args[j:])
+            break
+        if arg in _GLOBAL_OPTIONS:
+            moved += args[j:j + 2]
+            j += 2
+            continue
+        (moved if arg.startswith("--config=") else rest).append(arg)
+        j += 1
+    return [*args[:i], *moved, args[i], *rest]
+
+
+class _Group(TyperGroup):
+    """fillgate's command group: ``--config`` anywhere, arguments that are text, and usage
+    errors with the same ``error:`` line (and ``--json`` object) as every other error."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        _state.update(config=None, target=None, targets=(), json="--json" in args)
+        for number, arg in enumerate(args, start=1):
+            if has_surrogate(arg) or "\x00" in arg:
+                _fail(EXIT_USAGE, "UsageError", f"argument {number} is not valid UTF-8 text ({_bad_bytes(arg)}); "
+                      "fillgate takes UTF-8 arguments.", _state["json"])
+        if args and args[-1] in _GLOBAL_OPTIONS:
+            _fail(EXIT_USAGE, "UsageError", f"option {args[-1]} needs a value: {args[-1]} PATH.", _state["json"])
+        with _usage_errors():
+            return super().parse_args(ctx, _config_first(args))
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except _ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            raise
+        context = getattr(exc, "ctx", None)
+        where = f" (see: {context.command_path} --help)" if context is not None else ""
+        _fail(getattr(exc, "exit_code", EXIT_USAGE), "UsageError", exc.format_message() + where,  # type: ignore[attr-defined]
+              _state["json"])
+
+
+def _bad_bytes(arg: str) -> str:
+    """Describe the undecodable part of an argument without printing it."""
+    bad = [c for c in arg if "\ud800" <= c <= "\udfff"]
+    if not bad:
+        return "a NUL character"
+    if all("\udc80" <= c <= "\udcff" for c in bad):  # bytes the OS could not decode (surrogateescape)
+        return "byte " + ", ".join(f"0x{ord(c) - 0xDC00:02x}" for c in bad[:3])
+    return "a lone surrogate"
+
 
 app = typer.Typer(
     name="fillgate",
@@ -47,11 +126,13 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
 out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
 
-_state: dict[str, Any] = {"config": None}
+# per invocation: the --config given, the target resolved, the declared targets, --json anywhere
+_state: dict[str, Any] = {"config": None, "target": None, "targets": (), "json": False}
 
 TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name from fillgate.toml.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -59,7 +140,8 @@ ConfirmOpt = Annotated[
     str | None, typer.Option("--confirm", help="Type the environment name to write to a protected target.")
 ]
 MaxChangesOpt = Annotated[
-    int | None, typer.Option("--max-changes", min=0, help="Refuse a plan with more than N changes.")
+    int | None, typer.Option("--max-changes", min=0,
+                              help="Refuse a plan with more than N changes (default: the target's max_changes).")
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Changes per transaction.")]
 MaxErrorsOpt = Annotated[int | None, typer.Option("--max-errors", min=0, help="Stop after more than N errors.")]
@@ -89,36 +171,79 @@ ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Job p
 @app.callback()
 def _main(
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="Config file (default: fillgate.toml found upwards).")
+        Path | None,
+        typer.Option("--config", "-c", help="Config file (default: fillgate.toml found upwards); "
+                                            "may also follow the command."),
     ] = None,
 ) -> None:
     _state["config"] = config
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
-    """Turn fillgate errors into a message on stderr and the documented exit code."""
+def _errors(as_json: bool = False) -> Iterator[None]:
+    """The single place where errors become output: a line on stderr (``error:``, or
+    ``refused:`` for a guard's refusal), with ``--json`` also a JSON object on stdout, and
+    the documented exit code."""
     try:
         yield
+    except RunNotFoundError as exc:
+        _fail(exc.exit_code, type(exc).__name__, _run_not_found(exc), as_json)
     except Interrupted as exc:
-        err.print(f"[bold yellow]interrupted:[/] {escape(str(exc))}", soft_wrap=True)
-        if exc.run_id and "resume" not in str(exc) and "Plan again" not in str(exc):
-            err.print(f"Continue it with: fillgate resume {exc.run_id}", soft_wrap=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        message = str(exc)
+        if exc.run_id and "resume" not in message and "Plan again" not in message:
+            message += f" Continue it with: fillgate resume {exc.run_id}"
+        _fail(EXIT_INTERRUPTED, "Interrupted", message, as_json)
     except KeyboardInterrupt:
-        err.print("[bold yellow]interrupted:[/] stopped by Ctrl-C before anything was written.", soft_wrap=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        _fail(EXIT_INTERRUPTED, "Interrupted", "stopped by Ctrl-C before anything was written.", as_json)
     except FillgateError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
+        _fail(exc.exit_code, type(exc).__name__, str(exc), as_json)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        err.print(f"[bold red]database error:[/] {escape(reason)}", soft_wrap=True)
-        raise typer.Exit(EXIT_ROW_PROBLEMS) from None
+        _fail(EXIT_ROW_PROBLEMS, "DatabaseError", f"the database answered: {reason}", as_json)
+
+
+def _fail(exit_code: int, kind: str, message: str, as_json: bool) -> None:
+    report.print_error(err, exit_code, message)
+    if as_json or _state["json"]:
+        sys.stdout.write(report.to_json(report.error_json(exit_code, kind, message)) + "\n")
+    raise typer.Exit(exit_code)
+
+
+def _run_not_found(exc: RunNotFoundError) -> str:
+    """Say which target's ledger was searched, and that there are others."""
+    target: Target | None = _state["target"]
+    message = str(exc)
+    if target is None:
+        return message
+    where = f"the ledger of target '{target.name}' (environment {target.environment}, {target.safe_url})"
+    message = message.replace("this target's ledger", where) if "this target's ledger" in message \
+        else f"{message} (searched {where})"
+    message = message.replace("see: fillgate runs", f"see: fillgate runs --target {target.name}")
+    others = [name for name in _state["targets"] if name != target.name]
+    if others:
+        message += f". Other declared targets: {', '.join(others)}; pick one with --target NAME."
+    return message
 
 
 def _target(name: str | None) -> Target:
-    return load_config(_state["config"]).target(name)
+    config = load_config(_state["config"])
+    _state["targets"] = tuple(sorted(config.targets))
+    _state["target"] = target = config.target(name)
+    return target
+
+
+def _max_changes(target: Target, given: int | None) -> int | None:
+    """The change gate of apply and run: --max-changes, else the target's max_changes. A
+    protected target must have one."""
+    if given is not None:
+        return given
+    if target.max_changes is None and target.protected:
+        raise ProtectedTargetError(
+            f"target '{target.name}' is the protected environment '{target.environment}' and has no change "
+            "gate; refusing to write an unbounded plan. Nothing was written. Give --max-changes N, or set "
+            f"max_changes = N under [targets.{target.name}] in the config file."
+        )
+    return target.max_changes
 
 
 def _emit(as_json: bool, data: Callable[[], Any], human: Callable[[], None]) -> None:
@@ -145,7 +270,7 @@ def init(
     as_json: JsonOpt = False,
 ) -> None:
     """Create the ledger tables and stamp the database with the target's environment."""
-    with _errors():
+    with _errors(as_json):
         result = init_target(_target(target), force_stamp=force_stamp, confirm=confirm)
     _emit(as_json, lambda: report.init_json(result), lambda: report.print_init(out, result))
 
@@ -169,7 +294,7 @@ def plan(
     as_json: JsonOpt = False,
 ) -> None:
     """Dry run: compute every change and show it. Writes nothing to your tables."""
-    with _errors():
+    with _errors(as_json):
         job_cls = load_runnable(job)
         params = parse_param_options(param or [])
         conn = connect(_target(target))
@@ -185,7 +310,8 @@ def plan(
     if issubclass(job_cls, Pipeline):
         _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(human, staged))
         raise typer.Exit(EXIT_OK if staged.clean else EXIT_ROW_PROBLEMS)
-    _emit(as_json, lambda: report.plan_json(result), lambda: report.print_plan(human, result, sample))
+    confirm = conn.target.environment if conn.target.protected else None
+    _emit(as_json, lambda: report.plan_json(result), lambda: report.print_plan(human, result, sample, confirm=confirm))
     problems = result.counts["errors"] or result.counts["unexpected_index"]
     raise typer.Exit(EXIT_ROW_PROBLEMS if problems else EXIT_OK)
 
@@ -255,7 +381,7 @@ def apply(
     as_json: JsonOpt = False,
 ) -> None:
     """Write exactly the reviewed plan: compare-and-set, audited, resumable."""
-    with _errors():
+    with _errors(as_json):
         header = read_header(plan_file)
         if target is not None and target != header.target:
             raise PlanMismatchError(
@@ -263,6 +389,8 @@ def apply(
                 f"Make a new plan for '{target}'."
             )
         conn = connect(_target(header.target))
+        check_write_allowed(conn.target, confirm)
+        max_changes = _max_changes(conn.target, max_changes)
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
@@ -293,11 +421,12 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Plan, gate and apply in one go."""
-    with _errors():
+    with _errors(as_json):
         job_cls = load_runnable(job)
         params = parse_param_options(param or [])
         conn = connect(_target(target))
         check_write_allowed(conn.target, confirm)
+        max_changes = _max_changes(conn.target, max_changes)
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
@@ -330,7 +459,7 @@ def runs(
     as_json: JsonOpt = False,
 ) -> None:
     """List recent runs, newest first."""
-    with _errors():
+    with _errors(as_json):
         found = connect(_target(target)).ledger.list_runs(limit=limit, kind=kind, status=status, job=job)
     _emit(as_json, lambda: report.runs_json(found), lambda: report.print_runs(out, found))
 
@@ -339,7 +468,7 @@ def runs(
 def show(run_id: Annotated[str, typer.Argument(metavar="RUN")], target: TargetOpt = None,
          as_json: JsonOpt = False) -> None:
     """Show one run: status, counts, timing, errors grouped by fingerprint."""
-    with _errors():
+    with _errors(as_json):
         conn = connect(_target(target))
         ledger = conn.ledger
         found = ledger.get_run(run_id)
@@ -364,8 +493,8 @@ def history(
     as_json: JsonOpt = False,
 ) -> None:
     """Which runs changed this row, when, and from what to what."""
-    with _errors():
-        entries = connect(_target(target)).ledger.history(table, key_candidates(key), column)
+    with _errors(as_json):
+        entries = row_history(connect(_target(target)), table, key, column)
     _emit(as_json, lambda: report.history_json(entries), lambda: report.print_history(out, table, key, entries))
 
 
@@ -409,7 +538,7 @@ def revert(
     as_json: JsonOpt = False,
 ) -> None:
     """Undo a run from its audit log, as a new audited run; rows changed since are left alone."""
-    with _errors():
+    with _errors(as_json):
         conn = connect(_target(target))
         if dry_run:
             preview = preview_revert(conn, run_id)
@@ -434,7 +563,7 @@ def revert(
 
 
 def _control(run_id: str, target: str | None, action: str, as_json: bool) -> None:
-    with _errors():
+    with _errors(as_json):
         conn: Connected = connect(_target(target))
         found = control_run(conn, run_id, action)
     if as_json:
@@ -477,7 +606,7 @@ def resume(
     as_json: JsonOpt = False,
 ) -> None:
     """Continue a paused, failed or interrupted run from its checkpoint (exactly once)."""
-    with _errors():
+    with _errors(as_json):
         conn = connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          confirm=confirm, batch_size=batch_size, max_errors=max_errors,
@@ -509,13 +638,10 @@ def lint(
     """Find hard-coded target names and database URLs in job modules (exit 1 if any)."""
     from fillgate.lint import configured_names, lint_paths, python_files
 
-    try:
+    with _errors(as_json):
         names, protected = configured_names(_state["config"])
         files = python_files(paths)
         findings = lint_paths(files, names, protected)
-    except FillgateError as exc:  # plain text: lint output is read by scripts and editors
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
     if as_json:
         data = {"files": len(files), "findings": [f.to_json() for f in findings]}
         sys.stdout.write(json.dumps(data, indent=2) + "\n")

@@ -19,12 +19,25 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from fillgate.errors import ConfigError
+from fillgate.redact import redact_url
+from fillgate.validate import Field, has_surrogate, kind_of, non_empty, non_negative, validate
 
 DEFAULT_PROTECTED = ("live", "prod", "production")
 DEFAULT_TARGET = "default"
-_TARGET_KEYS = {"url", "environment", "protected"}
-_TOP_KEYS = {"targets", "protected_environments", "default_target"}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# The schema of fillgate.toml: the top-level table and each [targets.NAME] table.
+_TOP_SCHEMA = {
+    "targets": Field(dict, rule=lambda v: None if v else "declares no target; add a [targets.NAME] table with a url"),
+    "protected_environments": Field(list, required=False, items=str),
+    "default_target": Field(str, required=False, rule=non_empty),
+}
+_TARGET_SCHEMA = {
+    "url": Field(str, rule=non_empty),
+    "environment": Field(str, required=False, rule=non_empty),
+    "protected": Field(bool, required=False),
+    "max_changes": Field(int, required=False, rule=non_negative),
+}
 
 # Drivers fillgate uses when a URL names only the database kind.
 _DRIVERS = {
@@ -44,6 +57,7 @@ class Target:
     environment: str
     protected: bool = False
     protected_environments: tuple[str, ...] = DEFAULT_PROTECTED
+    max_changes: int | None = None  # the default --max-changes of apply and run
 
     @property
     def safe_url(self) -> str:
@@ -56,15 +70,42 @@ class Target:
 
 
 @dataclass(frozen=True)
+class TargetSpec:
+    """A declared target as the config states it. Its url is resolved (``${VAR}``
+    interpolated, parsed, driver checked) only by :meth:`resolve`, when the target is used:
+    an unset variable or a missing driver of one target never blocks another."""
+
+    name: str
+    raw_url: str = field(repr=False)
+    environment: str
+    protected: bool = False
+    protected_environments: tuple[str, ...] = DEFAULT_PROTECTED
+    max_changes: int | None = None
+    where: str = ""
+    interpolate: bool = True
+
+    def resolve(self) -> Target:
+        raw = interpolate(self.raw_url, self.where) if self.interpolate else self.raw_url
+        return Target(
+            name=self.name,
+            url=parse_url(raw, self.where),
+            environment=self.environment,
+            protected=self.protected,
+            protected_environments=self.protected_environments,
+            max_changes=self.max_changes,
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     """Loaded configuration: the declared targets and where they came from."""
 
-    targets: dict[str, Target]
+    targets: dict[str, TargetSpec]
     source: str
     default_target: str | None = None
 
     def target(self, name: str | None) -> Target:
-        """Return the target called ``name`` (or the default one), or fail naming the choices."""
+        """The target called ``name`` (or the default one), resolved; or fail naming the choices."""
         if name is None:
             name = self.default_target
             if name is None:
@@ -76,23 +117,14 @@ class Config:
                         f"({', '.join(sorted(self.targets))}); choose one with --target NAME."
                     )
         try:
-            return self.targets[name]
+            spec = self.targets[name]
         except KeyError:
             known = ", ".join(sorted(self.targets)) or "none"
             raise ConfigError(
                 f"unknown target '{name}' (declared in {self.source}: {known}); "
                 "add [targets." + name + "] to fillgate.toml or pick a declared one."
             ) from None
-
-
-def redact_url(url: URL | str) -> str:
-    """Render a URL with the password hidden."""
-    if isinstance(url, str):
-        try:
-            url = make_url(url)
-        except (ArgumentError, ValueError):  # ValueError: e.g. a non-numeric port
-            return "<unparseable url>"
-    return url.render_as_string(hide_password=True)
+        return spec.resolve()
 
 
 def interpolate(value: str, where: str, environ: dict[str, str] | None = None) -> str:
@@ -103,6 +135,8 @@ def interpolate(value: str, where: str, environ: dict[str, str] | None = None) -
         var = match.group(1)
         if var not in env:
             raise ConfigError(f"{where} uses ${{{var}}}, but the environment variable {var} is not set.")
+        if has_surrogate(env[var]):
+            raise ConfigError(f"{where} uses ${{{var}}}, but the environment variable {var} is not UTF-8 text.")
         return env[var]
 
     return _ENV_REF.sub(repl, value)
@@ -136,52 +170,48 @@ def parse_url(raw: str, where: str) -> URL:
     return url
 
 
-def _target_from_table(name: str, table: Any, protected_envs: tuple[str, ...], source: str) -> Target:
-    where = f"target '{name}' in {source}"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table like [targets.{name}] with a url.")
-    unknown = set(table) - _TARGET_KEYS
+def _unknown_keys(table: dict[str, Any], schema: dict[str, Field], where: str) -> None:
+    unknown = set(table) - set(schema)
     if unknown:
         raise ConfigError(
             f"{where} has unknown key(s) {', '.join(sorted(unknown))}; "
-            f"allowed keys are {', '.join(sorted(_TARGET_KEYS))}."
+            f"allowed keys are {', '.join(sorted(schema))}."
         )
-    if "url" not in table or not isinstance(table["url"], str) or not table["url"].strip():
+
+
+def _target_spec(name: str, table: Any, protected_envs: tuple[str, ...], source: str) -> TargetSpec:
+    where = f"target '{name}' in {source}"
+    if not name.strip():
+        raise ConfigError(f"{source} declares a target with an empty name; name it [targets.NAME].")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table like [targets.{name}] with a url, not {kind_of(table)}.")
+    _unknown_keys(table, _TARGET_SCHEMA, where)
+    if "url" not in table:
         raise ConfigError(f"{where} has no url; add url = \"postgresql://...\" (may use ${{ENV_VAR}}).")
+    validate(table, _TARGET_SCHEMA, where, ConfigError, ".")
     environment = table.get("environment", name)
-    if not isinstance(environment, str) or not environment:
-        raise ConfigError(f"{where}: environment must be a non-empty string.")
-    protected = table.get("protected", False)
-    if not isinstance(protected, bool):
-        raise ConfigError(f"{where}: protected must be true or false.")
-    url = parse_url(interpolate(table["url"], where), where)
-    return Target(
+    return TargetSpec(
         name=name,
-        url=url,
+        raw_url=table["url"],
         environment=environment,
-        protected=protected or environment in protected_envs,
+        protected=table.get("protected", False) or environment in protected_envs,
         protected_environments=protected_envs,
+        max_changes=table.get("max_changes"),
+        where=where,
     )
 
 
-def config_from_mapping(data: dict[str, Any], source: str) -> Config:
-    """Build a Config from the parsed ``fillgate`` table of a TOML file."""
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise ConfigError(
-            f"{source} has unknown key(s) {', '.join(sorted(unknown))}; "
-            f"allowed are {', '.join(sorted(_TOP_KEYS))}."
-        )
-    envs = data.get("protected_environments", list(DEFAULT_PROTECTED))
-    if not isinstance(envs, list) or not all(isinstance(e, str) for e in envs):
-        raise ConfigError(f"{source}: protected_environments must be a list of strings.")
-    targets_table = data.get("targets")
-    if not isinstance(targets_table, dict) or not targets_table:
+def config_from_mapping(data: Any, source: str) -> Config:
+    """Build a Config from the parsed ``fillgate`` table of a TOML file. Every field is
+    checked; urls are resolved later, by :meth:`Config.target`, for the target used."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the fillgate configuration must be a table, not {kind_of(data)}.")
+    _unknown_keys(data, _TOP_SCHEMA, source)
+    if "targets" not in data:
         raise ConfigError(f"{source} declares no targets; add a [targets.NAME] table with a url.")
-    targets = {
-        name: _target_from_table(name, table, tuple(envs), source)
-        for name, table in targets_table.items()
-    }
+    validate(data, _TOP_SCHEMA, source, ConfigError, ".")
+    envs = tuple(data.get("protected_environments", DEFAULT_PROTECTED))
+    targets = {name: _target_spec(name, table, envs, source) for name, table in data["targets"].items()}
     default = data.get("default_target")
     if default is not None and default not in targets:
         raise ConfigError(f"{source}: default_target '{default}' is not a declared target.")
@@ -196,6 +226,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}.") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not valid TOML: byte {exc.start} is not UTF-8 (TOML files are UTF-8 text)."
+        ) from None
+    except (ValueError, RecursionError) as exc:  # an integer too long to read, arrays nested too deep
+        raise ConfigError(f"{path} is not valid TOML: {exc}.") from None
+
+
+def _tool_fillgate(pyproject: dict[str, Any]) -> Any:
+    """The [tool.fillgate] table of a parsed pyproject.toml, or None."""
+    tool = pyproject.get("tool")
+    return tool.get("fillgate") if isinstance(tool, dict) else None
 
 
 def find_config_file(start: Path | None = None) -> Path | None:
@@ -206,7 +248,7 @@ def find_config_file(start: Path | None = None) -> Path | None:
         if candidate.is_file():
             return candidate
         pyproject = folder / "pyproject.toml"
-        if pyproject.is_file() and "fillgate" in _read_toml(pyproject).get("tool", {}):
+        if pyproject.is_file() and _tool_fillgate(_read_toml(pyproject)) is not None:
             return pyproject
     return None
 
@@ -223,7 +265,7 @@ def load_config(path: str | Path | None = None) -> Config:
     if file is not None:
         data = _read_toml(file)
         if file.name == "pyproject.toml":
-            data = data.get("tool", {}).get("fillgate")
+            data = _tool_fillgate(data)
             if data is None:
                 raise ConfigError(f"{file} has no [tool.fillgate] table.")
         return config_from_mapping(data, str(file))
@@ -234,10 +276,5 @@ def load_config(path: str | Path | None = None) -> Config:
             "database to use. Create fillgate.toml with a [targets.NAME] table, or set DATABASE_URL."
         )
     where = "DATABASE_URL"
-    target = Target(
-        name=DEFAULT_TARGET,
-        url=parse_url(raw, where),
-        environment=DEFAULT_TARGET,
-        protected=False,
-    )
+    target = TargetSpec(name=DEFAULT_TARGET, raw_url=raw, environment=DEFAULT_TARGET, where=where, interpolate=False)
     return Config(targets={DEFAULT_TARGET: target}, source=where, default_target=DEFAULT_TARGET)

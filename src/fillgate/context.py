@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 from fillgate.config import Target
 from fillgate.database import TARGET_ATTR
 from fillgate.errors import TargetEscapeError
+from fillgate.redact import redact_url
 
 
 @dataclass
@@ -143,4 +144,4 @@ def _guard_engine_connect(conn: Connection) -> None:
         return
     if engine.url == ctx.target.url:
         return
-    raise _escape(ctx, engine.url.render_as_string(hide_password=True))
+    raise _escape(ctx, redact_url(engine.url))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
@@ -11,6 +12,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from fillgate.config import Target
 from fillgate.errors import ConfigError
+from fillgate.redact import mask_secrets
 
 _engines: dict[tuple[str, str], Engine] = {}
 _lock = threading.Lock()
@@ -56,8 +58,24 @@ def engine_for(target: Target) -> Engine:
         return engine
 
 
-def check_reachable(target: Target) -> Engine:
-    """Open ``target`` and fail with a clear message if it cannot be reached."""
+def _missing_sqlite_file(target: Target) -> Path | None:
+    """The file of a SQLite target that does not exist yet (connecting would create it)."""
+    database = target.url.database
+    if target.dialect != "sqlite" or not database or database == ":memory:" or target.url.query.get("uri"):
+        return None
+    path = Path(database)
+    return None if path.exists() else path
+
+
+def check_reachable(target: Target, create: bool = False) -> Engine:
+    """Open ``target`` and fail with a clear message if it cannot be reached. A SQLite file
+    that does not exist is an error unless ``create`` (init): a typo never conjures a file."""
+    missing = None if create else _missing_sqlite_file(target)
+    if missing is not None:
+        raise ConfigError(
+            f"cannot connect to target '{target.name}' ({target.safe_url}): the SQLite file {missing} "
+            f"does not exist. Check the target's url, or create it with: fillgate init --target {target.name}"
+        )
     engine = engine_for(target)
     try:
         with engine.connect():
@@ -65,7 +83,12 @@ def check_reachable(target: Target) -> Engine:
     except (OperationalError, DBAPIError) as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise ConfigError(
-            f"cannot connect to target '{target.name}' ({target.safe_url}): {reason}"
+            f"cannot connect to target '{target.name}' ({target.safe_url}): {mask_secrets(reason)}"
+        ) from None
+    except (TypeError, ValueError) as exc:  # the driver refused a query parameter of the url
+        raise ConfigError(
+            f"cannot connect to target '{target.name}' ({target.safe_url}): the driver refused the url's "
+            f"parameters: {mask_secrets(str(exc))}"
         ) from None
     return engine
 

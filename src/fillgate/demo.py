@@ -7,13 +7,15 @@ import sqlite3
 import tempfile
 import time
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 
 from fillgate import report
-from fillgate.config import Target, parse_url
+from fillgate.config import load_config
 from fillgate.context import RunContext
 from fillgate.engine import Limits, apply_plan, make_plan
 from fillgate.errors import GuardRefused
@@ -67,9 +69,34 @@ def create_demo_database(path: Path, rows: int, seed: int = 7) -> None:
     db.close()
 
 
+DEMO_CONFIG_MARK = "# written by fillgate demo"
+
+
+def write_demo_config(path: Path) -> tuple[Path, bool]:
+    """Leave a config beside the demo database so that the printed commands work afterwards:
+    target ``demo`` (the default) and target ``live``, which reaches the same database and
+    so is refused by its stamp. Returns the file and whether commands need ``--config`` (a
+    fillgate.toml of the user's own is there already and is never overwritten)."""
+    config = path.parent / "fillgate.toml"
+    if config.exists() and not config.read_text(errors="replace").startswith(DEMO_CONFIG_MARK):
+        config, needs_flag = path.with_name(f"{path.stem}.fillgate.toml"), True
+    else:
+        needs_flag = False
+    url = f"sqlite:///{path.resolve()}"
+    config.write_text(
+        f"{DEMO_CONFIG_MARK}: the targets of the demo database beside it.\n"
+        'default_target = "demo"\n\n'
+        f'[targets.demo]\nurl = "{url}"\n\n'
+        "# the same database under another name: its stamp says 'demo', so fillgate refuses it\n"
+        f'[targets.live]\nurl = "{url}"\nenvironment = "live"\nmax_changes = 100\n'
+    )
+    return config, needs_flag
+
+
 def _step(console: Console, number: int, title: str, command: str) -> None:
     console.print()
-    console.print(Panel(f"[bold]{title}[/]\n[dim]$ {command}[/]", title=f"step {number}", title_align="left"))
+    console.print(Panel(f"[bold]{escape(title)}[/]", title=f"step {number}", title_align="left"))
+    console.print(f"[dim]$ {escape(command)}[/]", soft_wrap=True)
 
 
 def run_demo(console: Console, path: Path | None = None, rows: int = 5000) -> Path:
@@ -80,48 +107,57 @@ def run_demo(console: Console, path: Path | None = None, rows: int = 5000) -> Pa
         path.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
     create_demo_database(path, rows)
-    plan_file = path.with_suffix(".plan")
-    target = Target("demo", parse_url(f"sqlite:///{path}", "demo"), "demo")
-    job = "fillgate.demo:FillCustomerEmail"
-    console.print(f"[bold]fillgate demo[/]: {rows} customers in {path}; about half have no email.")
+    config_file, needs_flag = write_demo_config(path)
+    config = load_config(config_file)
+    flag = f" --config {quote(str(config_file))}" if needs_flag else ""
 
-    _step(console, 1, "Create the ledger and stamp the database 'demo'", "fillgate init --target demo")
+    def cmd(text: str) -> str:
+        return f"fillgate {text}{flag}"
+
+    plan_file = path.with_suffix(".plan")
+    plan_arg = quote(str(plan_file))
+    target = config.target("demo")
+    job = "fillgate.demo:FillCustomerEmail"
+    console.print(f"[bold]fillgate demo[/]: {rows} customers in {escape(str(path))}; about half have no email.",
+                  soft_wrap=True)
+
+    _step(console, 1, "Create the ledger and stamp the database 'demo'", cmd("init --target demo"))
     report.print_init(console, init_target(target))
 
     _step(console, 2, "Plan: a dry run that writes nothing and shows the diff",
-          f"fillgate plan {job} --target demo -o {plan_file}")
+          cmd(f"plan {job} --target demo -o {plan_arg}"))
     conn = connect(target)
     planned = make_plan(conn, FillCustomerEmail, out=plan_file)
-    report.print_plan(console, planned, sample=5)
+    report.print_plan(console, planned, sample=5, next_step=False)
 
     _step(console, 3, "The gate: a plan bigger than you expected is refused before any write",
-          f"fillgate apply {plan_file} --max-changes 25")
+          cmd(f"apply {plan_arg} --max-changes 25"))
     try:
         apply_plan(conn, plan_file, Limits(max_changes=25))
     except GuardRefused as exc:
-        console.print(f"[bold red]refused (exit {exc.exit_code}):[/] {exc}")
+        report.print_error(console, exc.exit_code, str(exc))
 
     _step(console, 4, "The stamp: a target that claims to be 'live' but reaches this database is refused",
-          "fillgate plan ... --target live")
+          cmd(f"plan {job} --target live"))
     try:
-        connect(Target("live", target.url, "live", protected=True))
+        connect(config.target("live"))
     except GuardRefused as exc:
-        console.print(f"[bold red]refused (exit {exc.exit_code}):[/] {exc}")
+        report.print_error(console, exc.exit_code, str(exc))
 
     _step(console, 5, "Apply exactly the reviewed plan, audited, in batches",
-          f"fillgate apply {plan_file} --max-changes {planned.header.changes}")
+          cmd(f"apply {plan_arg} --max-changes {planned.header.changes}"))
     applied = apply_plan(conn, plan_file, Limits(max_changes=planned.header.changes))
     report.print_apply(console, applied)
 
     first = planned.samples["change"][0]
     key_text = ",".join(str(k) for k in first["key"])
     _step(console, 6, "History: which run changed this row, when, from what to what",
-          f"fillgate history customers {key_text} --target demo")
+          cmd(f"history customers {key_text} --target demo"))
     report.print_history(console, "customers", key_text,
                          conn.ledger.history("customers", [encode_key(first["key"])]))
 
     _step(console, 7, "Revert the run from its audit log (a new audited run)",
-          f"fillgate revert {applied.run.run_id} --target demo")
+          cmd(f"revert {applied.run.run_id} --target demo"))
     reverted = revert_run(conn, applied.run.run_id)
     report.print_apply(console, reverted)
     db = sqlite3.connect(path)
@@ -130,7 +166,17 @@ def run_demo(console: Console, path: Path | None = None, rows: int = 5000) -> Pa
     db.close()
     console.print(
         f"Back to the start: {missing} customers without email again; the audit log keeps all "
-        f"{audit} field changes (apply + revert), and refuses UPDATE and DELETE."
+        f"{audit} field changes (apply + revert), and refuses UPDATE and DELETE.", soft_wrap=True
     )
-    console.print(f"\n[green]Done in {time.perf_counter() - started:.1f}s.[/] Database: {path}")
+    console.print(f"\n[green]Done in {time.perf_counter() - started:.1f}s.[/] Database: {escape(str(path))}",
+                  soft_wrap=True)
+    again = path.with_name("again.plan")
+    console.print(
+        f"The demo left {escape(str(config_file))} beside it (targets demo and live). "
+        "Try the commands yourself from there:", soft_wrap=True
+    )
+    for line in (f"cd {quote(str(path.parent))}", cmd("runs"), cmd(f"show {applied.run.run_id}"),
+                 cmd(f"history customers {key_text}"), cmd(f"plan {job} -o {again.name}"),
+                 cmd(f"apply {again.name} --max-changes {planned.header.changes}")):
+        console.print(f"  {escape(line)}", soft_wrap=True)
     return path

@@ -42,6 +42,7 @@ from typing import Any
 
 from fillgate.config import DEFAULT_PROTECTED, find_config_file
 from fillgate.errors import UsageError
+from fillgate.redact import mask_secrets
 
 RULES: dict[str, str] = {
     "FG000": "cannot parse this file, so it cannot be checked",
@@ -57,7 +58,6 @@ _URL = re.compile(
     r"(?<![\w+./-])(?:(?:postgres(?:ql)?|mysql|mariadb)(?:\+\w+)?://|sqlite(?:\+\w+)?:///)[^\s'\"<>]+",
     re.IGNORECASE,
 )
-_PASSWORD = re.compile(r"(://[^:/@\s'\"]*:)[^@\s'\"]+@")
 _ALLOW = re.compile(r"#\s*fillgate:\s*allow\b(?:\[([A-Za-z0-9_,\s]+)\])?", re.IGNORECASE)
 _ENV_VAR = re.compile(r"^(?:\w+_)?DATABASE_URL$")
 
@@ -112,8 +112,9 @@ class Finding:
 
 
 def mask_url(text: str) -> str:
-    """``postgresql://app:secret@db/app`` -> ``postgresql://app:***@db/app``."""
-    return _PASSWORD.sub(r"\1***@", text)
+    """``postgresql://app:secret@db/app`` -> ``postgresql://app:***@db/app`` (and every
+    other password form fillgate masks: see :func:`fillgate.redact.mask_secrets`)."""
+    return mask_secrets(text)
 
 
 def python_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -441,7 +442,7 @@ def configured_names(config: str | Path | None = None) -> tuple[list[str], list[
         return [], list(DEFAULT_PROTECTED)
     try:
         data = tomllib.loads(file.read_text())
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad TOML or UTF-8, too long an integer
         raise UsageError(f"cannot read config file {file}: {exc}") from None
     if file.name == "pyproject.toml":
         data = data.get("tool", {}).get("fillgate", {})

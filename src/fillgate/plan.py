@@ -13,14 +13,28 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from functools import cache
 from itertools import chain
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, get_type_hints
 
 from fillgate.errors import PlanFileError
 from fillgate.sql import Change
+from fillgate.validate import (
+    SHA256,
+    ULID,
+    Field,
+    all_of,
+    kind_of,
+    matches,
+    non_empty,
+    non_negative,
+    non_negative_values,
+    one_of,
+    validate,
+)
 from fillgate.values import dumps, encode_key, loads
 
 PLAN_FORMAT = 1
@@ -58,21 +72,57 @@ class PlanHeader:
     def from_line(cls, line: str, path: Path) -> PlanHeader:
         try:
             data = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an integer too long to read
             raise PlanFileError(f"{path} is not a fillgate plan: its first line is not JSON ({exc}).") from None
         if not isinstance(data, dict) or "fillgate_plan" not in data:
             raise PlanFileError(f"{path} is not a fillgate plan: its first line has no plan header.")
-        if data["fillgate_plan"] != PLAN_FORMAT:
+        if data["fillgate_plan"] != PLAN_FORMAT or isinstance(data["fillgate_plan"], bool):
+            shown = data["fillgate_plan"] if isinstance(data["fillgate_plan"], int) else kind_of(data["fillgate_plan"])
             raise PlanFileError(
-                f"{path} is plan format {data['fillgate_plan']}; this fillgate reads format "
+                f"{path} is plan format {shown}; this fillgate reads format "
                 f"{PLAN_FORMAT}. Re-create the plan with this version."
             )
+        validate(data, header_schema(), f"{path}: plan header", PlanFileError,
+                 "; the file is damaged. Re-create it with fillgate plan.")
         names = {f.name for f in fields(cls)}
-        optional = ("params", "counts", "job_spec", "health_checks")
-        missing = sorted(n for n in names if n not in data and n not in optional)
-        if missing:
-            raise PlanFileError(f"{path}: plan header lacks {', '.join(missing)}; the file is damaged.")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# What each header field must hold, beyond its type (the type comes from PlanHeader itself).
+_HEADER_RULES: dict[str, Callable[[Any], str | None]] = {
+    "plan_id": matches(ULID, "a plan run id (a ULID of 26 characters)"),
+    "job": non_empty,
+    "job_fingerprint": non_empty,
+    "table": non_empty,
+    "key": all_of(non_empty, lambda key: None if all(k.strip() for k in key) else "holds an empty column name"),
+    "target": non_empty,
+    "environment": non_empty,
+    "database_id": non_empty,
+    "dialect": one_of("sqlite", "postgresql", "mysql", "mariadb"),
+    "created_at": non_empty,
+    "counts": non_negative_values,
+    "changes": non_negative,
+    "lines": non_negative,
+    "body_sha256": matches(SHA256, "a SHA-256 (64 lowercase hex digits)"),
+    "health_checks": non_negative,
+}
+_OPTIONAL = ("params", "counts", "job_spec", "health_checks")  # absent from older plans of this format
+_FIELD_TYPES: dict[Any, tuple[type, type | None]] = {
+    str: (str, None), int: (int, None), list[str]: (list, str),
+    dict[str, Any]: (dict, None), dict[str, int]: (dict, int),
+}
+
+
+@cache
+def header_schema() -> dict[str, Field]:
+    """The plan header's schema, from PlanHeader's fields and their declared types (a type
+    this table does not know is not checked); every field but the _OPTIONAL ones is required."""
+    hints = get_type_hints(PlanHeader)
+    schema = {}
+    for f in fields(PlanHeader):
+        kind, items = _FIELD_TYPES.get(hints[f.name], (object, None))
+        schema[f.name] = Field(kind, required=f.name not in _OPTIONAL, items=items, rule=_HEADER_RULES.get(f.name))
+    return schema
 
 
 class PlanWriter:

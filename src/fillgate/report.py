@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import json
+import math
+import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from shlex import quote
+from typing import Any, NamedTuple
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -23,12 +29,14 @@ from rich.table import Table
 from rich.text import Text
 
 from fillgate.engine import PLAN_COUNTS, ApplyResult, PlanResult
+from fillgate.errors import EXIT_INTERRUPTED, EXIT_REFUSED
 from fillgate.ledger import Run
 from fillgate.ledger.integrity import RunCheck, VerifyReport
 from fillgate.pipeline import PipelineResult
+from fillgate.redact import mask_secrets
 from fillgate.revert import RevertPreview
 from fillgate.stamp import InitResult
-from fillgate.values import loads
+from fillgate.values import decode_key, loads
 
 PLAN_LABELS = {
     "rows": "rows scanned",
@@ -54,29 +62,167 @@ def to_json(data: Any) -> str:
     return json.dumps(data, default=default, indent=2, sort_keys=False)
 
 
+# --- values: one way to show them --------------------------------------------------------
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_WORDS = {"null", "true", "false", "nan", "infinity", "-infinity", "+infinity"}
+
+
+def _quoted(text: str) -> str:
+    """A SQL string literal: 'it''s'; with control characters, an escape string E'a\\nb'."""
+    if not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):
+        return "'" + text.replace("'", "''") + "'"
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
+    escaped = "".join({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c) or
+                      (f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c) for c in escaped)
+    return "E'" + escaped + "'"
+
+
+def _needs_quotes(text: str) -> bool:
+    """A string that would read as something else when shown bare: empty, NULL, a number, a
+    boolean, JSON, padded with spaces, holding control characters, or starting with a quote."""
+    return (
+        not text or text.strip() != text or text.lower() in _WORDS or bool(_NUMBER.match(text))
+        or text[0] in "'[{" or text.startswith(("\\x", "E'"))
+        or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+    )
+
+
+def format_value(value: Any) -> str:
+    """A column value as the database would show it, whole: NULL, 42, 1.20 (a Decimal keeps
+    its digits), 2013-01-01 05:17:00, \\x00ff (bytes), true; a string bare unless it would
+    read as something else (then quoted as a SQL literal: '42', 'NULL', '', ' padded')."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(value)
+    if isinstance(value, decimal.Decimal):
+        return format(value, "f") if value.is_finite() else str(value)
+    if isinstance(value, dt.datetime):
+        return value.isoformat(" ")
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\x" + bytes(value).hex()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, str):
+        return _quoted(value) if _needs_quotes(value) else value
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, ensure_ascii=False, default=format_value)
+    return str(value)
+
+
+def format_key(key: Sequence[Any]) -> str:
+    """A row key, each part as :func:`format_value` shows it; a part holding a comma is
+    quoted so that the parts stay apart."""
+    parts = []
+    for part in key:
+        text = format_value(part)
+        parts.append(_quoted(text) if "," in text and not text.startswith(("'", "E'")) else text)
+    return ", ".join(parts)
+
+
 def _short(value: Any, width: int = 40) -> str:
-    text = "NULL" if value is None else repr(value) if not isinstance(value, str) else value
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """Kept for the "stored differently" table; shows the value whole (never cut)."""
+    return format_value(value)
 
 
 def _key(key: Sequence[Any]) -> str:
-    return ", ".join(str(k) for k in key)
+    return format_key(key)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def error_prefix(exit_code: int) -> str:
+    """``refused:`` for a guard's refusal (exit 3), ``interrupted:`` for Ctrl-C (exit 130),
+    ``error:`` for everything else."""
+    return {EXIT_REFUSED: "refused:", EXIT_INTERRUPTED: "interrupted:"}.get(exit_code, "error:")
+
+
+def print_error(console: Console, exit_code: int, message: str) -> None:
+    """The one line every error becomes (passwords masked)."""
+    console.print(f"[bold red]{error_prefix(exit_code)}[/] {escape(mask_secrets(message))}", soft_wrap=True)
+
+
+def error_json(exit_code: int, kind: str, message: str) -> dict[str, Any]:
+    """What ``--json`` prints on stdout for an error."""
+    return {"error": {"type": kind, "exit_code": exit_code, "message": mask_secrets(message)}}
+
+
+# --- tables that never cut ------------------------------------------------------------------
+
+
+class Col(NamedTuple):
+    """A table column. ``wrap``: its text may wrap onto several lines (prose: jobs, messages);
+    the others (ids, counts, keys, values, times) are only ever shown whole on one line."""
+
+    name: str
+    style: str | None = None
+    wrap: bool = False
+    justify: str = "left"
+
+
+WRAP_MIN = 16  # the narrowest a wrapping column gets before the table goes vertical
+
+
+def _cell_width(text: str) -> int:
+    return max((cell_len(line) for line in text.splitlines()), default=0)
+
+
+def _line(console: Console, text: str | Text) -> None:
+    """One line of prose, never broken by fillgate (the terminal wraps it): ids, paths and
+    commands in it can be copied whole."""
+    console.print(text, soft_wrap=True)
 
 
 def _print_table(
-    console: Console, title: str, columns: Sequence[str | tuple[str, str]], rows: Iterable[Sequence[str]]
+    console: Console, title: str, columns: Sequence[str | tuple[str, str] | Col], rows: Iterable[Sequence[str]]
 ) -> None:
-    """A titled table (columns: a name, or (name, style)); nothing at all when there are no rows."""
-    rows = list(rows)
+    """A titled table; nothing at all when there are no rows. When the table does not fit the
+    console's width with every id, count and value whole, one block per row instead
+    (``field: value`` lines)."""
+    rows = [list(row) for row in rows]
     if not rows:
         return
-    t = Table(title=title, title_justify="left")
-    for column in columns:
-        name, style = (column, None) if isinstance(column, str) else column
-        t.add_column(name, style=style)
-    for row in rows:
-        t.add_row(*row)
-    console.print(t)
+    cols = [c if isinstance(c, Col) else Col(c) if isinstance(c, str) else Col(*c) for c in columns]
+    natural = [max([_cell_width(c.name), *(_cell_width(r[i]) for r in rows)]) for i, c in enumerate(cols)]
+    needed = sum(min(w, WRAP_MIN) if c.wrap else w for c, w in zip(cols, natural, strict=True))
+    _line(console, Text(title, style="table.title"))
+    if needed + 3 * len(cols) + 1 <= console.width:
+        t = Table()
+        for c in cols:
+            t.add_column(c.name, style=c.style, no_wrap=not c.wrap, overflow="fold",
+                         justify=c.justify)  # type: ignore[arg-type]
+        for row in rows:
+            t.add_row(*(Text(cell) for cell in row))
+        console.print(t)
+        return
+    _print_records(console, [c.name for c in cols], rows, [c.style for c in cols])
+
+
+def _print_records(console: Console, labels: Sequence[str], rows: Sequence[Sequence[str]],
+                   styles: Sequence[str | None] | None = None, numbered: bool = True) -> None:
+    """The vertical layout: one block per row, one ``label  value`` line per non-empty field."""
+    pad = max(cell_len(label) for label in labels) + 2
+    for number, row in enumerate(rows, start=1):
+        if numbered:
+            _line(console, Text(f"── {number} of {len(rows)} ──", style="dim"))
+        for i, (label, value) in enumerate(zip(labels, row, strict=True)):
+            if value == "":
+                continue
+            line = Text(label.ljust(pad), style="bold")
+            line.append(value.replace("\n", "\n" + " " * pad), style=(styles[i] if styles else None) or "")
+            _line(console, line)
 
 
 # --- init -------------------------------------------------------------------------------
@@ -116,16 +262,26 @@ def plan_json(result: PlanResult) -> dict[str, Any]:
         "path": str(result.path) if result.path else None,
         "counts": result.counts,
         "changes": result.header.changes,
-        "samples": result.samples,
+        "samples": {kind: [{**i, "message": mask_secrets(i["message"])} if "message" in i else i for i in items]
+                    for kind, items in result.samples.items()},
     }
 
 
-def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step: bool = True) -> None:
+def apply_hint(result: PlanResult, confirm: str | None = None) -> str:
+    """The command that applies a saved plan (``confirm``: the environment a protected target
+    must be confirmed with), or why there is nothing to apply."""
     h = result.header
-    console.print(
-        f"[bold]Plan {h.plan_id}[/]  job [cyan]{h.job}[/]  target [bold]{h.target}[/] "
-        f"({h.environment})  table [cyan]{h.table}[/]"
-    )
+    if not h.changes:
+        return "Nothing to apply: the plan has no changes."
+    command = f"fillgate apply {quote(str(result.path))} --max-changes {h.changes}"
+    return f"Apply it with: {command}" + (f" --confirm {confirm}" if confirm else "")
+
+
+def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step: bool = True,
+               confirm: str | None = None) -> None:
+    h = result.header
+    _line(console, f"[bold]Plan {h.plan_id}[/]  job [cyan]{escape(h.job)}[/]  target [bold]{escape(h.target)}[/] "
+          f"({escape(h.environment)})  table [cyan]{escape(h.table)}[/]")
     counts = Table(show_header=False, box=None, padding=(0, 2))
     for name in PLAN_COUNTS:
         style = "bold green" if name == "writes" else "bold red" if name == "errors" and result.counts[name] else ""
@@ -134,27 +290,31 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step
     changes = result.samples.get("change", [])[:sample]
     _print_table(console, f"first {len(changes)} of {h.changes} changes",
                  ("key", "column", ("old", "red"), ("new", "green")),
-                 ((_key(i["key"]), i["column"], _short(i["old"]), _short(i["new"])) for i in changes))
+                 ((_key(i["key"]), i["column"], format_value(i["old"]), format_value(i["new"])) for i in changes))
     inserts = result.samples.get("insert", [])[:sample]
     _print_table(console, f"first {len(inserts)} of {result.counts.get('inserts', 0)} inserts",
                  ("key", ("row", "green")),
-                 ((_key(i["key"]), _short(json.dumps(i["values"], default=str), 70)) for i in inserts))
-    for kind, title in (("disagreement", "disagreements (not written)"), ("preserved", "preserved by the guard")):
-        _print_table(console, title, ("key", "column", "stored", "proposed"), (
-            (_key(i["key"]), i["column"], _short(i["old"]), _short(i.get("new", i.get("reason"))))
-            for i in result.samples.get(kind, [])[:5]
-        ))
-    _print_table(console, "unexpected lookup index (never written)", ("key", "what"),
-                 ((_key(i["key"]), _short(i["message"], 80)) for i in result.samples.get("unexpected_index", [])[:5]))
-    _print_table(console, "row errors (nothing written for these rows)", ("key", "error", "message"), (
-        (_key(i["key"]), i["error_type"], _short(i["message"], 70)) for i in result.samples.get("error", [])[:5]
+                 ((_key(i["key"]), ", ".join(f"{c}={format_value(v)}" for c, v in i["values"].items()))
+                  for i in inserts))
+    _print_table(console, "disagreements (not written)", ("key", "column", "stored", "proposed"), (
+        (_key(i["key"]), i["column"], format_value(i["old"]), format_value(i["new"]))
+        for i in result.samples.get("disagreement", [])[:5]
+    ))
+    _print_table(console, "preserved by the guard", ("key", "column", "stored", Col("why", wrap=True)), (
+        (_key(i["key"]), i["column"], format_value(i["old"]), str(i.get("reason", "")))
+        for i in result.samples.get("preserved", [])[:5]
+    ))
+    _print_table(console, "unexpected lookup index (never written)", ("key", Col("what", wrap=True)),
+                 ((_key(i["key"]), i["message"]) for i in result.samples.get("unexpected_index", [])[:5]))
+    _print_table(console, "row errors (nothing written for these rows)", ("key", "error", Col("message", wrap=True)), (
+        (_key(i["key"]), i["error_type"], mask_secrets(i["message"])) for i in result.samples.get("error", [])[:5]
     ))
     if result.path:
-        console.print(f"Plan saved to [bold]{result.path}[/]")
+        _line(console, f"Plan saved to [bold]{escape(str(result.path))}[/]")
         if next_step:
-            console.print(f"Apply it with: fillgate apply {result.path} --max-changes {h.changes}")
+            _line(console, escape(apply_hint(result, confirm)))
     else:
-        console.print("Nothing was written. Save the plan with -o FILE to apply it.")
+        _line(console, "Nothing was written. Save the plan with -o FILE to apply it.")
 
 
 # --- apply / revert / resume -------------------------------------------------------------
@@ -178,7 +338,7 @@ def print_apply(console: Console, result: ApplyResult) -> None:
     run = result.run
     c = result.counts
     colour = {"succeeded": "green", "paused": "yellow", "cancelled": "yellow"}.get(run.status, "red")
-    console.print(
+    _line(console,
         f"[bold]{run.kind.capitalize()} run {run.run_id}[/]: [{colour}]{run.status}[/]  "
         f"applied {c['applied']}, conflicts {c['conflicts']}, errors {c['errors']} "
         f"({run.checkpoint}/{run.total} changes processed)"
@@ -193,16 +353,17 @@ def print_apply(console: Console, result: ApplyResult) -> None:
         (_key(i["key"]), i["column"], _short(i["planned"]), _short(i["stored"])) for i in result.converted[:10]
     ))
     _print_table(console, "conflicts (changed since the plan; left alone)", ("key", "column", "expected", "found"), (
-        (_key(i["key"]), i["column"], _short(i["expected"]), _short(i["found"]) if i["row_exists"] else "(row deleted)")
+        (_key(i["key"]), i["column"], format_value(i["expected"]),
+         format_value(i["found"]) if i["row_exists"] else "(row deleted)")
         for i in result.conflicts[:10]
     ))
     if result.stopped == "paused":
-        console.print(f"Paused between batches. Continue with: fillgate resume {run.run_id}")
+        _line(console, f"Paused between batches. Continue with: fillgate resume {run.run_id}")
     elif result.stopped == "interrupted":
-        console.print(f"Paused: {run.message}; no batch is half-written. "
-                      f"Continue with: fillgate resume {run.run_id}")
+        _line(console, f"Paused: {run.message}; no batch is half-written. "
+                       f"Continue with: fillgate resume {run.run_id}")
     elif run.status == "succeeded" and run.kind != "revert":
-        console.print(f"Undo it with: fillgate revert {run.run_id}")
+        _line(console, f"Undo it with: fillgate revert {run.run_id}")
 
 
 def preview_json(preview: RevertPreview) -> dict[str, Any]:
@@ -217,13 +378,13 @@ def preview_json(preview: RevertPreview) -> dict[str, Any]:
 
 
 def print_preview(console: Console, preview: RevertPreview) -> None:
-    console.print(
+    _line(console,
         f"[bold]Revert of run {preview.run.run_id}[/] (dry run, nothing written): "
         f"{preview.revertible} of {preview.total} fields would be restored, "
         f"{preview.conflicts} changed since and would be left alone."
     )
     _print_table(console, "would restore", ("key", "column", "now", "restored to"), (
-        (_key(i["key"]), i["column"], _short(i["old"]), _short(i["new"])) for i in preview.samples[:10]
+        (_key(i["key"]), i["column"], format_value(i["old"]), format_value(i["new"])) for i in preview.samples[:10]
     ))
 
 
@@ -234,31 +395,36 @@ def _when(value: dt.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
 
 
+def _run_json(run: Run) -> dict[str, Any]:
+    """A run for --json; its message (which may quote a driver's error) with passwords masked."""
+    data = run.to_json()
+    if data.get("message"):
+        data["message"] = mask_secrets(data["message"])
+    return data
+
+
 def runs_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    return [r.to_json() for r in runs]
+    return [_run_json(r) for r in runs]
 
 
 def print_runs(console: Console, runs: Sequence[Run]) -> None:
     if not runs:
         console.print("No runs yet.")
         return
-    t = Table()
-    # run ids (users copy them), kinds and statuses are never truncated, even at 80 columns
-    t.add_column("run", no_wrap=True, min_width=26)
-    t.add_column("kind", no_wrap=True, min_width=6)
-    t.add_column("job")
-    t.add_column("status", no_wrap=True, min_width=9)
-    for col in ("changes", "created (UTC)", "operator"):
-        t.add_column(col)
+    rows = []
     for r in runs:
         changes = r.counts.get("writes") if r.kind == "plan" else r.counts.get("applied")
-        t.add_row(r.run_id, r.kind, r.job or "", r.status, "" if changes is None else str(changes),
-                  _when(r.created_at), r.operator)
-    console.print(t)
+        rows.append((r.run_id, r.kind, r.job or "", r.status, "" if changes is None else str(changes),
+                     _when(r.created_at), r.operator))
+    _print_table(console, f"{len(runs)} most recent run{'s' if len(runs) != 1 else ''}, newest first", (
+        "run", "kind", Col("job", wrap=True), "status", Col("changes", justify="right"), "created (UTC)",
+        Col("operator", wrap=True),
+    ), rows)
 
 
 def show_json(run: Run, error_groups: list[dict[str, Any]]) -> dict[str, Any]:
-    return {**run.to_json(), "error_groups": error_groups}
+    groups = [{**g, "example_message": mask_secrets(g["example_message"] or "")} for g in error_groups]
+    return {**_run_json(run), "error_groups": groups}
 
 
 def _print_details(console: Console, run: Run) -> None:
@@ -267,18 +433,13 @@ def _print_details(console: Console, run: Run) -> None:
     if run.counts.get("unexpected_index"):
         line = f"[bold red]{run.counts['unexpected_index']} rows had an unexpected lookup index[/] (never written)"
         if mismatch:
-            line += (f"; first: key {_key(mismatch.get('key', []))}: expected {mismatch.get('expected')!r}, "
-                     f"got {mismatch.get('got')!r} ({mismatch.get('message', '')})")
-        console.print(line)
+            line += escape(f"; first: key {_key(mismatch.get('key', []))}: expected "
+                           f"{format_value(mismatch.get('expected'))}, got {format_value(mismatch.get('got'))} "
+                           f"({mismatch.get('message', '')})")
+        _line(console, line)
     slowest = run.details.get("slowest") or []
-    if slowest:
-        console.print("slowest rows (compute + lookup)", style="table.title")  # a title would wrap
-        t = Table()
-        t.add_column("key")
-        t.add_column("ms", justify="right")
-        for item in slowest:
-            t.add_row(_key(item["key"]), f"{item['ms']:.1f}")
-        console.print(t)
+    _print_table(console, "slowest rows (compute + lookup)", ("key", Col("ms", justify="right")),
+                 ((_key(item["key"]), f"{item['ms']:.1f}") for item in slowest))
 
 
 def _print_audit(console: Console, run: Run) -> None:
@@ -293,9 +454,8 @@ def _print_audit(console: Console, run: Run) -> None:
 
 
 def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -> None:
-    t = Table(show_header=False, box=None, padding=(0, 2))
     duration = run.duration_s
-    for label, value in (
+    fields = [(label, str(value)) for label, value in (
         ("run", run.run_id), ("kind", run.kind), ("status", run.status), ("job", run.job),
         ("table", run.table_name), ("target", f"{run.target} ({run.environment})"),
         ("operator", run.operator), ("plan", run.plan_id), ("plan file", run.plan_path),
@@ -303,23 +463,30 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
         ("progress", f"{run.checkpoint}/{run.total}" if run.kind != "plan" and run.total is not None else None),
         ("created", _when(run.created_at)), ("finished", _when(run.finished_at)),
         ("duration", f"{duration:.2f}s" if duration is not None else None),
-        ("message", run.message), ("arguments", json.dumps(run.args, default=str)),
-    ):
-        if value:
-            t.add_row(label, str(value))
-    console.print(t)
+        ("message", mask_secrets(run.message or "")), ("arguments", json.dumps(run.args, default=str)),
+    ) if value]
+    _print_records(console, [label for label, _ in fields], [[value for _, value in fields]], numbered=False)
     _print_audit(console, run)
-    counts = Table(title="counts", title_justify="left", show_header=False)
-    for name, value in run.counts.items():
-        counts.add_row(name, str(value))
-    console.print(counts)
+    _print_table(console, "counts", ("count", Col("value", justify="right")),
+                 ((name, str(value)) for name, value in run.counts.items()))
     _print_details(console, run)
     _print_table(
         console, "errors and conflicts by fingerprint",
-        ("job / stage", "fingerprint", "phase", "type", "count", "example key", "example message"),
+        (Col("job / stage", wrap=True), "fingerprint", "phase", "type", Col("count", justify="right"),
+         "example key", Col("example message", wrap=True)),
         ((g.get("job") or "", g["fingerprint"], g["phase"], g["error_type"], str(g["count"]),
-          g["example_key"] or "", _short(g["example_message"], 60)) for g in error_groups),
+          _stored_key(g["example_key"]), mask_secrets(g["example_message"] or "")) for g in error_groups),
     )
+
+
+def _stored_key(text: str | None) -> str:
+    """A key as the ledger stores it (JSON text), shown like every other key."""
+    if not text:
+        return ""
+    try:
+        return _key(decode_key(text))
+    except (ValueError, TypeError):
+        return text
 
 
 def history_json(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -334,13 +501,15 @@ def history_json(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def print_history(console: Console, table: str, key: str, entries: Sequence[Mapping[str, Any]]) -> None:
     if not entries:
-        console.print(f"No recorded changes for {table} {key}.")
+        _line(console, f"No recorded changes for {escape(table)} {escape(key)}.")
         return
     _print_table(
         console, f"history of {table} {key}",
-        ("when (UTC)", "run", "kind", "job / source", "column", "from", "to", "operator"),
+        ("when (UTC)", "run", "kind", Col("job / source", wrap=True), "column", "from", "to",
+         Col("operator", wrap=True)),
         ((_when(e["changed_at"]), e["run_id"], e["kind"] or "", e["source"], e["column_name"],
-          _short(loads(e["old_value"])), _short(loads(e["new_value"])), e["operator"] or "") for e in entries),
+          format_value(loads(e["old_value"])), format_value(loads(e["new_value"])), e["operator"] or "")
+         for e in entries),
     )
 
 
@@ -415,9 +584,10 @@ def print_pipeline(console: Console, result: PipelineResult) -> None:
                      str(c["unexpected_index"]), str(a.get("applied", "")), str(a.get("conflicts", "")),
                      s.apply.run.run_id if s.apply else ""))
     _print_table(console, f"pipeline {run.job}: run {run.run_id} {run.status}",
-                 ("stage", "rows", "writes", "inserts", "errors", "unexpected", "applied", "conflicts", "apply run"),
+                 ("stage", *(Col(name, justify="right") for name in (
+                     "rows", "writes", "inserts", "errors", "unexpected", "applied", "conflicts")), "apply run"),
                  rows)
-    console.print(f"Details of every stage, errors included: fillgate show {run.run_id}")
+    _line(console, f"Details of every stage, errors included: fillgate show {run.run_id}")
 
 
 # --- verify --------------------------------------------------------------------------------

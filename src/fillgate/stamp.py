@@ -82,7 +82,7 @@ def init_target(
     change is recorded as a run. Writes to a protected environment (or re-stamping a
     database stamped as one) need ``confirm``.
     """
-    engine = check_reachable(target)
+    engine = check_reachable(target, create=True)
     ledger = Ledger(engine)
     needs_upgrade = ledger.current_revision() != ledger.head_revision()
     meta = ledger.read_meta() if not needs_upgrade or ledger.is_initialized() else {}

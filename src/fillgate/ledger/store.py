@@ -397,6 +397,17 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(stmt)]
 
+    def audited_shape(self, table: str) -> tuple[list[str], str | None]:
+        """The columns the audit log holds changes of in ``table``, and one row key it
+        recorded there (``([], None)``: fillgate never changed that table)."""
+        c = schema.changes.c
+        with self.engine.connect() as conn:
+            columns = conn.execute(
+                select(c.column_name).where(c.table_name == table).group_by(c.column_name)
+            ).scalars().all()
+            key = conn.execute(select(c.row_key).where(c.table_name == table).limit(1)).scalar()
+        return sorted(columns), key
+
     # --- errors --------------------------------------------------------------------------
 
     def error_groups(self, run_ids: str | Sequence[str]) -> list[dict[str, Any]]:

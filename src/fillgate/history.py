@@ -1,0 +1,89 @@
+"""A row's history from the audit log, with the typing mistakes told apart from "never changed".
+
+``fillgate history people 42`` answers from ``fillgate_changes``. When nothing is recorded,
+the answer is only "no recorded changes" if the question made sense: a table that is neither
+in the database nor in the audit log, a column that is not in the table, or a key with the
+wrong number of parts is a usage error naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import inspect
+from sqlalchemy.exc import SQLAlchemyError
+
+from fillgate.errors import UsageError
+from fillgate.stamp import Connected
+from fillgate.values import decode_key, key_candidates
+
+MAX_TEXT_KEY_PARTS = 12  # every numeric part doubles the encodings to look up (number or text)
+
+
+def _key_parts(raw: str) -> int:
+    """How many parts the typed key has (``a,b``: 2; a JSON list: its length)."""
+    text = raw.strip()
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+        except (ValueError, RecursionError):
+            raise UsageError(f"key {raw!r} starts with '[' but is not a JSON list.") from None
+        return len(parsed) if isinstance(parsed, list) else 0
+    return len(text.split(","))
+
+
+def _candidates(raw: str) -> list[str]:
+    try:
+        return key_candidates(raw)
+    except UsageError:
+        raise
+    except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:  # a tagged value that does not decode
+        raise UsageError(f"key {raw!r} holds a value fillgate cannot read: {exc}.") from None
+
+
+def _table_shape(conn: Connected, table: str) -> tuple[bool, list[str], list[str]]:
+    """(exists, columns, primary key columns) of ``table`` in the target database."""
+    try:
+        inspector = inspect(conn.engine)
+        if not inspector.has_table(table):
+            return False, [], []
+        columns = [c["name"] for c in inspector.get_columns(table)]
+        primary = list(inspector.get_pk_constraint(table).get("constrained_columns") or [])
+    except SQLAlchemyError:
+        return False, [], []
+    return True, columns, primary
+
+
+def row_history(conn: Connected, table: str, key: str, column: str | None = None) -> list[dict[str, Any]]:
+    """Every recorded change of one row of ``table`` (``key`` as typed: ``42``, ``a,b`` or a
+    JSON list), oldest first; only ``column``'s if given."""
+    parts = _key_parts(key)
+    if parts == 0:
+        raise UsageError(f"key {key!r} must be a non-empty JSON list.")
+    exists, columns, primary = _table_shape(conn, table)
+    audited_columns, sample_key = conn.ledger.audited_shape(table)
+    if not exists and sample_key is None:
+        raise UsageError(
+            f"table '{table}' is not in the database of target '{conn.target.name}' and fillgate never "
+            "changed it. Check the spelling (names are case-sensitive on some databases)."
+        )
+    if column is not None and column not in columns and column not in audited_columns:
+        known = ", ".join(columns or audited_columns)
+        raise UsageError(f"column '{column}' is not a column of {table} (its columns: {known}).")
+    arities = {len(primary)} if primary else set()
+    if sample_key is not None:
+        arities.add(len(decode_key(sample_key)))
+    if arities and parts not in arities:
+        if arities == {len(primary)}:
+            shape = f"{len(primary)} column{'s' if len(primary) != 1 else ''} ({', '.join(primary)})"
+        else:
+            shape = " or ".join(f"{n} part{'s' if n != 1 else ''}" for n in sorted(arities))
+        raise UsageError(
+            f"key {key!r} has {parts} part{'s' if parts != 1 else ''} but {table}'s key has {shape}. "
+            "Give every part, separated by commas (a,b) or as a JSON list ([1, \"b\"])."
+        )
+    if not key.strip().startswith("[") and parts > MAX_TEXT_KEY_PARTS:
+        raise UsageError(f"key {key!r} has {parts} parts; give a key of more than {MAX_TEXT_KEY_PARTS} "
+                         "parts as a JSON list.")
+    return conn.ledger.history(table, _candidates(key), column)

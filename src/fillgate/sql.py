@@ -13,6 +13,7 @@ from sqlalchemy import inspect, select, text, tuple_
 from sqlalchemy import table as sa_table
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.elements import TextClause
 
 from fillgate.errors import JobError, KeyNotUniqueError
 from fillgate.values import encode_key
@@ -232,6 +233,27 @@ def _duplicate_key(keys: Sequence[tuple[Any, ...]]) -> KeyNotUniqueError:
     )
 
 
+def _keyset_statements(dialect: Any, source: str, key: Sequence[str], page_size: int) -> tuple[TextClause, TextClause]:
+    """The statement that reads the first page of ``source``, and the one that reads each next
+    page from ``:fillgate_k0, :fillgate_k1, ...`` (the last key read)."""
+    quote = dialect.identifier_preparer.quote
+    body = source.strip().rstrip(";")
+    order = ", ".join(quote(k) for k in key)
+    # One row more than a page: a key repeated across the page boundary is in the same read.
+    limit = int(page_size) + 1
+    first = text(f"SELECT * FROM ({body}) fillgate_src ORDER BY {order} LIMIT {limit}")
+    # The next page starts AT the last key (>=, one row more again) and says which rows the
+    # database compares equal to it: the row already read, and no other. A twin that differs
+    # only in case or trailing spaces under the key's collation would be skipped by ``>``,
+    # and Python cannot tell that it is one.
+    later = text(
+        f"SELECT fillgate_src.*, CASE WHEN {_at_clause(quote, key)} THEN 1 ELSE 0 END AS fillgate_at_last "
+        f"FROM ({body}) fillgate_src WHERE {_after_clause(quote, key, keyset_style(dialect), inclusive=True)} "
+        f"ORDER BY {order} LIMIT {limit + 1}"
+    )
+    return first, later
+
+
 def keyset_pages(
     conn: Connection,
     source: str,
@@ -243,22 +265,8 @@ def keyset_pages(
 
     Every row of the source comes exactly once, or a KeyNotUniqueError says which key the
     source returns more than once (or which keys the database compares as equal)."""
-    quote = conn.dialect.identifier_preparer.quote
-    body = source.strip().rstrip(";")
-    order = ", ".join(quote(k) for k in key)
-    # One row more than a page: a duplicate key straddling the page boundary must be seen
-    # (the next page starts after the last key, so it would silently skip the second copy).
+    first, later = _keyset_statements(conn.dialect, source, key, page_size)
     limit = int(page_size) + 1
-    first = text(f"SELECT * FROM ({body}) fillgate_src ORDER BY {order} LIMIT {limit}")
-    # The next page starts AT the last key (>=) and says which rows the database compares
-    # equal to it: the row already read, and no other. A twin that differs only in case or
-    # trailing spaces under the key's collation would be skipped by ``>``, and Python cannot
-    # tell that it is one.
-    later = text(
-        f"SELECT fillgate_src.*, CASE WHEN {_at_clause(quote, key)} THEN 1 ELSE 0 END AS fillgate_at_last "
-        f"FROM ({body}) fillgate_src WHERE {_after_clause(quote, key, keyset_style(conn.dialect), inclusive=True)} "
-        f"ORDER BY {order} LIMIT {limit + 1}"
-    )
     wanted = set(first._bindparams)
     base = {k: v for k, v in (params or {}).items() if k in wanted}
     unbound = wanted - set(base)

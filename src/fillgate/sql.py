@@ -242,12 +242,12 @@ def _keyset_statements(dialect: Any, source: str, key: Sequence[str], page_size:
     # One row more than a page: a key repeated across the page boundary is in the same read.
     limit = int(page_size) + 1
     first = text(f"SELECT * FROM ({body}) fillgate_src ORDER BY {order} LIMIT {limit}")
-    # The next page starts AT the last key (>=, one row more again) and says which rows the
-    # database compares equal to it: the row already read, and no other. A twin that differs
-    # only in case or trailing spaces under the key's collation would be skipped by ``>``,
-    # and Python cannot tell that it is one.
+    # The next page starts AT the last key (>=, one row more again) and marks the rows the
+    # database compares equal to it (1, else NULL: cheaper to read than 0): the row already
+    # read, and no other. A twin that differs only in case or trailing spaces under the key's
+    # collation would be skipped by ``>``, and Python cannot tell that it is one.
     later = text(
-        f"SELECT fillgate_src.*, CASE WHEN {_at_clause(quote, key)} THEN 1 ELSE 0 END AS fillgate_at_last "
+        f"SELECT fillgate_src.*, CASE WHEN {_at_clause(quote, key)} THEN 1 END AS fillgate_at_last "
         f"FROM ({body}) fillgate_src WHERE {_after_clause(quote, key, keyset_style(dialect), inclusive=True)} "
         f"ORDER BY {order} LIMIT {limit + 1}"
     )

@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+import unittest.mock
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -49,6 +50,7 @@ from typing import Any
 import sqlalchemy as sa
 from bench_backfill import _cpu_model, _fillgate_version, load
 
+import fillgate.sql
 from fillgate.config import parse_url
 from fillgate.sql import _keyset_statements, keyset_pages, keyset_style
 
@@ -336,13 +338,15 @@ def explain(conn: sa.Connection, backend: str, stmt: sa.TextClause, bind: dict[s
         while stack:
             node = stack.pop()
             nodes.append(node)
-            stack.extend(node.get("Plans", []))
+            stack.extend(reversed(node.get("Plans", [])))
+        shape = [n["Node Type"] for n in nodes]
+        shape = [f"{t} x{shape.count(t)}" if shape.count(t) > 1 else t for t in dict.fromkeys(shape)]
         scan = next(n for n in nodes if "Relation Name" in n)
         cond = scan.get("Index Cond")
         removed = scan.get("Rows Removed by Filter", 0)
-        return (f"{scan['Node Type']} on {scan['Relation Name']}: "
-                f"{'Index Cond ' + (cond[:60] + '...' if len(cond) > 60 else cond) if cond else 'no Index Cond'}, "
-                f"{scan['Actual Rows']} rows returned, {removed} removed by the filter")
+        return (f"{' > '.join(shape)}: "
+                f"{'Index Cond ' + (cond[:50] + '...' if len(cond) > 50 else cond) if cond else 'no Index Cond'}, "
+                f"{scan['Actual Rows']} rows from {scan['Relation Name']}, {removed} removed by a filter")
     raw = conn.execute(sa.text("ANALYZE FORMAT=JSON " + stmt.text), bind).scalar()
     conn.rollback()
     tables = []
@@ -376,25 +380,31 @@ def measure_table(engine: sa.Engine, backend: str, table: str, args: argparse.Na
             "old": old_later_statement(conn.dialect, source, key, page_size),
             "new": _keyset_statements(conn.dialect, source, key, page_size)[1],
         }
-        style = keyset_style(conn.dialect) if len(key) > 1 else "row"
-        labels = {
-            "old": "old: OR-expansion" if len(key) > 1 else "old: id > :k",
-            "new": ("new: row values" if style == "row" else "new: nested OR") if len(key) > 1 else "new: id >= :k",
-        }
-        per_page: dict[str, dict[str, float]] = {"old": {}, "new": {}}
-        plans: dict[str, dict[str, str]] = {"old": {}, "new": {}}
+        spelling = {"row": "row values", "nested": "nested OR"}
+        style = keyset_style(conn.dialect)
+        labels = {"old": "old: OR-expansion", "new": f"new: {spelling[style]}"}
+        if len(key) > 1:
+            # the spelling not chosen for this backend, built the same way: why it was not chosen
+            other = "nested" if style == "row" else "row"
+            with unittest.mock.patch.object(fillgate.sql, "keyset_style", lambda dialect: other):
+                forms["other"] = _keyset_statements(conn.dialect, source, key, page_size)[1]
+            labels["other"] = f"not used: {spelling[other]}"
+        else:
+            labels = {"old": "old: id > :k", "new": "new: id >= :k"}
+        per_page: dict[str, dict[str, float]] = {form: {} for form in forms}
+        plans: dict[str, dict[str, str]] = {form: {} for form in forms}
         for label, before, after in spots:
             bind = {f"fillgate_k{i}": v for i, v in enumerate(before)}
-            samples: dict[str, list[float]] = {"old": [], "new": []}
+            samples: dict[str, list[float]] = {form: [] for form in forms}
             for rep in range(args.repeat + 1):  # the first round warms the cache and is not counted
-                for form in ("old", "new") if rep % 2 == 0 else ("new", "old"):
+                for form in list(forms) if rep % 2 == 0 else list(forms)[::-1]:
                     seconds, rows, names = time_page(conn, forms[form], bind)
                     # the page must be the right rows: the new one starts AT the last key read
                     # (flagged), the old one after it
-                    first = 1 if form == "new" else 0
+                    first = 0 if form == "old" else 1
                     check(len(rows) >= first + min(page_size, total - 1) and key_of(rows[first], key, names) == after,
                           f"{backend} {table} {form} page at {label}: wrong rows")
-                    if form == "new":
+                    if form != "old":
                         check(key_of(rows[0], key, names) == before and rows[0][-1] == 1
                               and not any(row[-1] for row in rows[1:]),
                               f"{backend} {table} new page at {label}: does not start at the last key read")
@@ -405,9 +415,9 @@ def measure_table(engine: sa.Engine, backend: str, table: str, args: argparse.Na
             if label in ("50%", "last"):
                 for form in forms:
                     plans[form][label] = explain(conn, backend, forms[form], bind)
-            log(f"  [{backend} {table}] page at {label}: old {per_page['old'][label]:.2f} ms, "
-                f"new {per_page['new'][label]:.2f} ms")
-        walks: dict[str, float | None] = {"old": None, "new": None}
+            log(f"  [{backend} {table}] page at {label}: "
+                + ", ".join(f"{form} {per_page[form][label]:.2f} ms" for form in forms))
+        walks: dict[str, float | None] = dict.fromkeys(forms)
         for form in ("new", "old"):
             if form == "old" and args.skip_old_walk and len(key) > 1:
                 continue
@@ -426,7 +436,7 @@ def measure_table(engine: sa.Engine, backend: str, table: str, args: argparse.Na
             check(seen == total and pages == -(-total // page_size),
                   f"{backend} {table} {form} walk: {seen} rows in {pages} pages, expected {total}")
             log(f"  [{backend} {table}] whole table, {form}: {walks[form]:.2f} s ({pages} pages)")
-        for form in ("old", "new"):
+        for form in forms:
             results.append({
                 "backend": backend, "table": table, "key_columns": len(key), "rows": total, "form": form,
                 "predicate": labels[form], "page_ms": per_page[form], "walk_s": walks[form],
@@ -460,7 +470,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     labels = [label for label, _ in POSITIONS]
     print(f"\nper page: milliseconds to read one page of {args.page_size} rows (+1 or +2, see bench/README.md), "
           f"median of {args.repeat}; whole table: seconds to page through it")
-    header = (f"{'backend':<10} {'table':<10} {'key':>3} {'predicate':<19} "
+    header = (f"{'backend':<10} {'table':<10} {'key':>3} {'predicate':<21} "
               + " ".join(f"{label:>8}" for label in labels)
               + f" {'last/first':>10} {'whole':>8} {'whole/int':>9}")
     print(header)
@@ -471,10 +481,10 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
                          and x["form"] == "new")
         walk = r["walk_s"]
         ratio = f"{walk / reference['walk_s']:>8.1f}x" if walk is not None else f"{'-':>9}"
-        print(f"{r['backend']:<10} {r['table']:<10} {r['key_columns']:>3} {r['predicate']:<19} "
+        print(f"{r['backend']:<10} {r['table']:<10} {r['key_columns']:>3} {r['predicate']:<21} "
               + " ".join(f"{ms[label]:>8.2f}" for label in labels)
               + f" {ms['last'] / ms['first']:>9.1f}x "
-              + (f"{walk:>8.2f}" if walk is not None else f"{'skipped':>8}") + f" {ratio}")
+              + (f"{walk:>8.2f}" if walk is not None else f"{'-':>8}") + f" {ratio}")
     print("\nnew against old, same page (old ms / new ms):")
     for backend in dict.fromkeys(r["backend"] for r in results):
         for table in DDL:
@@ -487,7 +497,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     for label in ("50%", "last"):
         print(f"\nhow the backend read the page at {label} (its EXPLAIN):")
         for r in results:
-            print(f"  {r['backend']:<10} {r['table']:<10} {r['form']}: {r['plan'][label]}")
+            print(f"  {r['backend']:<10} {r['table']:<10} {r['predicate'] + ':':<22} {r['plan'][label]}")
     print("\nthe next-page statements, new:")
     for r in results:
         if r["form"] == "new" and r["table"] == "flights":
@@ -501,7 +511,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--rows", type=int, default=336_776, help="rows per table (default 336776, nycflights13)")
     parser.add_argument("--page-size", type=int, default=1000, help="rows per page (fillgate's default 1000)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed reads of each page; the median is reported")
+    parser.add_argument("--repeat", type=int, default=9, help="timed reads of each page; the median is reported")
     parser.add_argument("--source", choices=tuple(SOURCES), default="plain",
                         help="the job's source: the table's columns (plain) or with WHERE distance >= 500")
     parser.add_argument("--postgres", default=os.environ.get("FILLGATE_TEST_POSTGRES_URL"), metavar="URL",

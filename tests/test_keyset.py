@@ -26,12 +26,13 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from fillgate import sql
 from fillgate.errors import JobError, KeyNotUniqueError
 from fillgate.sql import keyset_pages
 
-from conftest import TestDB
+from conftest import TestDB, run_cli
 
 KEY = ("grp", "code", "day", "n")
 CODES = [  # distinct under every backend's default collation (MariaDB's utf8mb4_general_ci
@@ -322,6 +323,40 @@ def test_keys_the_database_compares_as_equal_are_an_error_not_a_skipped_row(db: 
         seen = sorted(row for page in got for row in page)
         assert seen == sorted((k, i) for i, k in enumerate(keys))  # nothing skipped, nothing twice
         assert page_size > 1  # a page of one row always ends between two equal keys
+
+
+TWIN_JOBS = '''
+from fillgate import Job, FillMissing
+
+
+class Recollated(Job):
+    table = "words"
+    key = ("k",)
+    columns = {"n": FillMissing()}
+    source = "SELECT k COLLATE {collation} AS k, n FROM words"
+    page_size = 2
+
+    def compute(self, row, ctx):
+        return {"n": 7}
+'''
+
+
+def test_a_plan_over_keys_the_database_compares_as_equal_fails_and_writes_nothing(db: TestDB, cli: CliRunner) -> None:
+    db.execute(f"CREATE TABLE words (k {EXACT[db.backend]} NOT NULL PRIMARY KEY, n INTEGER)")
+    db.execute("INSERT INTO words (k) VALUES ('a'), ('b'), ('B'), ('c')")
+    collation = _case_insensitive(db)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    jobs = db.tmp_path / "twin_jobs.py"
+    jobs.write_text(TWIN_JOBS.replace("{collation}", collation))
+    result = run_cli(cli, cfg, "run", f"{jobs}:Recollated", "--target", "staging", "-o", "twins.plan")
+    assert result.exit_code == 2, result.output
+    assert re.search(r'returns keys \["(b|B)"\] and \["(b|B)"\], which the database compares as equal',
+                     " ".join(result.stderr.split())), result.stderr
+    assert not (db.tmp_path / "twins.plan").exists()
+    assert db.rows("SELECT k, n FROM words ORDER BY n, k") == [(k, None) for k in sorted(["a", "b", "B", "c"])]
+    assert db.scalar("SELECT count(*) FROM fillgate_changes") == 0
+    assert db.rows("SELECT kind, status FROM fillgate_runs WHERE kind <> 'init'") == [("plan", "failed")]
 
 
 def test_sqlite_mixed_types_in_one_key_column(sqlite_db: TestDB) -> None:

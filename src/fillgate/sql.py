@@ -13,6 +13,7 @@ from sqlalchemy import inspect, select, text, tuple_
 from sqlalchemy import table as sa_table
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.elements import TextClause
 
 from fillgate.errors import JobError, KeyNotUniqueError
 from fillgate.values import encode_key
@@ -171,13 +172,86 @@ def verify_table_and_key(
 # --- reading the source, keyset style ---------------------------------------------------
 
 
-def _after_clause(quote: Any, key: Sequence[str]) -> str:
-    """``(k1, k2) > (:a, :b)`` spelled so that every backend can use the key's index."""
-    parts = []
-    for i, column in enumerate(key):
-        equal = [f"{quote(key[j])} = :fillgate_k{j}" for j in range(i)]
-        parts.append("(" + " AND ".join([*equal, f"{quote(column)} > :fillgate_k{i}"]) + ")")
-    return " OR ".join(parts)
+def keyset_style(dialect: Any) -> str:
+    """How this backend is told where the next page starts, chosen so that it reads the key's
+    index as a range from there (bench/bench_keyset.py measures it; bench/README.md has the numbers):
+
+    - ``"row"`` on PostgreSQL and SQLite 3.15+: the row-value comparison ``(k1, k2) > (:a, :b)``
+      is an index range on both (``Index Cond``, ``SEARCH ... ((k1,k2)>(?,?))``), while the
+      OR-expansion ``(k1 > :a) OR (k1 = :a AND k2 > :b)`` is only a filter there: every page
+      re-read the index from its start, so paging a table was quadratic;
+    - ``"nested"`` on MySQL/MariaDB (and anything else): ``k1 > :a OR (k1 = :a AND k2 > :b)``,
+      which their range optimizer turns into index ranges (MariaDB reads the whole index for a
+      row-value comparison).
+
+    The one place where keyset paging differs by backend."""
+    if dialect.name == "postgresql":
+        return "row"
+    if dialect.name == "sqlite" and getattr(dialect.dbapi, "sqlite_version_info", (0,)) >= (3, 15):
+        return "row"
+    return "nested"
+
+
+def _after_clause(quote: Any, key: Sequence[str], style: str, inclusive: bool = False) -> str:
+    """``(k1, k2) > (:fillgate_k0, :fillgate_k1)`` (``>=`` when ``inclusive``), spelled in
+    ``style`` (see keyset_style)."""
+    op = ">=" if inclusive else ">"
+    cols = [quote(k) for k in key]
+    marks = [f":fillgate_k{i}" for i in range(len(key))]
+    if len(key) == 1:
+        return f"{cols[0]} {op} {marks[0]}"
+    if style == "row":
+        return f"({', '.join(cols)}) {op} ({', '.join(marks)})"
+    # k1 > :a OR (k1 = :a AND (k2 > :b OR (k2 = :b AND k3 >= :c))), built from the last column
+    clause = f"{cols[-1]} {op} {marks[-1]}"
+    for col, mark in zip(reversed(cols[:-1]), reversed(marks[:-1]), strict=True):
+        clause = f"{col} > {mark} OR ({col} = {mark} AND ({clause}))"
+    return f"({clause})"
+
+
+def _at_clause(quote: Any, key: Sequence[str]) -> str:
+    """``k1 = :fillgate_k0 AND k2 = :fillgate_k1``: equal to the last key, as the database compares."""
+    return " AND ".join(f"{quote(k)} = :fillgate_k{i}" for i, k in enumerate(key))
+
+
+def _duplicate_key(keys: Sequence[tuple[Any, ...]]) -> KeyNotUniqueError:
+    """The error for rows of the source whose keys the database compares as equal."""
+    distinct: list[tuple[Any, ...]] = []
+    for k in keys:
+        if all(k != seen for seen in distinct):
+            distinct.append(k)
+    if len(distinct) == 1:
+        return KeyNotUniqueError(
+            f"the job's source returns key {encode_key(distinct[0])} more than once; "
+            "a key must identify one row (check joins in the source)."
+        )
+    return KeyNotUniqueError(
+        f"the job's source returns keys {' and '.join(encode_key(k) for k in distinct)}, which the "
+        "database compares as equal (a collation that ignores case, accents or trailing spaces), "
+        "so paging cannot tell them apart; a key must identify one row (check COLLATE, computed "
+        "key columns and joins in the source)."
+    )
+
+
+def _keyset_statements(dialect: Any, source: str, key: Sequence[str], page_size: int) -> tuple[TextClause, TextClause]:
+    """The statement that reads the first page of ``source``, and the one that reads each next
+    page from ``:fillgate_k0, :fillgate_k1, ...`` (the last key read)."""
+    quote = dialect.identifier_preparer.quote
+    body = source.strip().rstrip(";")
+    order = ", ".join(quote(k) for k in key)
+    # One row more than a page: a key repeated across the page boundary is in the same read.
+    limit = int(page_size) + 1
+    first = text(f"SELECT * FROM ({body}) fillgate_src ORDER BY {order} LIMIT {limit}")
+    # The next page starts AT the last key (>=, one row more again) and marks the rows the
+    # database compares equal to it (1, else NULL: cheaper to read than 0): the row already
+    # read, and no other. A twin that differs only in case or trailing spaces under the key's
+    # collation would be skipped by ``>``, and Python cannot tell that it is one.
+    later = text(
+        f"SELECT fillgate_src.*, CASE WHEN {_at_clause(quote, key)} THEN 1 END AS fillgate_at_last "
+        f"FROM ({body}) fillgate_src WHERE {_after_clause(quote, key, keyset_style(dialect), inclusive=True)} "
+        f"ORDER BY {order} LIMIT {limit + 1}"
+    )
+    return first, later
 
 
 def keyset_pages(
@@ -187,18 +261,12 @@ def keyset_pages(
     page_size: int,
     params: Mapping[str, Any] | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
-    """Pages of the source's rows in key order; never OFFSET, never the whole table in memory."""
-    quote = conn.dialect.identifier_preparer.quote
-    body = source.strip().rstrip(";")
-    order = ", ".join(quote(k) for k in key)
-    # One row more than a page: a duplicate key straddling the page boundary must be seen
-    # (the next page starts after the last key, so it would silently skip the second copy).
+    """Pages of the source's rows in key order; never OFFSET, never the whole table in memory.
+
+    Every row of the source comes exactly once, or a KeyNotUniqueError says which key the
+    source returns more than once (or which keys the database compares as equal)."""
+    first, later = _keyset_statements(conn.dialect, source, key, page_size)
     limit = int(page_size) + 1
-    first = text(f"SELECT * FROM ({body}) fillgate_src ORDER BY {order} LIMIT {limit}")
-    later = text(
-        f"SELECT * FROM ({body}) fillgate_src WHERE {_after_clause(quote, key)} "
-        f"ORDER BY {order} LIMIT {limit}"
-    )
     wanted = set(first._bindparams)
     base = {k: v for k, v in (params or {}).items() if k in wanted}
     unbound = wanted - set(base)
@@ -212,7 +280,10 @@ def keyset_pages(
     while True:
         result = conn.execute(stmt, bind)
         names = list(result.keys())
-        rows = [dict(zip(names, r, strict=True)) for r in result.fetchall()]
+        fetched = result.fetchall()
+        if last_key is not None:
+            names.pop()  # fillgate_at_last
+        rows = [dict(zip(names, r, strict=False)) for r in fetched]
         if not rows:
             return
         if last_key is None:
@@ -226,14 +297,21 @@ def keyset_pages(
             page_keys = [(row[column],) for row in rows]
         else:
             page_keys = [tuple(row[k] for k in key) for row in rows]
+        if last_key is not None:
+            at_last = [i for i, r in enumerate(fetched) if r[-1]]
+            if at_last:
+                if len(at_last) > 1 or page_keys[at_last[0]] != last_key:
+                    raise _duplicate_key([last_key, *(page_keys[i] for i in at_last)])
+                del rows[at_last[0]], page_keys[at_last[0]]
+            # (when the last row has gone since, one row more came than a page needs)
+            del rows[limit:], page_keys[limit:]
+            if not rows:
+                return
         # rows come in key order, so a repeated key sits next to its twin (or follows last_key)
         previous = [last_key, *page_keys[:-1]]
         if any(map(operator.eq, previous, page_keys)):
             twin = next(k for p, k in zip(previous, page_keys, strict=True) if p == k)
-            raise KeyNotUniqueError(
-                f"the job's source returns key {encode_key(twin)} more than once; "
-                "a key must identify one row (check joins in the source)."
-            )
+            raise _duplicate_key([twin])
         yield rows[:page_size]
         if len(rows) <= page_size:
             return

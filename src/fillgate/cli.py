@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -203,6 +205,8 @@ def _errors(as_json: bool = False) -> Iterator[None]:
 
 
 def _fail(exit_code: int, kind: str, message: str, as_json: bool) -> None:
+    if os.environ.get("FILLGATE_DEBUG"):  # for fillgate's own developers: where it came from
+        traceback.print_exc()
     report.print_error(err, exit_code, message)
     if as_json or _state["json"]:
         sys.stdout.write(report.to_json(report.error_json(exit_code, kind, message)) + "\n")

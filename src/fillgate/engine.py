@@ -32,7 +32,7 @@ from fillgate.errors import (
     RunStateError,
     UsageError,
 )
-from fillgate.interrupts import stop_requested
+from fillgate.interrupts import interruptible, stop_requested
 from fillgate.job import Job, load_job
 from fillgate.ledger import ApplyLock, Run, error_row, new_run_id, operator_name, utcnow
 from fillgate.lookup import Lookup
@@ -379,7 +379,8 @@ def make_plan(
             pages = keyset_pages(reader, job_cls.select_sql(), job_cls.paging_key(), job_cls.page_size, job.args)
             for rows in pages:
                 reader.rollback()  # keep no read transaction open between pages
-                planner.page(job, rows, ctx, lookup, reader)
+                with interruptible():
+                    planner.page(job, rows, ctx, lookup, reader)
                 planner.end_page()
                 # errors are stored with their page; progress at most once a second
                 if planner.page_errors or time.monotonic() - saved >= 1.0:
@@ -560,7 +561,7 @@ def execute(
     status = "succeeded"
     try:
         for batch in _batches(changes, limits.batch_size):
-            with engine.begin() as tx:
+            with interruptible(), engine.begin() as tx:
                 outcome = apply_changes(tx, sql, batch)
                 now = utcnow()
                 chained = ledger.insert_changes(tx, run.run_id, table or "", source, now, [
@@ -624,9 +625,10 @@ def execute(
     except KeyboardInterrupt:
         # a second Ctrl-C, inside a batch: the database rolled that batch back, and every
         # batch before it is committed with its checkpoint, so the run is resumable
-        message = f"interrupted by Ctrl-C during a batch (rolled back) after {checkpoint} changes"
+        committed = ledger.get_run(run.run_id)  # what the database kept (the batch in flight is gone)
+        message = f"interrupted by Ctrl-C during a batch (rolled back) after {committed.checkpoint} changes"
         ledger.update_run(run.run_id, status="paused", control=None, message=message)
-        monitor.run_finished("paused", counts, message, audit=ledger.get_run(run.run_id).audit)
+        monitor.run_finished("paused", committed.counts, message, audit=committed.audit)
         raise Interrupted(f"{run.kind} run {run.run_id} was {message}.", run.run_id) from None
     except BaseException as exc:
         message = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"

@@ -4,8 +4,9 @@ The first SIGINT (Ctrl-C) or SIGTERM asks the running plan, apply or revert to s
 finishes the batch it is writing (data, audit and checkpoint commit together), then pauses the
 run so that ``fillgate resume`` continues it; a plan stops after its current page. A second
 Ctrl-C stops at once: the batch in flight is rolled back by the database, and the run is still
-left paused (apply) or failed (plan), never 'running'. Waits between batches (``--rate``,
-pauses, health-check holds) end as soon as a stop is asked for.
+left paused (apply) or failed (plan), never 'running'. A second Ctrl-C while fillgate saves
+the run's status or releases its lock does not cut that short; a third exits at once. Waits
+between batches (``--rate``, pauses, health-check holds) end as soon as a stop is asked for.
 
 Library users who want the same behaviour wrap their calls in :func:`stop_on_signals`, or call
 :func:`request_stop` from their own handler (or another thread).
@@ -13,6 +14,7 @@ Library users who want the same behaviour wrap their calls in :func:`stop_on_sig
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -21,6 +23,8 @@ from types import FrameType
 
 _stop = threading.Event()
 _reason: list[str] = []
+_interruptible = [0]  # > 0 while the main thread is inside an interruptible() block
+_signals = [0]  # SIGINTs received since the handler was installed
 
 
 def request_stop(reason: str = "a stop was requested") -> None:
@@ -38,6 +42,20 @@ def stop_requested() -> str | None:
 def clear() -> None:
     _reason.clear()
     _stop.clear()
+    _signals[0] = 0
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Work that a second Ctrl-C may cut short (a batch's transaction, a plan page's compute):
+    the database rolls it back. Outside such blocks (saving a run's status, releasing its
+    lock) a second Ctrl-C only repeats the stop request, so bookkeeping is never cut in half;
+    a third one exits at once."""
+    _interruptible[0] += 1
+    try:
+        yield
+    finally:
+        _interruptible[0] -= 1
 
 
 def sleep(seconds: float) -> None:
@@ -60,8 +78,15 @@ def stop_on_signals(on_first: Callable[[str], None] | None = None) -> Iterator[N
         return
 
     def handler(signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            _signals[0] += 1
         if _stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            if _interruptible[0]:
+                raise KeyboardInterrupt
+            if _signals[0] >= 3:
+                os.write(2, b"interrupted: third Ctrl-C, exiting at once (what was committed stays committed).\n")
+                os._exit(130)
+            return
         reason = f"interrupted by {_NAMES.get(signal.Signals(signum), str(signum))}"
         request_stop(reason)
         if on_first is not None:

@@ -4,6 +4,7 @@ says how to continue and exits 130, and no traceback ever reaches the user."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -164,3 +165,27 @@ def test_ctrl_c_while_starting_never_shows_a_traceback(sqlite_db: TestDB, cli: C
     assert status in ([], [("paused",)], [("succeeded",)])
     if db.rows("SELECT 1 FROM fillgate_runs WHERE kind = 'apply'"):
         _audit_matches_table(db)
+
+
+def test_a_run_whose_process_died_is_not_shown_running(db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
+    """kill -9 leaves the run recorded as running; runs and show call it interrupted and say
+    how to continue."""
+    cfg = _planned(db, cli, jobs_file)
+    proc = fillgate_subprocess(["--config", str(cfg), "apply", "p.plan", "--batch-size", "100",
+                                "--pause-between-batches", "50"], cwd=db.tmp_path)
+    _wait_for(lambda: _started_writing(db), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    run_id = db.scalar("SELECT run_id FROM fillgate_runs WHERE kind = 'apply'")
+    assert db.scalar("SELECT status FROM fillgate_runs WHERE kind = 'apply'") == "running"
+    listed = run_cli(cli, cfg, "runs", "--kind", "apply")
+    assert listed.exit_code == 0 and "interrupted" in listed.stdout and "running" not in listed.stdout
+    shown = run_cli(cli, cfg, "show", run_id)
+    text = " ".join(shown.stdout.split())
+    assert "interrupted (recorded as running, but its process (pid" in text
+    assert f"fillgate resume {run_id}" in text
+    as_json = run_cli(cli, cfg, "runs", "--json")
+    assert "is gone" in next(r for r in json.loads(as_json.stdout) if r["run_id"] == run_id)["interrupted"]
+    assert run_cli(cli, cfg, "resume", run_id).exit_code == 0
+    assert "interrupted" not in run_cli(cli, cfg, "show", run_id).stdout
+    _audit_matches_table(db)

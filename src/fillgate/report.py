@@ -35,6 +35,7 @@ from fillgate.ledger.integrity import RunCheck, VerifyReport
 from fillgate.pipeline import PipelineResult
 from fillgate.redact import mask_secrets
 from fillgate.revert import RevertPreview
+from fillgate.runs import interrupted, shown_status
 from fillgate.stamp import InitResult
 from fillgate.values import decode_key, loads
 
@@ -400,6 +401,9 @@ def _run_json(run: Run) -> dict[str, Any]:
     data = run.to_json()
     if data.get("message"):
         data["message"] = mask_secrets(data["message"])
+    gone = interrupted(run)
+    if gone:  # recorded as running, but its process is gone
+        data["interrupted"] = gone
     return data
 
 
@@ -414,7 +418,7 @@ def print_runs(console: Console, runs: Sequence[Run]) -> None:
     rows = []
     for r in runs:
         changes = r.counts.get("writes") if r.kind == "plan" else r.counts.get("applied")
-        rows.append((r.run_id, r.kind, r.job or "", r.status, "" if changes is None else str(changes),
+        rows.append((r.run_id, r.kind, r.job or "", shown_status(r), "" if changes is None else str(changes),
                      _when(r.created_at), r.operator))
     _print_table(console, f"{len(runs)} most recent run{'s' if len(runs) != 1 else ''}, newest first", (
         "run", "kind", Col("job", wrap=True), "status", Col("changes", justify="right"), "created (UTC)",
@@ -453,10 +457,19 @@ def _print_audit(console: Console, run: Run) -> None:
         console.print(f"audit: {run.audit.rows} rows, sha256 {run.audit.sha256}", soft_wrap=True)
 
 
+def _status_line(run: Run) -> str:
+    gone = interrupted(run)
+    if gone is None:
+        return run.status
+    what = ("continue it with fillgate resume " + run.run_id + ", or give it up with fillgate cancel " + run.run_id
+            if run.kind in ("apply", "revert") else "plan again")
+    return f"interrupted (recorded as running, but {gone}): {what}"
+
+
 def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -> None:
     duration = run.duration_s
     fields = [(label, str(value)) for label, value in (
-        ("run", run.run_id), ("kind", run.kind), ("status", run.status), ("job", run.job),
+        ("run", run.run_id), ("kind", run.kind), ("status", _status_line(run)), ("job", run.job),
         ("table", run.table_name), ("target", f"{run.target} ({run.environment})"),
         ("operator", run.operator), ("plan", run.plan_id), ("plan file", run.plan_path),
         ("parent run", run.parent_run_id),

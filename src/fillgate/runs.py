@@ -13,6 +13,10 @@ import datetime as dt
 import errno
 import os
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fillgate.ledger.store import Run
 
 # A process on another host is presumed gone when its heartbeat is older than this. A live
 # process refreshes its heartbeat at every batch and every poll of a hold, so only a single
@@ -38,3 +42,17 @@ def process_gone(host: str | None, pid: int | None, heartbeat_at: dt.datetime | 
         age = int((now - heartbeat_at).total_seconds())
         return f"its process (pid {pid} on {host}) has sent no heartbeat for {age}s"
     return None
+
+
+def interrupted(run: Run, now: dt.datetime | None = None) -> str | None:
+    """For a run recorded as ``running`` whose process is gone: why (it was killed, crashed,
+    or its machine went away), so it is shown as interrupted rather than running."""
+    if run.status != "running":
+        return None
+    now = now or dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    return process_gone(run.host, run.pid, run.heartbeat_at, now)
+
+
+def shown_status(run: Run) -> str:
+    """The status to show a person: ``interrupted`` for a running run whose process is gone."""
+    return "interrupted" if interrupted(run) else run.status

@@ -181,3 +181,12 @@ def test_unknown_run_names_the_ledger_searched(sqlite_db: TestDB, cli: CliRunner
     single = _write(sqlite_db.tmp_path / "single.toml", f'[targets.staging]\nurl = "{sqlite_db.url}"\n')
     alone = run_cli(cli, single, command[0], run_id, *command[1:])
     assert alone.exit_code == 2 and "Other declared targets" not in alone.stderr
+
+
+def test_init_of_a_protected_sqlite_target_refused_creates_no_file(tmp_path: Path, cli: CliRunner) -> None:
+    cfg = tmp_path / "fillgate.toml"
+    cfg.write_text(f'[targets.live]\nurl = "sqlite:///{tmp_path / "live.db"}"\nprotected = true\nmax_changes = 10\n')
+    result = run_cli(cli, cfg, "init", "--target", "live")
+    assert result.exit_code == 3, result.output
+    assert "refused:" in result.stderr
+    assert not (tmp_path / "live.db").exists()

@@ -202,6 +202,10 @@ def _errors(as_json: bool = False) -> Iterator[None]:
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         _fail(EXIT_ROW_PROBLEMS, "DatabaseError", f"the database answered: {reason}", as_json)
+    except Exception as exc:  # a bug (in fillgate or in job code): still one line, never a traceback
+        _fail(EXIT_ROW_PROBLEMS, type(exc).__name__,
+              f"unexpected {type(exc).__name__}: {exc}. This is a bug in the job's code or in fillgate; "
+              "FILLGATE_DEBUG=1 shows where it was raised.", as_json)
 
 
 def _fail(exit_code: int, kind: str, message: str, as_json: bool) -> None:

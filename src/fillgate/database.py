@@ -58,7 +58,7 @@ def engine_for(target: Target) -> Engine:
         return engine
 
 
-def _missing_sqlite_file(target: Target) -> Path | None:
+def missing_sqlite_file(target: Target) -> Path | None:
     """The file of a SQLite target that does not exist yet (connecting would create it)."""
     database = target.url.database
     if target.dialect != "sqlite" or not database or database == ":memory:" or target.url.query.get("uri"):
@@ -70,7 +70,7 @@ def _missing_sqlite_file(target: Target) -> Path | None:
 def check_reachable(target: Target, create: bool = False) -> Engine:
     """Open ``target`` and fail with a clear message if it cannot be reached. A SQLite file
     that does not exist is an error unless ``create`` (init): a typo never conjures a file."""
-    missing = None if create else _missing_sqlite_file(target)
+    missing = None if create else missing_sqlite_file(target)
     if missing is not None:
         raise ConfigError(
             f"cannot connect to target '{target.name}' ({target.safe_url}): the SQLite file {missing} "

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any, get_type_hints
 
 from fillgate.errors import PlanFileError
+from fillgate.redact import mask_secrets
 from fillgate.sql import Change
 from fillgate.validate import (
     SHA256,
@@ -175,7 +176,7 @@ class PlanWriter:
     def error(self, key: tuple[Any, ...], error_type: str, message: str, fingerprint: str) -> None:
         self._write({
             "kind": "error", "key": list(key), "error_type": error_type,
-            "message": message, "fingerprint": fingerprint,
+            "message": mask_secrets(message), "fingerprint": fingerprint,
         })
 
     def unexpected(self, key: tuple[Any, ...], message: str) -> None:

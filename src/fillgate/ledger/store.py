@@ -24,6 +24,7 @@ from fillgate.errors import NotInitializedError, RunNotFoundError, UsageError
 from fillgate.ledger import schema
 from fillgate.ledger.integrity import WRITING_KINDS, AuditChain
 from fillgate.ledger.schema import VERSION_TABLE
+from fillgate.redact import mask_secrets
 from fillgate.values import encode_key
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -61,8 +62,8 @@ def error_row(
     """One ``fillgate_errors`` row (a row error, a conflict, a lookup anomaly), for ``insert_errors``."""
     return {
         "run_id": run_id, "phase": phase, "row_key": encode_key(key), "column_name": column,
-        "error_type": error_type, "message": message[:4000], "fingerprint": fingerprint,
-        "traceback": traceback, "created_at": created_at or utcnow(),
+        "error_type": error_type, "message": mask_secrets(message)[:4000], "fingerprint": fingerprint,
+        "traceback": mask_secrets(traceback) if traceback else traceback, "created_at": created_at or utcnow(),
     }
 
 
@@ -231,6 +232,8 @@ class Ledger:
     def update_run(self, run_id: str, conn: Connection | None = None, **values: Any) -> None:
         """Set columns of the run's row; ``audit=AuditChain`` sets ``audit_rows`` and
         ``audit_sha256`` (``audit=None``: the run keeps no chain, nothing is set)."""
+        if values.get("message"):  # may quote a job's exception, which may quote a DSN
+            values["message"] = mask_secrets(values["message"])
         if "audit" in values:
             chain = values.pop("audit")
             if chain is not None:

@@ -1,0 +1,78 @@
+"""A job's exception may quote a connection string with its password: it never reaches the
+plan file, the ledger, the events or any output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from conftest import TestDB, run_cli
+
+SECRET = "hunter2-s3cret"
+
+JOBS = f'''
+from fillgate import Job, Overwrite
+
+
+class Leaky(Job):
+    table = "people"
+    key = ("id",)
+    columns = {{"email": Overwrite()}}
+    source = "SELECT id, name, email FROM people"
+
+    def compute(self, row, ctx):
+        if row["id"] % 2:
+            raise ConnectionError("could not reach postgresql://svc:{SECRET}@lookup.internal/db "
+                                  "(password={SECRET})")
+        return {{"email": row["name"].lower() + "@example.com"}}
+
+
+class Broken(Job):
+    table = "people"
+    key = ("id",)
+    columns = {{"email": Overwrite()}}
+    source = "SELECT id, name, email FROM people"
+
+    def build_lookup(self, ctx):
+        raise RuntimeError("lookup service at mysql://svc:{SECRET}@lookup.internal/db refused")
+
+    def compute(self, row, ctx):
+        return {{}}
+'''
+
+
+def _everything(db: TestDB, tmp_path: Path) -> str:
+    """Every text fillgate keeps: the ledger's tables and every file under tmp_path."""
+    texts = []
+    for table in ("fillgate_runs", "fillgate_errors", "fillgate_changes"):
+        texts.extend(str(row) for row in db.rows(f"SELECT * FROM {table}"))
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix in (".plan", ".jsonl", ".toml", ".json"):
+            texts.append(path.read_text(errors="replace"))
+    return "\n".join(texts)
+
+
+def test_a_password_in_a_job_error_is_never_kept(db: TestDB, cli: CliRunner, tmp_path: Path) -> None:
+    db.create_people(10)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    (tmp_path / "leaky.py").write_text(JOBS)
+    outputs = []
+    for args in (("plan", "leaky.py:Leaky", "-o", "l.plan", "--events", "ev.jsonl"),
+                 ("plan", "leaky.py:Leaky", "--json"),
+                 ("plan", "leaky.py:Broken", "--events", "ev.jsonl"),
+                 ("plan", "leaky.py:Broken", "--json")):
+        result = run_cli(cli, cfg, *args)
+        assert result.exit_code in (1, 2), result.output
+        outputs.append(result.stdout + result.stderr)
+    plan_id = json.loads(Path("l.plan").read_text().splitlines()[0])["plan_id"]
+    for args in (("show", plan_id), ("show", plan_id, "--json"), ("runs",), ("runs", "--json")):
+        result = run_cli(cli, cfg, *args)
+        outputs.append(result.stdout + result.stderr)
+    kept = _everything(db, tmp_path)
+    assert "lookup.internal" in kept  # the messages are kept ...
+    assert SECRET not in kept  # ... without the password
+    for output in outputs:
+        assert SECRET not in output

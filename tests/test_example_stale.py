@@ -266,7 +266,7 @@ def test_the_demo_runs_with_one_command(tmp_path: Path) -> None:
     for expected in (
         "crawler pass 1: typed 12 agents", "crawler pass 2: typed 0 agents",
         "probed 300 agents, changed 16",
-        "refused (exit 3)", "more than --max-changes 25. Nothing was written.",
+        "refused: plan", "more than --max-changes 25. Nothing was written.", "(exit 3)",
         "agents unchanged, audit log unchanged: True",
         "applied 2, conflicts 0", "reconcile-agent-types",
         "probe timed out after 200 ms", "probe DNS failed: agent-119.invalid",

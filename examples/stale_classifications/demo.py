@@ -145,7 +145,7 @@ def run(console: Console, url: str | None = None) -> None:
         try:
             apply_plan(conn, bad.path, Limits(max_changes=25))
         except GuardRefused as exc:
-            console.print(f"[bold red]refused (exit {exc.exit_code}):[/] {exc}")
+            console.print(f"[bold red]refused:[/] {exc} (exit {exc.exit_code})")
         unchanged = world.agent_types(engine) == types_before and _count(engine, "fillgate_changes") == audit_before
         console.print(f"agents unchanged, audit log unchanged: {unchanged}")
 

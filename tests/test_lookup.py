@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -353,11 +352,12 @@ def test_rate_limit_is_honoured() -> None:
     lookup.resolve(list(range(11)))
     elapsed = time.monotonic() - started
     assert elapsed >= 10 / 50 - 0.01
-    gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert min(gaps) >= 1 / 50 - 0.005
+    # call k starts no earlier than k slots after the first (a late call may be followed by a
+    # punctual one, so gaps between neighbours say nothing on a busy machine)
+    assert all(start - starts[0] >= k / 50 - 0.005 for k, start in enumerate(starts))
     # the limit carries over to the next resolve: no burst at its start
     lookup.resolve([1])
-    assert starts[-1] - starts[-2] >= 1 / 50 - 0.005
+    assert starts[-1] - starts[0] >= 11 / 50 - 0.005
 
 
 def test_transient_errors_are_retried_with_exponential_backoff_then_succeed() -> None:

@@ -222,8 +222,11 @@ class SentrySink:
                 crumbs["values"] = crumbs["values"][-cap:] if cap else []
             return evt
 
-        with sdk.new_scope() as scope:
+        with sdk.isolation_scope() as isolation, sdk.new_scope() as scope:
             if self._client is not None:
+                # a client of its own sends fillgate's breadcrumbs only, never the process's
+                isolation.clear_breadcrumbs()
+                scope.clear_breadcrumbs()
                 scope.set_client(self._client)
             scope.add_event_processor(trim)
             event_id = sdk.capture_event(event)

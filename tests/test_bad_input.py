@@ -330,3 +330,27 @@ def test_invalid_toml(tmp_path: Path, cli: CliRunner, name: str) -> None:
         assert f"{name} is not valid TOML" in result.stderr
         assert "line 1" in result.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+def test_names_longer_than_the_ledger_keeps_are_refused(sqlite_db: TestDB, cli: CliRunner, tmp_path: Path) -> None:
+    """A job whose name, table or column would not fit fillgate's ledger is refused when it is
+    loaded (exit 2), not with a database error halfway; and the limits match the schema."""
+    from fillgate.job import NAME_LIMITS
+    from fillgate.ledger import schema
+
+    assert schema.runs.c.job.type.length >= NAME_LIMITS["job"]
+    assert schema.locks.c.name.type.length >= NAME_LIMITS["job"] + len("apply:")
+    assert schema.runs.c.table_name.type.length >= NAME_LIMITS["table"]
+    assert schema.errors.c.column_name.type.length >= NAME_LIMITS["column"]
+    db = sqlite_db
+    cfg = ready(db, cli)
+    long_name = "j" * 186
+    (tmp_path / "long.py").write_text(
+        "from fillgate import Job, FillMissing\n"
+        f"class Long(Job):\n    name = {long_name!r}\n    table = 'people'\n"
+        "    columns = {'email': FillMissing()}\n    def compute(self, row, ctx):\n        return {}\n"
+    )
+    result = run_cli(cli, cfg, "plan", "long.py:Long")
+    assert result.exit_code == 2, result.output
+    assert "186 characters long" in result.stderr
+    assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'plan'") == 0

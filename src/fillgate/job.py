@@ -214,6 +214,20 @@ def parse_param_options(options: Sequence[str]) -> dict[str, str]:
     return out
 
 
+# The longest names the ledger keeps (fillgate_runs.job, which also names the job's apply
+# lock, "apply:<job>" in fillgate_locks.name; table_name; column_name). A test holds these
+# against the ledger's schema.
+NAME_LIMITS = {"job": 185, "table": 128, "column": 128}
+
+
+def _check_length(spec: str, what: str, name: str) -> None:
+    if len(name) > NAME_LIMITS[what]:
+        raise JobError(
+            f"job {spec}: its {what} name is {len(name)} characters long; fillgate's ledger keeps at most "
+            f"{NAME_LIMITS[what]}. " + ("Set a shorter name = \"...\" on the job." if what == "job" else "")
+        )
+
+
 def validate_job_class(cls: Any, spec: str) -> type[Job]:
     """Check that ``cls`` is a complete Job subclass; explain what is missing."""
     if not (isinstance(cls, type) and issubclass(cls, Job)) or cls is Job:
@@ -221,6 +235,11 @@ def validate_job_class(cls: Any, spec: str) -> type[Job]:
     table = getattr(cls, "table", None)
     if not isinstance(table, str) or not table:
         raise JobError(f"job {spec} has no table; set table = \"name\".")
+    _check_length(spec, "job", cls.job_name())
+    _check_length(spec, "table", table)
+    for column in (*cls.key_columns(), *(cls.columns if isinstance(cls.columns, Mapping) else ())):
+        if isinstance(column, str):
+            _check_length(spec, "column", column)
     keys = cls.key_columns()
     if not keys or not all(isinstance(k, str) and k for k in keys):
         raise JobError(f"job {spec}: key must be a column name or a tuple of column names.")

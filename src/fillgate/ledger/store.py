@@ -20,7 +20,7 @@ from sqlalchemy import func, insert, inspect, select, update
 from sqlalchemy.engine import Connection, Engine
 from ulid import ULID
 
-from fillgate.errors import NotInitializedError, RunNotFoundError, UsageError
+from fillgate.errors import ConfigError, NotInitializedError, RunNotFoundError, UsageError
 from fillgate.ledger import schema
 from fillgate.ledger.integrity import WRITING_KINDS, AuditChain
 from fillgate.ledger.schema import VERSION_TABLE
@@ -43,10 +43,16 @@ def new_run_id() -> str:
     return str(ULID())
 
 
+OPERATOR_LIMIT = 255  # fillgate_runs.operator
+
+
 def operator_name() -> str:
     """Who is running fillgate: ``FILLGATE_OPERATOR`` or user@host."""
     explicit = os.environ.get("FILLGATE_OPERATOR")
     if explicit:
+        if len(explicit) > OPERATOR_LIMIT:
+            raise ConfigError(f"FILLGATE_OPERATOR is {len(explicit)} characters long; the ledger keeps at most "
+                              f"{OPERATOR_LIMIT}. Use a shorter name.")
         return explicit
     try:
         user = getpass.getuser()

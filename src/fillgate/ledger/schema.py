@@ -65,6 +65,9 @@ runs = Table(
     Column("details", Text),
     Index("ix_fillgate_runs_plan_id", "plan_id"),
     Index("ix_fillgate_runs_parent", "parent_run_id"),
+    Index("ix_fillgate_runs_kind", "kind", "run_id"),
+    Index("ix_fillgate_runs_status", "status", "run_id"),
+    Index("ix_fillgate_runs_job", "job", "run_id"),
 )
 
 changes = Table(
@@ -110,4 +113,40 @@ locks = Table(
     Column("pid", Integer, nullable=False),
     Column("acquired_at", Timestamp, nullable=False),
     Column("heartbeat_at", Timestamp, nullable=False),
+)
+
+# One row per committed batch of a run (an apply or revert batch, or a plan's progress save),
+# written in the batch's own transaction. ``done``: the run's checkpoint (apply, revert) or rows
+# read (plan) after the batch; ``paced_ms``/``held_ms``/``hold_reason``: the wait just before
+# the batch (``--rate``/``--pause-between-batches``, and health checks holding the run).
+batches = Table(
+    "fillgate_batches",
+    metadata,
+    Column("id", Serial, primary_key=True, autoincrement=True),
+    Column("run_id", String(26), nullable=False),
+    Column("batch", Integer, nullable=False),
+    Column("done", BigInteger, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("writes", Integer, nullable=False),
+    Column("conflicts", Integer, nullable=False),
+    Column("errors", Integer, nullable=False),
+    Column("elapsed_ms", Integer, nullable=False),
+    Column("paced_ms", Integer, nullable=False),
+    Column("held_ms", Integer, nullable=False),
+    Column("hold_reason", Text),
+    Column("committed_at", Timestamp, nullable=False),
+    Index("ix_fillgate_batches_run", "run_id", "batch"),
+)
+
+# Who asked a run to pause, cancel, resume or be reverted from the web dashboard, and what came of it.
+actions = Table(
+    "fillgate_actions",
+    metadata,
+    Column("id", Serial, primary_key=True, autoincrement=True),
+    Column("run_id", String(26), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("operator", String(255), nullable=False),
+    Column("outcome", Text, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Index("ix_fillgate_actions_run", "run_id"),
 )

@@ -496,6 +496,13 @@ class Runner:
             self._threads[box["run_id"]] = (thread, conn)
         return str(box["run_id"])
 
+    def join(self) -> None:
+        """Wait until every run started here has ended (tests)."""
+        with self._lock:
+            threads = [t for t, _ in self._threads.values()]
+        for thread in threads:
+            thread.join()
+
     def active(self) -> list[str]:
         with self._lock:
             return [run_id for run_id, (thread, _) in self._threads.items() if thread.is_alive()]

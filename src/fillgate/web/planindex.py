@@ -95,9 +95,8 @@ class PlanIndex:
             return False, 0
         return rows.get("done") == "1", int(rows.get("lines", "0"))
 
-    def build(self) -> None:
-        """One streaming pass over the plan file; commits every few thousand lines so that
-        pages can be read while it runs."""
+    def prepare(self) -> None:
+        """Create the (empty) index, so that pages can be read from the moment it is being built."""
         self.db_path.unlink(missing_ok=True)
         for suffix in ("-wal", "-shm"):
             Path(str(self.db_path) + suffix).unlink(missing_ok=True)
@@ -115,6 +114,11 @@ class PlanIndex:
                 INSERT INTO state VALUES ('done', '0'), ('lines', '0');
             """)
             db.commit()
+
+    def build(self) -> None:
+        """One streaming pass over the plan file; commits every few thousand lines so that
+        pages can be read while it runs."""
+        with contextlib.closing(self._connect()) as db:
             columns: dict[str, int] = {}
             per_kind = [0] * len(KINDS)
             per_col: dict[int, int] = {}
@@ -274,12 +278,20 @@ class PlanStore:
                 self._start(f"verify:{path}", lambda: self._verify(path, stat))
                 return PlanStatus("verifying", path)
             header, sha = known
-            index = PlanIndex(path, sha, self.cache_dir)
-            done, _ = index.state()
-            if done:
-                return PlanStatus("ready", path, header=header, sha256=sha, index=index)
-            self._start(f"index:{sha}", index.build)
-            return PlanStatus("indexing", path, header=header, sha256=sha, index=index)
+            index = self._index(path, sha)
+            state = "ready" if index.state()[0] else "indexing"
+            return PlanStatus(state, path, header=header, sha256=sha, index=index)
+
+    def _index(self, path: Path, sha: str) -> PlanIndex:
+        """The file's index, being built in the background unless it is complete (under the lock)."""
+        index = PlanIndex(path, sha, self.cache_dir)
+        if not index.state()[0]:
+            job = self._jobs.get(f"index:{sha}")
+            if job is None or not job.is_alive():
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                index.prepare()
+                self._start(f"index:{sha}", index.build)
+        return index
 
     def _start(self, name: str, work: Callable[[], None]) -> None:
         job = self._jobs.get(name)
@@ -303,6 +315,7 @@ class PlanStore:
             tmp = self._memo_path(path).with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(memo, default=str))
             os.replace(tmp, self._memo_path(path))
+            self._index(path, sha)  # index it at once: its first pages are wanted next
 
     def wait(self) -> None:
         """Wait until every background verification and index build has finished (tests, bench)."""

@@ -20,7 +20,7 @@
               plot = new uPlot({
                 width: Math.max(el.clientWidth, 300), height: 180,
                 scales: { x: { time: false } },
-                axes: [{ label: "seconds since the first batch" }, { label: "rows/s" }],
+                axes: [{ label: "seconds since the first batch" }, { label: "rows/s", size: 80 }],
                 series: [{ label: "s" }, { label: "rows/s per batch", stroke: "#2563eb", width: 2, fill: "rgba(37,99,235,0.08)" }]
               }, rows, el);
             } else {

@@ -311,3 +311,22 @@ def test_held_batches_record_their_hold(sqlite_db: TestDB, jobs_file: Path) -> N
     assert [b["hold_reason"] for b in batches] == [None, "the test holds once"]
     assert batches[0]["held_ms"] == 0 and batches[1]["held_ms"] > 0
     assert conn.ledger.batch_summary(applied.run.run_id)["holds"] == 1
+
+
+def test_serve_without_the_extra_names_it(sqlite_db: TestDB, cli: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "starlette" else real(name, *a))
+    result = run_cli(cli, sqlite_db.config(), "serve")
+    assert result.exit_code == 2
+    assert "pip install 'fillgate[web]'" in result.stderr and "Traceback" not in result.output
+
+
+def test_serve_off_loopback_needs_a_token(sqlite_db: TestDB, cli: CliRunner, tmp_path: Path) -> None:
+    result = run_cli(cli, sqlite_db.config(), "serve", "--host", "0.0.0.0")
+    assert result.exit_code == 2 and "needs a token" in result.stderr
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    result = run_cli(cli, sqlite_db.config(), "serve", "--host", "0.0.0.0", "--token-file", str(empty))
+    assert result.exit_code == 2 and "is empty" in result.stderr

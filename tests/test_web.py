@@ -330,3 +330,40 @@ def test_serve_off_loopback_needs_a_token(sqlite_db: TestDB, cli: CliRunner, tmp
     empty.write_text("\n")
     result = run_cli(cli, sqlite_db.config(), "serve", "--host", "0.0.0.0", "--token-file", str(empty))
     assert result.exit_code == 2 and "is empty" in result.stderr
+
+
+def test_resume_and_cancel_from_the_web(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path) -> None:
+    from fillgate.engine import control_run
+    from fillgate.monitor import Monitor
+
+    db = sqlite_db
+    db.create_people(20, with_email_every=100)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    conn = connect(db.target())
+    planned = make_plan(conn, load_job(f"{jobs_file}:FillEmail"), out=db.tmp_path / "p.plan")
+
+    class PauseAfterFirst(Monitor):
+        def batch_done(self, counts: Any, done: int, engine: Any, examples: Any = None) -> None:
+            super().batch_done(counts, done, engine, examples)
+            if done == 5:
+                control_run(conn, self._run_id, "pause")
+
+    paused = apply_plan(conn, planned.path, Limits(batch_size=5), PauseAfterFirst())
+    run_id = paused.run.run_id
+    assert db.rows("SELECT status, checkpoint FROM fillgate_runs WHERE run_id = :r", {"r": run_id}) == [("paused", 10)]
+    client, board = _client(cfg, tmp_path)
+    page = client.get(f"/t/staging/runs/{run_id}")
+    assert "Resume</button>" in page.text and "Pause</button>" not in page.text
+    token = CSRF.search(page.text).group(1)  # type: ignore[union-attr]
+    resumed = client.post(f"/t/staging/runs/{run_id}/resume", data={"csrf": token}, follow_redirects=False)
+    assert resumed.status_code == 303 and resumed.headers["location"].endswith(f"/runs/{run_id}?done=resumed")
+    board.runner.join()
+    assert db.rows("SELECT status, checkpoint FROM fillgate_runs WHERE run_id = :r", {"r": run_id}) == [
+        ("succeeded", 20)]
+    assert db.scalar("SELECT count(*) FROM people WHERE email IS NULL") == 0
+    assert db.scalar("SELECT count(*) FROM fillgate_changes WHERE run_id = :r", {"r": run_id}) == 20
+    cancel = client.post(f"/t/staging/runs/{run_id}/cancel", data={"csrf": token})
+    assert cancel.status_code == 400 and "has status succeeded" in cancel.text
+    actions = db.rows("SELECT action, outcome FROM fillgate_actions WHERE run_id = :r ORDER BY id", {"r": run_id})
+    assert [a for a, _ in actions] == ["resume", "cancel"] and actions[1][1].startswith("refused:")

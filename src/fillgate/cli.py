@@ -639,6 +639,30 @@ def demo(
 
 
 @app.command()
+def serve(
+    target: Annotated[
+        list[str] | None, typer.Option("--target", "-t", help="Serve this target (repeatable; default: all).")
+    ] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but loopback needs a token.")] = (
+        "127.0.0.1"),
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8642,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Hide and refuse every action.")] = False,
+    token_file: Annotated[
+        Path | None, typer.Option("--token-file", help="File holding the token (else FILLGATE_WEB_TOKEN).")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Where plan indexes are kept (default ~/.cache/fillgate).")
+    ] = None,
+) -> None:
+    """Start the web dashboard: runs, plans, history, revert (needs: pip install 'fillgate[web]')."""
+    with _errors():
+        from fillgate.web import serve as serve_web
+
+        serve_web(_state["config"], target, host=host, port=port, read_only=read_only, token_file=token_file,
+                  cache_dir=cache_dir)
+
+
+@app.command()
 def lint(
     paths: Annotated[list[Path], typer.Argument(help="Job modules or folders (searched recursively for *.py).")],
     as_json: JsonOpt = False,

@@ -372,7 +372,20 @@ def make_plan(
                         estimate_rows(conn.engine, job_cls.table))
     lookup: Lookup | None = None
     saved = time.monotonic()
+    last_saved = dict(counts)
     monitor.heartbeat = lambda: ledger.update_run(run.run_id, heartbeat_at=utcnow())
+
+    def save_progress(tx: Connection) -> None:  # the run's counts and its timeline since the last save
+        nonlocal saved, last_saved
+        ledger.update_run(run.run_id, tx, counts=counts, heartbeat_at=utcnow())
+        wait = monitor.take_wait()
+        ledger.record_batch(tx, run.run_id, done=counts["rows"], rows=counts["rows"] - last_saved["rows"],
+                            writes=counts["writes"] - last_saved["writes"],
+                            errors=counts["errors"] - last_saved["errors"],
+                            elapsed_ms=max((time.monotonic() - saved) * 1000 - wait["paced_ms"] - wait["held_ms"], 0),
+                            **wait)
+        saved, last_saved = time.monotonic(), dict(counts)
+
     try:
         with conn.engine.connect() as reader, activate(ctx):
             lookup = job.build_lookup(ctx)
@@ -386,14 +399,16 @@ def make_plan(
                 if planner.page_errors or time.monotonic() - saved >= 1.0:
                     with conn.engine.begin() as tx:
                         ledger.insert_errors(tx, planner.page_errors)
-                        ledger.update_run(run.run_id, tx, counts=counts, heartbeat_at=utcnow())
-                    saved = time.monotonic()
+                        save_progress(tx)
                 monitor.batch_done(planner.page_counts, counts["rows"], conn.engine, planner.examples())
                 limits.check_errors(counts["errors"], counts["rows"], f"plan of {name}")
                 reason = stop_requested()
                 if reason is not None:
                     raise Interrupted(f"plan {run.run_id} of {name} stopped: {reason} after "
                                       f"{counts['rows']} rows; nothing was saved. Plan again.", run.run_id)
+            if counts["rows"] > last_saved["rows"]:
+                with conn.engine.begin() as tx:
+                    save_progress(tx)
         header = PlanHeader(
             plan_id=run.run_id,
             job=name,
@@ -559,6 +574,7 @@ def execute(
     remaining = None if run.total is None else run.total - checkpoint
     monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining)
     status = "succeeded"
+    batch_started = time.perf_counter()
     try:
         for batch in _batches(changes, limits.batch_size):
             with interruptible(), engine.begin() as tx:
@@ -593,6 +609,10 @@ def execute(
                 checkpoint += len(batch)
                 ledger.update_run(run.run_id, tx, checkpoint=checkpoint, counts=counts, heartbeat_at=now,
                                   audit=chained)
+                ledger.record_batch(tx, run.run_id, done=checkpoint, rows=len(batch), writes=len(outcome.applied),
+                                    conflicts=len(outcome.conflicts), errors=len(outcome.errors),
+                                    elapsed_ms=(time.perf_counter() - batch_started) * 1000, committed_at=now,
+                                    **monitor.take_wait())
                 lock.heartbeat(tx)
                 control = ledger.read_control(run.run_id, tx)
             audit = chained
@@ -608,6 +628,7 @@ def execute(
                  "errors": len(outcome.errors), "converted": len(outcome.converted)},
                 checkpoint - run.checkpoint, engine, examples or None,
             )
+            batch_started = time.perf_counter()
             if control in ("pause", "cancel"):
                 status = "paused" if control == "pause" else "cancelled"
                 ledger.update_run(run.run_id, status=status, control=None,

@@ -63,6 +63,10 @@ class Monitor:
     # health check holds the run, so a long hold never makes a live run look dead.
     heartbeat: Callable[[], None] | None = None
     _last_beat: float = 0.0
+    # Pacing and holds since ``take_wait`` was last called (for the ledger's batch timeline).
+    _paced_ms: float = 0.0
+    _held_ms: float = 0.0
+    _hold_reason: str | None = None
 
     def run_started(
         self, run_id: str, kind: str, job: str, target: str, environment: str, total: int | None
@@ -72,6 +76,8 @@ class Monitor:
         self._row_ms = {}
         self.first_mismatch = None
         self._started = self._batch_started = time.perf_counter()
+        self._paced_ms = self._held_ms = 0.0
+        self._hold_reason = None
         self.throttle.start()
         self.events.run_started(run_id=run_id, kind=kind, job=job, target=target,
                                 environment=environment, total_estimate=total)
@@ -121,11 +127,22 @@ class Monitor:
                 raise HoldTimeoutError(f"{exc}{hint}") from None
             if self.progress is not None and self.throttle.last_held_s:
                 self.progress.hold(None)
+            self._paced_ms += (self.throttle.last_paced_s + self.throttle.last_paused_s) * 1000
+            self._held_ms += held_s * 1000
         self.events.batch_done(run_id=self._run_id, batch=self._batch, counts=batch,
                                elapsed_ms=elapsed_ms, held_ms=held_s * 1000)
         self._batch_started = time.perf_counter()
 
+    def take_wait(self) -> dict[str, Any]:
+        """How long pacing (``paced_ms``) and health checks (``held_ms``, the last
+        ``hold_reason``) kept the run waiting since the previous call; then start counting anew."""
+        wait = {"paced_ms": self._paced_ms, "held_ms": self._held_ms, "hold_reason": self._hold_reason}
+        self._paced_ms = self._held_ms = 0.0
+        self._hold_reason = None
+        return wait
+
     def _on_hold(self, reason: str) -> None:
+        self._hold_reason = reason
         if self.heartbeat is not None and time.monotonic() - self._last_beat >= 10.0:
             self.heartbeat()
             self._last_beat = time.monotonic()

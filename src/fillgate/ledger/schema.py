@@ -79,6 +79,9 @@ runs = Table(
     Column("audit_sha256", Sha256),
     Index("ix_fillgate_runs_plan_id", "plan_id"),
     Index("ix_fillgate_runs_parent", "parent_run_id"),
+    Index("ix_fillgate_runs_kind", "kind", "run_id"),
+    Index("ix_fillgate_runs_status", "status", "run_id"),
+    Index("ix_fillgate_runs_job", "job", "run_id"),
 )
 
 changes = Table(
@@ -151,3 +154,39 @@ audit_guard = Table(
 )
 GUARD_DIALECTS = ("mysql", "mariadb")
 """The backends that have ``fillgate_audit_guard``."""
+
+# One row per committed batch of a run (an apply or revert batch, or a plan's progress save),
+# written in the batch's own transaction. ``done``: the run's checkpoint (apply, revert) or rows
+# read (plan) after the batch; ``paced_ms``/``held_ms``/``hold_reason``: the wait just before
+# the batch (``--rate``/``--pause-between-batches``, and health checks holding the run).
+batches = Table(
+    "fillgate_batches",
+    metadata,
+    Column("id", Serial, primary_key=True, autoincrement=True),
+    Column("run_id", String(26), nullable=False),
+    Column("batch", Integer, nullable=False),
+    Column("done", BigInteger, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("writes", Integer, nullable=False),
+    Column("conflicts", Integer, nullable=False),
+    Column("errors", Integer, nullable=False),
+    Column("elapsed_ms", Integer, nullable=False),
+    Column("paced_ms", Integer, nullable=False),
+    Column("held_ms", Integer, nullable=False),
+    Column("hold_reason", LongText),
+    Column("committed_at", Timestamp, nullable=False),
+    Index("ix_fillgate_batches_run", "run_id", "batch"),
+)
+
+# Who asked a run to pause, cancel, resume or be reverted from the web dashboard, and what came of it.
+actions = Table(
+    "fillgate_actions",
+    metadata,
+    Column("id", Serial, primary_key=True, autoincrement=True),
+    Column("run_id", String(26), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("operator", String(255), nullable=False),
+    Column("outcome", LongText, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Index("ix_fillgate_actions_run", "run_id"),
+)

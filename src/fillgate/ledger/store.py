@@ -8,6 +8,8 @@ import json
 import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import func, insert, inspect, select, update
+from sqlalchemy import case, func, insert, inspect, select, update
 from sqlalchemy.engine import Connection, Engine
 from ulid import ULID
 
@@ -46,8 +48,26 @@ def new_run_id() -> str:
 OPERATOR_LIMIT = 255  # fillgate_runs.operator
 
 
+_acting_operator: ContextVar[str | None] = ContextVar("fillgate_operator", default=None)
+
+
+@contextmanager
+def acting_as(operator: str) -> Iterator[None]:
+    """Record ``operator`` as the operator of what is done inside (in this thread or task and
+    the contexts copied from it), whatever ``FILLGATE_OPERATOR`` says: the web dashboard acts
+    for the person whose browser asked."""
+    token = _acting_operator.set(operator)
+    try:
+        yield
+    finally:
+        _acting_operator.reset(token)
+
+
 def operator_name() -> str:
-    """Who is running fillgate: ``FILLGATE_OPERATOR`` or user@host."""
+    """Who is running fillgate: the operator of ``acting_as``, ``FILLGATE_OPERATOR``, or user@host."""
+    acting = _acting_operator.get()
+    if acting:
+        return acting
     explicit = os.environ.get("FILLGATE_OPERATOR")
     if explicit:
         if len(explicit) > OPERATOR_LIMIT:
@@ -293,6 +313,68 @@ class Ledger:
         with self.engine.connect() as conn:
             return [Run.from_row(r) for r in conn.execute(stmt)]
 
+    def page_runs(
+        self, offset: int = 0, limit: int = 50, kind: str | None = None, status: str | None = None,
+        job: str | None = None,
+    ) -> tuple[list[Run], int]:
+        """One page of runs, newest first, and how many runs match the filters in all."""
+        for name, value, allowed in (("kind", kind, RUN_KINDS), ("status", status, RUN_STATUSES)):
+            if value is not None and value not in allowed:
+                raise UsageError(f"unknown run {name} {value!r}; use one of: {', '.join(allowed)}.")
+        r = schema.runs.c
+        where = [cond for cond, value in ((r.kind == kind, kind), (r.status == status, status),
+                                          (r.job == job, job)) if value]
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(schema.runs).where(*where)).scalar_one()
+            rows = conn.execute(
+                select(schema.runs).where(*where).order_by(r.run_id.desc()).offset(max(offset, 0)).limit(limit)
+            ).all()
+        return [Run.from_row(row) for row in rows], total
+
+    def job_names(self) -> list[str]:
+        """Every job name that has a run, sorted."""
+        r = schema.runs.c
+        with self.engine.connect() as conn:
+            return list(conn.execute(
+                select(r.job).where(r.job.is_not(None)).group_by(r.job).order_by(r.job)
+            ).scalars())
+
+    def active_locks(self) -> list[dict[str, Any]]:
+        """The apply locks held now (name, run, operator, host, pid, since, heartbeat); a lock
+        row whose process is gone may linger on SQLite until the next apply takes it over."""
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(
+                select(schema.locks).order_by(schema.locks.c.acquired_at)
+            )]
+
+    def run_totals(self) -> list[dict[str, Any]]:
+        """Per (job, kind, status): how many runs, and the sum of each of their counts
+        (rows, writes, applied, conflicts, errors, unexpected_index, ...)."""
+        r = schema.runs.c
+        totals: dict[tuple[str, str, str], dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(r.job, r.kind, r.status, r.counts)):
+                entry = totals.setdefault((row.job or "", row.kind, row.status),
+                                          {"job": row.job or "", "kind": row.kind, "status": row.status,
+                                           "runs": 0, "counts": {}})
+                entry["runs"] += 1
+                for name, value in json.loads(row.counts).items():
+                    if isinstance(value, int):
+                        entry["counts"][name] = entry["counts"].get(name, 0) + value
+        return list(totals.values())
+
+    def hold_totals(self) -> list[dict[str, Any]]:
+        """Per job: how many batches health checks held, and for how long in all (ms)."""
+        b = schema.batches.c
+        r = schema.runs.c
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(
+                select(r.job, func.count().label("holds"), func.sum(b.held_ms).label("held_ms"))
+                .select_from(schema.batches.join(schema.runs, r.run_id == b.run_id))
+                .where(b.held_ms > 0)
+                .group_by(r.job)
+            )]
+
     def runs_of_plan(self, plan_id: str) -> list[Run]:
         stmt = (
             select(schema.runs)
@@ -388,8 +470,11 @@ class Ledger:
                 select(func.count()).select_from(schema.changes).where(schema.changes.c.run_id == run_id)
             ).scalar_one()
 
-    def history(self, table: str, row_keys: Sequence[str], column: str | None = None) -> list[dict[str, Any]]:
-        """Every recorded change of one row (``row_keys``: the encodings it may have)."""
+    def history(
+        self, table: str, row_keys: Sequence[str], column: str | None = None, limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Every recorded change of one row (``row_keys``: the encodings it may have), oldest
+        first; with ``limit``, only the first ``limit`` of them."""
         c = schema.changes.c
         r = schema.runs.c
         stmt = (
@@ -403,6 +488,8 @@ class Ledger:
         )
         if column:
             stmt = stmt.where(c.column_name == column)
+        if limit is not None:
+            stmt = stmt.limit(limit)
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(stmt)]
 
@@ -440,6 +527,63 @@ class Ledger:
                 out.append({
                     "job": g.job, "fingerprint": g.fingerprint, "phase": g.phase, "error_type": g.error_type,
                     "count": g.count, "example_key": first.row_key, "example_column": first.column_name,
-                    "example_message": first.message,
+                    "example_message": first.message, "example_traceback": first.traceback,
                 })
             return out
+
+    # --- batch timeline and recorded actions ---------------------------------------------
+
+    def record_batch(
+        self, conn: Connection, run_id: str, *, done: int, rows: int, writes: int = 0, conflicts: int = 0,
+        errors: int = 0, elapsed_ms: float = 0.0, paced_ms: float = 0.0, held_ms: float = 0.0,
+        hold_reason: str | None = None, committed_at: dt.datetime | None = None,
+    ) -> None:
+        """Append one batch to the run's timeline, in the caller's (the batch's) transaction.
+        Batches are numbered from 1 per run, across resumes."""
+        b = schema.batches.c
+        number = conn.execute(
+            select(func.coalesce(func.max(b.batch), 0)).where(b.run_id == run_id)
+        ).scalar_one() + 1
+        conn.execute(insert(schema.batches).values(
+            run_id=run_id, batch=number, done=done, rows=rows, writes=writes, conflicts=conflicts, errors=errors,
+            elapsed_ms=round(elapsed_ms), paced_ms=round(paced_ms), held_ms=round(held_ms),
+            hold_reason=hold_reason[:4000] if hold_reason else None, committed_at=committed_at or utcnow(),
+        ))
+
+    def batches(self, run_id: str, limit: int = 500) -> list[dict[str, Any]]:
+        """The run's last ``limit`` batches, oldest first."""
+        b = schema.batches.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(schema.batches).where(b.run_id == run_id).order_by(b.batch.desc()).limit(limit)
+            ).all()
+        return [dict(row._mapping) for row in reversed(rows)]
+
+    def batch_summary(self, run_id: str) -> dict[str, Any]:
+        """Totals over all of the run's batches: how many, held (count, ms), paced (ms)."""
+        b = schema.batches.c
+        held = func.sum(case((b.held_ms > 0, 1), else_=0))
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(func.count().label("batches"), held.label("holds"),
+                       func.coalesce(func.sum(b.held_ms), 0).label("held_ms"),
+                       func.coalesce(func.sum(b.paced_ms), 0).label("paced_ms"))
+                .where(b.run_id == run_id)
+            ).one()
+        return {"batches": row.batches, "holds": int(row.holds or 0), "held_ms": int(row.held_ms),
+                "paced_ms": int(row.paced_ms)}
+
+    def record_action(self, run_id: str, action: str, operator: str, outcome: str) -> None:
+        """Record who asked for ``action`` (pause, cancel, resume, revert) on a run, and what came of it."""
+        with self.engine.begin() as conn:
+            conn.execute(insert(schema.actions).values(
+                run_id=run_id, action=action, operator=operator[:255], outcome=outcome[:4000], created_at=utcnow(),
+            ))
+
+    def actions(self, run_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The recorded actions on a run, oldest first (at most ``limit``)."""
+        a = schema.actions.c
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(
+                select(schema.actions).where(a.run_id == run_id).order_by(a.id).limit(limit)
+            )]

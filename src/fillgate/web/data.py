@@ -1,0 +1,537 @@
+"""The dashboard's only door into fillgate's library.
+
+Every page and action of the web dashboard goes through this module, and this module calls
+only public library functions (config, stamp, ``Ledger`` methods, engine, revert, plan). When
+the library is restructured, this is the one file to re-point.
+
+Actions go through the same library calls as the CLI: ``control_run`` (pause, cancel),
+``resume_run`` and ``revert_run``, with the same guards (stamp, protected environment and its
+typed confirmation). Resume and revert run in a thread of the server (see :class:`Runner`);
+each action is recorded in the ledger with the operator who asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import decimal
+import json
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from fillgate.config import Config, Target, load_config
+from fillgate.engine import ApplyResult, Limits, control_run, resume_run
+from fillgate.errors import FillgateError, NotInitializedError, StampMismatchError, UsageError
+from fillgate.ledger import Ledger, Run, acting_as, operator_name, utcnow
+from fillgate.monitor import Monitor
+from fillgate.plan import verify_plan
+from fillgate.revert import RevertPreview, preview_revert, revert_run
+from fillgate.runs import process_gone
+from fillgate.stamp import Connected, check_write_allowed, connect
+from fillgate.values import key_candidates, loads
+from fillgate.web.planindex import KINDS, PAGE, PlanStatus, PlanStore
+
+RUN_KINDS = ("init", "stamp", "plan", "apply", "revert", "pipeline")
+RUN_STATUSES = ("planned", "running", "paused", "cancelled", "failed", "succeeded")
+ACTIVE = ("running", "paused")
+WRITING = ("apply", "revert")
+RUNS_PER_PAGE = 50
+TIMELINE = 200  # batches shown on a run page (the newest)
+HISTORY_LIMIT = 1000
+KIND_LABELS = {"change": "write", "insert": "insert", "disagreement": "disagreement", "preserved": "preserved",
+               "error": "row error", "unexpected_index": "unexpected lookup index"}
+
+
+class WebError(FillgateError):
+    """What a page could not show, said to the person reading it (never a traceback)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-paragraph message for a library or database error."""
+    if isinstance(exc, FillgateError):
+        return str(exc)
+    if isinstance(exc, SQLAlchemyError):
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return f"database error: {reason}"
+    return f"unexpected {type(exc).__name__}; see the server's log."
+
+
+# --- values ---------------------------------------------------------------------------------
+
+
+def display(value: Any) -> str | None:
+    """A stored value as text, whole (None stays None: the page shows NULL)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat(" ") if isinstance(value, dt.datetime) else value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "0x" + bytes(value).hex()
+    if isinstance(value, int | float | decimal.Decimal | uuid.UUID):
+        return str(value)
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+def display_json(text: str) -> str | None:
+    """A value from the audit log (its JSON text) as text."""
+    return display(loads(text))
+
+
+def key_text(key: Sequence[Any] | None) -> str:
+    """A row key as people type it: ``42``, or ``a, b`` for a composite key."""
+    if key is None:
+        return ""
+    return ", ".join("NULL" if k is None else display(k) or "" for k in key)
+
+
+def key_query(key: Sequence[Any] | None) -> str:
+    """A key as the history form takes it back (a JSON list: exact for every type)."""
+    return json.dumps(list(key or []), default=str, ensure_ascii=False)
+
+
+# --- targets --------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetView:
+    name: str
+    environment: str
+    protected: bool
+    url: str  # password masked
+    state: str  # ok, refused, unreachable, uninitialised, error
+    message: str | None = None
+    stamp: dict[str, str] = field(default_factory=dict)
+    revision: str | None = None
+    head: str | None = None
+    active: list[Run] = field(default_factory=list)
+    locks: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Dashboard:
+    """The targets one server shows, and every query and action on them."""
+
+    def __init__(self, config_path: str | Path | None, target_names: Sequence[str] | None,
+                 cache_dir: Path) -> None:
+        self.config_path = config_path
+        self.config: Config = load_config(config_path)
+        names = list(target_names or self.config.targets)
+        for name in names:
+            self.config.target(name)  # an unknown name fails now, naming the declared ones
+        self.names = names
+        self.plans = PlanStore(cache_dir, _verify)
+        self.runner = Runner()
+
+    # --- targets ----------------------------------------------------------------------------
+
+    def target(self, name: str) -> Target:
+        if name not in self.names:
+            raise WebError(f"this dashboard serves no target '{name}' (it serves: {', '.join(self.names)}).", 404)
+        return self.config.target(name)
+
+    def connect(self, name: str) -> Connected:
+        """The target, reached and its stamp checked (else a WebError saying why)."""
+        target = self.target(name)
+        try:
+            return connect(target)
+        except StampMismatchError as exc:
+            raise WebError(f"refused: {exc}", 409) from None
+        except (FillgateError, SQLAlchemyError) as exc:
+            raise WebError(describe_error(exc), 503) from None
+
+    def targets(self) -> list[TargetView]:
+        return [self.target_view(name) for name in self.names]
+
+    def target_view(self, name: str) -> TargetView:
+        target = self.target(name)
+        view = TargetView(name, target.environment, target.protected, target.safe_url, "ok")
+        try:
+            conn = connect(target)
+        except StampMismatchError as exc:
+            view.state, view.message = "refused", str(exc)
+            view.stamp = _stamp_of(target)
+            return view
+        except NotInitializedError as exc:
+            view.state, view.message = "uninitialised", str(exc)
+            return view
+        except (FillgateError, SQLAlchemyError) as exc:
+            view.state, view.message = "unreachable", describe_error(exc)
+            return view
+        try:
+            ledger = conn.ledger
+            view.stamp = dict(conn.meta)
+            view.revision, view.head = ledger.current_revision(), ledger.head_revision()
+            if view.revision != view.head:
+                view.message = (f"the ledger is at revision {view.revision}; this fillgate expects {view.head}. "
+                                f"Upgrade it with: fillgate init --target {name}")
+            view.active = [r for status in ACTIVE for r in ledger.list_runs(limit=100, status=status)]
+            view.locks = ledger.active_locks()
+        except (FillgateError, SQLAlchemyError) as exc:
+            view.state, view.message = "error", describe_error(exc)
+        return view
+
+    # --- runs -------------------------------------------------------------------------------
+
+    def runs_page(self, name: str, page: int, kind: str | None, status: str | None,
+                  job: str | None) -> tuple[list[Run], int, list[str]]:
+        ledger = self.connect(name).ledger
+        try:
+            runs, total = ledger.page_runs((max(page, 1) - 1) * RUNS_PER_PAGE, RUNS_PER_PAGE, kind, status, job)
+        except UsageError as exc:
+            raise WebError(str(exc)) from None
+        return runs, total, ledger.job_names()
+
+    def run(self, name: str, run_id: str) -> Run:
+        return self.connect(name).ledger.get_run(run_id)
+
+    def run_page(self, name: str, run_id: str) -> dict[str, Any]:
+        conn = self.connect(name)
+        ledger = conn.ledger
+        run = ledger.get_run(run_id)
+        related = [run_id]
+        if run.kind == "pipeline":
+            related += [r.run_id for r in ledger.children_of(run_id)]
+        details = run.details
+        if run.kind == "apply" and not details and run.parent_run_id:
+            # an apply computes nothing: its slowest rows and lookup anomalies are its plan's
+            try:
+                details = ledger.get_run(run.parent_run_id).details
+            except FillgateError:
+                details = {}
+        return {
+            "run": run, "interrupted": interrupted(run), "details": details,
+            "errors": ledger.error_groups(related), "batches": ledger.batches(run_id, TIMELINE),
+            "batch_summary": ledger.batch_summary(run_id), "actions": ledger.actions(run_id),
+            "children": ledger.children_of(run_id), "reverts": ledger.reverts_of(run_id),
+            "applies": ledger.runs_of_plan(run_id) if run.kind == "plan" else [],
+            "target": conn.target, "progress": progress(run, ledger.batches(run_id, 20)),
+        }
+
+    def progress(self, name: str, run_id: str) -> dict[str, Any]:
+        ledger = self.connect(name).ledger
+        run = ledger.get_run(run_id)
+        return {"run": run, "interrupted": interrupted(run), "progress": progress(run, ledger.batches(run_id, 20))}
+
+    def chart(self, name: str, run_id: str) -> dict[str, Any]:
+        """Throughput per batch (for the chart): seconds since the first batch, and rows/s."""
+        ledger = self.connect(name).ledger
+        run = ledger.get_run(run_id)
+        batches = ledger.batches(run_id, 500)
+        start = batches[0]["committed_at"] if batches else None
+        xs, ys = [], []
+        for b in batches:
+            xs.append((b["committed_at"] - start).total_seconds() if start else 0)
+            ys.append(round(b["rows"] * 1000 / b["elapsed_ms"], 1) if b["elapsed_ms"] else None)
+        return {"x": xs, "rate": ys, "live": run.status == "running" and not interrupted(run)}
+
+    # --- history ----------------------------------------------------------------------------
+
+    def history(self, name: str, table: str, key: str, column: str | None) -> list[dict[str, Any]]:
+        ledger = self.connect(name).ledger
+        try:
+            candidates = key_candidates(key)
+        except UsageError as exc:
+            raise WebError(str(exc)) from None
+        entries = ledger.history(table, candidates, column or None, limit=HISTORY_LIMIT)
+        for entry in entries:
+            entry["old"] = display_json(entry["old_value"])
+            entry["new"] = display_json(entry["new_value"])
+        return entries
+
+    # --- actions ----------------------------------------------------------------------------
+
+    def control(self, name: str, run_id: str, action: str, operator: str) -> str:
+        """Pause or cancel (``control_run``, as ``fillgate pause``/``cancel``); recorded."""
+        conn = self.connect(name)
+        try:
+            with acting_as(operator):
+                run = control_run(conn, run_id, action)
+        except FillgateError as exc:
+            conn.ledger.record_action(run_id, action, operator, f"refused: {exc}")
+            raise
+        outcome = (f"asked the run to {action} after its current batch" if run.control
+                   else f"run is now {run.status}")
+        conn.ledger.record_action(run_id, action, operator, outcome)
+        return outcome
+
+    def resume(self, name: str, run_id: str, operator: str, confirm: str | None) -> str:
+        """``resume_run`` (as ``fillgate resume``) in a thread of the server; recorded."""
+        conn = self.connect(name)
+        limits = Limits(confirm=confirm or None)
+        return self._start(conn, run_id, "resume", operator,
+                           lambda monitor: resume_run(conn, run_id, limits, monitor))
+
+    def revert_preview(self, name: str, run_id: str) -> RevertPreview:
+        return preview_revert(self.connect(name), run_id)
+
+    def revert(self, name: str, run_id: str, operator: str, confirm: str | None) -> str:
+        """``revert_run`` (as ``fillgate revert``) in a thread of the server; recorded.
+        Returns the new revert run's id."""
+        conn = self.connect(name)
+        limits = Limits(confirm=confirm or None)
+        return self._start(conn, run_id, "revert", operator,
+                           lambda monitor: revert_run(conn, run_id, limits, monitor))
+
+    def _start(self, conn: Connected, run_id: str, action: str, operator: str,
+               work: Callable[[Monitor], ApplyResult]) -> str:
+        try:
+            started = self.runner.start(conn, work, operator)
+        except FillgateError as exc:
+            conn.ledger.record_action(run_id, action, operator, f"refused: {exc}")
+            raise
+        outcome = f"started in the dashboard's server as run {started}" if started != run_id else \
+            "continued in the dashboard's server"
+        conn.ledger.record_action(run_id, action, operator, outcome)
+        return started
+
+    def check_confirm(self, name: str, confirm: str | None, what: str = "write to") -> None:
+        check_write_allowed(self.target(name), confirm or None, what)
+
+    # --- plans ------------------------------------------------------------------------------
+
+    def plan_of_run(self, name: str, run_id: str) -> tuple[Run, PlanStatus]:
+        """The plan file a planned run saved, checked against the checksum the run recorded."""
+        run = self.run(name, run_id)
+        if run.kind != "plan":
+            raise WebError(f"run {run_id} is a {run.kind} run, not a plan.")
+        if not run.plan_path:
+            raise WebError(f"plan run {run_id} was not saved to a file (it was made without -o), so there are "
+                           "no changes to review; make the plan again with: fillgate plan JOB -o FILE", 404)
+        status = self.plans.status(Path(run.plan_path))
+        if status.reviewable and status.sha256 != run.plan_sha256:
+            status = PlanStatus("refused", status.path,
+                                f"plan file {status.path} differs from the plan run {run_id} recorded (its SHA-256 "
+                                "changed): it was modified after planning. Make the plan again.")
+        return run, status
+
+    def plan_file(self, path: str) -> PlanStatus:
+        if not path.strip():
+            raise WebError("give the path of a plan file (made by fillgate plan -o FILE).")
+        return self.plans.status(Path(path).expanduser())
+
+    def plan_page(self, status: PlanStatus, page: int, kind: str | None, column: str | None,
+                  key: str | None) -> dict[str, Any]:
+        index = status.index
+        assert index is not None
+        if kind and kind not in KINDS:
+            raise WebError(f"unknown line kind {kind!r}; use one of: {', '.join(KINDS)}.")
+        columns = sorted(status.header.get("columns") or {})
+        if column and column not in columns:
+            raise WebError(f"the plan has no column {column!r}; its columns are: {', '.join(columns)}.")
+        if key:
+            try:
+                candidates = key_candidates(key)
+            except UsageError as exc:
+                raise WebError(str(exc)) from None
+            raw_lines = index.find_key(candidates, kind, column)
+            total = len(raw_lines)
+        else:
+            total = index.count(kind, column)
+            raw_lines = index.page(page, kind, column)
+        lines = [plan_line(number, raw) for number, raw in raw_lines]
+        return {"lines": lines, "total": total, "page": page, "pages": max((total + PAGE - 1) // PAGE, 1),
+                "columns": columns, "kind_counts": index.counts(), "done": index.state()[0],
+                "indexed": index.state()[1]}
+
+    def apply_command(self, status: PlanStatus) -> str:
+        header = status.header
+        parts = ["fillgate"]
+        if self.config_path:
+            parts += ["--config", _quote(str(self.config_path))]
+        parts += ["apply", _quote(str(status.path)), "--max-changes", str(header.get("changes", 0))]
+        target = self.config.targets.get(header.get("target", ""))
+        if target is not None and target.protected:
+            parts += ["--confirm", _quote(target.environment)]
+        return " ".join(parts)
+
+    def plan_runs(self, header: dict[str, Any]) -> list[Run]:
+        """The apply runs of a plan (on its target, when this dashboard serves it)."""
+        name = header.get("target")
+        if name not in self.names:
+            return []
+        try:
+            return self.connect(name).ledger.runs_of_plan(header["plan_id"])
+        except (FillgateError, SQLAlchemyError):
+            return []
+
+    # --- metrics ----------------------------------------------------------------------------
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Per target: whether it is up, run totals per (job, kind, status), holds per job."""
+        out = []
+        for name in self.names:
+            entry: dict[str, Any] = {"target": name, "up": False, "totals": [], "holds": []}
+            try:
+                ledger = connect(self.config.target(name)).ledger
+                entry["totals"] = ledger.run_totals()
+                entry["holds"] = ledger.hold_totals()
+                entry["up"] = True
+            except (FillgateError, SQLAlchemyError):
+                pass
+            out.append(entry)
+        return out
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def _verify(path: Path) -> tuple[dict[str, Any], str]:
+    header, sha = verify_plan(path)
+    return dataclasses.asdict(header), sha
+
+
+def _stamp_of(target: Target) -> dict[str, str]:
+    """The stamp of a target whose stamp disagrees with its declaration (read without the check)."""
+    from fillgate.database import check_reachable
+
+    try:
+        return Ledger(check_reachable(target)).read_meta()
+    except (FillgateError, SQLAlchemyError):
+        return {}
+
+
+def interrupted(run: Run) -> str | None:
+    """Why a run marked running has no live process (None if it may be alive)."""
+    if run.status != "running" or run.kind not in (*WRITING, "plan", "pipeline"):
+        return None
+    return process_gone(run.host, run.pid, run.heartbeat_at, utcnow())
+
+
+def progress(run: Run, recent: list[dict[str, Any]]) -> dict[str, Any]:
+    """Done, total, percentage, rate (per second over the recent batches) and ETA."""
+    plan = run.kind == "plan"
+    done = run.counts.get("rows", 0) if plan else run.checkpoint
+    total = None if plan else run.total
+    rate = None
+    if len(recent) >= 2:
+        span = (recent[-1]["committed_at"] - recent[0]["committed_at"]).total_seconds()
+        moved = recent[-1]["done"] - recent[0]["done"]
+        if span > 0:
+            rate = moved / span
+    elif len(recent) == 1 and recent[0]["elapsed_ms"]:
+        rate = recent[0]["rows"] * 1000 / recent[0]["elapsed_ms"]
+    eta = None
+    if rate and total is not None and total > done:
+        eta = (total - done) / rate
+    held = recent[-1]["hold_reason"] if recent and recent[-1]["held_ms"] else None
+    return {"done": done, "total": total, "percent": (100.0 * done / total) if total else None,
+            "rate": rate, "eta": eta, "unit": "rows" if plan else "changes", "last_hold": held}
+
+
+def web_operator(session: str, client: str | None) -> str:
+    """Who a web action is recorded as: the server's operator (``FILLGATE_OPERATOR`` or
+    user@host), the browser's address and the first characters of its session."""
+    return f"{operator_name()} via web ({client or 'unknown client'}, session {session[:8]})"[:255]
+
+
+# --- background runs --------------------------------------------------------------------------
+
+
+class _Watch(Monitor):
+    """A monitor that says when the run has started (and as which run id)."""
+
+    def __init__(self, started: Callable[[str], None]) -> None:
+        super().__init__()
+        self._on_started = started
+
+    def run_started(self, run_id: str, kind: str, job: str, target: str, environment: str,
+                    total: int | None) -> None:
+        super().run_started(run_id, kind, job, target, environment, total)
+        self._on_started(run_id)
+
+
+class Runner:
+    """Resume and revert runs started from the dashboard, each in a thread of the server.
+
+    ``start`` returns once the run has started (its run id) or raised the library's refusal
+    (stamp, protected environment, lock held, nothing to resume ...), so the page says which.
+    When the server stops, ``stop_all`` asks every such run to pause after its current batch
+    and waits for it: ``fillgate resume RUN`` continues it. A server killed outright leaves
+    its runs as interrupted (their process is gone), resumable the same way."""
+
+    def __init__(self) -> None:
+        self._threads: dict[str, tuple[threading.Thread, Connected]] = {}
+        self._lock = threading.Lock()
+
+    def start(self, conn: Connected, work: Callable[[Monitor], ApplyResult], operator: str) -> str:
+        started = threading.Event()
+        box: dict[str, Any] = {}
+
+        def on_started(run_id: str) -> None:
+            box["run_id"] = run_id
+            started.set()
+
+        def body() -> None:
+            with acting_as(operator):
+                try:
+                    with _Watch(on_started) as monitor:
+                        work(monitor)
+                except BaseException as exc:  # shown on the page, or on the run's page once started
+                    box.setdefault("error", exc)
+                finally:
+                    started.set()
+
+        thread = threading.Thread(target=body, name="fillgate-web-run", daemon=True)
+        thread.start()
+        started.wait()
+        if "run_id" not in box:
+            thread.join()
+            raise box.get("error") or WebError("the run did not start.")
+        with self._lock:
+            self._threads[box["run_id"]] = (thread, conn)
+        return str(box["run_id"])
+
+    def join(self) -> None:
+        """Wait until every run started here has ended (tests)."""
+        with self._lock:
+            threads = [t for t, _ in self._threads.values()]
+        for thread in threads:
+            thread.join()
+
+    def active(self) -> list[str]:
+        with self._lock:
+            return [run_id for run_id, (thread, _) in self._threads.items() if thread.is_alive()]
+
+    def stop_all(self, timeout: float | None = 60.0) -> None:
+        with self._lock:
+            running = [(run_id, t, c) for run_id, (t, c) in self._threads.items() if t.is_alive()]
+        for run_id, _, conn in running:
+            with contextlib.suppress(FillgateError):  # it finished meanwhile
+                control_run(conn, run_id, "pause")
+        for _, thread, _ in running:
+            thread.join(timeout)
+
+
+def plan_line(number: int, raw: bytes) -> dict[str, Any]:
+    """One plan line, ready to show: every value whole, as text (None: NULL)."""
+    record = loads(raw.decode("utf-8"))
+    kind = record["kind"]
+    item: dict[str, Any] = {
+        "line": number, "kind": kind, "label": KIND_LABELS.get(kind, kind), "key": key_text(record.get("key")),
+        "key_query": key_query(record.get("key")), "column": record.get("column"),
+    }
+    if kind == "insert":
+        item["values"] = [(c, display(v)) for c, v in (record.get("values") or {}).items()]
+    if "old" in record:
+        item["old"] = display(record["old"])
+    if "new" in record:
+        item["new"] = display(record["new"])
+    for name in ("reason", "error_type", "message", "fingerprint"):
+        if name in record:
+            item[name] = display(record[name])
+    return item

@@ -1,0 +1,369 @@
+"""The web dashboard without a browser (Starlette's TestClient) against real databases:
+token and host checks, CSRF, read-only, escaping, masked URLs, paging, plan review, revert
+guards, /metrics; and the ledger queries the dashboard added (batch timeline, paged runs,
+recorded actions) on every backend."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("starlette")
+
+from starlette.testclient import TestClient
+from typer.testing import CliRunner
+
+from fillgate import connect, init_target
+from fillgate.engine import Limits, apply_plan, make_plan
+from fillgate.job import load_job
+from fillgate.ledger import Run, new_run_id, utcnow
+from fillgate.web.app import Settings, create_app
+from fillgate.web.data import Dashboard
+
+from conftest import TestDB, run_cli
+
+SCRIPT = "<script>alert(1)</script>"
+CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
+
+
+def _client(cfg: Path, tmp_path: Path, **settings: Any) -> tuple[TestClient, Dashboard]:
+    board = Dashboard(cfg, None, tmp_path / "cache")
+    app = create_app(Settings(cfg, None, tmp_path / "cache", **settings), board)
+    return TestClient(app, base_url="http://127.0.0.1"), board
+
+
+def _csrf(client: TestClient, url: str) -> str:
+    page = client.get(url)
+    assert page.status_code == 200, page.text
+    found = CSRF.search(page.text)
+    assert found, page.text
+    return found.group(1)
+
+
+@pytest.fixture
+def world(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path) -> dict[str, Any]:
+    """20 people (odd ones without email, one named <script>), an applied FillEmail plan, and
+    a FillKind plan saved to a file with two disagreements."""
+    db = sqlite_db
+    db.create_people(20)
+    db.execute("UPDATE people SET name = :n WHERE id = 3", {"n": SCRIPT})
+    db.execute("UPDATE people SET kind = 'weird' WHERE id IN (4, 7)")
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    planned = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", "email.plan", "--json")
+    applied = run_cli(cli, cfg, "apply", "email.plan", "--json")
+    assert applied.exit_code == 0, applied.output
+    kinds = run_cli(cli, cfg, "plan", f"{jobs_file}:FillKind", "-o", "kind.plan", "--json")
+    return {"db": db, "cfg": cfg, "plan": json.loads(planned.stdout), "apply": json.loads(applied.stdout),
+            "kinds": json.loads(kinds.stdout)}
+
+
+def test_pages_show_runs_with_full_ids_and_escape_values(world: dict[str, Any], tmp_path: Path) -> None:
+    client, board = _client(world["cfg"], tmp_path)
+    apply_id = world["apply"]["run_id"]
+    runs = client.get("/t/staging/runs")
+    assert runs.status_code == 200
+    assert f">{apply_id}</a>" in runs.text and f">{world['plan']['run_id']}</a>" in runs.text
+    assert "Runs 1\N{EN DASH}4 of 4" in runs.text
+
+    history = client.get("/t/staging/history", params={"table": "people", "key": "3"})
+    assert history.status_code == 200
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;@example.com" in history.text
+    assert SCRIPT not in history.text
+    assert apply_id in history.text
+
+    plan_run = world["plan"]["run_id"]
+    client.get(f"/t/staging/plans/{plan_run}")
+    board.plans.wait()
+    plan = client.get(f"/t/staging/plans/{plan_run}")
+    assert plan.status_code == 200, plan.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;@example.com" in plan.text
+    assert SCRIPT not in plan.text
+    assert "Apply exactly this plan" not in plan.text  # it was applied: the page says by which run
+    assert f"Applied by run <a class=\"id\" href=\"/t/staging/runs/{apply_id}\">{apply_id}</a>" in plan.text
+
+
+def test_plan_review_filters_pages_and_finds_keys(world: dict[str, Any], tmp_path: Path) -> None:
+    client, board = _client(world["cfg"], tmp_path)
+    run_id = world["kinds"]["run_id"]
+    assert "Checking the plan file" in client.get(f"/t/staging/plans/{run_id}").text
+    board.plans.wait()
+    page = client.get(f"/t/staging/plans/{run_id}", params={"kind": "disagreement"})
+    assert page.status_code == 200
+    assert page.text.count('<tr class="k-disagreement">') == 2
+    assert '<tr class="k-change">' not in page.text
+    assert "weird" in page.text
+    everything = client.get(f"/t/staging/plans/{run_id}")
+    assert everything.text.count('<tr class="k-change">') == 18
+    assert "fillgate --config" in everything.text and "--max-changes 18" in everything.text
+    found = client.get(f"/t/staging/plans/{run_id}", params={"key": "7"})
+    assert found.text.count('<tr class="k-') == 1 and "weird" in found.text
+    second = client.get(f"/t/staging/plans/{run_id}", params={"page": "2"})
+    assert "page 2 of 1" not in second.text and "<tr class=\"k-" not in second.text  # past the end: empty
+
+
+def test_a_damaged_plan_file_is_refused(world: dict[str, Any], tmp_path: Path) -> None:
+    client, board = _client(world["cfg"], tmp_path)
+    path = world["db"].tmp_path / "kind.plan"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))  # truncated
+    client.get("/plan", params={"path": str(path)})
+    board.plans.wait()
+    page = client.get("/plan", params={"path": str(path)})
+    assert page.status_code == 409
+    assert "does not match its header" in page.text and "truncated" in page.text
+    missing = client.get("/plan", params={"path": str(tmp_path / "nope.plan")})
+    assert missing.status_code == 409 and "cannot read plan file" in missing.text
+
+
+def test_token_required_off_loopback(world: dict[str, Any], tmp_path: Path) -> None:
+    client, _ = _client(world["cfg"], tmp_path, token="s3cret-token", loopback=False)
+    for url in ("/", "/t/staging/runs", "/metrics"):
+        denied = client.get(url)
+        assert denied.status_code == 401, url
+        assert "staging" not in denied.text or url == "/"  # no data without the token
+    assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+    # a browser: ?token= sets a cookie and takes the token out of the address bar
+    first = client.get("/t/staging/runs", params={"token": "s3cret-token"}, follow_redirects=False)
+    assert first.status_code == 303 and first.headers["location"] == "/t/staging/runs"
+    assert client.get("/t/staging/runs").status_code == 200
+
+
+def test_foreign_host_refused_on_loopback(world: dict[str, Any], tmp_path: Path) -> None:
+    client, _ = _client(world["cfg"], tmp_path)
+    assert client.get("/", headers={"Host": "evil.example"}).status_code == 400
+    assert client.get("/", headers={"Host": "localhost:8642"}).status_code == 200
+
+
+def test_actions_need_csrf_and_read_only_refuses(world: dict[str, Any], tmp_path: Path) -> None:
+    db = world["db"]
+    apply_id = world["apply"]["run_id"]
+    client, _ = _client(world["cfg"], tmp_path)
+    page = f"/t/staging/runs/{apply_id}/revert"
+    no_token = client.post(page, data={})
+    assert no_token.status_code == 403 and "CSRF" in no_token.text
+    wrong = client.post(page, data={"csrf": "0" * 64})
+    assert wrong.status_code == 403
+    assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'revert'") == 0
+    assert db.scalar("SELECT count(*) FROM people WHERE email IS NOT NULL") == 20
+
+    ro, _ = _client(world["cfg"], tmp_path, read_only=True)
+    run_page = ro.get(f"/t/staging/runs/{apply_id}")
+    assert run_page.status_code == 200 and "Revert…" not in run_page.text and 'name="csrf"' not in run_page.text
+    token = CSRF.search(client.get(page).text).group(1)  # type: ignore[union-attr]
+    refused = ro.post(page, data={"csrf": token})
+    assert refused.status_code == 403 and "read-only" in refused.text
+    assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'revert'") == 0
+
+
+def test_revert_on_a_protected_target_needs_the_environment_name(
+    sqlite_db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path,
+) -> None:
+    db = sqlite_db
+    db.create_people(10)
+    cfg = db.config({"live": {"environment": "live", "protected": True}})
+    assert run_cli(cli, cfg, "init", "--confirm", "live").exit_code == 0
+    assert run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", "p.plan").exit_code == 0
+    applied = run_cli(cli, cfg, "apply", "p.plan", "--confirm", "live", "--json")
+    apply_id = json.loads(applied.stdout)["run_id"]
+    assert db.scalar("SELECT count(*) FROM people WHERE email IS NULL") == 0
+    client, board = _client(cfg, tmp_path)
+    url = f"/t/live/runs/{apply_id}/revert"
+    preview = client.get(url)
+    assert "5</strong> of 5 fields would be restored" in preview.text
+    token = CSRF.search(preview.text).group(1)  # type: ignore[union-attr]
+    refused = client.post(url, data={"csrf": token, "confirm": "staging"})
+    assert refused.status_code == 409
+    assert "protected environment &#39;live&#39;" in refused.text and "Nothing was written" in refused.text
+    assert db.scalar("SELECT count(*) FROM people WHERE email IS NULL") == 0
+    assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'revert'") == 0
+    done = client.post(url, data={"csrf": token, "confirm": "live"}, follow_redirects=False)
+    assert done.status_code == 303, done.text
+    board.runner.join()
+    revert_id = done.headers["location"].split("/runs/")[1].split("?")[0]
+    assert db.scalar("SELECT count(*) FROM people WHERE email IS NULL") == 5
+    assert db.rows("SELECT kind, status, operator FROM fillgate_runs WHERE run_id = :r", {"r": revert_id})[0][:2] == (
+        "revert", "succeeded")
+    operator = db.scalar("SELECT operator FROM fillgate_runs WHERE run_id = :r", {"r": revert_id})
+    assert "via web (" in operator
+    actions = db.rows("SELECT action, outcome FROM fillgate_actions WHERE run_id = :r ORDER BY id", {"r": apply_id})
+    assert [a for a, _ in actions] == ["revert", "revert"]
+    assert actions[0][1].startswith("refused:") and revert_id in actions[1][1]
+    shown = client.get(f"/t/live/runs/{revert_id}")
+    assert "succeeded" in shown.text and "Batch timeline" in shown.text
+
+
+def test_targets_show_refused_and_unreachable_without_passwords(
+    sqlite_db: TestDB, cli: CliRunner, tmp_path: Path,
+) -> None:
+    db = sqlite_db
+    good = db.config({"staging": {}})
+    assert run_cli(cli, good, "init").exit_code == 0
+    cfg = db.config({
+        "staging": {},
+        "claims_live": {"url": db.url, "environment": "live"},
+        "gone": {"url": "postgresql://app:hunter2-secret@127.0.0.1:1/nowhere"},
+    }, name="many.toml")
+    client, _ = _client(cfg, tmp_path)
+    page = client.get("/")
+    assert page.status_code == 200
+    assert "hunter2-secret" not in page.text and "***" in page.text
+    section = page.text.split('data-target="claims_live"')[1].split("</section>")[0]
+    assert "refused" in section and "stamped &#39;staging&#39;" in section
+    gone = page.text.split('data-target="gone"')[1].split("</section>")[0]
+    assert "unreachable" in gone and "cannot connect" in gone
+    runs = client.get("/t/claims_live/runs")
+    assert runs.status_code == 409 and "refused" in runs.text
+    unreachable = client.get("/t/gone/runs")
+    assert unreachable.status_code == 503
+    assert "hunter2-secret" not in unreachable.text and "Traceback" not in unreachable.text
+
+
+def test_metrics(world: dict[str, Any], tmp_path: Path) -> None:
+    client, _ = _client(world["cfg"], tmp_path)
+    text = client.get("/metrics").text
+    job = next(r["job"] for r in [world["plan"]])
+    assert f'fillgate_changes_applied_total{{job="{job}",target="staging"}} 10.0' in text
+    assert f'fillgate_rows_scanned_total{{job="{job}",target="staging"}} 20.0' in text
+    assert f'fillgate_unexpected_index_total{{job="{job}",target="staging"}} 0.0' in text
+    assert 'fillgate_target_up{target="staging"} 1.0' in text
+    assert f'fillgate_runs{{job="{job}",kind="apply",status="succeeded",target="staging"}} 1.0' in text
+
+
+def test_runs_are_paged_and_filtered(sqlite_db: TestDB, cli: CliRunner, tmp_path: Path) -> None:
+    db = sqlite_db
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    ledger = connect(db.target()).ledger
+    ids = []
+    for i in range(120):
+        run = Run(run_id=new_run_id(), kind="plan" if i % 3 else "apply", target="staging", environment="staging",
+                  operator="me", status="planned" if i % 3 else "succeeded", job=f"job{i % 2}", created_at=utcnow())
+        ledger.create_run(run)
+        ids.append(run.run_id)
+    client, _ = _client(cfg, tmp_path)
+    first = client.get("/t/staging/runs")
+    assert "Runs 1\N{EN DASH}50 of 121" in first.text and ids[-1] in first.text and ids[0] not in first.text
+    last = client.get("/t/staging/runs", params={"page": "3"})
+    assert "Runs 101\N{EN DASH}121 of 121" in last.text and ids[0] in last.text
+    assert last.text.count('class="run-row"') == 21
+    applies = client.get("/t/staging/runs", params={"kind": "apply", "job": "job0"})
+    assert "of 20," in applies.text and applies.text.count('class="run-row"') == 20
+    bad = client.get("/t/staging/runs", params={"status": "bogus"})
+    assert bad.status_code == 400 and "unknown run status" in bad.text
+
+
+# --- ledger queries added for the dashboard, on every backend --------------------------------
+
+
+def test_batch_timeline_and_paged_runs(db: TestDB, jobs_file: Path) -> None:
+    db.create_people(23, with_email_every=100)
+    target = db.target()
+    init_target(target)
+    conn = connect(target)
+    job = load_job(f"{jobs_file}:FillEmail")
+    planned = make_plan(conn, job, out=db.tmp_path / "p.plan")
+    applied = apply_plan(conn, planned.path, Limits(batch_size=5))
+    ledger = conn.ledger
+    batches = ledger.batches(applied.run.run_id)
+    assert [(b["batch"], b["rows"], b["writes"], b["done"]) for b in batches] == [
+        (1, 5, 5, 5), (2, 5, 5, 10), (3, 5, 5, 15), (4, 5, 5, 20), (5, 3, 3, 23)]
+    assert all(b["held_ms"] == 0 and b["hold_reason"] is None for b in batches)
+    assert ledger.batch_summary(applied.run.run_id)["batches"] == 5
+    plan_batches = ledger.batches(planned.run.run_id)
+    assert sum(b["rows"] for b in plan_batches) == 23 and plan_batches[-1]["done"] == 23
+    runs, total = ledger.page_runs(0, 2)
+    assert total == 3 and [r.kind for r in runs] == ["apply", "plan"]
+    runs, total = ledger.page_runs(2, 2)
+    assert [r.kind for r in runs] == ["init"]
+    assert ledger.page_runs(0, 10, kind="plan")[1] == 1
+    assert ledger.job_names() == [planned.run.job]
+    ledger.record_action(applied.run.run_id, "pause", "me via web", "run is now succeeded")
+    assert [(a["action"], a["operator"]) for a in ledger.actions(applied.run.run_id)] == [("pause", "me via web")]
+    totals = {(t["kind"], t["status"]): t for t in ledger.run_totals()}
+    assert totals["apply", "succeeded"]["counts"]["applied"] == 23
+    assert ledger.active_locks() == []
+
+
+def test_held_batches_record_their_hold(sqlite_db: TestDB, jobs_file: Path) -> None:
+    db = sqlite_db
+    db.create_people(10, with_email_every=100)
+    target = db.target()
+    init_target(target)
+    conn = connect(target)
+    said: list[str] = []
+
+    class HoldOnce:
+        """Holds the run once (after its first batch), then says healthy."""
+
+        def check(self, _conn: Any) -> str | None:
+            said.append("checked")
+            return "the test holds once" if len(said) == 1 else None
+
+    planned = make_plan(conn, load_job(f"{jobs_file}:FillEmail"), out=db.tmp_path / "p.plan")
+    applied = apply_plan(conn, planned.path, Limits(batch_size=5, checks=[HoldOnce()]))
+    batches = conn.ledger.batches(applied.run.run_id)
+    assert [b["hold_reason"] for b in batches] == [None, "the test holds once"]
+    assert batches[0]["held_ms"] == 0 and batches[1]["held_ms"] > 0
+    assert conn.ledger.batch_summary(applied.run.run_id)["holds"] == 1
+
+
+def test_serve_without_the_extra_names_it(sqlite_db: TestDB, cli: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "starlette" else real(name, *a))
+    result = run_cli(cli, sqlite_db.config(), "serve")
+    assert result.exit_code == 2
+    assert "pip install 'fillgate[web]'" in result.stderr and "Traceback" not in result.output
+
+
+def test_serve_off_loopback_needs_a_token(sqlite_db: TestDB, cli: CliRunner, tmp_path: Path) -> None:
+    result = run_cli(cli, sqlite_db.config(), "serve", "--host", "0.0.0.0")
+    assert result.exit_code == 2 and "needs a token" in result.stderr
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    result = run_cli(cli, sqlite_db.config(), "serve", "--host", "0.0.0.0", "--token-file", str(empty))
+    assert result.exit_code == 2 and "is empty" in result.stderr
+
+
+def test_resume_and_cancel_from_the_web(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path) -> None:
+    from fillgate.engine import control_run
+    from fillgate.monitor import Monitor
+
+    db = sqlite_db
+    db.create_people(20, with_email_every=100)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    conn = connect(db.target())
+    planned = make_plan(conn, load_job(f"{jobs_file}:FillEmail"), out=db.tmp_path / "p.plan")
+
+    class PauseAfterFirst(Monitor):
+        def batch_done(self, counts: Any, done: int, engine: Any, examples: Any = None) -> None:
+            super().batch_done(counts, done, engine, examples)
+            if done == 5:
+                control_run(conn, self._run_id, "pause")
+
+    paused = apply_plan(conn, planned.path, Limits(batch_size=5), PauseAfterFirst())
+    run_id = paused.run.run_id
+    assert db.rows("SELECT status, checkpoint FROM fillgate_runs WHERE run_id = :r", {"r": run_id}) == [("paused", 10)]
+    client, board = _client(cfg, tmp_path)
+    page = client.get(f"/t/staging/runs/{run_id}")
+    assert "Resume</button>" in page.text and "Pause</button>" not in page.text
+    token = CSRF.search(page.text).group(1)  # type: ignore[union-attr]
+    resumed = client.post(f"/t/staging/runs/{run_id}/resume", data={"csrf": token}, follow_redirects=False)
+    assert resumed.status_code == 303 and resumed.headers["location"].endswith(f"/runs/{run_id}?done=resumed")
+    board.runner.join()
+    assert db.rows("SELECT status, checkpoint FROM fillgate_runs WHERE run_id = :r", {"r": run_id}) == [
+        ("succeeded", 20)]
+    assert db.scalar("SELECT count(*) FROM people WHERE email IS NULL") == 0
+    assert db.scalar("SELECT count(*) FROM fillgate_changes WHERE run_id = :r", {"r": run_id}) == 20
+    cancel = client.post(f"/t/staging/runs/{run_id}/cancel", data={"csrf": token})
+    assert cancel.status_code == 400 and "has status succeeded" in cancel.text
+    actions = db.rows("SELECT action, outcome FROM fillgate_actions WHERE run_id = :r ORDER BY id", {"r": run_id})
+    assert [a for a, _ in actions] == ["resume", "cancel"] and actions[1][1].startswith("refused:")

@@ -532,7 +532,7 @@ def test_a_ledger_from_before_tamper_evidence_is_upgraded_keeping_every_row(
     assert stale.exit_code == 2 and "0002_run_details" in stale.stderr and "fillgate init" in stale.stderr
     upgraded = run_cli(cli, cfg, "init")
     assert upgraded.exit_code == 0, upgraded.output
-    assert db.scalar("SELECT version_num FROM fillgate_alembic_version") == "0003_audit_integrity"
+    assert db.scalar("SELECT version_num FROM fillgate_alembic_version") == Ledger(db.engine).head_revision()
     after = (db.rows(f"SELECT {old_columns} FROM fillgate_changes ORDER BY id"),
              db.rows(f"SELECT {ERRORS_COLUMNS} FROM fillgate_errors ORDER BY id"),
              db.rows("SELECT run_id, kind, status, args, counts, checkpoint FROM fillgate_runs ORDER BY run_id"))

@@ -166,7 +166,7 @@ def test_revert_on_a_protected_target_needs_the_environment_name(
 ) -> None:
     db = sqlite_db
     db.create_people(10)
-    cfg = db.config({"live": {"environment": "live", "protected": True}})
+    cfg = db.config({"live": {"environment": "live", "protected": True, "max_changes": 100}})
     assert run_cli(cli, cfg, "init", "--confirm", "live").exit_code == 0
     assert run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", "p.plan").exit_code == 0
     applied = run_cli(cli, cfg, "apply", "p.plan", "--confirm", "live", "--json")

@@ -91,7 +91,7 @@ class World:
         self.urls = {name: f"sqlite:///{root / (name + '.db')}" for name in ("staging", "live")}
         self.cfg.write_text(
             f'[targets.staging]\nurl = "{self.urls["staging"]}"\n\n'
-            f'[targets.live]\nurl = "{self.urls["live"]}"\nenvironment = "live"\nprotected = true\n'
+            f'[targets.live]\nurl = "{self.urls["live"]}"\nenvironment = "live"\nprotected = true\nmax_changes = 1000\n'
         )
         (root / "jobs.py").write_text(JOBS)
         self.base = ""

@@ -810,10 +810,12 @@ def test_postgresql_python_shortcuts_agree_with_the_probe(pg_probe: Any, declare
     backend, session, types = pg_probe
     ctype = types[declared]
     bound = backend.accept(ctype, value)
-    if type(bound) is Unstorable:
-        return
-    quick = backend.exact_form(ctype, bound)
-    if quick is PROBE:
+    quick = bound if type(bound) is Unstorable else backend.exact_form(ctype, bound)
+    fast = backend.fast_path(ctype)
+    if fast is not None and (fastest := fast(value)) is not PROBE:  # the fast path says the same
+        assert type(fastest) is type(quick) and (type(quick) is Unstorable or same_value(fastest, quick)), \
+            (declared, value, fastest, quick)
+    if type(bound) is Unstorable or quick is PROBE:
         return
     (probed,) = backend.probe(session, ctype, [bound])
     if type(probed) is not Unstorable and not backend.represents(ctype, bound, probed):

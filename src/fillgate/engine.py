@@ -300,20 +300,19 @@ class _Planner:
         """Each proposal with every value replaced by its storage form (what the column will
         hold and return on a read), or the list of (column, reason) for the values its
         columns cannot hold exactly. None and Failed values are left as they are."""
-        by_column: dict[str, tuple[list[int], list[Any]]] = {}
-        for i, proposal in enumerate(proposals):
-            for column, value in proposal.items():
-                if value is None or isinstance(value, Failed):
-                    continue
-                entry = by_column.get(column)
-                if entry is None:
-                    entry = by_column[column] = ([], [])
-                entry[0].append(i)
-                entry[1].append(value)
         out: list[Any] = list(proposals)
-        for column, (positions, values) in by_column.items():
+        for column in self.checker.types:
+            present = [(i, v) for i, p in enumerate(proposals) if (v := p.get(column)) is not None]
+            if not present:
+                continue
+            values = [v for _, v in present]
+            if any(isinstance(v, Failed) for v in values):
+                present = [(i, v) for i, v in present if not isinstance(v, Failed)]
+                values = [v for _, v in present]
             forms = self.checker.storage_forms(column, values)
-            for i, value, form in zip(positions, values, forms, strict=True):
+            if forms is values:  # every value is its own storage form
+                continue
+            for (i, value), form in zip(present, forms, strict=True):
                 if form is value:
                     continue
                 current = out[i]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import operator
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -255,6 +256,13 @@ class Backend:
         :class:`Unstorable`, or :data:`PROBE` to ask the database."""
         return PROBE
 
+    def fast_path(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
+        """A cheap function for the common values of this column (a short ASCII str for a
+        varchar, an int in range for an integer column): it returns the storage form (or an
+        :class:`Unstorable`) exactly as :meth:`accept` and :meth:`exact_form` would, or
+        :data:`PROBE` to take the general path. None: no such function."""
+        return None
+
     def represents(self, ctype: ColumnType, proposed: Any, stored: Any) -> bool:
         """Whether the value read back after storing ``proposed`` is the same value (so the
         plan may record ``stored`` as what it writes)."""
@@ -307,9 +315,24 @@ class ValueChecker:
         self.table = table
         self.types = types
         self._session: ProbeSession | None = None
+        self._fast = {column: backend.fast_path(ctype) for column, ctype in types.items()}
 
-    def storage_forms(self, column: str, values: Sequence[Any]) -> list[Any]:
-        """For each value (not None): its storage form, or :class:`Unstorable`."""
+    def storage_forms(self, column: str, values: Sequence[Any]) -> Sequence[Any]:
+        """For each value (not None): its storage form, or :class:`Unstorable`. When every
+        value is its own storage form, ``values`` itself is returned."""
+        fast = self._fast[column]
+        if fast is None:
+            return self._general(column, values)
+        forms = list(map(fast, values))
+        slow = [i for i, form in enumerate(forms) if form is PROBE]
+        if slow:
+            for i, form in zip(slow, self._general(column, [values[i] for i in slow]), strict=True):
+                forms[i] = form
+        elif all(map(operator.is_, forms, values)):
+            return values
+        return forms
+
+    def _general(self, column: str, values: Sequence[Any]) -> list[Any]:
         backend = self.backend
         ctype = self.types[column]
         out: list[Any] = [None] * len(values)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from sqlalchemy.engine import Connection, Engine
@@ -71,6 +71,13 @@ class MySQLBackend(Backend):
         if low <= value <= high:
             return value
         return Unstorable(f"{ctype.describe()} cannot hold {value}: out of range ({low} to {high}).")
+
+    def fast_path(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
+        limits = ctype.details.get("range")
+        if limits is None:
+            return None
+        low, high = limits
+        return lambda v: v if type(v) is int and low <= v <= high else PROBE
 
     def represents(self, ctype: ColumnType, proposed: Any, stored: Any) -> bool:
         if isinstance(proposed, dt.time) and isinstance(stored, dt.timedelta):

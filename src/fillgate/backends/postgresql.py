@@ -4,6 +4,7 @@ type (``CREATE TEMP TABLE ... AS SELECT col ... WITH NO DATA``)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import decimal
 import uuid
 from collections.abc import Callable, Sequence
@@ -116,7 +117,7 @@ class PostgreSQLBackend(Backend):
                 return value
             return Unstorable(f"{ctype.describe()} cannot hold {value}: out of range ({low} to {high}).")
         if family == "numeric":
-            return _numeric(ctype, value)
+            return _numeric_rule(ctype)(value)
         if family == "float":
             if d["typname"] != "float8":
                 return PROBE
@@ -141,6 +142,39 @@ class PostgreSQLBackend(Backend):
             return value
         return PROBE
 
+    def fast_path(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
+        d = ctype.details
+        if d["domain"]:
+            return None
+        family, typname = ctype.family, d["typname"]
+        if family == "text" and not d["enum"] and d["utf8"] and typname in ("text", "varchar", "bpchar"):
+            length = d.get("length")
+            if length is None:
+                return lambda v: v if type(v) is str and v.isascii() and "\x00" not in v else PROBE
+            if typname == "varchar":
+                return lambda v: v if type(v) is str and len(v) <= length and v.isascii() and "\x00" not in v \
+                    else PROBE
+            return lambda v: v if type(v) is str and len(v) == length and v.isascii() and "\x00" not in v else PROBE
+        if family == "integer":
+            low, high = d["range"]
+            return lambda v: v if type(v) is int and low <= v <= high else PROBE
+        if family == "numeric":
+            rule = _numeric_rule(ctype)
+            return lambda v: rule(v) if type(v) is decimal.Decimal or type(v) is int else PROBE
+        if typname == "float8":
+            return lambda v: v if type(v) is float else PROBE
+        kinds = {"bool": bool, "date": dt.date, "bytea": bytes, "uuid": uuid.UUID}
+        if typname in kinds:
+            kind = kinds[typname]
+            return lambda v: v if type(v) is kind else PROBE
+        if family in ("timestamp", "timestamptz"):
+            aware = family == "timestamptz"
+            precision = d.get("precision")
+            step = 1 if precision is None or precision >= 6 else 10 ** (6 - precision)
+            return lambda v: v if type(v) is dt.datetime and (v.tzinfo is not None) == aware and \
+                v.microsecond % step == 0 else PROBE
+        return None
+
     def bind(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
         if ctype.details.get("typname") == "jsonb":
             from psycopg.types.json import Jsonb
@@ -156,24 +190,42 @@ class PostgreSQLBackend(Backend):
         return session.probe(ctype, values, self.bind(ctype))
 
 
-def _numeric(ctype: ColumnType, value: Any) -> Any:
-    number = decimal.Decimal(value) if type(value) is int else value
-    if not number.is_finite():
-        return PROBE
+def _numeric_rule(ctype: ColumnType) -> Callable[[Any], Any]:
+    """The storage form of an int or a finite Decimal in a numeric column: PostgreSQL keeps
+    an unconstrained numeric exactly (showing 1E+3 as 1000); numeric(p, s) rounds to s places
+    (half away from zero) and refuses more than p - s digits before the point."""
     precision, scale = ctype.details.get("precision"), ctype.details.get("scale")
-    context = decimal.Context(prec=max(len(number.as_tuple().digits), precision or 0) + 10)
-    if number.as_tuple().exponent > 0:  # type: ignore[operator]
-        number = number.quantize(decimal.Decimal(1), context=context)  # PostgreSQL shows 1E+3 as 1000
+    one = decimal.Decimal(1)
     if precision is None:
-        return number
-    stored = number.quantize(decimal.Decimal(1).scaleb(-scale), rounding=decimal.ROUND_HALF_UP, context=context)
-    if abs(stored) >= decimal.Decimal(10) ** (precision - scale):
-        return Unstorable(f"{ctype.describe()} cannot hold {value!r}: it holds at most {precision - scale} "
-                          "digits before the decimal point (numeric field overflow).")
-    if stored != number:
-        return Unstorable(f"{ctype.describe()} would store {stored!r} for {value!r}: it keeps {scale} decimal "
-                          "places and rounds the rest.")
-    return stored
+        def unconstrained(value: Any) -> Any:
+            number = decimal.Decimal(value) if type(value) is int else value
+            if not number.is_finite():
+                return PROBE
+            _, digits, exponent = number.as_tuple()
+            if isinstance(exponent, int) and exponent > 0:
+                return number.quantize(one, context=decimal.Context(prec=len(digits) + exponent + 1))
+            return number
+        return unconstrained
+    quantum = one.scaleb(-scale)
+    limit = decimal.Decimal(10) ** (precision - scale)
+    context = decimal.Context(prec=precision + 1, rounding=decimal.ROUND_HALF_UP)
+
+    def constrained(value: Any) -> Any:
+        number = decimal.Decimal(value) if type(value) is int else value
+        if not number.is_finite():
+            return PROBE
+        try:
+            stored = number.quantize(quantum, context=context)
+        except decimal.InvalidOperation:
+            stored = limit  # more digits than the column holds
+        if abs(stored) >= limit:
+            return Unstorable(f"{ctype.describe()} cannot hold {value!r}: it holds at most {precision - scale} "
+                              "digits before the decimal point (numeric field overflow).")
+        if stored != number:
+            return Unstorable(f"{ctype.describe()} would store {stored!r} for {value!r}: it keeps {scale} decimal "
+                              "places and rounds the rest.")
+        return stored
+    return constrained
 
 
 class _Probe(ProbeSession):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from sqlalchemy.engine import Connection, Engine
@@ -130,6 +130,37 @@ class SQLiteBackend(Backend):
         if kind is bytes:
             return value
         return PROBE
+
+    def fast_path(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
+        aff, family = ctype.details["affinity"], ctype.family
+        low, high = INT64
+        if family == "text" or (family == "any" and aff in ("BLOB", "ANY")):
+            return lambda v: v if type(v) is str and v.isascii() else PROBE
+        if family == "integer" and aff == "INTEGER":
+            return lambda v: v if type(v) is int and low <= v <= high else PROBE
+        if family == "numeric" and aff == "NUMERIC":
+            def numeric(v: Any) -> Any:
+                kind = type(v)
+                if kind is decimal.Decimal:
+                    v = _decimal(ctype, v)
+                    kind = type(v)
+                if kind is int:
+                    return v if low <= v <= high else PROBE
+                if kind is float:  # a fraction stays REAL; an integral float may become INTEGER: probed
+                    return v if math.isfinite(v) and not v.is_integer() else PROBE
+                return v if kind is Unstorable else PROBE
+            return numeric
+        if family == "float" and aff == "REAL":
+            return lambda v: v if type(v) is float and math.isfinite(v) else PROBE
+        if family == "timestamp":
+            def timestamp(v: Any) -> Any:
+                if type(v) is dt.datetime:
+                    return v.isoformat(" ")  # has a colon: never read as a number
+                return v if type(v) is str and ":" in v and v.isascii() else PROBE
+            return timestamp
+        if family == "date":
+            return lambda v: v.isoformat() if type(v) is dt.date else PROBE  # 'YYYY-MM-DD' is not a number
+        return None
 
     def probe_session(self, engine: Engine, table: str) -> ProbeSession:
         return _Probe(engine)

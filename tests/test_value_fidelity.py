@@ -843,3 +843,64 @@ def pg_probe(db: TestDB) -> Any:
         yield backend, session, types
     finally:
         session.close()
+
+
+# --- 12. values no column or plan can hold --------------------------------------------------
+
+
+class Opaque:
+    """A value of a type no driver and no plan file knows."""
+
+    def __repr__(self) -> str:
+        return "Opaque()"
+
+
+def test_a_value_of_an_unknown_type_is_a_row_error_not_a_traceback(db: TestDB, tmp_path: Path) -> None:
+    """An untyped SQLite column, a PostgreSQL array, a MariaDB BIT: columns that take 'any'
+    value; one the driver cannot send is a row error naming it."""
+    kind = {"sqlite": "", "postgresql": "INTEGER[]", "mysql": "BIT(3)"}[db.backend]
+    db.execute(f"CREATE TABLE things (id INTEGER NOT NULL PRIMARY KEY, v {kind})")
+    db.execute("INSERT INTO things (id) VALUES (1)")
+    job = _job("things", {"v": FillMissing()}, lambda row, ctx: {"v": Opaque()})
+    conn = _connect(db)
+    try:
+        plan = make_plan(conn, job, out=tmp_path / "opaque.plan")
+        (error,) = [line for line in _lines(plan.path) if line["kind"] == "error"]
+        assert error["key"] == [1] and "column 'v'" in error["message"] and "Opaque()" in error["message"]
+    finally:
+        conn.engine.dispose()
+
+
+def test_a_column_type_no_plan_can_hold_stops_the_plan_cleanly(db: TestDB, cli: CliRunner, tmp_path: Path) -> None:
+    if db.backend != "postgresql":
+        pytest.skip("an inet column: PostgreSQL")
+    db.execute("CREATE TABLE hosts (id INTEGER NOT NULL PRIMARY KEY, addr INET)")
+    db.execute("INSERT INTO hosts (id) VALUES (1)")
+    (tmp_path / "hosts.py").write_text(
+        "import ipaddress\nfrom fillgate import Job, FillMissing\n\n"
+        "class Addr(Job):\n    table = 'hosts'\n    columns = {'addr': FillMissing()}\n"
+        "    def compute(self, row, ctx):\n        return {'addr': ipaddress.ip_address('10.0.0.1')}\n"
+    )
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init", "--target", "staging").exit_code == 0
+    result = run_cli(cli, cfg, "plan", f"{tmp_path / 'hosts.py'}:Addr", "-o", "hosts.plan")
+    assert result.exit_code == 2, result.output
+    assert "cannot be stored in a plan" in result.stderr and "Traceback" not in result.output
+    assert not Path("hosts.plan").exists()
+    assert db.rows("SELECT status FROM fillgate_runs WHERE kind = 'plan'") == [("failed",)]
+
+
+def test_apply_of_an_int_sqlite_cannot_bind_is_a_row_error(sqlite_db: TestDB) -> None:
+    """The driver's OverflowError (not a database error) used to escape apply and crash the
+    whole batch."""
+    from fillgate.sql import Change, TableSQL, apply_changes
+
+    sqlite_db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER)")
+    sqlite_db.execute("INSERT INTO t (id, n) VALUES (1, 0), (2, 0)")
+    sql = TableSQL(sqlite_db.engine.dialect, "t", ["id"])
+    with sqlite_db.engine.begin() as tx:
+        outcome = apply_changes(tx, sql, [Change((1,), "n", 0, 2**70), Change((2,), "n", 0, 5)])
+    assert [c.key for c in outcome.applied] == [(2,)]
+    ((change, exc),) = outcome.errors
+    assert change.key == (1,) and isinstance(exc, OverflowError)
+    assert sqlite_db.rows("SELECT id, n FROM t ORDER BY id") == [(1, 0), (2, 5)]

@@ -445,13 +445,13 @@ def _apply_one_by_one(
         savepoint = conn.begin_nested()
         try:
             matched = conn.exec_driver_sql(statement, param).rowcount
-        except DBAPIError as exc:
+        except (DBAPIError, OverflowError, ValueError, TypeError) as exc:  # refused by the database or its driver
             savepoint.rollback()
             exists, current = current_value(conn, sql, change)
             if change.op == "insert" and exists:  # the key was taken since the plan
                 outcome.conflicts.append((change, current, True))
             else:
-                outcome.errors.append((change, exc.orig or exc))
+                outcome.errors.append((change, getattr(exc, "orig", None) or exc))
             continue
         if matched == 1 and read_back and change.op != "delete":
             differences = _differences(change, _stored_values(conn, sql, [change])[0])

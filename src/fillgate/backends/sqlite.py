@@ -191,7 +191,8 @@ class _Probe(ProbeSession):
     """A private in-memory database, opened with the engine's own driver."""
 
     def __init__(self, engine: Engine) -> None:
-        self.db = engine.dialect.dbapi.connect(":memory:")  # type: ignore[union-attr]
+        driver = getattr(engine.dialect, "loaded_dbapi", None) or engine.dialect.dbapi
+        self.db = driver.connect(":memory:")  # type: ignore[union-attr]
         self.tables: dict[tuple[str, bool], str] = {}
 
     def _table_for(self, ctype: ColumnType) -> str:

@@ -791,56 +791,80 @@ def test_sqlite_storage_forms_are_what_sqlite_stores(tmp_path_factory: Any, decl
         engine.dispose()
 
 
-PG_TYPES = ["VARCHAR(4)", "CHAR(3)", "TEXT", "SMALLINT", "INTEGER", "BIGINT", "NUMERIC(5, 2)", "NUMERIC",
-            "NUMERIC(3, 0)", "DOUBLE PRECISION", "TIMESTAMP(0)", "TIMESTAMP(3)", "TIMESTAMP", "TIMESTAMPTZ(1)",
-            "BOOLEAN", "DATE", "BYTEA"]
-PG_VALUES = st.one_of(
-    TEXTS, st.integers(-(2**64), 2**64), st.decimals(allow_nan=False, places=3), st.floats(),
-    st.datetimes(), st.datetimes(timezones=st.just(UTC)), st.booleans(), st.dates(), st.binary(max_size=4),
+SHORTCUT_TYPES = {
+    "postgresql": ["VARCHAR(4)", "CHAR(3)", "TEXT", "SMALLINT", "INTEGER", "BIGINT", "NUMERIC(5, 2)", "NUMERIC",
+                   "NUMERIC(3, 0)", "DOUBLE PRECISION", "TIMESTAMP(0)", "TIMESTAMP(3)", "TIMESTAMP", "TIMESTAMPTZ(1)",
+                   "BOOLEAN", "DATE", "BYTEA"],
+    "mysql": ["VARCHAR(4)", "CHAR(3)", "TINYTEXT", "TEXT", "TINYINT", "SMALLINT UNSIGNED", "BIGINT", "DECIMAL(5, 2)",
+              "DECIMAL(3, 0)", "DATETIME", "DATETIME(3)", "DATE", "VARCHAR(4) CHARACTER SET latin1"],
+}
+SHORTCUT_VALUES = st.one_of(
+    TEXTS, st.text(alphabet="ab ", max_size=5), st.integers(-(2**64), 2**64), st.decimals(allow_nan=False, places=3),
+    st.floats(), st.datetimes(), st.datetimes(timezones=st.just(UTC)), st.booleans(), st.dates(),
+    st.binary(max_size=4),
 )
 
 
+FAMILY_VALUES = {
+    "text": st.one_of(TEXTS, st.text(alphabet="ab \u00e9", max_size=6)),
+    "integer": st.one_of(st.integers(-(2**16), 2**16), st.integers(-(2**64), 2**64)),
+    "numeric": st.one_of(st.decimals(allow_nan=False, allow_infinity=False, places=3, min_value=-2000,
+                                     max_value=2000), st.integers(-2000, 2000),
+                         st.decimals(allow_nan=False, allow_infinity=False)),
+    "float": st.floats(),
+    "timestamp": st.datetimes(),
+    "timestamptz": st.datetimes(timezones=st.just(UTC)),
+    "date": st.dates(),
+    "bool": st.booleans(),
+    "bytes": st.binary(max_size=4),
+}
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(declared=st.sampled_from(PG_TYPES), value=PG_VALUES)
-def test_postgresql_python_shortcuts_agree_with_the_probe(pg_probe: Any, declared: str, value: Any) -> None:
+@given(data=st.data())
+def test_python_shortcuts_agree_with_the_database(shortcuts: Any, data: st.DataObject) -> None:
     """Where fillgate decides a storage form in Python (lengths, ranges, scales, precisions),
     the database, asked through the temporary-table probe, says the same."""
     from fillgate.backends import PROBE, Unstorable, same_value
 
-    backend, session, types = pg_probe
-    ctype = types[declared]
+    backend, session, types = shortcuts
+    ctype = types[data.draw(st.sampled_from(sorted(types)), label="type")]
+    own = FAMILY_VALUES.get(ctype.family)
+    value = data.draw(st.one_of(own, SHORTCUT_VALUES) if own is not None else SHORTCUT_VALUES, label="value")
     bound = backend.accept(ctype, value)
     quick = bound if type(bound) is Unstorable else backend.exact_form(ctype, bound)
     fast = backend.fast_path(ctype)
-    if fast is not None and (fastest := fast(value)) is not PROBE:  # the fast path says the same
+    fastest = fast(value) if fast is not None else PROBE
+    if quick is PROBE and fastest is not PROBE:
+        quick = fastest
+    elif fastest is not PROBE:  # the fast path says what the general path says
         assert type(fastest) is type(quick) and (type(quick) is Unstorable or same_value(fastest, quick)), \
-            (declared, value, fastest, quick)
+            (ctype.type, value, fastest, quick)
     if type(bound) is Unstorable or quick is PROBE:
         return
     (probed,) = backend.probe(session, ctype, [bound])
     if type(probed) is not Unstorable and not backend.represents(ctype, bound, probed):
         probed = Unstorable("differs")
     if type(quick) is Unstorable:
-        assert type(probed) is Unstorable, (declared, value, quick, probed)
+        assert type(probed) is Unstorable, (ctype.type, value, quick, probed)
     else:
-        assert type(probed) is not Unstorable and same_value(quick, probed), (declared, value, quick, probed)
+        assert type(probed) is not Unstorable and same_value(quick, probed), (ctype.type, value, quick, probed)
 
 
 @pytest.fixture
-def pg_probe(db: TestDB) -> Any:
-    if db.backend != "postgresql":
-        pytest.skip("PostgreSQL's Python shortcuts")
-    from fillgate.backends import PostgreSQLBackend
+def shortcuts(db: TestDB) -> Any:
+    if db.backend not in SHORTCUT_TYPES:
+        pytest.skip("SQLite's shortcuts are checked against a real SQLite file above")
+    from fillgate.backends import backend_for
 
-    columns = ", ".join(f"c{i} {kind}" for i, kind in enumerate(PG_TYPES))
-    db.execute(f"CREATE TABLE shortcuts ({columns})")
-    backend = PostgreSQLBackend()
+    kinds = SHORTCUT_TYPES[db.backend]
+    db.execute(f"CREATE TABLE shortcuts ({', '.join(f'c{i} {kind}' for i, kind in enumerate(kinds))})")
+    backend = backend_for(db.engine)
     with db.engine.connect() as c:
         reflected = backend.column_types(c, "shortcuts")
-    types = {kind: reflected[f"c{i}"] for i, kind in enumerate(PG_TYPES)}
     session = backend.probe_session(db.engine, "shortcuts")
     try:
-        yield backend, session, types
+        yield backend, session, {kind: reflected[f"c{i}"] for i, kind in enumerate(kinds)}
     finally:
         session.close()
 

@@ -556,7 +556,9 @@ def _plan_location(out: str | Path | None) -> tuple[Path | None, Path | None]:
     return file.parent, file
 
 
-def _check_rows(proposal: Any, policies: Mapping[str, Any], key_cols: Sequence[str], key: tuple[Any, ...]) -> list[Any]:
+def _check_rows(
+    proposal: Any, policies: Mapping[str, Any], key_cols: Sequence[str], key: tuple[Any, ...]
+) -> list[Any]:
     """An insert/upsert proposal: a row (dict) or rows holding the key and declared columns.
     A proposal of the wrong shape, or setting a column the job does not declare, is a bug of
     the job and stops the plan (JobError); a row whose key value is None is a row error
@@ -573,9 +575,9 @@ def _check_rows(proposal: Any, policies: Mapping[str, Any], key_cols: Sequence[s
         if undeclared:
             raise JobError(
                 f"compute proposed a row (for source row {encode_key(key)}) setting column(s) "
-            f"{', '.join(map(repr, undeclared))}, which the job does "
-                f"not declare in key ({', '.join(key_cols)}) or columns ({', '.join(policies)}). Declare them, or "
-                "stop proposing them, and plan again."
+                f"{', '.join(map(repr, undeclared))}, which the job does not declare in key "
+                f"({', '.join(key_cols)}) or columns ({', '.join(policies)}). Declare them, or stop proposing "
+                "them, and plan again."
             )
         absent = [k for k in key_cols if k not in row]
         if absent:

@@ -285,6 +285,44 @@ class Backend:
         return ValueChecker(self, engine, table, types)
 
 
+def numeric_rule(ctype: ColumnType, precision: int | None, scale: int | None) -> Callable[[Any], Any]:
+    """The storage form of an int or a finite Decimal in a fixed-point column: unconstrained,
+    it is kept exactly (1E+3 shown as 1000, as PostgreSQL does); NUMERIC(p, s) / DECIMAL(p, s)
+    round to s places (half away from zero, on PostgreSQL and MariaDB/MySQL alike), and more
+    than p - s digits before the point overflow. Non-finite values: :data:`PROBE`."""
+    one = decimal.Decimal(1)
+    if precision is None:
+        def unconstrained(value: Any) -> Any:
+            number = decimal.Decimal(value) if type(value) is int else value
+            if not number.is_finite():
+                return PROBE
+            _, digits, exponent = number.as_tuple()
+            if isinstance(exponent, int) and exponent > 0:
+                return number.quantize(one, context=decimal.Context(prec=len(digits) + exponent + 1))
+            return number
+        return unconstrained
+    quantum = one.scaleb(-scale)
+    limit = decimal.Decimal(10) ** (precision - scale)
+    context = decimal.Context(prec=precision + 1, rounding=decimal.ROUND_HALF_UP)
+
+    def constrained(value: Any) -> Any:
+        number = decimal.Decimal(value) if type(value) is int else value
+        if not number.is_finite():
+            return PROBE
+        try:
+            stored = number.quantize(quantum, context=context)
+        except decimal.InvalidOperation:
+            stored = limit  # more digits than the column holds
+        if abs(stored) >= limit:
+            return Unstorable(f"{ctype.describe()} cannot hold {value!r}: it holds at most {precision - scale} "
+                              "digits before the decimal point (numeric field overflow).")
+        if stored != number:
+            return Unstorable(f"{ctype.describe()} would store {stored!r} for {value!r}: it keeps {scale} decimal "
+                              "places and rounds the rest.")
+        return stored
+    return constrained
+
+
 class ProbeSession:
     """The database side of one plan's probes (a connection, scratch tables); closed once."""
 

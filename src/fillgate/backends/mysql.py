@@ -6,7 +6,9 @@ character set and collation), in the server's own SQL mode."""
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import math
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -14,7 +16,16 @@ from typing import Any, ClassVar
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from fillgate.backends.base import PROBE, Backend, ColumnType, ProbeSession, Unstorable, database_reason, shown
+from fillgate.backends.base import (
+    PROBE,
+    Backend,
+    ColumnType,
+    ProbeSession,
+    Unstorable,
+    database_reason,
+    numeric_rule,
+    shown,
+)
 from fillgate.errors import ConfigError
 
 _FAMILIES = {
@@ -28,6 +39,10 @@ _FAMILIES = {
     "date": "date", "datetime": "timestamp", "timestamp": "timestamp", "time": "time",
 }
 _INT_BITS = {"tinyint": 8, "smallint": 16, "mediumint": 24, "int": 32, "integer": 32, "bigint": 64}
+_TEXT_BYTES = {"tinytext": 255, "text": 65535, "mediumtext": 16777215, "longtext": 4294967295}
+# character sets that store every ASCII string exactly
+_ASCII_SAFE = {"utf8mb4", "utf8mb3", "utf8", "latin1", "ascii"}
+_SIZE = re.compile(r"\((\d+)(?:,(\d+))?\)")
 
 
 class MySQLBackend(Backend):
@@ -41,6 +56,7 @@ class MySQLBackend(Backend):
 
     def column_types(self, conn: Connection, table: str) -> dict[str, ColumnType]:
         schema, _, name = table.rpartition(".")
+        sql_mode = str(conn.exec_driver_sql("SELECT @@SESSION.sql_mode").scalar() or "")
         rows = conn.exec_driver_sql(
             "SELECT column_name, data_type, column_type, character_set_name, collation_name, is_nullable "
             "FROM information_schema.columns WHERE table_schema = COALESCE(%s, DATABASE()) AND table_name = %s "
@@ -50,7 +66,11 @@ class MySQLBackend(Backend):
         out: dict[str, ColumnType] = {}
         for column, data_type, column_type, charset, collation, nullable in rows:
             data_type = str(data_type).lower()
-            details: dict[str, Any] = {"column_type": column_type, "charset": charset, "collation": collation}
+            details: dict[str, Any] = {"column_type": column_type, "charset": charset, "collation": collation,
+                                       "data_type": data_type, "sql_mode": sql_mode}
+            size = _SIZE.search(str(column_type))
+            if size is not None:
+                details["size"] = (int(size.group(1)), int(size.group(2)) if size.group(2) else None)
             bits = _INT_BITS.get(data_type)
             if bits is not None:
                 if "unsigned" in str(column_type).lower():
@@ -73,11 +93,33 @@ class MySQLBackend(Backend):
         return Unstorable(f"{ctype.describe()} cannot hold {value}: out of range ({low} to {high}).")
 
     def fast_path(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
-        limits = ctype.details.get("range")
-        if limits is None:
-            return None
-        low, high = limits
-        return lambda v: v if type(v) is int and low <= v <= high else PROBE
+        """Integers in range; ASCII text that fits (CHAR drops trailing spaces: probed); DECIMAL
+        by its precision and scale; DATETIME and DATE in range with the fractions the column
+        keeps. Everything else is probed."""
+        d = ctype.details
+        limits = d.get("range")
+        if limits is not None:
+            low, high = limits
+            return lambda v: v if type(v) is int and low <= v <= high else PROBE
+        data_type, size, unsigned = d["data_type"], d.get("size"), "unsigned" in str(d["column_type"]).lower()
+        if data_type in ("varchar", "char", *_TEXT_BYTES) and str(d.get("charset")).lower() in _ASCII_SAFE:
+            if data_type == "char" and "PAD_CHAR_TO_FULL_LENGTH" in d["sql_mode"]:
+                return None
+            limit = _TEXT_BYTES.get(data_type) or (size[0] if size else 1)
+            if data_type == "char":
+                return lambda v: v if type(v) is str and len(v) <= limit and v.isascii() and not v.endswith(" ") \
+                    else PROBE
+            return lambda v: v if type(v) is str and len(v) <= limit and v.isascii() else PROBE
+        if data_type in ("decimal", "numeric") and size is not None and not unsigned:
+            rule = numeric_rule(ctype, size[0], size[1] or 0)
+            return lambda v: rule(v) if type(v) is decimal.Decimal or type(v) is int else PROBE
+        if data_type == "datetime":
+            step = 10 ** (6 - (size[0] if size else 0))
+            return lambda v: v if type(v) is dt.datetime and v.tzinfo is None and v.year >= 1000 and \
+                v.microsecond % step == 0 else PROBE
+        if data_type == "date":
+            return lambda v: v if type(v) is dt.date and v.year >= 1000 else PROBE
+        return None
 
     def represents(self, ctype: ColumnType, proposed: Any, stored: Any) -> bool:
         if isinstance(proposed, dt.time) and isinstance(stored, dt.timedelta):
@@ -159,9 +201,10 @@ class _Probe(ProbeSession):
             for name in self.tables.values():
                 conn.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {name}")
             conn.commit()
-        except BaseException:
+        except Exception:
+            # the pool must not hand out a session holding our tables: ending the session drops
+            # them; closing never hides the error that ended the plan
             conn.invalidate()
-            raise
         finally:
             conn.close()
 

@@ -13,7 +13,16 @@ from typing import Any, ClassVar
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from fillgate.backends.base import PROBE, Backend, ColumnType, ProbeSession, Unstorable, database_reason, shown
+from fillgate.backends.base import (
+    PROBE,
+    Backend,
+    ColumnType,
+    ProbeSession,
+    Unstorable,
+    database_reason,
+    numeric_rule,
+    shown,
+)
 from fillgate.errors import ConfigError
 
 # the column's type after resolving domains: base type name, its kind and category, typmod
@@ -98,7 +107,7 @@ class PostgreSQLBackend(Backend):
             return PROBE  # its CHECK constraints decide
         family = ctype.family
         if family == "text":
-            if d["enum"] or not d["utf8"] or d["typname"] not in ("text", "varchar", "bpchar"):
+            if d["enum"] or not d["utf8"] or d["typname"] not in ("text", "varchar", "bpchar", "citext"):
                 return PROBE
             if "\x00" in value:
                 return Unstorable(f"{ctype.describe()} cannot hold {value!r}: PostgreSQL text cannot contain NUL "
@@ -117,7 +126,7 @@ class PostgreSQLBackend(Backend):
                 return value
             return Unstorable(f"{ctype.describe()} cannot hold {value}: out of range ({low} to {high}).")
         if family == "numeric":
-            return _numeric_rule(ctype)(value)
+            return numeric_rule(ctype, ctype.details.get("precision"), ctype.details.get("scale"))(value)
         if family == "float":
             if d["typname"] != "float8":
                 return PROBE
@@ -147,7 +156,7 @@ class PostgreSQLBackend(Backend):
         if d["domain"]:
             return None
         family, typname = ctype.family, d["typname"]
-        if family == "text" and not d["enum"] and d["utf8"] and typname in ("text", "varchar", "bpchar"):
+        if family == "text" and not d["enum"] and d["utf8"] and typname in ("text", "varchar", "bpchar", "citext"):
             length = d.get("length")
             if length is None:
                 return lambda v: v if type(v) is str and v.isascii() and "\x00" not in v else PROBE
@@ -159,7 +168,7 @@ class PostgreSQLBackend(Backend):
             low, high = d["range"]
             return lambda v: v if type(v) is int and low <= v <= high else PROBE
         if family == "numeric":
-            rule = _numeric_rule(ctype)
+            rule = numeric_rule(ctype, ctype.details.get("precision"), ctype.details.get("scale"))
             return lambda v: rule(v) if type(v) is decimal.Decimal or type(v) is int else PROBE
         if typname == "float8":
             return lambda v: v if type(v) is float else PROBE
@@ -188,44 +197,6 @@ class PostgreSQLBackend(Backend):
     def probe(self, session: ProbeSession, ctype: ColumnType, values: Sequence[Any]) -> list[Any]:
         assert isinstance(session, _Probe)
         return session.probe(ctype, values, self.bind(ctype))
-
-
-def _numeric_rule(ctype: ColumnType) -> Callable[[Any], Any]:
-    """The storage form of an int or a finite Decimal in a numeric column: PostgreSQL keeps
-    an unconstrained numeric exactly (showing 1E+3 as 1000); numeric(p, s) rounds to s places
-    (half away from zero) and refuses more than p - s digits before the point."""
-    precision, scale = ctype.details.get("precision"), ctype.details.get("scale")
-    one = decimal.Decimal(1)
-    if precision is None:
-        def unconstrained(value: Any) -> Any:
-            number = decimal.Decimal(value) if type(value) is int else value
-            if not number.is_finite():
-                return PROBE
-            _, digits, exponent = number.as_tuple()
-            if isinstance(exponent, int) and exponent > 0:
-                return number.quantize(one, context=decimal.Context(prec=len(digits) + exponent + 1))
-            return number
-        return unconstrained
-    quantum = one.scaleb(-scale)
-    limit = decimal.Decimal(10) ** (precision - scale)
-    context = decimal.Context(prec=precision + 1, rounding=decimal.ROUND_HALF_UP)
-
-    def constrained(value: Any) -> Any:
-        number = decimal.Decimal(value) if type(value) is int else value
-        if not number.is_finite():
-            return PROBE
-        try:
-            stored = number.quantize(quantum, context=context)
-        except decimal.InvalidOperation:
-            stored = limit  # more digits than the column holds
-        if abs(stored) >= limit:
-            return Unstorable(f"{ctype.describe()} cannot hold {value!r}: it holds at most {precision - scale} "
-                              "digits before the decimal point (numeric field overflow).")
-        if stored != number:
-            return Unstorable(f"{ctype.describe()} would store {stored!r} for {value!r}: it keeps {scale} decimal "
-                              "places and rounds the rest.")
-        return stored
-    return constrained
 
 
 class _Probe(ProbeSession):
@@ -306,8 +277,9 @@ class _Probe(ProbeSession):
             for name in self.tables.values():
                 conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
             conn.commit()
-        except BaseException:
-            conn.invalidate()  # the pool must not hand out a session holding our tables
-            raise
+        except Exception:
+            # the pool must not hand out a session holding our tables: ending the session drops
+            # them; closing never hides the error that ended the plan
+            conn.invalidate()
         finally:
             conn.close()

@@ -259,3 +259,28 @@ def test_inserted_rows_a_column_would_round_are_plan_row_errors(db: TestDB, tmp_
         assert db.rows("SELECT count(*) FROM prices") == [(0,)]
     finally:
         conn.engine.dispose()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.timedeltas(), st.floats(), st.lists(st.floats(), max_size=3),
+                 st.dictionaries(st.text(max_size=3), st.one_of(st.floats(), st.timedeltas()), max_size=3)))
+def test_timedeltas_and_nan_round_trip_as_strict_json(value: Any) -> None:
+    """MySQL TIME and PostgreSQL interval read as timedelta; PostgreSQL keeps NaN and the
+    infinities: plans and the audit log hold them as tags, never as the non-JSON NaN tokens."""
+    from fillgate.backends import same_value
+
+    text = dumps(value)
+
+    def no_constants(name: str) -> Any:
+        raise AssertionError(f"{text} holds the non-JSON constant {name}")
+
+    json.loads(text, parse_constant=no_constants)
+    assert same_value(loads(text), value)
+
+
+def test_malformed_tags_are_value_errors() -> None:
+    import pytest
+
+    for text in ('{"$float":"x"}', '{"$decimal":"x"}', '{"$timedelta":"x"}', '{"$date":"x"}'):
+        with pytest.raises(ValueError):
+            loads(text)

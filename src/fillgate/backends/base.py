@@ -165,6 +165,8 @@ class Backend:
     dialects: ClassVar[tuple[str, ...]] = ()
     # families whose columns also take a bool, stored as 1/0 (backends without a boolean type)
     bools_as_ints: ClassVar[bool] = False
+    # a "timestamp" (without time zone) column refuses aware datetimes
+    naive_timestamps: ClassVar[bool] = True
     # Python types each family takes on this backend (checked with isinstance; bool apart)
     accepts: ClassVar[dict[str, tuple[type, ...]]] = {
         "integer": (int,),
@@ -240,8 +242,6 @@ class Backend:
             value = bytes(value)
         return value
 
-    naive_timestamps: ClassVar[bool] = True  # a "timestamp" column refuses aware datetimes
-
     def _wrong_type(self, ctype: ColumnType, value: Any) -> Unstorable:
         wants = FAMILY_WANTS[ctype.family]
         if ctype.family in ("integer", "numeric") and self.bools_as_ints:
@@ -259,8 +259,9 @@ class Backend:
     def fast_path(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
         """A cheap function for the common values of this column (a short ASCII str for a
         varchar, an int in range for an integer column): it returns the storage form (or an
-        :class:`Unstorable`) exactly as :meth:`accept` and :meth:`exact_form` would, or
-        :data:`PROBE` to take the general path. None: no such function."""
+        :class:`Unstorable`) that the general path (:meth:`accept`, :meth:`exact_form`, the
+        probe) would give, or :data:`PROBE` to take the general path. None: no such function.
+        tests/test_value_fidelity.py checks these against the database with hypothesis."""
         return None
 
     def represents(self, ctype: ColumnType, proposed: Any, stored: Any) -> bool:

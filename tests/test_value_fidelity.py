@@ -55,8 +55,9 @@ def _connect(db: TestDB) -> Connected:
 
 def _lines(path: Path | None) -> list[dict[str, Any]]:
     assert path is not None
-    _, *body = path.read_text(encoding="utf-8").splitlines()
-    return [loads(line) for line in body]
+    # split on "\n" only: a value may hold "\x85" or "\u2028", which str.splitlines() also splits on
+    _, *body = path.read_text(encoding="utf-8").split("\n")
+    return [loads(line) for line in body if line]
 
 
 def _errors(db: TestDB, run_id: str) -> list[tuple[Any, ...]]:

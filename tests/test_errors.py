@@ -261,7 +261,7 @@ def test_conflicts_at_apply(db: TestDB, cli: CliRunner, tmp_path: Path, jobs_fil
     result = json.loads(applied.stdout)
     run_id = result["run_id"]
     assert result["status"] == "succeeded"
-    assert result["counts"] == {"applied": 8, "conflicts": 2, "errors": 0, "converted": 0}
+    assert result["counts"] == {"applied": 8, "conflicts": 2, "errors": 0}
     conflicts = {c["key"][0]: c for c in result["conflicts"]}
     assert conflicts[3]["expected"] is None and conflicts[3]["found"] == "manual@x.org"
     assert conflicts[3]["row_exists"] is True
@@ -309,7 +309,7 @@ def test_conflicts_are_exact_even_under_case_insensitive_collations(
     applied = run_cli(cli, cfg, "apply", "ow.plan", "--json")
     assert applied.exit_code == 1, applied.output
     result = json.loads(applied.stdout)
-    assert result["counts"] == {"applied": 6, "conflicts": 2, "errors": 0, "converted": 0}
+    assert result["counts"] == {"applied": 6, "conflicts": 2, "errors": 0}
     assert sorted((c["key"][0], c["found"]) for c in result["conflicts"]) == [
         (2, "OLD2@X.ORG"), (4, "old4@x.org "),
     ]
@@ -324,7 +324,7 @@ def test_conflicts_are_exact_even_under_case_insensitive_collations(
     db.execute("UPDATE people SET email = 'PERSON6@EXAMPLE.COM' WHERE id = 6")
     reverted = run_cli(cli, cfg, "revert", result["run_id"], "--json")
     assert reverted.exit_code == 1, reverted.output
-    assert json.loads(reverted.stdout)["counts"] == {"applied": 5, "conflicts": 1, "errors": 0, "converted": 0}
+    assert json.loads(reverted.stdout)["counts"] == {"applied": 5, "conflicts": 1, "errors": 0}
     emails = dict(db.rows("SELECT id, email FROM people"))
     assert emails[6] == "PERSON6@EXAMPLE.COM"
     assert emails[8] == "zoë@x.org"

@@ -127,7 +127,7 @@ def test_insert_on_a_composite_unique_key_is_planned_applied_audited_and_idempot
     assert rust["values"] == {"run_timestamp": TS, "topic": "rust", "summary": "10 articles about rust", "score": 10}
 
     applied = _apply(cfg, "digests.plan")
-    assert applied["counts"] == {"applied": len(TOPICS), "conflicts": 0, "errors": 0, "converted": 0}
+    assert applied["counts"] == {"applied": len(TOPICS), "conflicts": 0, "errors": 0}
     assert _digests(db) == _expected()
 
     audit = _audit(db, applied["run_id"])
@@ -176,7 +176,7 @@ def test_an_insert_whose_key_was_taken_since_the_plan_is_a_conflict(db: TestDB, 
     db.execute("INSERT INTO digests (run_timestamp, topic, summary, score) VALUES (:ts, 'sql', 'written by hand', 7)",
                {"ts": TS})
     applied = _apply(cfg, "digests.plan", expect=1)
-    assert applied["counts"] == {"applied": len(TOPICS) - 1, "conflicts": 1, "errors": 0, "converted": 0}
+    assert applied["counts"] == {"applied": len(TOPICS) - 1, "conflicts": 1, "errors": 0}
     (conflict,) = applied["conflicts"]
     assert conflict["key"] == [TS, "sql"] and conflict["column"] == "*" and conflict["row_exists"]
     expected = [r if r[1] != "sql" else (TS, "sql", "written by hand", 7) for r in _expected()]
@@ -233,7 +233,7 @@ def test_revert_deletes_only_inserted_rows_that_still_hold_what_was_inserted(db:
     reverted = run_cli(CliRunner(), cfg, "revert", applied["run_id"], "--json")
     assert reverted.exit_code == 1, reverted.output  # a conflict: the edited row stays
     undo = json.loads(reverted.stdout)
-    assert undo["counts"] == {"applied": 5, "conflicts": 1, "errors": 0, "converted": 0}
+    assert undo["counts"] == {"applied": 5, "conflicts": 1, "errors": 0}
     assert _digests(db) == [(TS, "go", "edited by an analyst", 40)]
     assert {(op, column) for _, column, op, _, _ in _audit(db, undo["run_id"])} == {("delete", "*")}
     (conflict,) = db.rows("SELECT row_key, message FROM fillgate_errors WHERE run_id = :r", {"r": undo["run_id"]})
@@ -241,7 +241,7 @@ def test_revert_deletes_only_inserted_rows_that_still_hold_what_was_inserted(db:
 
     redo = run_cli(CliRunner(), cfg, "revert", undo["run_id"], "--json")  # revert the revert
     assert redo.exit_code == 0, redo.output
-    assert json.loads(redo.stdout)["counts"] == {"applied": 5, "conflicts": 0, "errors": 0, "converted": 0}
+    assert json.loads(redo.stdout)["counts"] == {"applied": 5, "conflicts": 0, "errors": 0}
     expected = [r if r[1] != "go" else (TS, "go", "edited by an analyst", 40) for r in _expected()]
     assert _digests(db) == expected
     history = json.loads(run_cli(CliRunner(), cfg, "history", "digests", f"{TS},rust", "--json").stdout)
@@ -311,5 +311,5 @@ def test_kill_and_resume_inserts_every_row_exactly_once(db: TestDB, tmp_path: Pa
     assert db.scalar("SELECT count(*) FROM fillgate_changes WHERE op = 'insert'") == CRASH_ROWS, (seed, log)
     assert db.rows("SELECT row_key FROM fillgate_changes GROUP BY row_key HAVING count(*) > 1") == [], (seed, log)
     counts = json.loads(db.scalar("SELECT counts FROM fillgate_runs WHERE run_id = :r", {"r": run_id}))
-    assert counts == {"applied": CRASH_ROWS, "conflicts": 0, "errors": 0, "converted": 0}, (seed, log)
+    assert counts == {"applied": CRASH_ROWS, "conflicts": 0, "errors": 0}, (seed, log)
     assert db.scalar("SELECT count(*) FROM fillgate_errors") == 0, (seed, log)

@@ -221,7 +221,7 @@ def test_policies_end_to_end(db: TestDB, cli: CliRunner, tmp_path: Path) -> None
     applied = run_cli(cli, cfg, "apply", "mixed.plan", "--json")
     assert applied.exit_code == 0, applied.output
     result = json.loads(applied.stdout)
-    assert result["counts"] == {"applied": 6, "conflicts": 0, "errors": 0, "converted": 0}
+    assert result["counts"] == {"applied": 6, "conflicts": 0, "errors": 0}
     assert _table(db) == AFTER
     audit = db.rows("SELECT row_key, column_name, old_value, new_value FROM fillgate_changes "
                     "WHERE run_id = :r ORDER BY row_key, column_name", {"r": result["run_id"]})

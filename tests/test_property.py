@@ -135,7 +135,7 @@ def test_apply_revert_roundtrip_and_idempotence(db: TestDB, tmp_path: Path) -> N
         assert _table(db) == original  # a plan writes nothing
         applied = apply_plan(conn, first.path, Limits(batch_size=3))
         assert applied.run.status == "succeeded"
-        assert applied.counts == {"applied": first.header.changes, "conflicts": 0, "errors": 0, "converted": 0}
+        assert applied.counts == {"applied": first.header.changes, "conflicts": 0, "errors": 0}
         after = _table(db)
         assert after == _expected_after(rows, policies, proposals)
         assert db.scalar("SELECT count(*) FROM fillgate_changes WHERE run_id = :r",
@@ -152,7 +152,7 @@ def test_apply_revert_roundtrip_and_idempotence(db: TestDB, tmp_path: Path) -> N
         # revert returns the table to exactly its original state
         reverted = revert_run(conn, applied.run.run_id, Limits(batch_size=2))
         assert reverted.run.status == "succeeded"
-        assert reverted.counts == {"applied": first.header.changes, "conflicts": 0, "errors": 0, "converted": 0}
+        assert reverted.counts == {"applied": first.header.changes, "conflicts": 0, "errors": 0}
         assert _table(db) == original
 
     check()

@@ -100,7 +100,7 @@ def test_runs_lists_plan_apply_revert(db: TestDB, cli: CliRunner, jobs_file: Pat
         ("plan", "planned"), ("init", "succeeded"),
     ]
     by_id = {r["run_id"]: r for r in runs}
-    assert by_id[apply_id]["counts"] == {"applied": 10, "conflicts": 0, "errors": 0, "converted": 0}
+    assert by_id[apply_id]["counts"] == {"applied": 10, "conflicts": 0, "errors": 0}
     assert by_id[apply_id]["checkpoint"] == by_id[apply_id]["total"] == 10
     assert by_id[revert_id]["parent_run_id"] == apply_id
     assert by_id[apply_id]["plan_id"] == runs[4]["run_id"]
@@ -144,7 +144,7 @@ def test_show_run(db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
     apply_id = json.loads(applied.stdout)["run_id"]
     shown = json.loads(run_cli(cli, cfg, "show", apply_id, "--json").stdout)
     assert shown["status"] == "succeeded"
-    assert shown["counts"] == {"applied": 3, "conflicts": 1, "errors": 0, "converted": 0}
+    assert shown["counts"] == {"applied": 3, "conflicts": 1, "errors": 0}
     assert (shown["checkpoint"], shown["total"]) == (4, 4)
     assert [(g["error_type"], g["count"], g["example_key"]) for g in shown["error_groups"]] == [
         ("Conflict", 1, "[1]")
@@ -344,7 +344,7 @@ def test_pause_and_resume_a_revert(db: TestDB, cli: CliRunner, jobs_file: Path, 
 
     resumed = run_cli(cli, cfg, "resume", revert_id, "--json")
     assert resumed.exit_code == 0, resumed.output
-    assert json.loads(resumed.stdout)["counts"] == {"applied": n, "conflicts": 0, "errors": 0, "converted": 0}
+    assert json.loads(resumed.stdout)["counts"] == {"applied": n, "conflicts": 0, "errors": 0}
     assert _filled(db) == 0
     assert db.scalar("SELECT count(DISTINCT row_key) FROM fillgate_changes WHERE run_id = :r", {"r": revert_id}) == n
     assert db.scalar("SELECT count(*) FROM fillgate_changes WHERE run_id = :r", {"r": revert_id}) == n
@@ -421,7 +421,7 @@ def test_revert_dry_run_writes_nothing_and_reports_conflicts(db: TestDB, cli: Cl
     reverted = run_cli(cli, cfg, "revert", apply_id, "--json")
     assert reverted.exit_code == 1  # conflicts
     result = json.loads(reverted.stdout)
-    assert result["counts"] == {"applied": 8, "conflicts": 2, "errors": 0, "converted": 0}
+    assert result["counts"] == {"applied": 8, "conflicts": 2, "errors": 0}
     rows = dict(db.rows("SELECT id, email FROM people"))
     assert rows[2] == "changed@x.org"
     assert 4 not in rows

@@ -47,7 +47,7 @@ from fillgate.redact import mask_secrets, redact_url
 log = logging.getLogger("fillgate.alerts")
 
 SEVERITY: tuple[str, ...] = (
-    "unexpected_index", "extra_results", "errors", "converted", "conflicts", "disagreements",
+    "unexpected_index", "extra_results", "errors", "conflicts", "disagreements",
 )
 """Anomaly kinds, most severe first. Kinds given a threshold but not listed rank after these."""
 
@@ -55,7 +55,6 @@ DEFAULT_THRESHOLDS: dict[str, int | None] = {
     "unexpected_index": 0,
     "extra_results": 0,
     "errors": 0,
-    "converted": 0,
     "conflicts": None,
     "disagreements": 0,
 }
@@ -68,7 +67,6 @@ _DESCRIPTIONS = {
     "unexpected_index": "rows whose lookup result was missing, extra, duplicated or out of place (not written)",
     "extra_results": "lookup results that belonged to no row (ignored)",
     "errors": "row errors",
-    "converted": "fields the database stored differently from the plan (audited as stored)",
     "conflicts": "conflicts (rows changed since the plan; left alone)",
     "disagreements": "disagreements (known values that differ; not written)",
 }

@@ -14,12 +14,15 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from fillgate.alerts import fingerprint as alert_fingerprint
+from fillgate.backends import ColumnType, Unstorable, ValueChecker, backend_for, same_value
 from fillgate.context import RunContext, activate
 from fillgate.errors import (
     AlreadyDoneError,
+    ColumnTypeError,
     ErrorBudgetExceededError,
     FillgateError,
     GateExceededError,
@@ -56,7 +59,7 @@ PLAN_COUNTS = (
     "rows", "writes", "inserts", "unchanged", "skipped", "disagreements", "preserved", "errors",
     "unexpected_index",
 )
-APPLY_COUNTS = ("applied", "conflicts", "errors", "converted")
+APPLY_COUNTS = ("applied", "conflicts", "errors")
 SAMPLE = 20
 
 # Plan line kinds that are anomalies, and the count (alert kind) each one feeds.
@@ -172,8 +175,10 @@ def _compute_page(job: Job, rows: list[dict[str, Any]], keys: list[tuple[Any, ..
 class _Planner:
     """The state of one plan: counts, samples, the plan writer and the page's ledger rows."""
 
-    def __init__(self, run: Run, job_cls: type[Job], writer: PlanWriter, monitor: Monitor) -> None:
+    def __init__(self, run: Run, job_cls: type[Job], writer: PlanWriter, monitor: Monitor,
+                 checker: ValueChecker) -> None:
         self.run = run
+        self.checker = checker  # the storage form of every proposed value, per column
         self.name = job_cls.job_name()
         self.policies = job_cls.policies()
         self.key_cols = job_cls.key_columns()
@@ -181,6 +186,7 @@ class _Planner:
         self.table = job_cls.table
         self.mode = job_cls.writes
         self.ensured: set[str] = set()  # keys of rows an insert/upsert plan already covers
+        self.nullable = {c: t.nullable for c, t in checker.types.items()}
         self.writer = writer
         self.monitor = monitor
         self.counts = dict.fromkeys(PLAN_COUNTS, 0)
@@ -206,16 +212,17 @@ class _Planner:
                 self.counts[name] += n
 
     def _ledger_error(self, key: tuple[Any, ...], phase: str, error_type: str, message: str,
-                      fp: str, tb: str | None) -> None:
-        self.page_errors.append(error_row(self.run.run_id, phase, key, None, error_type, message, fp, tb))
+                      fp: str, tb: str | None, column: str | None = None) -> None:
+        self.page_errors.append(error_row(self.run.run_id, phase, key, column, error_type, message, fp, tb))
 
-    def row_error(self, key: tuple[Any, ...], exc: BaseException, phase: str = "plan") -> None:
+    def row_error(self, key: tuple[Any, ...], exc: BaseException, phase: str = "plan",
+                  column: str | None = None) -> None:
         self._count("errors")
         fp = error_fingerprint(self.name, exc)
-        message = str(exc) or type(exc).__name__
+        message = _printable(str(exc) or type(exc).__name__)
         self.writer.error(key, type(exc).__name__, message, fp)
         self._sample("error", {"key": list(key), "error_type": type(exc).__name__, "message": message})
-        self._ledger_error(key, phase, type(exc).__name__, message, fp, _format_tb(exc))
+        self._ledger_error(key, phase, type(exc).__name__, message, fp, _printable(_format_tb(exc)), column)
 
     def unexpected(self, key: tuple[Any, ...], description: str, example: dict[str, Any] | None) -> None:
         """A lookup result that is missing, extra, duplicated or out of place: never written."""
@@ -259,19 +266,77 @@ class _Planner:
         proposals = _compute_page(job, rows, keys, ctx, results, self.monitor)
         if ctx.escape is not None:  # a refusal, not a row error, even if the job caught it
             raise ctx.escape
-        wanted: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        checked: list[tuple[Mapping[str, Any], tuple[Any, ...], Mapping[str, Any]]] = []
         for row, key, proposal in zip(rows, keys, proposals, strict=True):
-            if proposal is not None and not isinstance(proposal, BaseException):
-                proposal = (_check_proposal(proposal, self.policies, row) if self.mode == "update"
-                            else _check_rows(proposal, self.policies, self.key_cols))
+            if proposal is None:
+                continue
             if isinstance(proposal, BaseException):
                 self.row_error(key, proposal)
-            elif proposal and self.mode == "update":
-                self._diff(row, key, proposal)
-            elif proposal:
-                wanted.extend((key, values) for values in proposal)
+            elif self.mode == "update":
+                proposal = _check_proposal(proposal, self.policies, row, key)
+                if proposal:
+                    checked.append((row, key, proposal))
+            else:
+                for values in _check_rows(proposal, self.policies, self.key_cols, key):
+                    if isinstance(values, JobError):
+                        self.row_error(key, values)
+                    else:
+                        checked.append((row, key, values))
+        if not checked:
+            return
+        forms = self._storage_forms([proposal for _, _, proposal in checked])
+        if self.mode == "update":
+            for (row, key, _), stored in zip(checked, forms, strict=True):
+                if type(stored) is list:
+                    self._unstorable(key, stored)
+                else:
+                    self._diff(row, key, stored)
+            return
+        wanted: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        for (_, key, _), stored in zip(checked, forms, strict=True):
+            if type(stored) is list:
+                self._unstorable(key, stored)
+            else:
+                wanted.append((key, stored))
         if wanted:
             self._ensure(wanted, reader)
+
+    def _storage_forms(self, proposals: list[Mapping[str, Any]]) -> list[Any]:
+        """Each proposal with every value replaced by its storage form (what the column will
+        hold and return on a read), or the list of (column, reason) for the values its
+        columns cannot hold exactly. None and Failed values are left as they are."""
+        out: list[Any] = list(proposals)
+        for column in self.checker.types:
+            present = [(i, v) for i, p in enumerate(proposals) if (v := p.get(column)) is not None]
+            if not present:
+                continue
+            values = [v for _, v in present]
+            if any(isinstance(v, Failed) for v in values):
+                present = [(i, v) for i, v in present if not isinstance(v, Failed)]
+                values = [v for _, v in present]
+            forms = self.checker.storage_forms(column, values)
+            if forms is values:  # every value is its own storage form
+                continue
+            for (i, value), form in zip(present, forms, strict=True):
+                if form is value:
+                    continue
+                current = out[i]
+                if type(form) is Unstorable:
+                    if type(current) is list:
+                        current.append((column, form.reason))
+                    else:
+                        out[i] = [(column, form.reason)]
+                elif type(current) is not list:
+                    if current is proposals[i]:  # copied before the first change: the job may reuse its dicts
+                        current = out[i] = dict(current)
+                    current[column] = form
+        return out
+
+    def _unstorable(self, key: tuple[Any, ...], problems: list[tuple[str, str]]) -> None:
+        """A row proposing a value its column cannot hold exactly: nothing of the row is planned."""
+        message = " ".join(reason for _, reason in problems) + " Nothing is planned for this row."
+        column = problems[0][0] if len(problems) == 1 else None
+        self.row_error(key, ColumnTypeError(message), column=column)
 
     def _keys(self, rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         if len(self.source_key) == 1:
@@ -285,12 +350,18 @@ class _Planner:
         existing = existing_rows(reader, self.table, self.key_cols, list(self.policies), row_keys)
         reader.rollback()
         for (source_key, values), key in zip(wanted, row_keys, strict=True):
+            current = existing.get(key)
+            if current is None:
+                not_null = [c for c, v in values.items() if v is None and not self.nullable.get(c, True)]
+                if not_null:
+                    self._unstorable(source_key, [(c, f"column {c!r} is NOT NULL, and the proposed row sets it to "
+                                                      "None.") for c in not_null])
+                    continue
             encoded = encode_key(key)
             if encoded in self.ensured:
                 self._count("unchanged")  # another source row already asked for this row
                 continue
             self.ensured.add(encoded)
-            current = existing.get(key)
             if current is None:
                 self._count("writes")
                 self._count("inserts")
@@ -299,7 +370,7 @@ class _Planner:
             elif self.mode == "upsert":
                 self._diff(current, key, {c: v for c, v in values.items() if c not in self.key_cols})
             else:
-                same = all(current.get(c) == v for c, v in values.items() if c in current)
+                same = all(same_value(current.get(c), v) for c, v in values.items() if c in current)
                 self._count("unchanged" if same else "skipped")
 
     def _diff(self, row: Mapping[str, Any], key: tuple[Any, ...], proposal: Mapping[str, Any]) -> None:
@@ -317,7 +388,7 @@ class _Planner:
                 self.writer.disagreement(key, column, old, new)
                 self._sample("disagreement", {"key": list(key), "column": column, "old": old, "new": new})
             elif decision is Decision.PRESERVED:
-                reason = new.reason if isinstance(new, Failed) else f"new value {new!r}"
+                reason = _printable(new.reason) if isinstance(new, Failed) else f"new value {new!r}"
                 self.writer.preserved(key, column, old, reason)
                 self._sample("preserved", {"key": list(key), "column": column, "old": old, "reason": reason})
 
@@ -346,6 +417,8 @@ def make_plan(
     name = job_cls.job_name()
     key_cols = job_cls.key_columns()
     verify_table_and_key(conn.engine, job_cls.table, key_cols, list(job_cls.policies()))
+    types = _written_column_types(conn, job_cls)
+    _check_source_selects_key(conn, job_cls, job.args)
     ledger = conn.ledger
     run = ledger.create_run(
         Run(
@@ -364,7 +437,8 @@ def make_plan(
         )
     )
     plan_dir, plan_file = _plan_location(out)
-    planner = _Planner(run, job_cls, PlanWriter(plan_dir), monitor)
+    checker = backend_for(conn.engine).checker(conn.engine, job_cls.table, types)
+    planner = _Planner(run, job_cls, PlanWriter(plan_dir), monitor, checker)
     counts = planner.counts
     ctx = RunContext(run_id=pipeline_run_id or run.run_id, target=conn.target, job=name, params=job.args,
                      engine=conn.engine, stage_run_id=run.run_id)
@@ -446,8 +520,11 @@ def make_plan(
         raise
     finally:
         monitor.heartbeat = None
-        if lookup is not None:
-            lookup.close()
+        try:
+            checker.close()
+        finally:
+            if lookup is not None:
+                lookup.close()
     ledger.update_run(
         run.run_id,
         status="planned",
@@ -464,6 +541,41 @@ def make_plan(
     return PlanResult(header=header, run=run, path=path, counts=counts, samples=planner.samples)
 
 
+def _written_column_types(conn: Connected, job_cls: type[Job]) -> dict[str, ColumnType]:
+    """The types of the columns the job may write (and, for inserts, of its key), by the
+    job's spelling of their names; a column fillgate cannot write at all stops the plan."""
+    backend = backend_for(conn.engine)
+    with conn.engine.connect() as reader:
+        reflected = backend.column_types(reader, job_cls.table)
+    by_lower = {name.lower(): ctype for name, ctype in reflected.items()}
+    written = [*job_cls.policies(), *(job_cls.key_columns() if job_cls.writes != "update" else ())]
+    types: dict[str, ColumnType] = {}
+    for column in written:
+        ctype = reflected.get(column) or by_lower[column.lower()]  # verify_table_and_key checked they exist
+        problem = backend.unsupported(ctype)
+        if problem is not None:
+            raise JobError(f"job {job_cls.job_name()} writes {problem}")
+        types[column] = ctype
+    return types
+
+
+def _check_source_selects_key(conn: Connected, job_cls: type[Job], params: Mapping[str, Any]) -> None:
+    """The source selects the column(s) it is paged by (asked with LIMIT 0, before any run)."""
+    body = job_cls.select_sql().strip().rstrip(";")
+    probe = text(f"SELECT * FROM ({body}) fillgate_src LIMIT 0")
+    wanted = set(probe._bindparams)  # the names the source binds
+    if not wanted <= set(params):
+        return  # keyset_pages names the unbound parameters
+    with conn.engine.connect() as reader:
+        selected = set(reader.execute(probe, {k: params[k] for k in wanted}).keys())
+    absent = [k for k in job_cls.paging_key() if k not in selected]
+    if absent:
+        raise JobError(
+            f"the job's source does not select the key column(s) {', '.join(absent)} it is paged by; "
+            f"add {', '.join(absent)} to the source's SELECT."
+        )
+
+
 def _plan_location(out: str | Path | None) -> tuple[Path | None, Path | None]:
     """(folder, file) for ``-o``: a folder (existing, or ending in /) gets ``<plan id>.plan``."""
     if out is None:
@@ -477,37 +589,61 @@ def _plan_location(out: str | Path | None) -> tuple[Path | None, Path | None]:
     return file.parent, file
 
 
-def _check_rows(proposal: Any, policies: Mapping[str, Any], key_cols: Sequence[str]) -> Any:
-    """An insert/upsert proposal: a row (dict) or rows holding the key and declared columns."""
+def _check_rows(
+    proposal: Any, policies: Mapping[str, Any], key_cols: Sequence[str], key: tuple[Any, ...]
+) -> list[Any]:
+    """An insert/upsert proposal: a row (dict) or rows holding the key and declared columns.
+    A proposal of the wrong shape, or setting a column the job does not declare, is a bug of
+    the job and stops the plan (JobError); a row whose key value is None is a row error
+    (returned as a JobError in its place)."""
     rows = [proposal] if isinstance(proposal, Mapping) else proposal
     if not isinstance(rows, list | tuple) or not all(isinstance(r, Mapping) for r in rows):
-        return JobError(f"compute returned {type(proposal).__name__}; expected a row (dict) or a list of rows.")
-    out = []
+        raise JobError(
+            f"compute returned a {type(proposal).__name__} for row {encode_key(key)}; an insert or upsert job's "
+            "compute must return a row (dict of column: value), a list of rows, or None. Fix the job and plan again."
+        )
+    out: list[Any] = []
     for row in rows:
-        missing = [k for k in key_cols if row.get(k) is None]
-        if missing:
-            return JobError(f"a proposed row lacks key column(s) {', '.join(missing)}: {dict(row)!r}.")
         undeclared = [c for c in row if c not in policies and c not in key_cols]
         if undeclared:
-            return JobError(
-                f"a proposed row sets column(s) {', '.join(map(str, undeclared))} that the job does not "
-                f"declare in key or columns."
+            raise JobError(
+                f"compute proposed a row (for source row {encode_key(key)}) setting column(s) "
+                f"{', '.join(map(repr, undeclared))}, which the job does not declare in key "
+                f"({', '.join(key_cols)}) or columns ({', '.join(policies)}). Declare them, or stop proposing "
+                "them, and plan again."
             )
-        out.append(dict(row))
+        absent = [k for k in key_cols if k not in row]
+        if absent:
+            raise JobError(
+                f"compute proposed a row without the key column(s) {', '.join(absent)}: every row an insert or "
+                f"upsert job proposes must hold its key ({', '.join(key_cols)}). Fix the job and plan again."
+            )
+        missing = [k for k in key_cols if row[k] is None]
+        if missing:
+            out.append(JobError(f"a proposed row's key column(s) {', '.join(missing)} are None: {dict(row)!r}."))
+        else:
+            out.append(dict(row))
     return out
 
 
-def _check_proposal(proposal: Any, policies: Mapping[str, Any], row: Mapping[str, Any]) -> Any:
-    """A proposal must be a mapping of declared columns the source selected."""
+def _check_proposal(
+    proposal: Any, policies: Mapping[str, Any], row: Mapping[str, Any], key: tuple[Any, ...]
+) -> Mapping[str, Any]:
+    """A proposal must be a mapping of declared columns the source selected; anything else is
+    a bug of the job, and stops the plan (JobError)."""
     if type(proposal) is dict and proposal.keys() <= policies.keys() and proposal.keys() <= row.keys():
         return proposal  # the common case, checked with two set operations
     if not isinstance(proposal, Mapping):
-        return JobError(f"compute returned {type(proposal).__name__}; expected a dict of column: value.")
+        raise JobError(
+            f"compute returned a {type(proposal).__name__} for row {encode_key(key)}; it must return a dict of "
+            "column: value (or None to leave the row alone). Fix the job and plan again."
+        )
     undeclared = [c for c in proposal if c not in policies]
     if undeclared:
-        return JobError(
-            f"compute proposed column(s) {', '.join(map(str, undeclared))} that the job does not "
-            f"declare in columns ({', '.join(policies)})."
+        raise JobError(
+            f"compute proposed column(s) {', '.join(map(repr, undeclared))} for row {encode_key(key)} that the job "
+            f"does not declare in columns ({', '.join(policies)}). Declare them with a policy, or stop proposing them, "
+            "and plan again."
         )
     unselected = [c for c in proposal if c not in row]
     if unselected:
@@ -516,6 +652,14 @@ def _check_proposal(proposal: Any, policies: Mapping[str, Any], row: Mapping[str
             "values cannot be compared; add them to the source's SELECT."
         )
     return proposal
+
+
+def _printable(message: str) -> str:
+    """Text that the plan file (UTF-8) and every database can hold: a lone surrogate is
+    written as its escape sequence."""
+    if message.isascii():
+        return message
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # --- applying ---------------------------------------------------------------------------
@@ -527,8 +671,6 @@ class ApplyResult:
     counts: dict[str, int]
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None  # "paused" or "cancelled" when stopped between batches
-    # fields the database stored as something else than planned (a sample): audited as stored
-    converted: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -570,7 +712,6 @@ def execute(
     table = run.table_name
     conflicts_sample: list[dict[str, Any]] = []
     result = ApplyResult(run=run, counts=counts, conflicts=conflicts_sample)
-    converted_sample = result.converted
     remaining = None if run.total is None else run.total - checkpoint
     monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining)
     status = "succeeded"
@@ -599,10 +740,6 @@ def execute(
                     problems.append(error_row(run.run_id, "apply", change.key, change.column, type(exc).__name__,
                                               str(exc), error_fingerprint(source, exc), created_at=now))
                 ledger.insert_errors(tx, problems)
-                for change, stored in outcome.converted[:max(SAMPLE - len(converted_sample), 0)]:
-                    converted_sample.append({"key": list(change.key), "column": change.column,
-                                             "planned": change.new, "stored": stored})
-                counts["converted"] += len(outcome.converted)
                 counts["applied"] += len(outcome.applied)
                 counts["conflicts"] += len(outcome.conflicts)
                 counts["errors"] += len(outcome.errors)
@@ -619,13 +756,9 @@ def execute(
             examples: dict[str, Any] = {}
             if problems:
                 examples["conflicts"] = {k: problems[0][k] for k in ("row_key", "column_name", "error_type", "message")}
-            if outcome.converted:
-                change, stored = outcome.converted[0]
-                examples["converted"] = {"key": list(change.key), "column": change.column,
-                                         "planned": change.new, "stored": stored}
             monitor.batch_done(
                 {"rows": len(batch), "writes": len(outcome.applied), "conflicts": len(outcome.conflicts),
-                 "errors": len(outcome.errors), "converted": len(outcome.converted)},
+                 "errors": len(outcome.errors)},
                 checkpoint - run.checkpoint, engine, examples or None,
             )
             batch_started = time.perf_counter()

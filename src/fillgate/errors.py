@@ -109,6 +109,24 @@ class PlanMismatchError(GuardRefused):
     """The plan was made for another target, environment or database."""
 
 
+# --- values a column cannot hold exactly (row errors, exit 1) ------------------------------
+
+
+class ColumnTypeError(FillgateError):
+    """A proposed value its column cannot hold exactly: of the wrong type, too long, out of
+    range, or one the database would round, truncate, pad or convert. Found at plan time; a
+    row error, so nothing of that row is planned."""
+
+    exit_code = EXIT_ROW_PROBLEMS
+
+
+class StoredValueError(FillgateError):
+    """At apply, the database stored a field differently from the plan (a column type or a
+    trigger changed it). The row's change is rolled back and recorded as a row error."""
+
+    exit_code = EXIT_ROW_PROBLEMS
+
+
 # --- lookups, alerts and throttling ---------------------------------------------------
 
 

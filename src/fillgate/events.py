@@ -33,11 +33,11 @@ The event types and their fields (names are stable; new fields may be added):
     ``disagreements``     known stored values that differ from a known new value (Promote).
     ``preserved``         known stored values a NULL / unknown / failed value did not replace.
     ``conflicts``         rows changed since the plan (compare-and-set failed); left alone.
-    ``errors``            rows whose compute or lookup failed.
+    ``errors``            plan: rows whose compute or lookup failed, or that propose a value
+                          their column cannot hold exactly; apply: rows the database rejected
+                          or stored differently from the plan (rolled back).
     ``unexpected_index``  rows whose lookup result was missing, extra, duplicated or out of
                           place; never written.
-    ``converted``         fields the database stored differently from the plan (its column
-                          type rounded or converted the value); audited as stored.
     ``elapsed_ms``        time spent on the batch, throttling excluded.
     ``held_ms``           time spent after the batch in throttling: rate pacing, the pause
                           between batches and health-check holds.
@@ -54,7 +54,7 @@ The event types and their fields (names are stable; new fields may be added):
     ``totals``       the run's counts. plan: ``rows``, ``writes``, ``unchanged``, ``skipped``,
                      ``disagreements``, ``preserved``, ``errors``, ``unexpected_index`` (the
                      ``batch_done`` counts summed) and any the plan adds; apply, revert:
-                     ``applied``, ``conflicts``, ``errors``, ``converted`` (of the whole run,
+                     ``applied``, ``conflicts``, ``errors`` (of the whole run,
                      resumes included).
     ``duration_ms``  wall time of the run.
     ``slowest``      the 10 slowest rows, slowest first: ``[{"key": [...], "ms": 812.4}, ...]``
@@ -91,7 +91,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "run_started": ("run_id", "kind", "job", "target", "environment", "total_estimate"),
     "batch_done": (
         "run_id", "batch", "rows", "writes", "unchanged", "skipped", "disagreements", "preserved",
-        "conflicts", "errors", "unexpected_index", "converted", "elapsed_ms", "held_ms",
+        "conflicts", "errors", "unexpected_index", "elapsed_ms", "held_ms",
     ),
     "run_held": ("run_id", "batch", "reason", "held_ms"),
     "run_finished": ("run_id", "status", "totals", "duration_ms", "slowest", "audit_rows", "audit_sha256"),
@@ -99,7 +99,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
 """The documented fields of each event type, in the order they are written."""
 
 BATCH_COUNTS = EVENT_FIELDS["batch_done"][2:-2]
-"""The per-batch counts of ``batch_done`` (``rows`` .. ``converted``)."""
+"""The per-batch counts of ``batch_done`` (``rows`` .. ``unexpected_index``)."""
 
 
 def _default(value: Any) -> Any:

@@ -27,7 +27,7 @@ from fillgate.throttle import Throttle
 # Every count a batch can carry (events, alerts and the run summary use these names).
 BATCH_FIELDS = (
     "rows", "writes", "unchanged", "skipped", "disagreements", "preserved", "conflicts", "errors",
-    "unexpected_index", "converted", "extra_results",
+    "unexpected_index", "extra_results",
 )
 
 

@@ -121,6 +121,6 @@ def _same(old: Any, new: Any) -> bool:
     if old is None or new is None:
         return old is new
     try:
-        return bool(old == new)
+        return bool(old == new) or (old != old and new != new)  # NaN is stored as NaN: unchanged
     except Exception:
         return False

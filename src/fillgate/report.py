@@ -330,7 +330,6 @@ def apply_json(result: ApplyResult) -> dict[str, Any]:
         "checkpoint": result.run.checkpoint,
         "total": result.run.total,
         "conflicts": result.conflicts,
-        "converted": result.converted,
         "stopped": result.stopped,
     }
 
@@ -344,15 +343,6 @@ def print_apply(console: Console, result: ApplyResult) -> None:
         f"applied {c['applied']}, conflicts {c['conflicts']}, errors {c['errors']} "
         f"({run.checkpoint}/{run.total} changes processed)"
     )
-    if c.get("converted"):
-        console.print(
-            f"[yellow]{c['converted']} field(s) were stored differently from the plan[/]: the column's type "
-            "rounded or converted the value. The audit log records what was stored, so revert restores "
-            "them; propose values of the column's own type to keep reruns idempotent."
-        )
-    _print_table(console, "stored differently from the plan", ("key", "column", "planned", "stored"), (
-        (_key(i["key"]), i["column"], _short(i["planned"]), _short(i["stored"])) for i in result.converted[:10]
-    ))
     _print_table(console, "conflicts (changed since the plan; left alone)", ("key", "column", "expected", "found"), (
         (_key(i["key"]), i["column"], format_value(i["expected"]),
          format_value(i["found"]) if i["row_exists"] else "(row deleted)")

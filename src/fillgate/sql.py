@@ -4,8 +4,8 @@ compare-and-set writes. (Queries on fillgate's own tables live in ``ledger/``.)"
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sqlalchemy import column as sa_column
@@ -15,7 +15,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import TextClause
 
-from fillgate.errors import JobError, KeyNotUniqueError
+from fillgate.backends import ColumnType, backend_for, same_value
+from fillgate.errors import JobError, KeyNotUniqueError, StoredValueError
 from fillgate.values import encode_key
 
 
@@ -40,11 +41,9 @@ class Change(NamedTuple):
 class BatchOutcome:
     applied: list[Change]
     conflicts: list[tuple[Change, Any, bool]]  # (change, current value, row still exists)
+    # row errors: a value the database rejected, or stored differently from the plan (then
+    # the change was rolled back: a StoredValueError)
     errors: list[tuple[Change, BaseException]]
-    # updates and inserts the database stored as something else than planned (a column type
-    # rounded or converted a value): (the planned change, what the row holds); in ``applied``
-    # such a change carries the stored value as ``new``, so the audit log records what is there
-    converted: list[tuple[Change, Any]] = field(default_factory=list)
 
 
 class TableSQL:
@@ -59,7 +58,9 @@ class TableSQL:
         self.mark = "?" if dialect.paramstyle == "qmark" else "%s"
         self.q_table = ".".join(q(part) for part in table.split("."))
         self.key_where = " AND ".join(f"{q(k)} = {self.mark}" for k in self.key)
-        self._pg_types: dict[str, str] | None = None
+        self.backend = backend_for(dialect)
+        self._types: dict[str, ColumnType] | None = None
+        self._binders: dict[str, Callable[[Any], Any]] | None = None
 
     def null_safe_equal(self, column: str, exact: bool = False) -> str:
         col = self.quote(column)
@@ -83,26 +84,51 @@ class TableSQL:
             f"WHERE {self.key_where} AND {self.null_safe_equal(column, exact)}"
         )
 
-    def pg_types(self, conn: Connection) -> dict[str, str]:
-        """PostgreSQL column types of the table, e.g. ``{"id": "integer", "email": "text"}``."""
-        if self._pg_types is None:
-            rows = conn.exec_driver_sql(
-                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-                "WHERE attrelid = CAST(%s AS regclass) AND attnum > 0 AND NOT attisdropped",
-                (self.q_table,),
-            ).all()
-            self._pg_types = {name: kind for name, kind in rows}
-        return self._pg_types
+    def column_types(self, conn: Connection) -> dict[str, ColumnType]:
+        """The table's column types (reflected once), by name."""
+        if self._types is None:
+            self._types = self.backend.column_types(conn, self.table)
+        return self._types
+
+    def column_type(self, conn: Connection, column: str) -> ColumnType | None:
+        types = self.column_types(conn)
+        found = types.get(column)
+        if found is None:
+            found = next((t for name, t in types.items() if name.lower() == column.lower()), None)
+        return found
+
+    def binders(self, conn: Connection) -> dict[str, Callable[[Any], Any]]:
+        """How the driver must be handed the values of some columns (PostgreSQL jsonb), by column."""
+        if self._binders is None:
+            self._binders = {}
+            if self.dialect_name == "postgresql":
+                for column in self.column_types(conn):
+                    ctype = self.column_type(conn, column)
+                    bind = self.backend.bind(ctype) if ctype is not None else None
+                    if bind is not None:
+                        self._binders[column] = bind
+        return self._binders
 
     def pg_cas_update(self, conn: Connection, column: str) -> str:
         """The set-based compare-and-set of a whole group on PostgreSQL:
         ``UPDATE t SET col = u.new FROM unnest(keys, news, olds) WITH ORDINALITY u WHERE t.key =
         u.key AND t.col IS NOT DISTINCT FROM u.old RETURNING u.n, t.col`` (one round trip for
-        the batch; what each row now holds comes back with its position in the group)."""
-        types = self.pg_types(conn)
+        the batch; what each row now holds comes back with its position in the group).
+
+        The arrays are cast to each column's *base* type, without its length, precision or
+        domain (``character varying``, not ``character varying(7)``): an explicit cast to
+        ``varchar(7)`` would silently truncate and one to ``numeric(5,2)`` round, whereas the
+        assignment to the column raises on a value too long and what a column rounds comes
+        back through ``RETURNING`` (and is then a row error)."""
+        casts = []
+        for name in (*self.key, column):
+            ctype = self.column_type(conn, name)
+            if ctype is None:
+                raise KeyError(name)
+            casts.append(ctype.details["cast"])
         q = self.quote
         names = [f"k{i}" for i in range(len(self.key))]
-        arrays = ", ".join(f"CAST(%b AS {types[k]}[])" for k in (*self.key, column, column))
+        arrays = ", ".join(f"CAST(%b AS {cast}[])" for cast in (*casts, casts[-1]))
         match = " AND ".join(f"t.{q(k)} = u.{n}" for k, n in zip(self.key, names, strict=True))
         return (
             f"UPDATE {self.q_table} AS t SET {q(column)} = u.new FROM unnest({arrays}) WITH ORDINALITY "
@@ -334,18 +360,40 @@ def _text_only(values: Iterable[Any]) -> bool:
     return all(v is None or isinstance(v, str) for v in values)
 
 
-def _statement(sql: TableSQL, group_key: tuple[str, ...], group: Sequence[Change]) -> tuple[str, list[tuple[Any, ...]]]:
+def _bound(binders: Mapping[str, Callable[[Any], Any]], column: str, value: Any) -> Any:
+    bind = binders.get(column)
+    return value if bind is None else bind(value)
+
+
+def _statement(
+    sql: TableSQL, group_key: tuple[str, ...], group: Sequence[Change], binders: Mapping[str, Callable[[Any], Any]]
+) -> tuple[str, list[tuple[Any, ...]]]:
     """The compare-and-set statement of a group of like changes, and its parameters."""
     op, *columns = group_key
     mysql = sql.dialect_name not in ("sqlite", "postgresql")  # only MySQL/MariaDB need to know `exact`
+    if binders:
+        def b(column: str, value: Any) -> Any:
+            return _bound(binders, column, value)
+
+        def key_of(c: Change) -> tuple[Any, ...]:
+            return tuple(b(k, v) for k, v in zip(sql.key, c.key, strict=True))
+    else:
+        def b(column: str, value: Any) -> Any:
+            return value
+
+        def key_of(c: Change) -> tuple[Any, ...]:
+            return c.key
     if op == "update":
+        column = columns[0]
         exact = mysql and _text_only(c.old for c in group)
-        return sql.cas_update(columns[0], exact), [(c.new, *c.key, c.old) for c in group]
+        if not binders:
+            return sql.cas_update(column, exact), [(c.new, *c.key, c.old) for c in group]
+        return sql.cas_update(column, exact), [(b(column, c.new), *key_of(c), b(column, c.old)) for c in group]
     if op == "insert":
-        return sql.insert(columns), [tuple(c.new[col] for col in columns) for c in group]
+        return sql.insert(columns), [tuple(b(col, c.new[col]) for col in columns) for c in group]
     others = [col for col in columns if col not in sql.key]
     exact = {col: mysql and _text_only(c.old[col] for c in group) for col in others}
-    return sql.cas_delete(others, exact), [(*c.key, *(c.old[col] for col in others)) for c in group]
+    return sql.cas_delete(others, exact), [(*key_of(c), *(b(col, c.old[col]) for col in others)) for c in group]
 
 
 def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) -> BatchOutcome:
@@ -357,45 +405,57 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
     ``executemany``, or on PostgreSQL one ``UPDATE ... FROM unnest(...)``); if any row did not
     match or the database rejected a value, that group is rolled back to a savepoint and redone
     row by row to tell applied changes from conflicts and errors.
+
+    On PostgreSQL and MariaDB/MySQL, what each updated field and inserted row holds is read
+    back before the group's savepoint is released: a field stored differently from the plan
+    (a column type or a trigger changed it) sends the group down the row-by-row path, where
+    that row's change is rolled back and becomes a row error (:class:`StoredValueError`).
+    The plan already checked every value against its column's type, so this is a safety net.
+    SQLite stores exactly the values the plan checked, and is not read back.
     """
     outcome = BatchOutcome([], [], [])
     groups: dict[tuple[str, ...], list[Change]] = {}
     for change in changes:
         group_key = ("update", change.column) if change.op == "update" else _group_key(change)
         groups.setdefault(group_key, []).append(change)
+    read_back = sql.dialect_name != "sqlite"
+    binders = sql.binders(conn) if sql.dialect_name == "postgresql" else {}
     for group_key, group in groups.items():
         savepoint = conn.begin_nested()
         stored: list[Any] | None = None  # what each row of the group holds after the update
         statement: str | None = None
+        params: list[tuple[Any, ...]] = []
         try:
             if sql.dialect_name == "postgresql" and group_key[0] == "update":
-                arrays = [[c.key[i] for c in group] for i in range(len(sql.key))]
-                arrays += [[c.new for c in group], [c.old for c in group]]
-                returned = conn.exec_driver_sql(sql.pg_cas_update(conn, group_key[1]), tuple(arrays)).all()
+                column = group_key[1]
+                arrays = [[_bound(binders, k, c.key[i]) for c in group] for i, k in enumerate(sql.key)]
+                arrays += [[_bound(binders, column, c.new) for c in group],
+                           [_bound(binders, column, c.old) for c in group]]
+                returned = conn.exec_driver_sql(sql.pg_cas_update(conn, column), tuple(arrays)).all()
                 matched = len(returned)
                 stored = [None] * len(group)
                 for n, value in returned:
                     stored[n - 1] = value
             else:
-                statement, params = _statement(sql, group_key, group)
+                statement, params = _statement(sql, group_key, group, binders)
                 matched = conn.exec_driver_sql(statement, params).rowcount
         except Exception:  # a value the fast path cannot send: the row-by-row path decides
             matched = -1
         if matched == len(group):
-            savepoint.commit()
-            applied = group
-        else:
-            savepoint.rollback()
-            if statement is None:  # the PostgreSQL set-based path has no per-row statement yet
-                statement, params = _statement(sql, group_key, group)
-            applied = _apply_one_by_one(conn, sql, statement, group, params, outcome)
-            stored = None
-        if stored is None and applied and group_key[0] != "delete" and sql.dialect_name != "sqlite":
-            stored = _stored_values(conn, sql, applied)
-        if stored is None:
-            outcome.applied.extend(applied)
-        else:
-            _record_stored(outcome, applied, stored)
+            if not read_back or group_key[0] == "delete":
+                savepoint.commit()
+                outcome.applied.extend(group)
+                continue
+            if stored is None:
+                stored = _stored_values(conn, sql, group)
+            if _as_planned(group, stored):
+                savepoint.commit()
+                outcome.applied.extend(group)
+                continue
+        savepoint.rollback()
+        if statement is None:  # the PostgreSQL set-based path has no per-row statement yet
+            statement, params = _statement(sql, group_key, group, binders)
+        outcome.applied.extend(_apply_one_by_one(conn, sql, statement, group, params, outcome, read_back))
     return outcome
 
 
@@ -416,28 +476,36 @@ def _stored_values(conn: Connection, sql: TableSQL, changes: Sequence[Change]) -
     return out
 
 
-def _record_stored(outcome: BatchOutcome, changes: Sequence[Change], stored: list[Any]) -> None:
-    """Applied changes, each with what its row now holds (the field of an update, the columns
-    of an inserted row). SQLite keeps what it is given, but a typed column may round or
-    convert a value (a DATETIME without fractions, NUMERIC(10,2), text into a date column):
-    such a change is audited with the stored value and reported as converted."""
+def _as_planned(changes: Sequence[Change], stored: Sequence[Any]) -> bool:
+    """Every field holds exactly what was planned."""
     news = [c.new for c in changes]
     try:
         if stored == news:  # the usual case, compared in one go
-            outcome.applied.extend(changes)
-            return
+            return True
     except Exception:  # values that refuse comparison: one by one below
         pass
-    for change, value in zip(changes, stored, strict=True):
-        try:
-            same = value is change.new or bool(value == change.new)
-        except Exception:
-            same = False
-        if same:
-            outcome.applied.append(change)
-        else:
-            outcome.converted.append((change, value))
-            outcome.applied.append(change._replace(new=value, new_text=None))
+    return all(not _differences(c, value) for c, value in zip(changes, stored, strict=True))
+
+
+def _differences(change: Change, stored: Any) -> list[tuple[str, Any, Any]]:
+    """(column, planned, stored) of each field that holds something else than planned."""
+    if change.op == "update":
+        return [] if same_value(change.new, stored) else [(change.column, change.new, stored)]
+    return [(col, value, stored.get(col)) for col, value in change.new.items()
+            if not same_value(value, stored.get(col))]
+
+
+def _stored_differently(conn: Connection, sql: TableSQL, differences: list[tuple[str, Any, Any]]) -> StoredValueError:
+    parts = []
+    for column, planned, stored in differences:
+        ctype = sql.column_type(conn, column)
+        kind = f" ({ctype.type})" if ctype is not None else ""
+        parts.append(f"{column}{kind} would hold {stored!r}, not the planned {planned!r}")
+    return StoredValueError(
+        "the database stored a value differently from the plan: " + "; ".join(parts)
+        + " (the column's type or a trigger changed it). The row's change was rolled back; nothing of it "
+        "was written."
+    )
 
 
 def _apply_one_by_one(
@@ -447,6 +515,7 @@ def _apply_one_by_one(
     group: list[Change],
     params: list[tuple[Any, ...]],
     outcome: BatchOutcome,
+    read_back: bool,
 ) -> list[Change]:
     """Each change on its own; conflicts and errors go to ``outcome``, the applied ones are returned."""
     applied: list[Change] = []
@@ -454,14 +523,20 @@ def _apply_one_by_one(
         savepoint = conn.begin_nested()
         try:
             matched = conn.exec_driver_sql(statement, param).rowcount
-        except DBAPIError as exc:
+        except (DBAPIError, OverflowError, ValueError, TypeError) as exc:  # refused by the database or its driver
             savepoint.rollback()
             exists, current = current_value(conn, sql, change)
             if change.op == "insert" and exists:  # the key was taken since the plan
                 outcome.conflicts.append((change, current, True))
             else:
-                outcome.errors.append((change, exc.orig or exc))
+                outcome.errors.append((change, getattr(exc, "orig", None) or exc))
             continue
+        if matched == 1 and read_back and change.op != "delete":
+            differences = _differences(change, _stored_values(conn, sql, [change])[0])
+            if differences:
+                savepoint.rollback()
+                outcome.errors.append((change, _stored_differently(conn, sql, differences)))
+                continue
         savepoint.commit()
         if matched == 1:
             applied.append(change)

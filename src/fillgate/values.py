@@ -2,7 +2,9 @@
 
 Plans and the audit log store values as JSON. Types JSON lacks are tagged so they come back
 as the same Python value: ``{"$datetime": ...}``, ``{"$date": ...}``, ``{"$time": ...}``,
-``{"$decimal": ...}``, ``{"$bytes": <base64>}``, ``{"$uuid": ...}``.
+``{"$timedelta": ...}``, ``{"$decimal": ...}``, ``{"$bytes": <base64>}``, ``{"$uuid": ...}``, and
+the floats JSON has no literal for, ``{"$float": "NaN"}``, ``"Infinity"`` and ``"-Infinity"`` (so
+every line is strict JSON).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import contextlib
 import datetime as dt
 import decimal
 import json
+import math
+import re
 import uuid
 from collections.abc import Sequence
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
@@ -27,6 +31,8 @@ def _default(value: Any) -> Any:
         return {"$date": value.isoformat()}
     if isinstance(value, dt.time):
         return {"$time": value.isoformat()}
+    if isinstance(value, dt.timedelta):
+        return {"$timedelta": str(value)}
     if isinstance(value, decimal.Decimal):
         return {"$decimal": str(value)}
     if isinstance(value, bytes | bytearray | memoryview):
@@ -35,14 +41,47 @@ def _default(value: Any) -> Any:
         return {"$uuid": str(value)}
     raise UsageError(
         f"value {value!r} of type {type(value).__name__} cannot be stored in a plan; "
-        "return str, int, float, bool, None, date/datetime, Decimal, bytes or UUID."
+        "return str, int, float, bool, None, date/datetime/time/timedelta, Decimal, bytes or UUID."
     )
+
+
+_TIMEDELTA = re.compile(r"(?:(-?\d+) days?, )?(\d+):(\d\d):(\d\d)(?:\.(\d{6}))?")
+
+
+def _timedelta(text: str) -> dt.timedelta:
+    """The inverse of ``str(timedelta)``: ``[-]D day[s], H:MM:SS[.ffffff]``."""
+    match = _TIMEDELTA.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a timedelta: {text!r}")
+    days, hours, minutes, seconds, micros = match.groups()
+    return dt.timedelta(days=int(days or 0), hours=int(hours), minutes=int(minutes), seconds=int(seconds),
+                        microseconds=int(micros or 0))
+
+
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _float_tag(value: float) -> dict[str, str]:
+    return {"$float": "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")}
+
+
+def _tag_nonfinite(value: Any) -> Any:
+    """``value`` with every NaN or infinity inside it replaced by its ``$float`` tag."""
+    if type(value) is float:
+        return value if math.isfinite(value) else _float_tag(value)
+    if isinstance(value, dict):
+        return {k: _tag_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_tag_nonfinite(v) for v in value]
+    return value
 
 
 _DECODERS = {
     "$datetime": dt.datetime.fromisoformat,
     "$date": dt.date.fromisoformat,
     "$time": dt.time.fromisoformat,
+    "$timedelta": _timedelta,
+    "$float": lambda s: _NONFINITE[s],
     "$decimal": decimal.Decimal,
     "$bytes": lambda s: base64.b64decode(s.encode("ascii")),
     "$uuid": uuid.UUID,
@@ -54,11 +93,15 @@ def _hook(obj: dict[str, Any]) -> Any:
         ((tag, raw),) = obj.items()
         decoder = _DECODERS.get(tag)
         if decoder is not None:
-            return decoder(raw)
+            try:
+                return decoder(raw)
+            except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+                raise ValueError(f"{tag} value {raw!r} is malformed ({exc!r})") from None
     return obj
 
 
-_encoder = json.JSONEncoder(default=_default, ensure_ascii=False, separators=(",", ":"))
+# allow_nan=False: a NaN or an infinity raises, and dumps tags it instead
+_encoder = json.JSONEncoder(default=_default, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _decoder = json.JSONDecoder(object_hook=_hook)
 _plain_decoder = json.JSONDecoder()
 
@@ -72,7 +115,12 @@ def dumps(value: Any) -> str:
         return int.__repr__(value)
     if value is None:
         return "null"
-    return _encoder.encode(value)
+    if kind is float:
+        return float.__repr__(value) if math.isfinite(value) else _encoder.encode(_float_tag(value))
+    try:
+        return _encoder.encode(value)
+    except ValueError:  # a NaN or an infinity inside a list or dict
+        return _encoder.encode(_tag_nonfinite(value))
 
 
 def loads(text: str) -> Any:

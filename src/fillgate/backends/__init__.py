@@ -1,0 +1,42 @@
+"""Per-database behaviour, one module per backend (see ``base.Backend``).
+
+``backend_for(engine)`` returns the backend of an engine, a connection, a dialect or a dialect
+name; adding a database means adding a module here and listing its class below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fillgate.backends.base import PROBE, Backend, ColumnType, Unstorable, ValueChecker, same_value
+from fillgate.backends.mysql import MySQLBackend
+from fillgate.backends.postgresql import PostgreSQLBackend
+from fillgate.backends.sqlite import SQLiteBackend
+
+BACKENDS: tuple[type[Backend], ...] = (SQLiteBackend, PostgreSQLBackend, MySQLBackend)
+
+_instances: dict[str, Backend] = {}
+
+__all__ = [
+    "BACKENDS", "PROBE", "Backend", "ColumnType", "MySQLBackend", "PostgreSQLBackend", "SQLiteBackend",
+    "Unstorable", "ValueChecker", "backend_for", "same_value",
+]
+
+
+def backend_for(thing: Any) -> Backend:
+    """The backend of an Engine, a Connection, a Dialect, or a dialect name (``"sqlite"``,
+    ``"postgresql"``, ``"mysql"``, ``"mariadb"``)."""
+    if isinstance(thing, str):
+        name = thing
+    else:
+        dialect = getattr(thing, "dialect", thing)
+        name = getattr(dialect, "name", None)
+        if not isinstance(name, str):
+            raise TypeError(f"no database dialect in {thing!r}")
+    backend = _instances.get(name)
+    if backend is None:
+        cls = next((c for c in BACKENDS if name in c.dialects), None)
+        if cls is None:
+            raise ValueError(f"fillgate has no backend for the {name!r} dialect")
+        backend = _instances[name] = cls()
+    return backend

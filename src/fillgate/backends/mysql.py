@@ -1,0 +1,210 @@
+"""MariaDB and MySQL: column types from ``information_schema.columns`` (``COLUMN_TYPE`` and
+the character set); integers checked in Python, every other value probed in a session-local
+``TEMPORARY`` table whose column is declared exactly like the user's (type, length, precision,
+character set and collation), in the server's own SQL mode."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import math
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from fillgate.backends.base import (
+    PROBE,
+    Backend,
+    ColumnType,
+    ProbeSession,
+    Unstorable,
+    database_reason,
+    numeric_rule,
+    shown,
+)
+from fillgate.errors import ConfigError
+
+_FAMILIES = {
+    "tinyint": "integer", "smallint": "integer", "mediumint": "integer", "int": "integer",
+    "integer": "integer", "bigint": "integer", "year": "integer",
+    "decimal": "numeric", "numeric": "numeric", "float": "float", "double": "float", "real": "float",
+    "char": "text", "varchar": "text", "tinytext": "text", "text": "text", "mediumtext": "text",
+    "longtext": "text", "enum": "text", "set": "text", "json": "text",
+    "binary": "bytes", "varbinary": "bytes", "tinyblob": "bytes", "blob": "bytes", "mediumblob": "bytes",
+    "longblob": "bytes",
+    "date": "date", "datetime": "timestamp", "timestamp": "timestamp", "time": "time",
+}
+_INT_BITS = {"tinyint": 8, "smallint": 16, "mediumint": 24, "int": 32, "integer": 32, "bigint": 64}
+_TEXT_BYTES = {"tinytext": 255, "text": 65535, "mediumtext": 16777215, "longtext": 4294967295}
+# character sets that store every ASCII string exactly
+_ASCII_SAFE = {"utf8mb4", "utf8mb3", "utf8", "latin1", "ascii"}
+_SIZE = re.compile(r"\((\d+)(?:,(\d+))?\)")
+
+
+class MySQLBackend(Backend):
+    name: ClassVar[str] = "mysql"
+    dialects: ClassVar[tuple[str, ...]] = ("mysql", "mariadb")
+    bools_as_ints: ClassVar[bool] = True  # BOOLEAN is TINYINT(1)
+    accepts: ClassVar[dict[str, tuple[type, ...]]] = {
+        **Backend.accepts,
+        "time": (dt.time, dt.timedelta),  # the driver reads TIME as a timedelta
+    }
+
+    def column_types(self, conn: Connection, table: str) -> dict[str, ColumnType]:
+        schema, _, name = table.rpartition(".")
+        sql_mode = str(conn.exec_driver_sql("SELECT @@SESSION.sql_mode").scalar() or "")
+        rows = conn.exec_driver_sql(
+            "SELECT column_name, data_type, column_type, character_set_name, collation_name, is_nullable "
+            "FROM information_schema.columns WHERE table_schema = COALESCE(%s, DATABASE()) AND table_name = %s "
+            "ORDER BY ordinal_position",
+            (schema or None, name),
+        ).all()
+        out: dict[str, ColumnType] = {}
+        for column, data_type, column_type, charset, collation, nullable in rows:
+            data_type = str(data_type).lower()
+            details: dict[str, Any] = {"column_type": column_type, "charset": charset, "collation": collation,
+                                       "data_type": data_type, "sql_mode": sql_mode}
+            size = _SIZE.search(str(column_type))
+            if size is not None:
+                details["size"] = (int(size.group(1)), int(size.group(2)) if size.group(2) else None)
+            bits = _INT_BITS.get(data_type)
+            if bits is not None:
+                if "unsigned" in str(column_type).lower():
+                    details["range"] = (0, 2 ** bits - 1)
+                else:
+                    details["range"] = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+            out[column] = ColumnType(column, column_type, _FAMILIES.get(data_type, "any"), nullable == "YES", details)
+        return out
+
+    def exact_form(self, ctype: ColumnType, value: Any) -> Any:
+        if type(value) is float and not math.isfinite(value):
+            what = "NaN" if value != value else "an infinity"
+            return Unstorable(f"{ctype.describe()} cannot hold {value!r}: MariaDB and MySQL cannot store {what}.")
+        limits = ctype.details.get("range")
+        if limits is None or type(value) is not int:
+            return PROBE
+        low, high = limits
+        if low <= value <= high:
+            return value
+        return Unstorable(f"{ctype.describe()} cannot hold {value}: out of range ({low} to {high}).")
+
+    def fast_path(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
+        """Integers in range; ASCII text that fits (CHAR drops trailing spaces: probed); DECIMAL
+        by its precision and scale; DATETIME and DATE in range with the fractions the column
+        keeps. Everything else is probed."""
+        d = ctype.details
+        limits = d.get("range")
+        if limits is not None:
+            low, high = limits
+            return lambda v: v if type(v) is int and low <= v <= high else PROBE
+        data_type, size, unsigned = d["data_type"], d.get("size"), "unsigned" in str(d["column_type"]).lower()
+        if data_type in ("varchar", "char", *_TEXT_BYTES) and str(d.get("charset")).lower() in _ASCII_SAFE:
+            if data_type == "char" and "PAD_CHAR_TO_FULL_LENGTH" in d["sql_mode"]:
+                return None
+            limit = _TEXT_BYTES.get(data_type) or (size[0] if size else 1)
+            if data_type == "char":
+                return lambda v: v if type(v) is str and len(v) <= limit and v.isascii() and not v.endswith(" ") \
+                    else PROBE
+            return lambda v: v if type(v) is str and len(v) <= limit and v.isascii() else PROBE
+        if data_type in ("decimal", "numeric") and size is not None and not unsigned:
+            rule = numeric_rule(ctype, size[0], size[1] or 0)
+            return lambda v: rule(v) if type(v) is decimal.Decimal or type(v) is int else PROBE
+        if data_type == "datetime":
+            step = 10 ** (6 - (size[0] if size else 0))
+            return lambda v: v if type(v) is dt.datetime and v.tzinfo is None and v.year >= 1000 and \
+                v.microsecond % step == 0 else PROBE
+        if data_type == "date":
+            return lambda v: v if type(v) is dt.date and v.year >= 1000 else PROBE
+        return None
+
+    def represents(self, ctype: ColumnType, proposed: Any, stored: Any) -> bool:
+        if isinstance(proposed, dt.time) and isinstance(stored, dt.timedelta):
+            return proposed.tzinfo is None and stored == dt.timedelta(
+                hours=proposed.hour, minutes=proposed.minute, seconds=proposed.second,
+                microseconds=proposed.microsecond,
+            )
+        return super().represents(ctype, proposed, stored)
+
+    def probe_session(self, engine: Engine, table: str) -> ProbeSession:
+        return _Probe(engine)
+
+    def probe(self, session: ProbeSession, ctype: ColumnType, values: Sequence[Any]) -> list[Any]:
+        assert isinstance(session, _Probe)
+        return session.probe(ctype, values)
+
+
+class _Probe(ProbeSession):
+    """One connection with one ``TEMPORARY`` InnoDB table per probed column; every probe's
+    rows are rolled back, and the tables are dropped at the end (or die with the session)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.conn = engine.connect()
+        self.tables: dict[str, str] = {}
+        self.prefix = f"fillgate_probe_{uuid.uuid4().hex[:12]}"
+
+    def _table_for(self, ctype: ColumnType) -> str:
+        name = self.tables.get(ctype.column)
+        if name is None:
+            name = f"{self.prefix}_{len(self.tables)}"
+            d = ctype.details
+            charset = f" CHARACTER SET {d['charset']} COLLATE {d['collation']}" if d.get("charset") else ""
+            try:
+                column = self.conn.dialect.identifier_preparer.quote(ctype.column)
+                self.conn.exec_driver_sql(  # the column keeps its name: the server's messages name it
+                    f"CREATE TEMPORARY TABLE {name} (fillgate_n INT NOT NULL, {column} {d['column_type']}{charset} "
+                    "NULL) ENGINE=InnoDB"
+                )
+                self.conn.commit()
+            except DBAPIError as exc:
+                self.conn.rollback()
+                reason = database_reason(exc)
+                raise ConfigError(
+                    "fillgate checks proposed values against the column's type in a temporary table, and could "
+                    f"not create one ({reason}). Grant the role CREATE TEMPORARY TABLES on the database."
+                ) from None
+            self.tables[ctype.column] = name
+        return name
+
+    def probe(self, ctype: ColumnType, values: Sequence[Any]) -> list[Any]:
+        name = self._table_for(ctype)
+        conn = self.conn
+        out: list[Any] = [None] * len(values)
+        column = conn.dialect.identifier_preparer.quote(ctype.column)
+        insert = f"INSERT INTO {name} (fillgate_n, {column}) VALUES (%s, %s)"
+        try:
+            try:
+                conn.exec_driver_sql(insert, [(i, v) for i, v in enumerate(values)])
+            except (DBAPIError, TypeError, ValueError, OverflowError):
+                conn.rollback()
+                for i, value in enumerate(values):  # a failed statement changes nothing: no savepoint needed
+                    try:
+                        conn.exec_driver_sql(insert, (i, value))
+                    except (DBAPIError, TypeError, ValueError, OverflowError) as exc:
+                        reason = database_reason(exc)
+                        out[i] = Unstorable(
+                            f"{ctype.describe()} cannot hold {shown(value)}: the database refuses it ({reason})."
+                        )
+            for n, stored in conn.exec_driver_sql(f"SELECT fillgate_n, {column} FROM {name}").all():
+                out[n] = stored
+        finally:
+            conn.rollback()
+        return out
+
+    def close(self) -> None:
+        conn = self.conn
+        try:
+            conn.rollback()
+            for name in self.tables.values():
+                conn.exec_driver_sql(f"DROP TEMPORARY TABLE IF EXISTS {name}")
+            conn.commit()
+        except Exception:
+            # the pool must not hand out a session holding our tables: ending the session drops
+            # them; closing never hides the error that ended the plan
+            conn.invalidate()
+        finally:
+            conn.close()
+

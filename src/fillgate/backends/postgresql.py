@@ -1,0 +1,285 @@
+"""PostgreSQL: column types from ``pg_attribute``; values checked in Python where their
+storage is certain, otherwise probed in a session-local temporary table of the column's very
+type (``CREATE TEMP TABLE ... AS SELECT col ... WITH NO DATA``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from fillgate.backends.base import (
+    PROBE,
+    Backend,
+    ColumnType,
+    ProbeSession,
+    Unstorable,
+    database_reason,
+    numeric_rule,
+    shown,
+)
+from fillgate.errors import ConfigError
+
+# the column's type after resolving domains: base type name, its kind and category, typmod
+_COLUMNS = """
+WITH RECURSIVE cols AS (
+    SELECT a.attnum, a.attname, format_type(a.atttypid, a.atttypmod) AS shown, a.attnotnull AS notnull,
+           a.atttypid AS tid, a.atttypmod AS tmod, false AS domain, 0 AS depth
+    FROM pg_attribute a
+    WHERE a.attrelid = CAST(%s AS regclass) AND a.attnum > 0 AND NOT a.attisdropped
+    UNION ALL
+    SELECT c.attnum, c.attname, c.shown, c.notnull OR t.typnotnull, t.typbasetype, t.typtypmod, true, c.depth + 1
+    FROM cols c JOIN pg_type t ON t.oid = c.tid
+    WHERE t.typtype = 'd'
+)
+SELECT DISTINCT ON (c.attnum) c.attname, c.shown, c.notnull, c.domain, c.tmod, t.typname, t.typtype,
+       t.typcategory,
+       CASE WHEN t.typcategory = 'A' THEN format_type(t.oid, NULL)
+            ELSE quote_ident(n.nspname) || '.' || quote_ident(t.typname) END,
+       current_setting('server_encoding')
+FROM cols c JOIN pg_type t ON t.oid = c.tid JOIN pg_namespace n ON n.oid = t.typnamespace
+ORDER BY c.attnum, c.depth DESC
+"""
+
+_FAMILIES = {
+    "int2": "integer", "int4": "integer", "int8": "integer",
+    "numeric": "numeric", "float4": "float", "float8": "float", "bool": "bool",
+    "text": "text", "varchar": "text", "bpchar": "text", "name": "text", "citext": "text",
+    "bytea": "bytes", "date": "date", "timestamp": "timestamp", "timestamptz": "timestamptz",
+    "time": "time", "timetz": "time", "interval": "interval", "uuid": "uuid", "jsonb": "json",
+}
+_INT_BITS = {"int2": 16, "int4": 32, "int8": 64}
+
+
+class PostgreSQLBackend(Backend):
+    name: ClassVar[str] = "postgresql"
+    dialects: ClassVar[tuple[str, ...]] = ("postgresql",)
+
+    def column_types(self, conn: Connection, table: str) -> dict[str, ColumnType]:
+        q = conn.dialect.identifier_preparer.quote
+        q_table = ".".join(q(part) for part in table.split("."))
+        out: dict[str, ColumnType] = {}
+        for name, shown_type, notnull, domain, tmod, typname, typtype, category, cast, encoding in (
+            conn.exec_driver_sql(_COLUMNS, (q_table,)).all()
+        ):
+            family = "text" if typtype == "e" else _FAMILIES.get(typname, "any")
+            if typname == "json":
+                family = "json"
+            details: dict[str, Any] = {
+                "typname": typname, "cast": cast, "domain": domain, "utf8": encoding == "UTF8",
+                "enum": typtype == "e", "array": category == "A",
+            }
+            if typname in ("varchar", "bpchar") and tmod >= 4:
+                details["length"] = tmod - 4
+            elif typname == "numeric" and tmod >= 4:
+                details["precision"], details["scale"] = ((tmod - 4) >> 16) & 0xFFFF, (tmod - 4) & 0xFFFF
+            elif typname in ("timestamp", "timestamptz") and tmod >= 0:
+                details["precision"] = tmod
+            elif typname in _INT_BITS:
+                bits = _INT_BITS[typname]
+                details["range"] = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+            out[name] = ColumnType(name, shown_type, family, not notnull, details)
+        return out
+
+    def unsupported(self, ctype: ColumnType) -> str | None:
+        if ctype.details.get("typname") == "json":
+            return (f"{ctype.describe()} is of type json, which has no equality operator, so fillgate cannot "
+                    "compare-and-set it. Use jsonb.")
+        return None
+
+    def accept(self, ctype: ColumnType, value: Any) -> Any:
+        bound = super().accept(ctype, value)
+        if ctype.family == "time" and type(bound) is not Unstorable:
+            wants_tz = ctype.details.get("typname") == "timetz"
+            if (bound.tzinfo is not None) != wants_tz:
+                kind = "an aware" if wants_tz else "a naive"
+                return Unstorable(f"{ctype.describe()} takes {kind} datetime.time; the job proposed {bound!r}.")
+        return bound
+
+    def exact_form(self, ctype: ColumnType, value: Any) -> Any:
+        d = ctype.details
+        if d["domain"]:
+            return PROBE  # its CHECK constraints decide
+        family = ctype.family
+        if family == "text":
+            if d["enum"] or not d["utf8"] or d["typname"] not in ("text", "varchar", "bpchar", "citext"):
+                return PROBE
+            if "\x00" in value:
+                return Unstorable(f"{ctype.describe()} cannot hold {value!r}: PostgreSQL text cannot contain NUL "
+                                  "(\\x00) characters.")
+            length = d.get("length")
+            if length is None or len(value) == length or (len(value) < length and d["typname"] == "varchar"):
+                return value
+            if len(value) > length:
+                return Unstorable(f"{ctype.describe()} cannot hold {value!r}: it is {len(value)} characters long, "
+                                  f"more than {length}.")
+            return Unstorable(f"{ctype.describe()} would store {value.ljust(length)!r} (padded with spaces to "
+                              f"{length} characters) for {value!r}; propose the padded value.")
+        if family == "integer":
+            low, high = d["range"]
+            if low <= value <= high:
+                return value
+            return Unstorable(f"{ctype.describe()} cannot hold {value}: out of range ({low} to {high}).")
+        if family == "numeric":
+            return numeric_rule(ctype, ctype.details.get("precision"), ctype.details.get("scale"))(value)
+        if family == "float":
+            if d["typname"] != "float8":
+                return PROBE
+            if type(value) is int:
+                try:
+                    as_float = float(value)
+                except OverflowError:
+                    return Unstorable(f"{ctype.describe()} cannot hold {value}: out of range.")
+                if as_float != value:
+                    return Unstorable(f"{ctype.describe()} would store {shown(as_float)} for {value}.")
+                return as_float
+            return value
+        if family in ("timestamp", "timestamptz"):
+            precision = d.get("precision")
+            if precision is None or precision >= 6 or value.microsecond % 10 ** (6 - precision) == 0:
+                return value
+            return Unstorable(
+                f"{ctype.describe()} keeps {precision} fractional digits of a second, and {value!r} has more: "
+                "the database would round it."
+            )
+        if family in ("bool", "bytes", "date", "uuid"):
+            return value
+        return PROBE
+
+    def fast_path(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
+        d = ctype.details
+        if d["domain"]:
+            return None
+        family, typname = ctype.family, d["typname"]
+        if family == "text" and not d["enum"] and d["utf8"] and typname in ("text", "varchar", "bpchar", "citext"):
+            length = d.get("length")
+            if length is None:
+                return lambda v: v if type(v) is str and v.isascii() and "\x00" not in v else PROBE
+            if typname == "varchar":
+                return lambda v: v if type(v) is str and len(v) <= length and v.isascii() and "\x00" not in v \
+                    else PROBE
+            return lambda v: v if type(v) is str and len(v) == length and v.isascii() and "\x00" not in v else PROBE
+        if family == "integer":
+            low, high = d["range"]
+            return lambda v: v if type(v) is int and low <= v <= high else PROBE
+        if family == "numeric":
+            rule = numeric_rule(ctype, ctype.details.get("precision"), ctype.details.get("scale"))
+            return lambda v: rule(v) if type(v) is decimal.Decimal or type(v) is int else PROBE
+        if typname == "float8":
+            return lambda v: v if type(v) is float else PROBE
+        kinds = {"bool": bool, "date": dt.date, "bytea": bytes, "uuid": uuid.UUID}
+        if typname in kinds:
+            kind = kinds[typname]
+            return lambda v: v if type(v) is kind else PROBE
+        if family in ("timestamp", "timestamptz"):
+            aware = family == "timestamptz"
+            precision = d.get("precision")
+            step = 1 if precision is None or precision >= 6 else 10 ** (6 - precision)
+            return lambda v: v if type(v) is dt.datetime and (v.tzinfo is not None) == aware and \
+                v.microsecond % step == 0 else PROBE
+        return None
+
+    def bind(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
+        if ctype.details.get("typname") == "jsonb":
+            from psycopg.types.json import Jsonb
+
+            return lambda v: v if v is None else Jsonb(v)
+        return None
+
+    def probe_session(self, engine: Engine, table: str) -> ProbeSession:
+        return _Probe(engine, table)
+
+    def probe(self, session: ProbeSession, ctype: ColumnType, values: Sequence[Any]) -> list[Any]:
+        assert isinstance(session, _Probe)
+        return session.probe(ctype, values, self.bind(ctype))
+
+
+class _Probe(ProbeSession):
+    """One connection with one temporary table per probed column; every probe's rows are
+    rolled back, and the tables are dropped at the end (or die with the session)."""
+
+    def __init__(self, engine: Engine, table: str) -> None:
+        self.conn = engine.connect()
+        self.table = table
+        self.tables: dict[str, str] = {}
+        self.prefix = f"fillgate_probe_{uuid.uuid4().hex[:12]}"
+
+    def _table_for(self, ctype: ColumnType) -> str:
+        name = self.tables.get(ctype.column)
+        if name is None:
+            q = self.conn.dialect.identifier_preparer.quote
+            q_table = ".".join(q(part) for part in self.table.split("."))
+            name = f"{self.prefix}_{len(self.tables)}"
+            try:
+                self.conn.exec_driver_sql(
+                    f"CREATE TEMP TABLE {name} AS SELECT 0::int AS fillgate_n, {q(ctype.column)} AS v FROM {q_table} "
+                    "WITH NO DATA"
+                )
+                self.conn.commit()
+            except DBAPIError as exc:
+                self.conn.rollback()
+                reason = database_reason(exc)
+                raise ConfigError(
+                    "fillgate checks proposed values against the column's type in a temporary table, and could "
+                    f"not create one ({reason}). Grant the role TEMPORARY on the database."
+                ) from None
+            self.tables[ctype.column] = name
+        return name
+
+    def probe(self, ctype: ColumnType, values: Sequence[Any], bind: Callable[[Any], Any] | None) -> list[Any]:
+        name = self._table_for(ctype)
+        conn = self.conn
+        bound = [bind(v) for v in values] if bind else list(values)
+        out: list[Any] = [None] * len(values)
+        try:
+            if ctype.details["array"]:
+                raise ValueError("array columns are probed value by value")
+            savepoint = conn.begin_nested()
+            try:
+                rows = conn.exec_driver_sql(
+                    f"INSERT INTO {name} (fillgate_n, v) SELECT u.n, u.v FROM "
+                    f"unnest(CAST(%b AS {ctype.details['cast']}[])) WITH ORDINALITY AS u(v, n) RETURNING fillgate_n, v",
+                    (bound,),
+                ).all()
+            except BaseException:
+                savepoint.rollback()
+                raise
+            savepoint.commit()
+            for n, stored in rows:
+                out[n - 1] = stored
+        except (DBAPIError, TypeError, ValueError, OverflowError):
+            out = [self._one(name, ctype, value, b) for value, b in zip(values, bound, strict=True)]
+        finally:
+            conn.rollback()
+        return out
+
+    def _one(self, name: str, ctype: ColumnType, value: Any, bound: Any) -> Any:
+        savepoint = self.conn.begin_nested()
+        try:
+            insert = f"INSERT INTO {name} (fillgate_n, v) VALUES (0, %s) RETURNING v"
+            stored = self.conn.exec_driver_sql(insert, (bound,)).scalar()
+        except (DBAPIError, TypeError, ValueError, OverflowError) as exc:
+            savepoint.rollback()
+            reason = database_reason(exc)
+            return Unstorable(f"{ctype.describe()} cannot hold {shown(value)}: the database refuses it ({reason}).")
+        savepoint.commit()
+        return stored
+
+    def close(self) -> None:
+        conn = self.conn
+        try:
+            conn.rollback()
+            for name in self.tables.values():
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+            conn.commit()
+        except Exception:
+            # the pool must not hand out a session holding our tables: ending the session drops
+            # them; closing never hides the error that ended the plan
+            conn.invalidate()
+        finally:
+            conn.close()

@@ -159,9 +159,13 @@ def key_candidates(raw: str) -> list[str]:
     raw = raw.strip()
     if raw.startswith("["):
         try:
-            parsed = loads(raw)
-        except ValueError:
+            _plain_decoder.decode(raw)
+        except (ValueError, RecursionError):
             raise UsageError(f"key {raw!r} starts with '[' but is not a JSON list.") from None
+        try:
+            parsed = loads(raw)
+        except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:  # a tag that does not decode
+            raise UsageError(f"key {raw!r} holds a value fillgate cannot read: {exc}.") from None
         if not isinstance(parsed, list) or not parsed:
             raise UsageError(f"key {raw!r} must be a non-empty JSON list.")
         return [encode_key(parsed)]

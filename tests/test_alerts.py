@@ -15,16 +15,11 @@ import sentry_sdk
 from sentry_sdk.envelope import Envelope
 from sentry_sdk.transport import Transport
 
-from fillgate.alerts import (
-    DEFAULT_THRESHOLDS,
-    Alert,
-    Alerter,
-    SentrySink,
-    WebhookSink,
-    fingerprint,
-    sinks_from_env,
-)
+from fillgate.alerts import DEFAULT_THRESHOLDS, Alert, Alerter, sinks_from_env
+from fillgate.contrib.sentry import SentrySink
+from fillgate.contrib.webhook import WebhookSink
 from fillgate.errors import AlertDeliveryError, ConfigError, MissingExtraError
+from fillgate.fingerprints import anomaly_fingerprint as fingerprint
 from fillgate.lookup import Lookup
 
 CLEAN = {"rows": 100, "writes": 40, "unchanged": 60, "errors": 0, "unexpected_index": 0, "disagreements": 0}

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from fillgate.errors import UsageError
 from fillgate.ledger import Ledger
 from fillgate.ledger import schema as ledger_schema
-from fillgate.ledger.integrity import check_run, read_anchors, row_link, start
+from fillgate.ledger.chain import row_link, start
+from fillgate.ledger.integrity import check_run, read_anchors
 from fillgate.values import dumps
 
 from conftest import TestDB, current_apply, finish_apply, kill_when, run_cli, start_apply

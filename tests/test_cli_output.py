@@ -20,10 +20,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from fillgate import report
-from fillgate.engine import ApplyResult, PlanResult
+from fillgate import ApplyResult, PlanResult, report
 from fillgate.ledger import Run
-from fillgate.pipeline import PipelineResult, StageResult
+from fillgate.pipeline_run import PipelineResult, StageResult
 from fillgate.plan import PlanHeader
 from fillgate.revert import RevertPreview
 from fillgate.stamp import InitResult

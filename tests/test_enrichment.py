@@ -21,8 +21,9 @@ from rich.console import Console
 from sqlalchemy.engine import Connection
 from typer.testing import CliRunner
 
-from fillgate.alerts import Alerter, fingerprint
+from fillgate.alerts import Alerter
 from fillgate.events import EVENT_FIELDS, EventWriter
+from fillgate.fingerprints import anomaly_fingerprint as fingerprint
 from fillgate.monitor import Monitor
 from fillgate.report import RichProgress
 from fillgate.throttle import Throttle
@@ -791,9 +792,9 @@ def test_rich_progress_on_a_terminal_shows_the_bar_the_count_and_why_a_run_is_he
         seen_while_held.append(buffer.getvalue())
 
     stream = io.StringIO()
-    monitor = Monitor(events=EventWriter(stream), alerter=Alerter([]), progress=progress,
-                      throttle=Throttle(checks=[Healthy(2)], poll_s=0.01, sleep=nap))
-    monitor.run_started("R1", "apply", "jobs:FillEmail", "staging", "staging", 10)
+    monitor = Monitor(events=EventWriter(stream), alerter=Alerter([]), progress=progress)
+    monitor.run_started("R1", "apply", "jobs:FillEmail", "staging", "staging", 10,
+                        throttle=Throttle(checks=[Healthy(2)], poll_s=0.01, sleep=nap))
     assert console.is_terminal
     monitor.batch_done({"rows": 4, "writes": 4}, 4, lambda: _Conn())  # type: ignore[arg-type]
     monitor.batch_done({"rows": 6, "writes": 6}, 10, lambda: _Conn())  # type: ignore[arg-type]

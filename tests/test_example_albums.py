@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from fillgate.alerts import fingerprint
+from fillgate.fingerprints import anomaly_fingerprint as fingerprint
 
 from conftest import SRC, TestDB, load_module, run_cli
 

@@ -14,12 +14,13 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
+from fillgate import apply_plan, make_plan
+from fillgate.applier import lock_name
 from fillgate.config import load_config, parse_url
 from fillgate.database import dispose_all
-from fillgate.engine import apply_plan, lock_name, make_plan
 from fillgate.errors import PlanMismatchError, TargetEscapeError
-from fillgate.job import load_job
 from fillgate.ledger import ApplyLock, new_run_id
+from fillgate.loader import load_job
 from fillgate.stamp import connect
 
 from conftest import MY_URL, PG_URL, TestDB, _worker, fillgate_subprocess, run_cli

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from fillgate import Limits, apply_plan, connect, resume_run
-from fillgate.engine import control_run
+from fillgate import Limits, apply_plan, connect, control_run, resume_run
 from fillgate.errors import RunStateError
 from fillgate.ledger import ApplyLock
 from fillgate.monitor import Monitor
@@ -127,7 +126,7 @@ def test_a_live_process_keeps_its_lock_however_old_its_heartbeat(sqlite_db: Test
 def test_a_hold_refreshes_the_heartbeat() -> None:
     beats: list[int] = []
     monitor = Monitor()
-    monitor.heartbeat = lambda: beats.append(1)
+    monitor.run_started("R1", "apply", "job", "staging", "staging", 10, heartbeat=lambda: beats.append(1))
     monitor._on_hold("replication lag 12s > 5s")
     monitor._on_hold("replication lag 12s > 5s")  # within 10 s of the last beat: not again
     assert beats == [1]

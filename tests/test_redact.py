@@ -13,8 +13,8 @@ from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
 from fillgate import database
-from fillgate.alerts import WebhookSink
 from fillgate.config import load_config
+from fillgate.contrib.webhook import WebhookSink
 from fillgate.errors import ConfigError
 from fillgate.lint import lint_source
 from fillgate.redact import mask_secrets, redact_url

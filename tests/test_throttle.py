@@ -10,9 +10,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from fillgate.config import parse_url
+from fillgate.contrib.postgres import ReplicationLagCheck
 from fillgate.database import engine_for
 from fillgate.errors import HealthCheckError, HoldTimeoutError, UsageError
-from fillgate.throttle import HealthCheck, ReplicationLagCheck, SQLCheck, Throttle
+from fillgate.throttle import HealthCheck, SQLCheck, Throttle
 
 from conftest import TestDB
 

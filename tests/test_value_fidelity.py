@@ -618,7 +618,7 @@ def test_a_value_stored_differently_at_apply_is_rolled_back_and_a_row_error(db: 
             assert "'mixed@x.org', not the planned 'Mixed@X.org'" in message
             assert "varchar(200)" in message.replace("character varying", "varchar")
             db.execute("UPDATE people SET email = NULL")
-            conn.ledger.update_run(plan.run.run_id, status="planned")
+            db.execute("UPDATE fillgate_runs SET status = 'planned' WHERE run_id = :r", {"r": plan.run.run_id})
             for (run_id,) in db.rows("SELECT run_id FROM fillgate_runs WHERE kind = 'apply'"):
                 db.execute("UPDATE fillgate_runs SET plan_id = NULL WHERE run_id = :r", {"r": run_id})
     finally:

@@ -17,9 +17,7 @@ pytest.importorskip("starlette")
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
-from fillgate import connect, init_target
-from fillgate.engine import Limits, apply_plan, make_plan
-from fillgate.job import load_job
+from fillgate import Limits, apply_plan, connect, init_target, load_job, make_plan
 from fillgate.ledger import Run, new_run_id, utcnow
 from fillgate.web.app import Settings, create_app
 from fillgate.web.data import Dashboard
@@ -333,7 +331,7 @@ def test_serve_off_loopback_needs_a_token(sqlite_db: TestDB, cli: CliRunner, tmp
 
 
 def test_resume_and_cancel_from_the_web(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path) -> None:
-    from fillgate.engine import control_run
+    from fillgate import control_run
     from fillgate.monitor import Monitor
 
     db = sqlite_db

@@ -34,9 +34,9 @@ import before
 import service
 from jobs import FillAlbumMetadata
 
-from fillgate import Limits, apply_plan, connect, init_target, make_plan, report
-from fillgate.alerts import Alerter, WebhookSink
+from fillgate import Alerter, Limits, apply_plan, connect, init_target, make_plan, report
 from fillgate.config import Target, parse_url
+from fillgate.contrib.webhook import WebhookSink
 from fillgate.monitor import Monitor
 
 POISON = (62, 71, 188)  # albums whose batch the faulty service answers wrongly (batches 2 and 4)

@@ -36,8 +36,7 @@ from typing import Any
 
 from enrichment_world import CURRENT_ROLES_SQL, LINKS, best_role, org_index, profile_fields, resolve, unlinked_sql
 
-from fillgate import FillMissing, Job
-from fillgate.pipeline import Pipeline
+from fillgate import FillMissing, Job, Pipeline
 
 PAGE = 20  # people per page: one lookup query per page and stage
 

@@ -16,31 +16,41 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": "config", "Target": "config", "load_config": "config",
     "RunContext": "context",
-    "ApplyResult": "engine", "Limits": "engine", "PlanResult": "engine", "apply_plan": "engine",
-    "make_plan": "engine", "resume_run": "engine",
+    "ApplyResult": "applier", "apply_plan": "applier", "run_job": "applier",
+    "PlanResult": "planner", "make_plan": "planner",
+    "Limits": "limits",
+    "control_run": "control", "resume_run": "control",
     "ConfigError": "errors", "FillgateError": "errors", "GuardRefused": "errors", "Interrupted": "errors",
     "JobError": "errors", "PlanFileError": "errors", "TargetEscapeError": "errors", "UsageError": "errors",
-    "Job": "job", "Param": "job", "load_job": "job",
+    "Job": "job", "Param": "job",
+    "load_job": "loader", "load_runnable": "loader",
     "Lookup": "lookup",
-    "Pipeline": "pipeline",
+    "Monitor": "monitor", "EventWriter": "events", "Alerter": "alerts",
+    "HealthCheck": "throttle", "SQLCheck": "throttle", "Throttle": "throttle",
+    "Pipeline": "pipeline", "run_pipeline": "pipeline_run", "revert_pipeline": "pipeline_run",
     "Failed": "policy", "FillMissing": "policy", "Overwrite": "policy", "Policy": "policy", "Promote": "policy",
     "preview_revert": "revert", "revert_run": "revert",
+    "row_history": "history",
     "connect": "stamp", "init_target": "stamp",
 }
 
 __all__ = [
+    "Alerter",
     "ApplyResult",
     "Config",
     "ConfigError",
+    "EventWriter",
     "Failed",
     "FillMissing",
     "FillgateError",
     "GuardRefused",
+    "HealthCheck",
     "Interrupted",
     "Job",
     "JobError",
     "Limits",
     "Lookup",
+    "Monitor",
     "Overwrite",
     "Param",
     "Pipeline",
@@ -49,18 +59,26 @@ __all__ = [
     "Policy",
     "Promote",
     "RunContext",
+    "SQLCheck",
     "Target",
     "TargetEscapeError",
+    "Throttle",
     "UsageError",
     "apply_plan",
     "connect",
+    "control_run",
     "init_target",
     "load_config",
     "load_job",
+    "load_runnable",
     "make_plan",
     "preview_revert",
     "resume_run",
+    "revert_pipeline",
     "revert_run",
+    "row_history",
+    "run_job",
+    "run_pipeline",
 ]
 
 
@@ -78,9 +96,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from fillgate.alerts import Alerter
+    from fillgate.applier import ApplyResult, apply_plan, run_job
     from fillgate.config import Config, Target, load_config
     from fillgate.context import RunContext
-    from fillgate.engine import ApplyResult, Limits, PlanResult, apply_plan, make_plan, resume_run
+    from fillgate.control import control_run, resume_run
     from fillgate.errors import (
         ConfigError,
         FillgateError,
@@ -91,9 +111,17 @@ if TYPE_CHECKING:
         TargetEscapeError,
         UsageError,
     )
-    from fillgate.job import Job, Param, load_job
+    from fillgate.events import EventWriter
+    from fillgate.history import row_history
+    from fillgate.job import Job, Param
+    from fillgate.limits import Limits
+    from fillgate.loader import load_job, load_runnable
     from fillgate.lookup import Lookup
+    from fillgate.monitor import Monitor
     from fillgate.pipeline import Pipeline
+    from fillgate.pipeline_run import revert_pipeline, run_pipeline
+    from fillgate.planner import PlanResult, make_plan
     from fillgate.policy import Failed, FillMissing, Overwrite, Policy, Promote
     from fillgate.revert import preview_revert, revert_run
     from fillgate.stamp import connect, init_target
+    from fillgate.throttle import HealthCheck, SQLCheck, Throttle

@@ -15,34 +15,28 @@ sends ONE :class:`Alert` for the batch, never one per row, to every configured s
 
 A run failure sends one alert of kind ``run_failed``.
 
-Sinks are pluggable: anything with ``send(alert)``. Built in: :class:`WebhookSink` (POST the
-alert as JSON) and :class:`SentrySink` (the official ``sentry-sdk``, ``pip install
-'fillgate[sentry]'``). :func:`sinks_from_env` builds them from ``FILLGATE_ALERT_WEBHOOK`` and
-``FILLGATE_SENTRY_DSN``. A sink that fails never breaks the run: the failure is logged,
+Sinks are pluggable: anything with ``send(alert)``. Built in, under ``fillgate.contrib``:
+``webhook.WebhookSink`` (POST the alert as JSON) and ``sentry.SentrySink`` (the official
+``sentry-sdk``, ``pip install 'fillgate[sentry]'``). :func:`sinks_from_env` builds them from
+``FILLGATE_ALERT_WEBHOOK`` and ``FILLGATE_SENTRY_DSN``. A sink that fails never breaks the run: the failure is logged,
 warned about and counted, and after three failures in a row the sink is switched off for the
 rest of the run.
 """
 
 from __future__ import annotations
 
-import atexit
-import collections
 import dataclasses
-import datetime as dt
-import hashlib
 import json
 import logging
 import os
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from fillgate.errors import AlertDeliveryError, ConfigError, MissingExtraError
-from fillgate.redact import mask_secrets, redact_url
+from fillgate.errors import ConfigError
+from fillgate.fingerprints import anomaly_fingerprint
+from fillgate.redact import mask_secrets
 
 log = logging.getLogger("fillgate.alerts")
 
@@ -74,11 +68,6 @@ _DESCRIPTIONS = {
 MAX_FAILURES_IN_A_ROW = 3
 
 
-def fingerprint(job: str, kind: str) -> str:
-    """Stable across runs, processes and deploys: only the job's name and the anomaly kind."""
-    return hashlib.sha256(f"fillgate|{job}|{kind}".encode()).hexdigest()[:32]
-
-
 @dataclass
 class Alert:
     """One alert: for one anomalous batch, or for a failed run (``batch`` None)."""
@@ -108,159 +97,18 @@ class AlertSink(Protocol):
     def send(self, alert: Alert) -> None: ...
 
 
-def _safe_url(url: str) -> str:
-    """scheme://host[:port]/… — webhook paths and queries often hold secrets."""
-    return redact_url(url, hide_path=True)
-
-
-class WebhookSink:
-    """POSTs each alert as a JSON object (:meth:`Alert.to_dict`) to ``url``.
-
-    Any 2xx answer is success; anything else raises
-    :class:`~fillgate.errors.AlertDeliveryError` (the URL is never shown in full).
-    """
-
-    def __init__(self, url: str, timeout: float = 5.0, headers: Mapping[str, str] | None = None) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(
-                f"alert webhook must be an http(s) URL, got {parts.scheme or 'no scheme'}:// "
-                "(check FILLGATE_ALERT_WEBHOOK)."
-            )
-        self.url = url
-        self.timeout = timeout
-        self.headers = {"Content-Type": "application/json", "User-Agent": "fillgate", **(headers or {})}
-
-    def send(self, alert: Alert) -> None:
-        body = alert.to_json().encode("utf-8")
-        request = urllib.request.Request(self.url, data=body, headers=self.headers, method="POST")
-        where = _safe_url(self.url)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                status = response.status
-        except urllib.error.HTTPError as exc:
-            exc.close()  # it holds the response's socket
-            raise AlertDeliveryError(f"alert webhook {where} answered HTTP {exc.code}.") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise AlertDeliveryError(f"alert webhook {where} unreachable: {reason}.") from None
-        if not 200 <= status < 300:
-            raise AlertDeliveryError(f"alert webhook {where} answered HTTP {status}.")
-
-    def __repr__(self) -> str:
-        return f"WebhookSink({_safe_url(self.url)})"
-
-
-def _import_sentry() -> Any:
-    try:
-        import sentry_sdk
-    except ImportError:
-        raise MissingExtraError(
-            "the Sentry alert sink needs the sentry-sdk package: pip install 'fillgate[sentry]' "
-            "(or unset FILLGATE_SENTRY_DSN)."
-        ) from None
-    return sentry_sdk
-
-
-class SentrySink:
-    """Sends each alert as one Sentry event through the official ``sentry-sdk``.
-
-    The event's fingerprint is the alert's (so Sentry groups by job + kind), its level the
-    alert's, tags ``job``, ``kind``, ``run_id`` (and ``batch``), extras ``counts``, ``example``
-    and ``anomalies``. Breadcrumbs: the sink leaves one per alert sent, and every event carries at
-    most ``max_breadcrumbs`` of them (the host application's included).
-
-    With ``dsn``, the sink uses a client of its own (no integrations, nothing global is
-    patched). Without it, it uses the client the application set up with ``sentry_sdk.init``.
-    ``client_options`` go to ``sentry_sdk.Client`` (e.g. ``transport=``, ``environment=``).
-    """
-
-    def __init__(self, dsn: str | None = None, *, max_breadcrumbs: int = 10, **client_options: Any) -> None:
-        sentry_sdk = _import_sentry()
-        self._sdk = sentry_sdk
-        self.max_breadcrumbs = max_breadcrumbs
-        self._crumbs: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_breadcrumbs)
-        self._client: Any = None
-        if dsn:
-            options: dict[str, Any] = {
-                "default_integrations": False,
-                "auto_enabling_integrations": False,
-                "max_breadcrumbs": max_breadcrumbs,
-                **client_options,
-            }
-            try:
-                self._client = sentry_sdk.Client(dsn, **options)
-            except Exception as exc:
-                raise ConfigError(f"FILLGATE_SENTRY_DSN is not a valid Sentry DSN: {exc}") from None
-            atexit.register(self.close)
-        elif client_options:
-            raise ConfigError("SentrySink client options need a dsn; without one the app's Sentry client is used.")
-        elif not (sentry_sdk.get_client().is_active() and sentry_sdk.get_client().dsn):
-            raise ConfigError(
-                "SentrySink has no DSN: set FILLGATE_SENTRY_DSN, pass dsn=..., or call sentry_sdk.init() first."
-            )
-
-    def send(self, alert: Alert) -> None:
-        sdk = self._sdk
-        event: dict[str, Any] = {
-            "message": alert.message,
-            "level": alert.level,
-            "logger": "fillgate.alerts",
-            "fingerprint": [alert.fingerprint],
-            "tags": {"job": alert.job, "kind": alert.kind, "run_id": alert.run_id,
-                     **({"batch": str(alert.batch)} if alert.batch is not None else {})},
-            "extra": {"counts": alert.counts, "example": alert.example, "anomalies": alert.anomalies},
-            "breadcrumbs": {"values": list(self._crumbs)},
-        }
-        cap = self.max_breadcrumbs
-
-        def trim(evt: dict[str, Any], _hint: Any) -> dict[str, Any]:
-            crumbs = evt.get("breadcrumbs")
-            if isinstance(crumbs, dict) and isinstance(crumbs.get("values"), list):
-                crumbs["values"] = crumbs["values"][-cap:] if cap else []
-            return evt
-
-        with sdk.isolation_scope() as isolation, sdk.new_scope() as scope:
-            if self._client is not None:
-                # a client of its own sends fillgate's breadcrumbs only, never the process's
-                isolation.clear_breadcrumbs()
-                scope.clear_breadcrumbs()
-                scope.set_client(self._client)
-            scope.add_event_processor(trim)
-            event_id = sdk.capture_event(event)
-        if event_id is None and self._client is not None and not self._client.is_active():
-            raise AlertDeliveryError("the Sentry client is not active; the alert was dropped.")
-        self._crumbs.append({
-            "category": "fillgate.alert", "level": alert.level, "message": alert.message[:200],
-            "timestamp": _now_iso(), "data": {"kind": alert.kind, "batch": alert.batch},
-        })
-
-    def flush(self, timeout: float = 2.0) -> None:
-        client = self._client or self._sdk.get_client()
-        client.flush(timeout=timeout)
-
-    def close(self) -> None:
-        """Send what is queued (at most 2 s); a client of its own is closed."""
-        if self._client is not None:
-            client, self._client = self._client, None
-            client.close(timeout=2.0)
-            atexit.unregister(self.close)
-        else:
-            self._sdk.flush(timeout=2.0)
-
-
-def _now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat()
-
-
 def sinks_from_env(environ: Mapping[str, str] | None = None) -> list[AlertSink]:
     """A WebhookSink if ``FILLGATE_ALERT_WEBHOOK`` is set, a SentrySink if
     ``FILLGATE_SENTRY_DSN`` is set (which needs ``pip install 'fillgate[sentry]'``)."""
     env = os.environ if environ is None else environ
     sinks: list[AlertSink] = []
     if webhook := env.get("FILLGATE_ALERT_WEBHOOK", "").strip():
+        from fillgate.contrib.webhook import WebhookSink
+
         sinks.append(WebhookSink(webhook))
     if dsn := env.get("FILLGATE_SENTRY_DSN", "").strip():
+        from fillgate.contrib.sentry import SentrySink
+
         sinks.append(SentrySink(dsn=dsn))
     return sinks
 
@@ -336,7 +184,7 @@ class Alerter:
             job=job,
             run_id=run_id,
             batch=batch_no,
-            fingerprint=fingerprint(job, kind),
+            fingerprint=anomaly_fingerprint(job, kind),
             counts=dict(counts),
             example=dict(first) if isinstance(first, Mapping) else first,
             message=message,
@@ -356,7 +204,7 @@ class Alerter:
             job=job,
             run_id=run_id,
             batch=None,
-            fingerprint=fingerprint(job, "run_failed"),
+            fingerprint=anomaly_fingerprint(job, "run_failed"),
             counts=dict(counts or {}),
             example=None,
             message=f"{job}: run {run_id} failed: {mask_secrets(message)}",

@@ -16,9 +16,10 @@ from rich.console import Console
 from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
-from fillgate import report
-from fillgate.config import Target, load_config
-from fillgate.engine import ApplyResult, Limits, PlanResult, apply_plan, control_run, make_plan, resume_run, run_job
+from fillgate import commands, report
+from fillgate.applier import ApplyResult, apply_plan
+from fillgate.config import Config, Target, load_config
+from fillgate.control import control_run, resume_run
 from fillgate.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -27,24 +28,22 @@ from fillgate.errors import (
     EXIT_USAGE,
     FillgateError,
     Interrupted,
-    PlanMismatchError,
-    ProtectedTargetError,
     RunNotFoundError,
-    RunStateError,
     UsageError,
 )
 from fillgate.events import EventWriter
 from fillgate.history import row_history
 from fillgate.interrupts import stop_on_signals
-from fillgate.job import load_runnable, parse_param_options
+from fillgate.job import parse_param_options
 from fillgate.ledger.integrity import read_anchors, verify_ledger
+from fillgate.limits import Limits
+from fillgate.loader import load_runnable
 from fillgate.monitor import Monitor
-from fillgate.pipeline import Pipeline, revert_pipeline, run_pipeline, stage_applies
-from fillgate.plan import read_header
+from fillgate.pipeline_run import PipelineResult
+from fillgate.planner import PlanResult
 from fillgate.report import RichProgress
-from fillgate.revert import preview_revert, revert_run
+from fillgate.revert import preview_revert
 from fillgate.stamp import Connected, check_write_allowed, connect, init_target
-from fillgate.throttle import ReplicationLagCheck, SQLCheck, Throttle
 from fillgate.validate import has_surrogate
 
 # Click's usage errors (a bad option, a missing argument) derive from this class; found through
@@ -233,25 +232,15 @@ def _run_not_found(exc: RunNotFoundError) -> str:
     return message
 
 
-def _target(name: str | None) -> Target:
+def _config() -> Config:
     config = load_config(_state["config"])
     _state["targets"] = tuple(sorted(config.targets))
-    _state["target"] = target = config.target(name)
+    return config
+
+
+def _target(name: str | None) -> Target:
+    _state["target"] = target = _config().target(name)
     return target
-
-
-def _max_changes(target: Target, given: int | None) -> int | None:
-    """The change gate of apply and run: --max-changes, else the target's max_changes. A
-    protected target must have one."""
-    if given is not None:
-        return given
-    if target.max_changes is None and target.protected:
-        raise ProtectedTargetError(
-            f"target '{target.name}' is the protected environment '{target.environment}' and has no change "
-            "gate; refusing to write an unbounded plan. Nothing was written. Give --max-changes N, or set "
-            f"max_changes = N under [targets.{target.name}] in the config file."
-        )
-    return target.max_changes
 
 
 def _emit(as_json: bool, data: Callable[[], Any], human: Callable[[], None]) -> None:
@@ -303,21 +292,17 @@ def plan(
 ) -> None:
     """Dry run: compute every change and show it. Writes nothing to your tables."""
     with _errors(as_json):
-        job_cls = load_runnable(job)
-        params = parse_param_options(param or [])
+        runnable = load_runnable(job)
         conn = connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_errors=max_errors, max_error_rate=max_error_rate)
         with _monitor(events, as_json) as monitor:
-            if issubclass(job_cls, Pipeline):
-                staged = run_pipeline(conn, job_cls, params, out=output or ".fillgate/plans/", limits=limits,
-                                      monitor=monitor, apply=False)
-            else:
-                result = make_plan(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
+            result = commands.plan(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
+                                   monitor=monitor)
     human = _human(events)
-    if issubclass(job_cls, Pipeline):
-        _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(human, staged))
-        raise typer.Exit(EXIT_OK if staged.clean else EXIT_ROW_PROBLEMS)
+    if isinstance(result, PipelineResult):
+        _emit(as_json, lambda: report.pipeline_json(result), lambda: report.print_pipeline(human, result))
+        raise typer.Exit(EXIT_OK if result.clean else EXIT_ROW_PROBLEMS)
     confirm = conn.target.environment if conn.target.protected else None
     _emit(as_json, lambda: report.plan_json(result), lambda: report.print_plan(human, result, sample, confirm=confirm))
     problems = result.counts["errors"] or result.counts["unexpected_index"]
@@ -330,21 +315,11 @@ def _limits(
     max_replication_lag: float | None = None,
     hold_while: list[str] | None = None,
     max_hold: float | None = None,
-    **kwargs: Any,
+    **values: Any,
 ) -> Limits:
-    """Gates and pacing from the command line (built-in health checks included).
-
-    The health checks run once now, so that one that cannot work on this target (a
-    ``--hold-while`` query that fails, ``--max-replication-lag`` on a backend other than
-    PostgreSQL) stops the command before anything is written, not after the first batch."""
-    checks: list[Any] = [SQLCheck(sql) for sql in hold_while or []]
-    if max_replication_lag is not None:
-        checks.append(ReplicationLagCheck(max_replication_lag))
-    if checks:
-        with conn.engine.connect() as probe:
-            Throttle(checks=checks).reasons(probe)
-    values = {k: v for k, v in kwargs.items() if v is not None}
-    return Limits(rate=rate, checks=checks, max_hold_s=max_hold, **values)
+    """Gates and pacing from the command line (see ``Limits.for_target``)."""
+    return Limits.for_target(conn, hold_while=hold_while or (), max_replication_lag=max_replication_lag, rate=rate,
+                             max_hold_s=max_hold, **values)
 
 
 @contextmanager
@@ -390,15 +365,8 @@ def apply(
 ) -> None:
     """Write exactly the reviewed plan: compare-and-set, audited, resumable."""
     with _errors(as_json):
-        header = read_header(plan_file)
-        if target is not None and target != header.target:
-            raise PlanMismatchError(
-                f"plan {plan_file} was made for target '{header.target}', not '{target}'. "
-                f"Make a new plan for '{target}'."
-            )
-        conn = connect(_target(header.target))
-        check_write_allowed(conn.target, confirm)
-        max_changes = _max_changes(conn.target, max_changes)
+        conn = commands.target_of_plan(_config(), plan_file, target)
+        _state["target"] = conn.target
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
@@ -430,29 +398,27 @@ def run(
 ) -> None:
     """Plan, gate and apply in one go."""
     with _errors(as_json):
-        job_cls = load_runnable(job)
-        params = parse_param_options(param or [])
+        runnable = load_runnable(job)
         conn = connect(_target(target))
         check_write_allowed(conn.target, confirm)
-        max_changes = _max_changes(conn.target, max_changes)
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
-        with _monitor(events, as_json) as monitor:
-            if issubclass(job_cls, Pipeline):
-                staged = run_pipeline(conn, job_cls, params, out=output, limits=limits, monitor=monitor)
-            else:
-                def show_plan(planned: PlanResult) -> None:
-                    if not as_json:
-                        report.print_plan(_human(events), planned, next_step=False)
 
-                planned, result = run_job(conn, job_cls, params, out=output, limits=limits, monitor=monitor,
-                                          on_planned=show_plan)
-    if issubclass(job_cls, Pipeline):
+        def show_plan(planned: PlanResult) -> None:
+            if not as_json:
+                report.print_plan(_human(events), planned, next_step=False)
+
+        with _monitor(events, as_json) as monitor:
+            done = commands.run(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
+                                monitor=monitor, on_planned=show_plan)
+    if done.pipeline is not None:
+        staged = done.pipeline
         _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(_human(events), staged))
         raise typer.Exit(EXIT_OK if staged.clean else EXIT_ROW_PROBLEMS)
-    _finish_apply(result, as_json, _human(events),
-                  plan_errors=planned.counts["errors"] + planned.counts["unexpected_index"])
+    assert done.plan is not None and done.apply is not None
+    _finish_apply(done.apply, as_json, _human(events),
+                  plan_errors=done.plan.counts["errors"] + done.plan.counts["unexpected_index"])
 
 
 @app.command()
@@ -477,19 +443,9 @@ def show(run_id: Annotated[str, typer.Argument(metavar="RUN")], target: TargetOp
          as_json: JsonOpt = False) -> None:
     """Show one run: status, counts, timing, errors grouped by fingerprint."""
     with _errors(as_json):
-        conn = connect(_target(target))
-        ledger = conn.ledger
-        found = ledger.get_run(run_id)
-        related = [run_id]
-        if found.kind == "pipeline":  # the stages' plan and apply runs are the pipeline's error log
-            related += [r.run_id for r in ledger.children_of(run_id)] + [
-                r.run_id for r in stage_applies(conn, run_id)
-            ]
-        if found.kind == "apply" and not found.details and found.parent_run_id:
-            # an apply computes nothing: its slowest rows and lookup anomalies are its plan's
-            found.details = {**ledger.get_run(found.parent_run_id).details, "from_plan_run": found.parent_run_id}
-        groups = ledger.error_groups(related)
-    _emit(as_json, lambda: report.show_json(found, groups), lambda: report.print_show(out, found, groups))
+        found = commands.describe(connect(_target(target)), run_id)
+    _emit(as_json, lambda: report.show_json(found.run, found.error_groups),
+          lambda: report.print_show(out, found.run, found.error_groups))
 
 
 @app.command()
@@ -554,11 +510,7 @@ def revert(
             limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                              confirm=confirm, batch_size=batch_size, pause_ms=pause_between_batches)
             with _monitor(events, as_json) as monitor:
-                results = (revert_pipeline(conn, run_id, limits, monitor)
-                           if conn.ledger.get_run(run_id).kind == "pipeline"
-                           else [revert_run(conn, run_id, limits, monitor)])
-            if not results:
-                raise RunStateError(f"pipeline run {run_id} applied no stage; there is nothing to revert.")
+                results = commands.revert(conn, run_id, limits, monitor)
     if dry_run:
         _emit(as_json, lambda: report.preview_json(preview), lambda: report.print_preview(out, preview))
         return

@@ -59,6 +59,14 @@ class Target:
     protected_environments: tuple[str, ...] = DEFAULT_PROTECTED
     max_changes: int | None = None  # the default --max-changes of apply and run
 
+    @classmethod
+    def from_url(cls, name: str, url: str, environment: str | None = None, *, protected: bool = False,
+                 max_changes: int | None = None) -> Target:
+        """A target from a database URL, for code that does not read a config file (tests,
+        scripts, demos): ``Target.from_url("staging", "postgresql://app@db/app")``."""
+        return cls(name, parse_url(url, f"target '{name}'"), environment or name, protected=protected,
+                   max_changes=max_changes)
+
     @property
     def safe_url(self) -> str:
         """The URL with any password masked: the only form fillgate ever prints."""

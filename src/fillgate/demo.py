@@ -15,11 +15,13 @@ from rich.markup import escape
 from rich.panel import Panel
 
 from fillgate import report
+from fillgate.applier import apply_plan
 from fillgate.config import load_config
 from fillgate.context import RunContext
-from fillgate.engine import Limits, apply_plan, make_plan
 from fillgate.errors import GuardRefused
 from fillgate.job import Job
+from fillgate.limits import Limits
+from fillgate.planner import make_plan
 from fillgate.policy import FillMissing
 from fillgate.revert import revert_run
 from fillgate.stamp import connect, init_target

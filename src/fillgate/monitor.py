@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from fillgate.alerts import Alerter, sinks_from_env
 from fillgate.errors import HoldTimeoutError
 from fillgate.events import EventWriter, SlowestRows
-from fillgate.ledger.integrity import AuditChain
+from fillgate.ledger.chain import AuditChain
 from fillgate.throttle import Throttle
 
 # Every count a batch can carry (events, alerts and the run summary use these names).
@@ -47,7 +47,6 @@ class Monitor:
     events: EventWriter = field(default_factory=lambda: EventWriter(None))
     alerter: Alerter = field(default_factory=lambda: Alerter(sinks_from_env()))
     progress: Progress | None = None
-    throttle: Throttle = field(default_factory=Throttle)
     slowest: SlowestRows = field(default_factory=SlowestRows)
     first_mismatch: dict[str, Any] | None = None
     # Row times of the current batch, summed per key (a row's lookup and compute are timed
@@ -59,9 +58,11 @@ class Monitor:
     _batch: int = 0
     _started: float = 0.0
     _batch_started: float = 0.0
-    # Refreshes the run's heartbeat (set by the engine for writing runs); called while a
-    # health check holds the run, so a long hold never makes a live run look dead.
-    heartbeat: Callable[[], None] | None = None
+    # The current run's pacing (from its Limits), and how to refresh its heartbeat while a
+    # health check holds it (so a long hold never makes a live run look dead); both given to
+    # run_started by the planner or applier and dropped by run_finished.
+    _throttle: Throttle = field(default_factory=Throttle)
+    _heartbeat: Callable[[], None] | None = None
     _last_beat: float = 0.0
     # Pacing and holds since ``take_wait`` was last called (for the ledger's batch timeline).
     _paced_ms: float = 0.0
@@ -69,16 +70,22 @@ class Monitor:
     _hold_reason: str | None = None
 
     def run_started(
-        self, run_id: str, kind: str, job: str, target: str, environment: str, total: int | None
+        self, run_id: str, kind: str, job: str, target: str, environment: str, total: int | None,
+        *, throttle: Throttle | None = None, heartbeat: Callable[[], None] | None = None,
     ) -> None:
+        """A run starts: ``throttle`` paces it after every batch (default: no pacing),
+        ``heartbeat`` refreshes its heartbeat while it is held."""
         self._run_id, self._job, self._kind, self._batch = run_id, job, kind, 0
+        self._throttle = throttle or Throttle()
+        self._heartbeat = heartbeat
+        self._last_beat = 0.0
         self.slowest = SlowestRows()
         self._row_ms = {}
         self.first_mismatch = None
         self._started = self._batch_started = time.perf_counter()
         self._paced_ms = self._held_ms = 0.0
         self._hold_reason = None
-        self.throttle.start()
+        self._throttle.start()
         self.events.run_started(run_id=run_id, kind=kind, job=job, target=target,
                                 environment=environment, total_estimate=total)
         if self.progress is not None:
@@ -117,17 +124,17 @@ class Monitor:
         if self.progress is not None:
             self.progress.advance(done)
         held_s = 0.0
-        if self.throttle.active:
+        if self._throttle.active:
             try:
-                held_s = self.throttle.after_batch(batch["rows"] or batch["writes"] or 1, engine,
+                held_s = self._throttle.after_batch(batch["rows"] or batch["writes"] or 1, engine,
                                                    on_hold=self._on_hold)
             except HoldTimeoutError as exc:
                 hint = (f" Resume it once the database is healthy: fillgate resume {self._run_id}"
                         if self._kind in ("apply", "revert") else " Plan again once the database is healthy.")
                 raise HoldTimeoutError(f"{exc}{hint}") from None
-            if self.progress is not None and self.throttle.last_held_s:
+            if self.progress is not None and self._throttle.last_held_s:
                 self.progress.hold(None)
-            self._paced_ms += (self.throttle.last_paced_s + self.throttle.last_paused_s) * 1000
+            self._paced_ms += (self._throttle.last_paced_s + self._throttle.last_paused_s) * 1000
             self._held_ms += held_s * 1000
         self.events.batch_done(run_id=self._run_id, batch=self._batch, counts=batch,
                                elapsed_ms=elapsed_ms, held_ms=held_s * 1000)
@@ -143,11 +150,11 @@ class Monitor:
 
     def _on_hold(self, reason: str) -> None:
         self._hold_reason = reason
-        if self.heartbeat is not None and time.monotonic() - self._last_beat >= 10.0:
-            self.heartbeat()
+        if self._heartbeat is not None and time.monotonic() - self._last_beat >= 10.0:
+            self._heartbeat()
             self._last_beat = time.monotonic()
         self.events.run_held(run_id=self._run_id, batch=self._batch, reason=reason,
-                             held_ms=self.throttle.hold_s * 1000)
+                             held_ms=self._throttle.hold_s * 1000)
         if self.progress is not None:
             self.progress.hold(reason)
 
@@ -164,6 +171,8 @@ class Monitor:
                                  audit_sha256=audit.sha256 if audit else None)
         if self.progress is not None:
             self.progress.stop()
+        self._heartbeat = None
+        self._throttle = Throttle()
 
     def details(self) -> dict[str, Any]:
         """What ``fillgate show`` prints beyond the counts: slowest rows, first mismatch."""

@@ -28,28 +28,18 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from fillgate.engine import PLAN_COUNTS, ApplyResult, PlanResult
+from fillgate.applier import ApplyResult
+from fillgate.counts import LABELS, PLAN_COUNTS
 from fillgate.errors import EXIT_INTERRUPTED, EXIT_REFUSED
 from fillgate.ledger import Run
 from fillgate.ledger.integrity import RunCheck, VerifyReport
-from fillgate.pipeline import PipelineResult
+from fillgate.pipeline_run import PipelineResult
+from fillgate.planner import PlanResult
 from fillgate.redact import mask_secrets
 from fillgate.revert import RevertPreview
 from fillgate.runs import interrupted, shown_status
 from fillgate.stamp import InitResult
 from fillgate.values import decode_key, loads
-
-PLAN_LABELS = {
-    "rows": "rows scanned",
-    "writes": "writes",
-    "inserts": "  of which inserts",
-    "unchanged": "unchanged",
-    "skipped": "skipped by policy",
-    "disagreements": "disagreements",
-    "preserved": "preserved (guard)",
-    "errors": "row errors",
-    "unexpected_index": "unexpected lookup index",
-}
 
 
 def to_json(data: Any) -> str:
@@ -286,7 +276,7 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step
     counts = Table(show_header=False, box=None, padding=(0, 2))
     for name in PLAN_COUNTS:
         style = "bold green" if name == "writes" else "bold red" if name == "errors" and result.counts[name] else ""
-        counts.add_row(PLAN_LABELS[name], f"[{style}]{result.counts[name]}[/]" if style else str(result.counts[name]))
+        counts.add_row(LABELS[name], f"[{style}]{result.counts[name]}[/]" if style else str(result.counts[name]))
     console.print(counts)
     changes = result.samples.get("change", [])[:sample]
     _print_table(console, f"first {len(changes)} of {h.changes} changes",

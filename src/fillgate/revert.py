@@ -10,15 +10,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fillgate.engine import ApplyResult, Limits, _start_run, execute
+from fillgate.applier import ApplyResult, execute, new_writing_run, start_writing_run
 from fillgate.errors import AlreadyDoneError, RunStateError
-from fillgate.ledger import Ledger, Run, new_run_id, operator_name, utcnow
+from fillgate.ledger import Ledger, Run
+from fillgate.limits import Limits
 from fillgate.monitor import Monitor
+from fillgate.runs import WRITING_KINDS, RunKind
 from fillgate.sql import Change, TableSQL, current_value, would_apply
 from fillgate.stamp import Connected, check_write_allowed
 from fillgate.values import decode_key, loads
-
-WRITING_KINDS = ("apply", "revert")
 
 
 def inverse_changes(ledger: Ledger, run_id: str) -> Iterator[Change]:
@@ -97,22 +97,12 @@ def revert_run(
     ledger = conn.ledger
     original = _check_revertible(ledger, run_id)
     check_write_allowed(conn.target, limits.confirm)
-    run = Run(
-        run_id=new_run_id(),
-        kind="revert",
-        job=original.job,
-        table_name=original.table_name,
-        target=conn.target.name,
-        environment=conn.target.environment,
-        operator=operator_name(),
-        status="running",
-        args={"key": original.args["key"], "source": f"revert:{run_id}",
-              "batch_size": limits.batch_size},
-        parent_run_id=run_id,
+    run = new_writing_run(
+        conn, RunKind.REVERT, job=original.job, table_name=original.table_name, parent_run_id=run_id,
         total=ledger.count_changes(run_id),
-        started_at=utcnow(),
+        args={"key": original.args["key"], "source": f"revert:{run_id}", "batch_size": limits.batch_size},
     )
-    lock = _start_run(conn, run)
+    lock = start_writing_run(conn, run)
     try:
         return execute(conn, run, inverse_changes(ledger, run_id), limits, lock, monitor)
     finally:

@@ -54,54 +54,8 @@ class HealthCheck(Protocol):
         ...
 
 
-def _seconds(value: float) -> str:
+def seconds(value: float) -> str:
     return f"{value:.1f}s" if value < 100 else f"{value:.0f}s"
-
-
-class ReplicationLagCheck:
-    """Holds while a PostgreSQL replica's replay lag exceeds ``max_lag_s`` seconds.
-
-    Reads ``pg_stat_replication`` on the primary (the target). No replicas: healthy. A replica
-    that is connected and idle has a NULL lag, which counts as 0. The role needs
-    ``pg_monitor`` (or superuser) to see the lag; without it the check refuses rather than
-    reporting a healthy database it cannot see.
-    """
-
-    SQL = (
-        "SELECT application_name, CAST(client_addr AS text) AS client_addr, state, "
-        "EXTRACT(EPOCH FROM replay_lag) AS lag_s FROM pg_stat_replication"
-    )
-
-    def __init__(self, max_lag_s: float) -> None:
-        if not max_lag_s > 0:
-            raise UsageError(f"ReplicationLagCheck needs max_lag_s > 0, got {max_lag_s!r}.")
-        self.max_lag_s = float(max_lag_s)
-
-    def check(self, conn: Connection) -> str | None:
-        dialect = conn.dialect.name
-        if dialect != "postgresql":
-            raise HealthCheckError(
-                f"ReplicationLagCheck reads pg_stat_replication, which only PostgreSQL has; this "
-                f"target is {dialect}. Use SQLCheck with a query for your backend's replication lag."
-            )
-        worst: tuple[float, str] | None = None
-        for row in conn.execute(text(self.SQL)).mappings():
-            name = row["application_name"] or "replica"
-            where = f" at {row['client_addr']}" if row["client_addr"] else ""
-            if row["state"] is None:
-                raise HealthCheckError(
-                    "ReplicationLagCheck cannot see the replicas' lag: the database role lacks "
-                    "the pg_monitor role. Run GRANT pg_monitor TO <role>, or drop the check."
-                )
-            lag = float(row["lag_s"] or 0.0)
-            if worst is None or lag > worst[0]:
-                worst = (lag, f"{name}{where}")
-        if worst is None or worst[0] <= self.max_lag_s:
-            return None
-        return f"replication lag {_seconds(worst[0])} > {self.max_lag_s:g}s ({worst[1]})"
-
-    def __repr__(self) -> str:
-        return f"ReplicationLagCheck(max_lag_s={self.max_lag_s:g})"
 
 
 class SQLCheck:
@@ -253,7 +207,7 @@ class Throttle:
                     counted = True
                 if self.max_hold_s is not None and self.hold_s >= self.max_hold_s:
                     raise HoldTimeoutError(
-                        f"the run was held for {_seconds(self.hold_s)} by its health checks ({reason}), "
+                        f"the run was held for {seconds(self.hold_s)} by its health checks ({reason}), "
                         f"longer than the maximum of {self.max_hold_s:g}s, and stopped; the batches "
                         "written so far are committed."
                     )

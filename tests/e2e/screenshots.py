@@ -20,9 +20,9 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 from rich.console import Console
 
+from fillgate import Limits, apply_plan, make_plan
 from fillgate.config import Target, parse_url
 from fillgate.demo import FillCustomerEmail, run_demo
-from fillgate.engine import Limits, apply_plan, make_plan
 from fillgate.stamp import connect
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Tamper evidence for the audit log: one SHA-256 hash chain per run, and ``fillgate verify``.
+"""``fillgate verify``: the audit log checked against its tamper evidence (``chain.py``).
 
 The database refuses UPDATE, DELETE, TRUNCATE and REPLACE on ``fillgate_changes``, but the
 owner of the tables can drop or disable those guards. What they cannot do unnoticed is change
@@ -25,88 +25,26 @@ a run that wrote nothing), written in the same transaction as the rows.
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import func, inspect, select
 
 from fillgate.errors import RunStateError, UsageError
 from fillgate.ledger import schema
+from fillgate.ledger.chain import row_link, start
+from fillgate.ledger.store import Ledger, Run
+from fillgate.runs import WRITING_KINDS
 
-if TYPE_CHECKING:  # store.py imports this module
-    from fillgate.ledger.store import Ledger, Run
-
-VERSION = "fillgate-audit-v1"
-WRITING_KINDS = ("apply", "revert")
 MAX_FINDINGS = 20
 """Findings kept per run for the report (the counts of missing, added and altered rows are
 always complete)."""
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def start(run_id: str) -> str:
-    """The chain value before a run's first audit row."""
-    return hashlib.sha256(f"{VERSION}\n{run_id}".encode()).hexdigest()
-
-
-def canonical_time(value: dt.datetime) -> str:
-    return value.replace(tzinfo=None).isoformat(timespec="microseconds")
-
-
-def _fields(*fields: str) -> str:
-    return "".join(f"{len(f)}:{f}" for f in fields)
-
-
-def link(previous: str, run_id: str, seq: int, table: str, key: str, column: str, op: str, old: str,
-         new: str, source: str, stamp: str) -> str:
-    """The chain value of one audit row (``stamp``: ``canonical_time`` of ``changed_at``)."""
-    text = previous + _fields(run_id, table, source, stamp, str(seq), key, column, op, old, new)
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def row_link(previous: str, row: Any) -> str:
-    """The chain value of a ``fillgate_changes`` row as the database holds it now."""
-    return link(previous, row.run_id, row.seq, row.table_name, row.row_key, row.column_name, row.op,
-                row.old_value, row.new_value, row.source, canonical_time(row.changed_at))
-
-
-@dataclass(frozen=True)
-class AuditChain:
-    """How far a run's chain got: ``rows`` audit rows, the last one's chain value ``sha256``."""
-
-    rows: int
-    sha256: str
-
-    @classmethod
-    def start(cls, run_id: str) -> AuditChain:
-        return cls(0, start(run_id))
-
-    def extend(
-        self, run_id: str, table: str, source: str, when: dt.datetime,
-        items: Sequence[tuple[str, str, str, str, str]],
-    ) -> tuple[AuditChain, list[tuple[int, str]]]:
-        """Chain one batch of audit rows ``(row_key, column, op, old, new)``: the chain after
-        them, and each row's ``(seq, chain_sha256)``."""
-        head = _fields(run_id, table, source, canonical_time(when))  # the same for the whole batch
-        sha256 = hashlib.sha256
-        previous, seq = self.sha256, self.rows
-        out: list[tuple[int, str]] = []
-        for key, column, op, old, new in items:
-            seq += 1
-            n = str(seq)
-            text = (f"{previous}{head}{len(n)}:{n}{len(key)}:{key}{len(column)}:{column}{len(op)}:{op}"
-                    f"{len(old)}:{old}{len(new)}:{new}")  # link(), inlined: this runs once per audit row
-            previous = sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-            out.append((seq, previous))
-        return AuditChain(seq, previous), out
-
 
 # --- anchors: chain heads recorded outside the database ---------------------------------------
 

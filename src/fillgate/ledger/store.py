@@ -22,17 +22,18 @@ from sqlalchemy import case, func, insert, inspect, select, update
 from sqlalchemy.engine import Connection, Engine
 from ulid import ULID
 
-from fillgate.errors import ConfigError, NotInitializedError, RunNotFoundError, UsageError
+from fillgate.errors import ConfigError, NotInitializedError, RunNotFoundError, RunStateError, UsageError
 from fillgate.ledger import schema
-from fillgate.ledger.integrity import WRITING_KINDS, AuditChain
+from fillgate.ledger.chain import AuditChain
 from fillgate.ledger.schema import VERSION_TABLE
 from fillgate.redact import mask_secrets
+from fillgate.runs import MESSAGE_LIMIT, WRITING_KINDS, RunKind, RunStatus, sources_of
 from fillgate.values import encode_key
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-RUN_STATUSES = ("planned", "running", "paused", "cancelled", "failed", "succeeded")
-RUN_KINDS = ("init", "stamp", "plan", "apply", "revert", "pipeline")
+RUN_STATUSES = tuple(RunStatus)
+RUN_KINDS = tuple(RunKind)
 
 
 def utcnow() -> dt.datetime:
@@ -163,6 +164,24 @@ class Run:
         return (end - self.started_at).total_seconds()
 
 
+def _row_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Column values of a run's row from Python values (JSON text, masked message, audit chain)."""
+    values = dict(values)
+    if values.get("message"):  # may quote a job's exception, which may quote a DSN
+        values["message"] = mask_secrets(values["message"])
+    if "audit" in values:
+        chain = values.pop("audit")
+        if chain is not None:
+            values.update(audit_rows=chain.rows, audit_sha256=chain.sha256)
+    if "counts" in values:
+        values["counts"] = json.dumps(values["counts"], sort_keys=True)
+    if "args" in values:
+        values["args"] = json.dumps(values["args"], default=str, sort_keys=True)
+    if "details" in values:
+        values["details"] = json.dumps(values["details"], default=str)
+    return values
+
+
 class Ledger:
     """fillgate's tables in one target database."""
 
@@ -256,26 +275,35 @@ class Ledger:
         return run
 
     def update_run(self, run_id: str, conn: Connection | None = None, **values: Any) -> None:
-        """Set columns of the run's row; ``audit=AuditChain`` sets ``audit_rows`` and
-        ``audit_sha256`` (``audit=None``: the run keeps no chain, nothing is set)."""
-        if values.get("message"):  # may quote a job's exception, which may quote a DSN
-            values["message"] = mask_secrets(values["message"])
-        if "audit" in values:
-            chain = values.pop("audit")
-            if chain is not None:
-                values.update(audit_rows=chain.rows, audit_sha256=chain.sha256)
-        if "counts" in values:
-            values["counts"] = json.dumps(values["counts"], sort_keys=True)
-        if "args" in values:
-            values["args"] = json.dumps(values["args"], default=str, sort_keys=True)
-        if "details" in values:
-            values["details"] = json.dumps(values["details"], default=str)
-        stmt = update(schema.runs).where(schema.runs.c.run_id == run_id).values(**values)
+        """Set columns of the run's row (never its status: see :meth:`transition`);
+        ``audit=AuditChain`` sets ``audit_rows`` and ``audit_sha256`` (``audit=None``: the run
+        keeps no chain, nothing is set)."""
+        if "status" in values:
+            raise TypeError("a run's status changes only through Ledger.transition")
+        stmt = update(schema.runs).where(schema.runs.c.run_id == run_id).values(**_row_values(values))
+        self._execute(stmt, conn)
+
+    def transition(self, run_id: str, status: RunStatus, conn: Connection | None = None, **values: Any) -> None:
+        """Move the run to ``status`` (setting ``values`` too) if ``runs.TRANSITIONS`` allows
+        it from the status the run has: a compare-and-set, so a run moved meanwhile by another
+        process is not moved again. Refused with RunStateError otherwise."""
+        r = schema.runs.c
+        stmt = (update(schema.runs).where(r.run_id == run_id, r.status.in_(sources_of(status)))
+                .values(status=status, **_row_values(values)))
+        if self._execute(stmt, conn) != 1:
+            current = self.get_run(run_id, conn).status
+            raise RunStateError(f"run {run_id} is {current}; it cannot become {status}.")
+
+    def fail_run(self, run_id: str, message: str, conn: Connection | None = None, **values: Any) -> None:
+        """The run failed: its status, the time, and the message (cut to a limit)."""
+        self.transition(run_id, RunStatus.FAILED, conn, finished_at=utcnow(), message=message[:MESSAGE_LIMIT],
+                        **values)
+
+    def _execute(self, stmt: Any, conn: Connection | None) -> int:
         if conn is None:
             with self.engine.begin() as own:
-                own.execute(stmt)
-        else:
-            conn.execute(stmt)
+                return int(own.execute(stmt).rowcount)
+        return int(conn.execute(stmt).rowcount)
 
     def get_run(self, run_id: str, conn: Connection | None = None) -> Run:
         stmt = select(schema.runs).where(schema.runs.c.run_id == run_id)

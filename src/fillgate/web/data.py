@@ -26,22 +26,24 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from fillgate.applier import ApplyResult
 from fillgate.config import Config, Target, load_config
-from fillgate.engine import ApplyResult, Limits, control_run, resume_run
+from fillgate.control import control_run, resume_run
 from fillgate.errors import FillgateError, NotInitializedError, StampMismatchError, UsageError
 from fillgate.ledger import Ledger, Run, acting_as, operator_name, utcnow
+from fillgate.limits import Limits
 from fillgate.monitor import Monitor
 from fillgate.plan import verify_plan
 from fillgate.revert import RevertPreview, preview_revert, revert_run
-from fillgate.runs import process_gone
+from fillgate.runs import WRITING_KINDS, RunKind, RunStatus, process_gone
 from fillgate.stamp import Connected, check_write_allowed, connect
 from fillgate.values import key_candidates, loads
 from fillgate.web.planindex import KINDS, PAGE, PlanStatus, PlanStore
 
-RUN_KINDS = ("init", "stamp", "plan", "apply", "revert", "pipeline")
-RUN_STATUSES = ("planned", "running", "paused", "cancelled", "failed", "succeeded")
+RUN_KINDS = tuple(RunKind)
+RUN_STATUSES = tuple(RunStatus)
 ACTIVE = ("running", "paused")
-WRITING = ("apply", "revert")
+WRITING = WRITING_KINDS
 RUNS_PER_PAGE = 50
 TIMELINE = 200  # batches shown on a run page (the newest)
 HISTORY_LIMIT = 1000
@@ -450,8 +452,8 @@ class _Watch(Monitor):
         self._on_started = started
 
     def run_started(self, run_id: str, kind: str, job: str, target: str, environment: str,
-                    total: int | None) -> None:
-        super().run_started(run_id, kind, job, target, environment, total)
+                    total: int | None, **pacing: Any) -> None:
+        super().run_started(run_id, kind, job, target, environment, total, **pacing)
         self._on_started(run_id)
 
 

@@ -1,0 +1,413 @@
+"""Applying: write exactly the reviewed plan, in batches. Each batch is one transaction holding
+its compare-and-set writes, their audit rows, its conflicts and errors, the run's counts and
+its checkpoint, so a run stopped anywhere (a crash, ``kill -9``, Ctrl-C) resumes exactly once.
+
+``apply_plan`` checks the plan first (its file against the SHA-256 its plan run recorded, every
+line against the job's declared table, key and columns, the target, environment and database it
+was made for, the change gate and the typed confirmation of a protected target) and writes
+nothing if any check fails. ``run_job`` is plan + gate + apply in one go."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from fillgate.errors import (
+    AlreadyDoneError,
+    FillgateError,
+    GateExceededError,
+    GuardRefused,
+    Interrupted,
+    JobError,
+    PlanFileError,
+    PlanMismatchError,
+    RunNotFoundError,
+)
+from fillgate.fingerprints import conflict_fingerprint, error_fingerprint
+from fillgate.interrupts import interruptible, stop_requested
+from fillgate.job import Job
+from fillgate.ledger import ApplyLock, Run, error_row, new_run_id, operator_name, utcnow
+from fillgate.limits import Limits
+from fillgate.loader import load_job
+from fillgate.monitor import Monitor
+from fillgate.plan import PlanHeader, iter_changes, verify_plan
+from fillgate.planner import SAMPLE, PlanResult, make_plan
+from fillgate.runs import RunKind, RunStatus
+from fillgate.sql import BatchOutcome, Change, TableSQL, apply_changes
+from fillgate.stamp import Connected, check_write_allowed
+from fillgate.values import dumps, encode_key
+
+
+@dataclass
+class ApplyResult:
+    run: Run
+    counts: dict[str, int]
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None  # "paused", "cancelled" or "interrupted" when stopped between batches
+
+    @property
+    def clean(self) -> bool:
+        return not self.counts.get("conflicts") and not self.counts.get("errors")
+
+
+# --- writing runs ----------------------------------------------------------------------------
+
+
+def lock_name(job: str | None) -> str:
+    """The lock every apply and revert of one job on one target takes: one at a time."""
+    return f"apply:{job}"
+
+
+def new_writing_run(conn: Connected, kind: RunKind, **fields: Any) -> Run:
+    """An apply or revert run on ``conn``'s target, by this operator, starting now."""
+    return Run(run_id=new_run_id(), kind=kind, target=conn.target.name, environment=conn.target.environment,
+               operator=operator_name(), status=RunStatus.RUNNING, started_at=utcnow(), **fields)
+
+
+def start_writing_run(conn: Connected, run: Run) -> ApplyLock:
+    """Take the (job, target) lock for a new run, then record the run."""
+    lock = ApplyLock(conn.engine, lock_name(run.job), run.run_id, run.operator).acquire()
+    try:
+        conn.ledger.create_run(run)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _batches(items: Iterable[Change], size: int) -> Iterator[list[Change]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def execute(
+    conn: Connected,
+    run: Run,
+    changes: Iterable[Change],
+    limits: Limits,
+    lock: ApplyLock,
+    monitor: Monitor | None = None,
+) -> ApplyResult:
+    """Write ``changes`` for ``run`` (which holds ``lock``): one transaction per batch holding
+    the data changes, their audit rows, conflicts/errors, the run's counts and its checkpoint."""
+    return _Applying(conn, run, limits, lock, monitor or Monitor()).execute(changes)
+
+
+class _Applying:
+    """One apply or revert run, batch by batch."""
+
+    def __init__(self, conn: Connected, run: Run, limits: Limits, lock: ApplyLock, monitor: Monitor) -> None:
+        self.conn, self.run, self.limits, self.lock, self.monitor = conn, run, limits, lock, monitor
+        self.ledger = conn.ledger
+        self.sql = TableSQL(conn.engine.dialect, run.table_name or "", run.args["key"])
+        self.source = run.args.get("source") or run.job or run.kind
+        self.counts = {k: run.counts.get(k, 0) for k in ("applied", "conflicts", "errors")}
+        self.checkpoint = run.checkpoint
+        self.audit = run.audit  # the run's audit hash chain, as far as the committed batches got
+        self.result = ApplyResult(run=run, counts=self.counts)
+        self.batch_started = time.perf_counter()
+
+    def execute(self, changes: Iterable[Change]) -> ApplyResult:
+        run, engine = self.run, self.conn.engine
+        remaining = None if run.total is None else run.total - self.checkpoint
+        self.monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining,
+                                 throttle=self.limits.throttle(), heartbeat=self._heartbeat)
+        status = RunStatus.SUCCEEDED
+        try:
+            for batch in _batches(changes, self.limits.batch_size):
+                with interruptible(), engine.begin() as tx:
+                    outcome, problems, control = self._write(tx, batch)
+                self._report(batch, outcome, problems)
+                stopped = self._stop(control)
+                if stopped is not None:
+                    status = stopped
+                    break
+        except KeyboardInterrupt:
+            self._interrupted()
+        except BaseException as exc:
+            self._failed(exc)
+        if status is RunStatus.SUCCEEDED:
+            self.ledger.transition(run.run_id, status, finished_at=utcnow(), control=None, message=None)
+        self.monitor.run_finished(status, self.counts, audit=self.audit)
+        self.result.run = self.ledger.get_run(run.run_id)
+        return self.result
+
+    def _heartbeat(self) -> None:
+        with self.conn.engine.begin() as tx:
+            self.ledger.update_run(self.run.run_id, tx, heartbeat_at=utcnow())
+            self.lock.heartbeat(tx)
+
+    def _write(self, tx: Any, batch: list[Change]) -> tuple[BatchOutcome, list[dict[str, Any]], str | None]:
+        """One batch's transaction: the writes, their audit rows, conflicts and errors, the
+        run's counts, checkpoint and timeline; returns a pause or cancel request, if any."""
+        run, ledger, counts = self.run, self.ledger, self.counts
+        outcome = apply_changes(tx, self.sql, batch)
+        now = utcnow()
+        self.chained = ledger.insert_changes(tx, run.run_id, run.table_name or "", self.source, now, [
+            (c.key_text or encode_key(c.key), c.column, c.op, c.old_text or dumps(c.old), c.new_text or dumps(c.new))
+            for c in outcome.applied
+        ], self.audit)
+        problems = self._problems(outcome, now)
+        ledger.insert_errors(tx, problems)
+        counts["applied"] += len(outcome.applied)
+        counts["conflicts"] += len(outcome.conflicts)
+        counts["errors"] += len(outcome.errors)
+        self.checkpoint += len(batch)
+        ledger.update_run(run.run_id, tx, checkpoint=self.checkpoint, counts=counts, heartbeat_at=now,
+                          audit=self.chained)
+        ledger.record_batch(tx, run.run_id, done=self.checkpoint, rows=len(batch), writes=len(outcome.applied),
+                            conflicts=len(outcome.conflicts), errors=len(outcome.errors),
+                            elapsed_ms=(time.perf_counter() - self.batch_started) * 1000, committed_at=now,
+                            **self.monitor.take_wait())
+        self.lock.heartbeat(tx)
+        return outcome, problems, ledger.read_control(run.run_id, tx)
+
+    def _problems(self, outcome: BatchOutcome, now: Any) -> list[dict[str, Any]]:
+        """The batch's conflicts and errors as fillgate_errors rows (and the conflicts' sample)."""
+        run_id, source, sample = self.run.run_id, self.source, self.result.conflicts
+        problems = []
+        for change, current, exists in outcome.conflicts:
+            problems.append(error_row(run_id, "apply", change.key, change.column, "Conflict",
+                                      _conflict_message(change, current, exists),
+                                      conflict_fingerprint(source, change.column), created_at=now))
+            if len(sample) < SAMPLE:
+                sample.append({"key": list(change.key), "column": change.column, "expected": change.old,
+                               "found": current, "row_exists": exists})
+        for change, exc in outcome.errors:
+            problems.append(error_row(run_id, "apply", change.key, change.column, type(exc).__name__, str(exc),
+                                      error_fingerprint(source, exc), created_at=now))
+        return problems
+
+    def _report(self, batch: list[Change], outcome: BatchOutcome, problems: list[dict[str, Any]]) -> None:
+        self.audit = self.chained
+        examples: dict[str, Any] = {}
+        if problems:
+            examples["conflicts"] = {k: problems[0][k] for k in ("row_key", "column_name", "error_type", "message")}
+        self.monitor.batch_done(
+            {"rows": len(batch), "writes": len(outcome.applied), "conflicts": len(outcome.conflicts),
+             "errors": len(outcome.errors)},
+            self.checkpoint - self.run.checkpoint, self.conn.engine, examples or None,
+        )
+        self.batch_started = time.perf_counter()
+
+    def _stop(self, control: str | None) -> RunStatus | None:
+        """After a batch: the status to stop in (a pause or cancel request, Ctrl-C), or None
+        to go on. An error budget overrun raises."""
+        run, ledger = self.run, self.ledger
+        if control in ("pause", "cancel"):
+            status = RunStatus.PAUSED if control == "pause" else RunStatus.CANCELLED
+            ledger.transition(run.run_id, status, control=None,
+                              finished_at=utcnow() if status is RunStatus.CANCELLED else None)
+            self.result.stopped = status
+            return status
+        self.limits.check_errors(self.counts["errors"], self.checkpoint, f"{run.kind} run {run.run_id}")
+        reason = stop_requested()
+        if reason is None or (run.total is not None and self.checkpoint >= run.total):
+            return None
+        done = f"{self.checkpoint} of {run.total}" if run.total is not None else str(self.checkpoint)
+        ledger.transition(run.run_id, RunStatus.PAUSED, control=None, message=f"{reason} after {done} changes")
+        self.result.stopped = "interrupted"
+        return RunStatus.PAUSED
+
+    def _interrupted(self) -> None:
+        """A second Ctrl-C inside a batch: the database rolled that batch back, and every batch
+        before it is committed with its checkpoint, so the run is paused, resumable."""
+        run, ledger = self.run, self.ledger
+        committed = ledger.get_run(run.run_id)
+        message = f"interrupted by Ctrl-C during a batch (rolled back) after {committed.checkpoint} changes"
+        ledger.transition(run.run_id, RunStatus.PAUSED, control=None, message=message)
+        self.monitor.run_finished(RunStatus.PAUSED, committed.counts, message, audit=committed.audit)
+        raise Interrupted(f"{run.kind} run {run.run_id} was {message}.", run.run_id) from None
+
+    def _failed(self, exc: BaseException) -> None:
+        run, ledger = self.run, self.ledger
+        message = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"
+        ledger.fail_run(run.run_id, message)
+        # the chain of what the database committed (the batch in flight was rolled back)
+        self.monitor.run_finished(RunStatus.FAILED, self.counts, message, audit=ledger.get_run(run.run_id).audit)
+        raise exc
+
+
+def _conflict_message(change: Change, current: Any, exists: bool) -> str:
+    if change.op == "insert":
+        return f"row {encode_key(change.key)} already exists ({current!r}); not inserted."
+    if change.op == "delete":
+        if not exists:
+            return f"row {encode_key(change.key)} no longer exists; nothing to delete."
+        return f"row {encode_key(change.key)} changed since it was inserted (now {current!r}); not deleted."
+    found = f"found {current!r}" if exists else "the row no longer exists"
+    return f"{change.column} changed since the plan: expected {change.old!r}, {found}; left alone."
+
+
+# --- checking a plan before anything is written --------------------------------------------
+def check_plan_matches(conn: Connected, header: PlanHeader, path: Path) -> None:
+    """The plan was made for this target, this environment and this very database."""
+    target = conn.target
+    if header.target != target.name:
+        raise PlanMismatchError(
+            f"plan {path} was made for target '{header.target}', not '{target.name}'. "
+            f"Apply it to '{header.target}', or make a new plan for '{target.name}'."
+        )
+    if header.environment != target.environment:
+        raise PlanMismatchError(
+            f"plan {path} was made for environment '{header.environment}', but target "
+            f"'{target.name}' is now '{target.environment}'. Make a new plan."
+        )
+    if header.database_id != conn.database_id:
+        raise PlanMismatchError(
+            f"plan {path} was made against another database (fingerprint {header.database_id}); "
+            f"target '{target.name}' now reaches database {conn.database_id}. Make a new plan."
+        )
+
+
+def check_plan_unmodified(conn: Connected, header: PlanHeader, path: Path, sha256: str) -> None:
+    """The file is byte for byte the one its plan run recorded, and says what that run planned.
+
+    Every plan run records the SHA-256 of its plan (saved or not), so the body checksum in the
+    header (which a forger can recompute) is not what protects the header or the lines: an
+    edited file pointed at any plan id fails here. The header must also name the job, table,
+    key and columns that plan run recorded (``verify_plan`` checked every line against the
+    header), so a file can only ever write what a job declared."""
+    try:
+        planned = conn.ledger.get_run(header.plan_id)
+    except RunNotFoundError:
+        raise PlanFileError(
+            f"plan {path} names plan run {header.plan_id}, which target '{conn.target.name}' has no "
+            "record of: the file was modified. Re-create it with fillgate plan."
+        ) from None
+    if planned.kind != "plan":
+        raise PlanFileError(
+            f"plan {path} names run {header.plan_id}, which is a {planned.kind} run, not a plan: the file "
+            "was modified. Re-create it with fillgate plan."
+        )
+    if not planned.plan_sha256:
+        raise PlanFileError(
+            f"plan {path} names plan run {header.plan_id}, which recorded no plan checksum (it was made "
+            "by an older fillgate without -o), so this file cannot be checked against it. Re-create "
+            "it with fillgate plan -o FILE."
+        )
+    if planned.plan_sha256 != sha256:
+        raise PlanFileError(
+            f"plan {path} was modified after planning (its SHA-256 differs from the one recorded "
+            f"by plan run {header.plan_id}). Re-create it with fillgate plan."
+        )
+    recorded_columns = planned.args.get("columns")
+    mismatch = [
+        what for what, same in (
+            ("job", header.job == planned.job),
+            ("table", header.table == planned.table_name),
+            ("key", list(header.key) == list(planned.args.get("key") or [])),
+            ("columns", recorded_columns is None or sorted(header.columns) == sorted(recorded_columns)),
+        ) if not same
+    ]
+    if mismatch:
+        raise PlanFileError(
+            f"plan {path}: its {', '.join(mismatch)} differ from what plan run {header.plan_id} "
+            "recorded: the file was modified. Re-create it with fillgate plan."
+        )
+
+
+def with_job_checks(limits: Limits, header: PlanHeader) -> Limits:
+    """Add the health checks the plan's job declares: they hold its apply too."""
+    if not header.health_checks:
+        return limits
+    try:
+        job_cls = load_job(header.job_spec)
+    except JobError as exc:
+        raise JobError(
+            f"job {header.job} declares health checks, but its code cannot be loaded again from "
+            f"{header.job_spec} to run them during apply: {exc}"
+        ) from None
+    return limits.with_checks(job_cls.health_checks)
+
+
+def check_plan_not_applied(conn: Connected, header: PlanHeader) -> None:
+    """A plan is applied at most once."""
+    for previous in conn.ledger.runs_of_plan(header.plan_id):
+        if previous.status == RunStatus.SUCCEEDED:
+            raise AlreadyDoneError(
+                f"plan {header.plan_id} was already applied by run {previous.run_id}. "
+                "Make a new plan to apply further changes."
+            )
+        if previous.status in (RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.FAILED):
+            raise AlreadyDoneError(
+                f"plan {header.plan_id} is being applied by run {previous.run_id} "
+                f"(status {previous.status}); continue it with: fillgate resume {previous.run_id}"
+            )
+
+
+def apply_plan(
+    conn: Connected, path: str | Path, limits: Limits | None = None, monitor: Monitor | None = None
+) -> ApplyResult:
+    """Write exactly the reviewed plan, audited, after every check passes."""
+    limits = limits or Limits()
+    path = Path(path).resolve()
+    header, sha256 = verify_plan(path)
+    check_plan_matches(conn, header, path)
+    check_plan_unmodified(conn, header, path, sha256)
+    check_write_allowed(conn.target, limits.confirm)
+    gate = limits.change_gate(conn.target)
+    limits = with_job_checks(limits, header)
+    if gate is not None and header.changes > gate:
+        raise GateExceededError(
+            f"plan {path.name} has {header.changes} changes, more than --max-changes "
+            f"{gate}. Nothing was written. Review the plan; if it is right, "
+            f"re-run with --max-changes {header.changes}."
+        )
+    check_plan_not_applied(conn, header)
+    run = new_writing_run(
+        conn, RunKind.APPLY, job=header.job, table_name=header.table, plan_id=header.plan_id, plan_path=str(path),
+        plan_sha256=sha256, parent_run_id=header.plan_id, total=header.changes,
+        args={"key": header.key, "source": header.job, "batch_size": limits.batch_size, "max_changes": gate},
+    )
+    lock = start_writing_run(conn, run)
+    try:
+        return execute(conn, run, iter_changes(path), limits, lock, monitor)
+    finally:
+        lock.release()
+
+
+def run_job(
+    conn: Connected,
+    job_cls: type[Job],
+    params: Mapping[str, Any] | None = None,
+    *,
+    out: str | Path = ".fillgate/plans/",
+    limits: Limits | None = None,
+    monitor: Monitor | None = None,
+    on_planned: Callable[[PlanResult], None] | None = None,
+) -> tuple[PlanResult, ApplyResult]:
+    """Plan, gate and apply in one go (``fillgate run``). The plan is saved under ``out`` so
+    the apply can be resumed; ``on_planned`` sees it before anything is written.
+
+    A guard that refuses after planning (``--max-changes``, a held lock, ...) writes nothing
+    to the user's tables, and its message says what the plan left behind: the plan run and
+    the plan file, which can be reviewed and applied later."""
+    limits = limits or Limits()
+    check_write_allowed(conn.target, limits.confirm)
+    gate = limits.change_gate(conn.target)  # a protected target without a gate: refused before planning
+    planned = make_plan(conn, job_cls, params, out=out, limits=limits, monitor=monitor)
+    if on_planned is not None:
+        on_planned(planned)
+    assert planned.path is not None  # out is never None here
+    try:
+        return planned, apply_plan(conn, planned.path, limits, monitor)
+    except GateExceededError:
+        changes = planned.header.changes
+        confirm = f" --confirm {conn.target.environment}" if conn.target.protected else ""
+        raise GateExceededError(
+            f"the plan has {changes} changes, more than --max-changes {gate}. Nothing "
+            f"was written to your tables. The plan was recorded as plan run {planned.run.run_id} and "
+            f"saved to {planned.path}: review it (fillgate show {planned.run.run_id}), and if it is right "
+            f"apply it with: fillgate apply {planned.path} --max-changes {changes}{confirm}"
+        ) from None
+    except GuardRefused as exc:
+        raise type(exc)(
+            f"{exc} The plan was recorded as plan run {planned.run.run_id} and saved to {planned.path}; "
+            "nothing was written to your tables."
+        ) from None

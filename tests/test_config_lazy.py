@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from fillgate import config as config_module
 from fillgate.config import load_config
 from fillgate.errors import ConfigError
 
@@ -63,7 +62,10 @@ def test_unset_variable_of_another_target_does_not_block(
 def test_missing_driver_of_another_target_does_not_block(
     sqlite_db: TestDB, cli: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(config_module._DRIVERS, "mysql", ("mysql+pymysql", "fillgate_no_such_driver", "mysql"))
+    from fillgate.backends import MySQLBackend
+
+    monkeypatch.setattr(MySQLBackend, "drivers", {**MySQLBackend.drivers,
+                                                   "mysql": ("mysql+pymysql", "fillgate_no_such_driver", "mysql")})
     cfg = _write(sqlite_db.tmp_path / "fillgate.toml",
                  f'[targets.local]\nurl = "{sqlite_db.url}"\n\n[targets.reports]\nurl = "mysql://app@db/reports"\n')
     assert run_cli(cli, cfg, "init", "--target", "local").exit_code == 0

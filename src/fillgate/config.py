@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from fillgate.backends import supported_dialects, url_drivers
 from fillgate.errors import ConfigError
 from fillgate.redact import redact_url
 from fillgate.validate import Field, has_surrogate, kind_of, non_empty, non_negative, validate
@@ -40,12 +41,6 @@ _TARGET_SCHEMA = {
 }
 
 # Drivers fillgate uses when a URL names only the database kind.
-_DRIVERS = {
-    "postgres": ("postgresql+psycopg", "psycopg", "postgres"),
-    "postgresql": ("postgresql+psycopg", "psycopg", "postgres"),
-    "mysql": ("mysql+pymysql", "pymysql", "mysql"),
-    "mariadb": ("mariadb+pymysql", "pymysql", "mysql"),
-}
 
 
 @dataclass(frozen=True)
@@ -160,13 +155,14 @@ def parse_url(raw: str, where: str) -> URL:
             "(expected e.g. postgresql://user@host/db, mysql://user@host/db or sqlite:///file.db)."
         ) from None
     backend = url.get_backend_name()
-    if backend not in ("sqlite", "postgresql", "mysql", "mariadb") and url.drivername not in _DRIVERS:
+    drivers = url_drivers()
+    if backend not in supported_dialects() and url.drivername not in drivers:
         raise ConfigError(
             f"{where}: database kind '{url.drivername}' is not supported; "
             "fillgate supports SQLite, PostgreSQL and MySQL/MariaDB."
         )
-    if url.drivername in _DRIVERS:
-        drivername, module, extra = _DRIVERS[url.drivername]
+    if url.drivername in drivers:
+        drivername, module, extra = drivers[url.drivername]
         url = url.set(drivername=drivername)
         try:
             __import__(module)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from fillgate.backends import backend_for
 from fillgate.config import Target
 from fillgate.errors import ConfigError
 from fillgate.redact import mask_secrets
@@ -21,56 +21,29 @@ _lock = threading.Lock()
 TARGET_ATTR = "_fillgate_target"
 
 
-def _sqlite_setup(engine: Engine) -> None:
-    """Make pysqlite's transactions real (SAVEPOINT works inside them).
-
-    This is SQLAlchemy's documented recipe: disable the driver's own transaction handling
-    and emit BEGIN ourselves.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cur = dbapi_connection.cursor()
-        cur.execute("PRAGMA busy_timeout = 10000")
-        cur.execute("PRAGMA foreign_keys = ON")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN")
-
-
 def engine_for(target: Target) -> Engine:
     """The (cached) engine of ``target``."""
     cache_key = (target.name, target.url.render_as_string(hide_password=False))
     with _lock:
         engine = _engines.get(cache_key)
         if engine is None:
-            kwargs: dict[str, Any] = {}
-            if target.dialect != "sqlite":
-                kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=5)
-            engine = create_engine(target.url, **kwargs)
-            if target.dialect == "sqlite":
-                _sqlite_setup(engine)
+            backend = backend_for(target.dialect)
+            engine = create_engine(target.url, **backend.engine_options())
+            backend.prepare_engine(engine)
             setattr(engine, TARGET_ATTR, target.name)
             _engines[cache_key] = engine
         return engine
 
 
-def missing_sqlite_file(target: Target) -> Path | None:
-    """The file of a SQLite target that does not exist yet (connecting would create it)."""
-    database = target.url.database
-    if target.dialect != "sqlite" or not database or database == ":memory:" or target.url.query.get("uri"):
-        return None
-    path = Path(database)
-    return None if path.exists() else path
+def missing_database_file(target: Target) -> Path | None:
+    """The file of a file database (SQLite) that does not exist yet: connecting would create it."""
+    return backend_for(target.dialect).missing_file(target.url)
 
 
 def check_reachable(target: Target, create: bool = False) -> Engine:
     """Open ``target`` and fail with a clear message if it cannot be reached. A SQLite file
     that does not exist is an error unless ``create`` (init): a typo never conjures a file."""
-    missing = None if create else missing_sqlite_file(target)
+    missing = None if create else missing_database_file(target)
     if missing is not None:
         raise ConfigError(
             f"cannot connect to target '{target.name}' ({target.safe_url}): the SQLite file {missing} "

@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import TextClause
 
 from fillgate.backends import ColumnType, backend_for, same_value
+from fillgate.backends.base import placeholder
 from fillgate.errors import JobError, KeyNotUniqueError, StoredValueError
 from fillgate.values import encode_key
 
@@ -50,12 +51,11 @@ class TableSQL:
     """Statements for one user table and its key, quoted for the connection's dialect."""
 
     def __init__(self, dialect: Any, table: str, key: Sequence[str]) -> None:
-        self.dialect_name = dialect.name
         q = dialect.identifier_preparer.quote
         self.quote = q
         self.table = table
         self.key = tuple(key)
-        self.mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        self.mark = placeholder(dialect)
         self.q_table = ".".join(q(part) for part in table.split("."))
         self.key_where = " AND ".join(f"{q(k)} = {self.mark}" for k in self.key)
         self.backend = backend_for(dialect)
@@ -63,18 +63,10 @@ class TableSQL:
         self._binders: dict[str, Callable[[Any], Any]] | None = None
 
     def null_safe_equal(self, column: str, exact: bool = False) -> str:
-        col = self.quote(column)
-        if self.dialect_name == "sqlite":
-            return f"{col} IS {self.mark}"
-        if self.dialect_name == "postgresql":
-            return f"{col} IS NOT DISTINCT FROM {self.mark}"
-        if exact:
-            # MySQL/MariaDB compare text by collation ('a' = 'A' = 'a '): a value changed
-            # only in case or trailing spaces since the plan must still be a conflict. Both
-            # sides become utf8mb4 bytes, whatever the column's character set.
-            return (f"CAST(CONVERT({col} USING utf8mb4) AS BINARY) <=> "
-                    f"CAST(CONVERT({self.mark} USING utf8mb4) AS BINARY)")
-        return f"{col} <=> {self.mark}"
+        """``column`` equals its parameter, NULL equal to NULL; ``exact``: as bytes, where the
+        database compares text by collation ('a' = 'A' = 'a '), so that a value changed only in
+        case or trailing spaces since the plan is still a conflict."""
+        return self.backend.null_safe_equal(self.quote(column), self.mark, exact)
 
     def cas_update(self, column: str, exact: bool = False) -> str:
         """``UPDATE t SET col = new WHERE key = k AND col IS NOT DISTINCT FROM old``;
@@ -101,40 +93,11 @@ class TableSQL:
         """How the driver must be handed the values of some columns (PostgreSQL jsonb), by column."""
         if self._binders is None:
             self._binders = {}
-            if self.dialect_name == "postgresql":
-                for column in self.column_types(conn):
-                    ctype = self.column_type(conn, column)
-                    bind = self.backend.bind(ctype) if ctype is not None else None
-                    if bind is not None:
-                        self._binders[column] = bind
+            for column, ctype in self.column_types(conn).items():
+                bind = self.backend.bind(ctype)
+                if bind is not None:
+                    self._binders[column] = bind
         return self._binders
-
-    def pg_cas_update(self, conn: Connection, column: str) -> str:
-        """The set-based compare-and-set of a whole group on PostgreSQL:
-        ``UPDATE t SET col = u.new FROM unnest(keys, news, olds) WITH ORDINALITY u WHERE t.key =
-        u.key AND t.col IS NOT DISTINCT FROM u.old RETURNING u.n, t.col`` (one round trip for
-        the batch; what each row now holds comes back with its position in the group).
-
-        The arrays are cast to each column's *base* type, without its length, precision or
-        domain (``character varying``, not ``character varying(7)``): an explicit cast to
-        ``varchar(7)`` would silently truncate and one to ``numeric(5,2)`` round, whereas the
-        assignment to the column raises on a value too long and what a column rounds comes
-        back through ``RETURNING`` (and is then a row error)."""
-        casts = []
-        for name in (*self.key, column):
-            ctype = self.column_type(conn, name)
-            if ctype is None:
-                raise KeyError(name)
-            casts.append(ctype.details["cast"])
-        q = self.quote
-        names = [f"k{i}" for i in range(len(self.key))]
-        arrays = ", ".join(f"CAST(%b AS {cast}[])" for cast in (*casts, casts[-1]))
-        match = " AND ".join(f"t.{q(k)} = u.{n}" for k, n in zip(self.key, names, strict=True))
-        return (
-            f"UPDATE {self.q_table} AS t SET {q(column)} = u.new FROM unnest({arrays}) WITH ORDINALITY "
-            f"AS u({', '.join(names)}, new, old, n) WHERE {match} AND t.{q(column)} IS NOT DISTINCT FROM u.old "
-            f"RETURNING u.n, t.{q(column)}"
-        )
 
     def select_current(self, column: str) -> str:
         return f"SELECT {self.quote(column)} FROM {self.q_table} WHERE {self.key_where}"
@@ -199,28 +162,14 @@ def verify_table_and_key(
 
 
 def keyset_style(dialect: Any) -> str:
-    """How this backend is told where the next page starts, chosen so that it reads the key's
-    index as a range from there (bench/bench_keyset.py measures it; bench/README.md has the numbers):
-
-    - ``"row"`` on PostgreSQL and SQLite 3.15+: the row-value comparison ``(k1, k2) > (:a, :b)``
-      is an index range on both (``Index Cond``, ``SEARCH ... ((k1,k2)>(?,?))``), while the
-      OR-expansion ``(k1 > :a) OR (k1 = :a AND k2 > :b)`` is only a filter there: every page
-      re-read the index from its start, so paging a table was quadratic;
-    - ``"nested"`` on MySQL/MariaDB (and anything else): ``k1 > :a OR (k1 = :a AND k2 > :b)``,
-      which their range optimizer turns into index ranges (MariaDB reads the whole index for a
-      row-value comparison).
-
-    The one place where keyset paging differs by backend."""
-    if dialect.name == "postgresql":
-        return "row"
-    if dialect.name == "sqlite" and getattr(dialect.dbapi, "sqlite_version_info", (0,)) >= (3, 15):
-        return "row"
-    return "nested"
+    """How this database is told where the next page starts so that it reads the key's index
+    as a range (``Backend.keyset_style``; bench/bench_keyset.py measures the spellings)."""
+    return backend_for(dialect).keyset_style(dialect)
 
 
 def _after_clause(quote: Any, key: Sequence[str], style: str, inclusive: bool = False) -> str:
     """``(k1, k2) > (:fillgate_k0, :fillgate_k1)`` (``>=`` when ``inclusive``), spelled in
-    ``style`` (see keyset_style)."""
+    ``style`` (see Backend.keyset_style)."""
     op = ">=" if inclusive else ">"
     cols = [quote(k) for k in key]
     marks = [f":fillgate_k{i}" for i in range(len(key))]
@@ -268,13 +217,14 @@ def _keyset_statements(dialect: Any, source: str, key: Sequence[str], page_size:
     # One row more than a page: a key repeated across the page boundary is in the same read.
     limit = int(page_size) + 1
     first = text(f"SELECT * FROM ({body}) fillgate_src ORDER BY {order} LIMIT {limit}")
+    style = keyset_style(dialect)
     # The next page starts AT the last key (>=, one row more again) and marks the rows the
     # database compares equal to it (1, else NULL: cheaper to read than 0): the row already
     # read, and no other. A twin that differs only in case or trailing spaces under the key's
     # collation would be skipped by ``>``, and Python cannot tell that it is one.
     later = text(
         f"SELECT fillgate_src.*, CASE WHEN {_at_clause(quote, key)} THEN 1 END AS fillgate_at_last "
-        f"FROM ({body}) fillgate_src WHERE {_after_clause(quote, key, keyset_style(dialect), inclusive=True)} "
+        f"FROM ({body}) fillgate_src WHERE {_after_clause(quote, key, style, inclusive=True)} "
         f"ORDER BY {order} LIMIT {limit + 1}"
     )
     return first, later
@@ -370,7 +320,7 @@ def _statement(
 ) -> tuple[str, list[tuple[Any, ...]]]:
     """The compare-and-set statement of a group of like changes, and its parameters."""
     op, *columns = group_key
-    mysql = sql.dialect_name not in ("sqlite", "postgresql")  # only MySQL/MariaDB need to know `exact`
+    by_collation = sql.backend.compares_text_by_collation()  # then text is compared as bytes
     if binders:
         def b(column: str, value: Any) -> Any:
             return _bound(binders, column, value)
@@ -385,14 +335,14 @@ def _statement(
             return c.key
     if op == "update":
         column = columns[0]
-        exact = mysql and _text_only(c.old for c in group)
+        exact = by_collation and _text_only(c.old for c in group)
         if not binders:
             return sql.cas_update(column, exact), [(c.new, *c.key, c.old) for c in group]
         return sql.cas_update(column, exact), [(b(column, c.new), *key_of(c), b(column, c.old)) for c in group]
     if op == "insert":
         return sql.insert(columns), [tuple(b(col, c.new[col]) for col in columns) for c in group]
     others = [col for col in columns if col not in sql.key]
-    exact = {col: mysql and _text_only(c.old[col] for c in group) for col in others}
+    exact = {col: by_collation and _text_only(c.old[col] for c in group) for col in others}
     return sql.cas_delete(others, exact), [(*key_of(c), *(b(col, c.old[col]) for col in others)) for c in group]
 
 
@@ -418,24 +368,18 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
     for change in changes:
         group_key = ("update", change.column) if change.op == "update" else _group_key(change)
         groups.setdefault(group_key, []).append(change)
-    read_back = sql.dialect_name != "sqlite"
-    binders = sql.binders(conn) if sql.dialect_name == "postgresql" else {}
+    read_back = sql.backend.reads_back
+    binders = sql.binders(conn)
     for group_key, group in groups.items():
         savepoint = conn.begin_nested()
         stored: list[Any] | None = None  # what each row of the group holds after the update
         statement: str | None = None
         params: list[tuple[Any, ...]] = []
         try:
-            if sql.dialect_name == "postgresql" and group_key[0] == "update":
-                column = group_key[1]
-                arrays = [[_bound(binders, k, c.key[i]) for c in group] for i, k in enumerate(sql.key)]
-                arrays += [[_bound(binders, column, c.new) for c in group],
-                           [_bound(binders, column, c.old) for c in group]]
-                returned = conn.exec_driver_sql(sql.pg_cas_update(conn, column), tuple(arrays)).all()
-                matched = len(returned)
-                stored = [None] * len(group)
-                for n, value in returned:
-                    stored[n - 1] = value
+            done = sql.backend.update_group(conn, sql, group_key[1], group, binders) if group_key[0] == "update" \
+                else None
+            if done is not None:  # one set-based statement did the whole group
+                matched, stored = done
             else:
                 statement, params = _statement(sql, group_key, group, binders)
                 matched = conn.exec_driver_sql(statement, params).rowcount
@@ -453,7 +397,7 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
                 outcome.applied.extend(group)
                 continue
         savepoint.rollback()
-        if statement is None:  # the PostgreSQL set-based path has no per-row statement yet
+        if statement is None:  # the set-based path has no per-row statement yet
             statement, params = _statement(sql, group_key, group, binders)
         outcome.applied.extend(_apply_one_by_one(conn, sql, statement, group, params, outcome, read_back))
     return outcome
@@ -583,24 +527,8 @@ def existing_rows(
 
 def estimate_rows(engine: Engine, table: str) -> int | None:
     """A cheap row-count estimate for progress bars: catalog statistics, never a COUNT(*)."""
-    schema, _, name = table.rpartition(".")
-    dialect = engine.dialect.name
     try:
         with engine.connect() as conn:
-            if dialect == "postgresql":
-                value = conn.execute(
-                    text("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(:t)"), {"t": table}
-                ).scalar()
-                return int(value) if value is not None and value >= 0 else None
-            if dialect in ("mysql", "mariadb"):
-                value = conn.execute(
-                    text("SELECT table_rows FROM information_schema.tables "
-                         "WHERE table_schema = COALESCE(:s, DATABASE()) AND table_name = :t"),
-                    {"s": schema or None, "t": name},
-                ).scalar()
-                return int(value) if value is not None else None
-            q = conn.dialect.identifier_preparer.quote
-            row = conn.exec_driver_sql(f"SELECT min(rowid), max(rowid) FROM {q(name)}").first()
-            return int(row[1] - row[0] + 1) if row and row[0] is not None else 0
+            return backend_for(engine).estimate_rows(conn, table)
     except DBAPIError:
         return None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.engine import Engine
 
 from fillgate.config import Target
-from fillgate.database import check_reachable, missing_sqlite_file
+from fillgate.database import check_reachable, missing_database_file
 from fillgate.errors import ProtectedTargetError, StampMismatchError
 from fillgate.ledger import Ledger, Run, new_run_id, operator_name, utcnow
 
@@ -82,7 +82,7 @@ def init_target(
     change is recorded as a run. Writes to a protected environment (or re-stamping a
     database stamped as one) need ``confirm``.
     """
-    if missing_sqlite_file(target) is not None:  # init would create the file: a write like any other
+    if missing_database_file(target) is not None:  # init would create the file: a write like any other
         check_write_allowed(target, confirm, "initialize")
     engine = check_reachable(target, create=True)
     ledger = Ledger(engine)

@@ -19,7 +19,7 @@ _instances: dict[str, Backend] = {}
 
 __all__ = [
     "BACKENDS", "PROBE", "Backend", "ColumnType", "MySQLBackend", "PostgreSQLBackend", "SQLiteBackend",
-    "Unstorable", "ValueChecker", "backend_for", "same_value",
+    "Unstorable", "ValueChecker", "backend_for", "same_value", "supported_dialects", "url_drivers",
 ]
 
 
@@ -40,3 +40,15 @@ def backend_for(thing: Any) -> Backend:
             raise ValueError(f"fillgate has no backend for the {name!r} dialect")
         backend = _instances[name] = cls()
     return backend
+
+
+def supported_dialects() -> tuple[str, ...]:
+    """Every SQLAlchemy dialect name fillgate has a backend for."""
+    return tuple(name for cls in BACKENDS for name in cls.dialects)
+
+
+def url_drivers() -> dict[str, tuple[str, str, str]]:
+    """URL schemes that name only the database kind, and the driver fillgate gives them:
+    ``{"postgresql": ("postgresql+psycopg", "psycopg", "postgres"), ...}`` (SQLAlchemy driver,
+    Python module, the extra that installs it)."""
+    return {scheme: driver for cls in BACKENDS for scheme, driver in cls.drivers.items()}

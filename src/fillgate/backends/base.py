@@ -2,9 +2,16 @@
 
 A backend is one database family (SQLite, PostgreSQL, MariaDB/MySQL). Adding a backend means
 adding one module here with a :class:`Backend` subclass (the pattern of Alembic's per-dialect
-implementations). Today a backend knows the types of a table's columns and the *storage form*
-of a value: what the database stores, and returns on a read, when fillgate writes that value
-into that column, or why it cannot store it exactly.
+implementations); every difference between databases lives in these classes:
+
+- connecting: the driver a URL gets, engine options, whether a database is a file;
+- the apply lock: a session lock (PostgreSQL advisory locks, MySQL ``GET_LOCK``) or none;
+- statements: the null-safe comparison of compare-and-set, how keyset paging says "after this
+  key" so the key's index is read as a range, a set-based update of a whole group, whether
+  stored values are read back, appending many ledger rows, cheap row-count estimates;
+- values: the types of a table's columns and the *storage form* of a value: what the database
+  stores, and returns on a read, when fillgate writes that value into that column, or why it
+  cannot store it exactly.
 
 Storage forms are worked out per plan by a :class:`ValueChecker`, in three steps per value:
 
@@ -31,6 +38,7 @@ import operator
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy.engine import Connection, Engine
@@ -157,12 +165,88 @@ def type_name(value: Any) -> str:
     return kind.__qualname__ if module in ("builtins", "") else f"{module}.{kind.__qualname__}"
 
 
+def placeholder(dialect: Any) -> str:
+    """The driver's parameter mark in raw SQL (``?`` for qmark drivers, else ``%s``)."""
+    return "?" if dialect.paramstyle == "qmark" else "%s"
+
+
 class Backend:
     """One database family. Subclasses set ``name`` and ``dialects`` and implement the
-    column reflection, the exact forms they know and the probe."""
+    column reflection, the exact forms they know and the probe, and override the defaults
+    below where their database differs."""
 
     name: ClassVar[str] = "base"
     dialects: ClassVar[tuple[str, ...]] = ()
+    # URL schemes (``postgresql://``) -> (SQLAlchemy driver name, Python module, extra to install)
+    drivers: ClassVar[dict[str, tuple[str, str, str]]] = {}
+    # whether apply reads back what it stored (a database that may store something else than
+    # it is given: a column type, a trigger)
+    reads_back: ClassVar[bool] = True
+
+    # --- connecting ---------------------------------------------------------------------
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``create_engine``."""
+        return {"pool_pre_ping": True, "pool_size": 5, "max_overflow": 5}
+
+    def prepare_engine(self, engine: Engine) -> None:
+        """Set up a new engine (event listeners and the like)."""
+
+    def missing_file(self, url: Any) -> Path | None:
+        """The file of a file database that does not exist yet (connecting would create it)."""
+        return None
+
+    # --- the apply lock -----------------------------------------------------------------
+
+    def try_session_lock(self, conn: Connection, name: str) -> bool | None:
+        """Take the session lock ``name`` on ``conn`` (an AUTOCOMMIT connection held for the
+        lock's lifetime): True if taken, False if another session holds it, None if this
+        database has no session locks (the lock is then a row with a heartbeat)."""
+        return None
+
+    def release_session_lock(self, conn: Connection, name: str) -> None:
+        raise NotImplementedError
+
+    # --- statements ---------------------------------------------------------------------
+
+    def null_safe_equal(self, column: str, mark: str, exact: bool = False) -> str:
+        """``column`` equals the parameter, NULL equal to NULL; ``exact``: the values are text,
+        compared byte for byte (not by collation)."""
+        return f"{column} IS NOT DISTINCT FROM {mark}"
+
+    def compares_text_by_collation(self) -> bool:
+        """Whether ``=`` on text follows the collation ('a' = 'A' = 'a '): then compare-and-set
+        of text must compare bytes, so that a change of case since the plan is a conflict."""
+        return False
+
+    def keyset_style(self, dialect: Any) -> str:
+        """How keyset paging says "after this key" so the database reads the key's index as a
+        range: ``"row"`` for a row-value comparison ``(k1, k2) > (:a, :b)``, ``"nested"`` for
+        ``k1 > :a OR (k1 = :a AND k2 > :b)`` (bench/bench_keyset.py measures both)."""
+        return "nested"
+
+    def estimate_rows(self, conn: Connection, table: str) -> int | None:
+        """A cheap row-count estimate for progress bars (catalog statistics, never a COUNT)."""
+        return None
+
+    def update_group(self, conn: Connection, sql: Any, column: str, group: Sequence[Any],
+                     binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any]] | None:
+        """Compare-and-set a whole group of updates of ``column`` in one statement: how many
+        rows matched, and what each row of the group holds afterwards (None where it did not
+        match); or None when this backend has no such statement (the group then runs as one
+        executemany)."""
+        return None
+
+    def append_rows(self, conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Append many rows to one of fillgate's own tables, in the caller's transaction."""
+        mark = placeholder(conn.dialect)
+        conn.exec_driver_sql(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})", list(rows)
+        )
+
+    def ledger_time(self, value: dt.datetime) -> Any:
+        """A naive UTC timestamp as the ledger's timestamp columns are given it."""
+        return value
     # families whose columns also take a bool, stored as 1/0 (backends without a boolean type)
     bools_as_ints: ClassVar[bool] = False
     # a "timestamp" (without time zone) column refuses aware datetimes

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import hashlib
 import math
 import re
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -45,14 +47,53 @@ _ASCII_SAFE = {"utf8mb4", "utf8mb3", "utf8", "latin1", "ascii"}
 _SIZE = re.compile(r"\((\d+)(?:,(\d+))?\)")
 
 
+def _lock_name(conn: Connection, name: str) -> str:
+    """GET_LOCK names are server-wide (PostgreSQL's advisory locks are per database): the
+    database is part of the name, so applies on two databases of one server never block
+    each other."""
+    scoped = hashlib.sha256(f"{conn.engine.url.database}\0{name}".encode()).hexdigest()
+    return "fillgate:" + scoped[:48]
+
+
 class MySQLBackend(Backend):
     name: ClassVar[str] = "mysql"
     dialects: ClassVar[tuple[str, ...]] = ("mysql", "mariadb")
+    drivers: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "mysql": ("mysql+pymysql", "pymysql", "mysql"),
+        "mariadb": ("mariadb+pymysql", "pymysql", "mysql"),
+    }
     bools_as_ints: ClassVar[bool] = True  # BOOLEAN is TINYINT(1)
     accepts: ClassVar[dict[str, tuple[type, ...]]] = {
         **Backend.accepts,
         "time": (dt.time, dt.timedelta),  # the driver reads TIME as a timedelta
     }
+
+    # --- the apply lock: GET_LOCK, gone with its session ---------------------------------
+
+    def try_session_lock(self, conn: Connection, name: str) -> bool | None:
+        return bool(conn.execute(text("SELECT GET_LOCK(:n, 0)"), {"n": _lock_name(conn, name)}).scalar())
+
+    def release_session_lock(self, conn: Connection, name: str) -> None:
+        conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": _lock_name(conn, name)})
+
+    # --- statements ---------------------------------------------------------------------
+
+    def null_safe_equal(self, column: str, mark: str, exact: bool = False) -> str:
+        if exact:  # both sides as utf8mb4 bytes, whatever the column's character set
+            return f"CAST(CONVERT({column} USING utf8mb4) AS BINARY) <=> CAST(CONVERT({mark} USING utf8mb4) AS BINARY)"
+        return f"{column} <=> {mark}"
+
+    def compares_text_by_collation(self) -> bool:
+        return True
+
+    def estimate_rows(self, conn: Connection, table: str) -> int | None:
+        schema, _, name = table.rpartition(".")
+        value = conn.execute(text("SELECT table_rows FROM information_schema.tables "
+                                  "WHERE table_schema = COALESCE(:s, DATABASE()) AND table_name = :t"),
+                             {"s": schema or None, "t": name}).scalar()
+        return int(value) if value is not None else None
+
+    # --- values -------------------------------------------------------------------------
 
     def column_types(self, conn: Connection, table: str) -> dict[str, ColumnType]:
         schema, _, name = table.rpartition(".")

@@ -15,8 +15,10 @@ import datetime as dt
 import decimal
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
+from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
 from fillgate.backends.base import PROBE, Backend, ColumnType, ProbeSession, Unstorable, database_reason, shown
@@ -65,6 +67,7 @@ def family_of(declared: str, strict: bool) -> tuple[str, str]:
 class SQLiteBackend(Backend):
     name: ClassVar[str] = "sqlite"
     dialects: ClassVar[tuple[str, ...]] = ("sqlite",)
+    reads_back: ClassVar[bool] = False  # it stores exactly the values the plan checked
     bools_as_ints: ClassVar[bool] = True  # SQLite has no boolean type
     naive_timestamps: ClassVar[bool] = False  # an aware datetime is stored as text with its offset
     accepts: ClassVar[dict[str, tuple[type, ...]]] = {
@@ -75,6 +78,54 @@ class SQLiteBackend(Backend):
         "timestamp": (dt.datetime, str),
         "time": (str,),
     }
+
+    # --- connecting ---------------------------------------------------------------------
+
+    def engine_options(self) -> dict[str, Any]:
+        return {}
+
+    def prepare_engine(self, engine: Engine) -> None:
+        """Make pysqlite's transactions real (SAVEPOINT works inside them): SQLAlchemy's
+        documented recipe, the driver's own transaction handling off and BEGIN emitted here;
+        wait up to 10 s for another writer's lock; enforce foreign keys."""
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None
+            cur = dbapi_connection.cursor()
+            cur.execute("PRAGMA busy_timeout = 10000")
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN")
+
+    def missing_file(self, url: Any) -> Path | None:
+        database = url.database
+        if not database or database == ":memory:" or url.query.get("uri"):
+            return None
+        path = Path(database)
+        return None if path.exists() else path
+
+    # --- statements ---------------------------------------------------------------------
+
+    def null_safe_equal(self, column: str, mark: str, exact: bool = False) -> str:
+        return f"{column} IS {mark}"
+
+    def keyset_style(self, dialect: Any) -> str:
+        # row values (3.15+) are an index range: SEARCH ... ((k1,k2)>(?,?))
+        return "row" if getattr(dialect.dbapi, "sqlite_version_info", (0,)) >= (3, 15) else "nested"
+
+    def estimate_rows(self, conn: Connection, table: str) -> int | None:
+        q = conn.dialect.identifier_preparer.quote
+        row = conn.exec_driver_sql(f"SELECT min(rowid), max(rowid) FROM {q(table.rpartition('.')[2])}").first()
+        return int(row[1] - row[0] + 1) if row and row[0] is not None else 0
+
+    def ledger_time(self, value: dt.datetime) -> Any:
+        return value.isoformat(" ")  # the text SQLite keeps for a DATETIME
+
+    # --- values -------------------------------------------------------------------------
 
     def column_types(self, conn: Connection, table: str) -> dict[str, ColumnType]:
         q = conn.dialect.identifier_preparer.quote

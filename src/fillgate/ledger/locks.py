@@ -9,15 +9,15 @@ row names the holder, so a refusal can say who has it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from typing import Any
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from fillgate.backends import backend_for
 from fillgate.errors import LockHeldError
 from fillgate.ledger import schema
 from fillgate.ledger.store import utcnow
@@ -36,31 +36,23 @@ class ApplyLock:
         self.name = name
         self.run_id = run_id
         self.operator = operator
-        self.dialect = engine.dialect.name
-        self._conn: Connection | None = None
-        digest = hashlib.sha256(name.encode()).digest()
-        self._pg_key = int.from_bytes(digest[:8], "big", signed=True)
-        # GET_LOCK names are server-wide (PostgreSQL advisory locks are per database): name
-        # the database too, so applies on two databases of one server never block each other.
-        scoped = hashlib.sha256(f"{engine.url.database}\0{name}".encode()).hexdigest()
-        self._my_name = "fillgate:" + scoped[:48]
+        self.backend = backend_for(engine)
+        self._conn: Connection | None = None  # the session holding a session lock
 
     # --- public --------------------------------------------------------------------------
 
     def acquire(self) -> ApplyLock:
-        if self.dialect == "sqlite":
+        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        got = self.backend.try_session_lock(conn, self.name)
+        if got is None:  # no session locks here (SQLite): the lock is the row
+            conn.close()
             self._acquire_row()
             return self
-        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        if self.dialect == "postgresql":
-            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self._pg_key}).scalar()
-        else:
-            got = conn.execute(text("SELECT GET_LOCK(:n, 0)"), {"n": self._my_name}).scalar()
         if not got:
             conn.close()
             raise self._held_error()
         self._conn = conn
-        with self.engine.begin() as tx:
+        with self.engine.begin() as tx:  # the row only names the holder
             tx.execute(delete(schema.locks).where(schema.locks.c.name == self.name))
             tx.execute(insert(schema.locks).values(**self._row()))
         return self
@@ -83,10 +75,7 @@ class ApplyLock:
                 )
         finally:
             if self._conn is not None:
-                if self.dialect == "postgresql":
-                    self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self._pg_key})
-                else:
-                    self._conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": self._my_name})
+                self.backend.release_session_lock(self._conn, self.name)
                 self._conn.close()
                 self._conn = None
 

@@ -22,6 +22,7 @@ from sqlalchemy import case, func, insert, inspect, select, update
 from sqlalchemy.engine import Connection, Engine
 from ulid import ULID
 
+from fillgate.backends import backend_for
 from fillgate.errors import ConfigError, NotInitializedError, RunNotFoundError, RunStateError, UsageError
 from fillgate.ledger import schema
 from fillgate.ledger.chain import AuditChain
@@ -187,7 +188,7 @@ class Ledger:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.dialect = engine.dialect.name
+        self.backend = backend_for(engine)
 
     # --- schema and stamp ----------------------------------------------------------------
 
@@ -429,10 +430,6 @@ class Ledger:
 
     # --- the audit log -------------------------------------------------------------------
 
-    def _placeholders(self, n: int) -> str:
-        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
-        return ", ".join([mark] * n)
-
     def insert_changes(
         self, conn: Connection, run_id: str, table: str, source: str, when: dt.datetime,
         items: Sequence[tuple[str, str, str, str, str]], chain: AuditChain | None = None,
@@ -451,22 +448,13 @@ class Ledger:
             links = [(None, None)] * len(items)
         else:
             chain, links = chain.extend(run_id, table, source, when, items)
-        columns = ("run_id, table_name, row_key, column_name, op, old_value, new_value, source, changed_at, "
-                   "seq, chain_sha256")
-        if self.dialect == "postgresql":
-            # COPY: the fastest way PostgreSQL takes many rows
-            with conn.connection.dbapi_connection.cursor() as cursor, cursor.copy(  # type: ignore[union-attr]
-                f"COPY fillgate_changes ({columns}) FROM STDIN"
-            ) as copy:
-                for (key, column, op, old, new), (seq, link) in zip(items, links, strict=True):
-                    copy.write_row((run_id, table, key, column, op, old, new, source, when, seq, link))
-            return chain
-        stamp: Any = when.isoformat(" ") if self.dialect == "sqlite" else when  # SQLite keeps text
-        conn.exec_driver_sql(
-            f"INSERT INTO fillgate_changes ({columns}) VALUES ({self._placeholders(11)})",
-            [(run_id, table, key, column, op, old, new, source, stamp, seq, link)
-             for (key, column, op, old, new), (seq, link) in zip(items, links, strict=True)],
-        )
+        columns = ("run_id", "table_name", "row_key", "column_name", "op", "old_value", "new_value", "source",
+                   "changed_at", "seq", "chain_sha256")
+        stamp = self.backend.ledger_time(when)
+        self.backend.append_rows(conn, "fillgate_changes", columns, [
+            (run_id, table, key, column, op, old, new, source, stamp, seq, link)
+            for (key, column, op, old, new), (seq, link) in zip(items, links, strict=True)
+        ])
         return chain
 
     def insert_errors(self, conn: Connection, rows: Iterable[dict[str, Any]]) -> None:

@@ -15,7 +15,8 @@ import sentry_sdk
 from sentry_sdk.envelope import Envelope
 from sentry_sdk.transport import Transport
 
-from fillgate.alerts import DEFAULT_THRESHOLDS, Alert, Alerter, sinks_from_env
+from fillgate.alerts import DEFAULT_THRESHOLDS, Alert, Alerter
+from fillgate.contrib import sinks_from_env
 from fillgate.contrib.sentry import SentrySink
 from fillgate.contrib.webhook import WebhookSink
 from fillgate.errors import AlertDeliveryError, ConfigError, MissingExtraError

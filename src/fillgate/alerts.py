@@ -17,10 +17,10 @@ A run failure sends one alert of kind ``run_failed``.
 
 Sinks are pluggable: anything with ``send(alert)``. Built in, under ``fillgate.contrib``:
 ``webhook.WebhookSink`` (POST the alert as JSON) and ``sentry.SentrySink`` (the official
-``sentry-sdk``, ``pip install 'fillgate[sentry]'``). :func:`sinks_from_env` builds them from
-``FILLGATE_ALERT_WEBHOOK`` and ``FILLGATE_SENTRY_DSN``. A sink that fails never breaks the run: the failure is logged,
-warned about and counted, and after three failures in a row the sink is switched off for the
-rest of the run.
+``sentry-sdk``, ``pip install 'fillgate[sentry]'``); ``fillgate.contrib.sinks_from_env`` builds
+them from ``FILLGATE_ALERT_WEBHOOK`` and ``FILLGATE_SENTRY_DSN``. A sink that fails never breaks
+the run: the failure is logged, warned about and counted, and after three failures in a row the
+sink is switched off for the rest of the run.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,22 +94,6 @@ class AlertSink(Protocol):
     """Where alerts go. ``send`` may raise; the Alerter contains the failure."""
 
     def send(self, alert: Alert) -> None: ...
-
-
-def sinks_from_env(environ: Mapping[str, str] | None = None) -> list[AlertSink]:
-    """A WebhookSink if ``FILLGATE_ALERT_WEBHOOK`` is set, a SentrySink if
-    ``FILLGATE_SENTRY_DSN`` is set (which needs ``pip install 'fillgate[sentry]'``)."""
-    env = os.environ if environ is None else environ
-    sinks: list[AlertSink] = []
-    if webhook := env.get("FILLGATE_ALERT_WEBHOOK", "").strip():
-        from fillgate.contrib.webhook import WebhookSink
-
-        sinks.append(WebhookSink(webhook))
-    if dsn := env.get("FILLGATE_SENTRY_DSN", "").strip():
-        from fillgate.contrib.sentry import SentrySink
-
-        sinks.append(SentrySink(dsn=dsn))
-    return sinks
 
 
 class Alerter:

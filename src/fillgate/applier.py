@@ -280,7 +280,7 @@ def check_plan_unmodified(conn: Connected, header: PlanHeader, path: Path, sha25
             f"plan {path} names plan run {header.plan_id}, which target '{conn.target.name}' has no "
             "record of: the file was modified. Re-create it with fillgate plan."
         ) from None
-    if planned.kind != "plan":
+    if planned.kind != RunKind.PLAN:
         raise PlanFileError(
             f"plan {path} names run {header.plan_id}, which is a {planned.kind} run, not a plan: the file "
             "was modified. Re-create it with fillgate plan."

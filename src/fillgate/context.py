@@ -96,9 +96,29 @@ _active: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
 )
 
 
+_guard_installed = False
+
+
+def _install_guard() -> None:
+    """Listen for new connections on every SQLAlchemy Engine of the process, once, when the
+    first run becomes active (not when fillgate is imported).
+
+    The guard must see engines fillgate did not create: job code that calls
+    ``create_engine("postgresql://.../live")`` itself is exactly what it exists to refuse, so
+    the listeners are on the Engine class, not on the run's own engine. Outside an active run
+    (another thread's, or after the run) they return at once."""
+    global _guard_installed
+    if not _guard_installed:
+        event.listen(Engine, "do_connect", _guard_do_connect)
+        event.listen(Engine, "engine_connect", _guard_engine_connect)
+        _guard_installed = True
+
+
 @contextmanager
 def activate(ctx: RunContext) -> Iterator[RunContext]:
-    """Mark ``ctx`` as the active run for the code called inside the block."""
+    """Mark ``ctx`` as the active run for the code called inside the block: a connection to
+    any database other than the run's target is refused (TargetEscapeError)."""
+    _install_guard()
     token = _active.set(ctx)
     try:
         yield ctx
@@ -116,7 +136,6 @@ def _escape(ctx: RunContext, where: str) -> TargetEscapeError:
     return exc
 
 
-@event.listens_for(Engine, "do_connect")
 def _guard_do_connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> None:
     """Refuse BEFORE a new database connection is opened (no login, no SQLite file created)
     when its connect arguments are not the run's target's."""
@@ -134,7 +153,6 @@ def _guard_do_connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> N
     raise _escape(ctx, f"a {dialect.name} database ({database})")
 
 
-@event.listens_for(Engine, "engine_connect")
 def _guard_engine_connect(conn: Connection) -> None:
     ctx = _active.get()
     if ctx is None:

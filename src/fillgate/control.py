@@ -23,7 +23,7 @@ from fillgate.limits import Limits
 from fillgate.monitor import Monitor
 from fillgate.plan import file_sha256, iter_changes, read_header
 from fillgate.revert import inverse_changes
-from fillgate.runs import WRITING_KINDS, RunStatus
+from fillgate.runs import WRITING_KINDS, RunKind, RunStatus
 from fillgate.sql import Change
 from fillgate.stamp import Connected, check_write_allowed
 
@@ -44,7 +44,7 @@ def _check_resumable(run: Run) -> None:
 def _remaining(conn: Connected, run: Run, limits: Limits) -> tuple[Iterable[Change], Limits]:
     """The changes a run has yet to write (after its checkpoint), and its limits with the
     health checks its job declares."""
-    if run.kind == "revert":
+    if run.kind == RunKind.REVERT:
         return islice(inverse_changes(conn.ledger, run.parent_run_id or ""), run.checkpoint, None), limits
     path = Path(run.plan_path or "")
     if not path.is_file():

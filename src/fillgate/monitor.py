@@ -18,10 +18,12 @@ from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 
-from fillgate.alerts import Alerter, sinks_from_env
+from fillgate.alerts import Alerter
+from fillgate.contrib import sinks_from_env
 from fillgate.errors import HoldTimeoutError
 from fillgate.events import EventWriter, SlowestRows
 from fillgate.ledger.chain import AuditChain
+from fillgate.runs import WRITING_KINDS, RunStatus
 from fillgate.throttle import Throttle
 
 # Every count a batch can carry (events, alerts and the run summary use these names).
@@ -130,7 +132,7 @@ class Monitor:
                                                    on_hold=self._on_hold)
             except HoldTimeoutError as exc:
                 hint = (f" Resume it once the database is healthy: fillgate resume {self._run_id}"
-                        if self._kind in ("apply", "revert") else " Plan again once the database is healthy.")
+                        if self._kind in WRITING_KINDS else " Plan again once the database is healthy.")
                 raise HoldTimeoutError(f"{exc}{hint}") from None
             if self.progress is not None and self._throttle.last_held_s:
                 self.progress.hold(None)
@@ -163,7 +165,7 @@ class Monitor:
         """``audit``: how far an apply's or revert's audit hash chain got (its committed rows)."""
         duration_ms = (time.perf_counter() - self._started) * 1000
         self._fold_row_times()
-        if status == "failed":
+        if status == RunStatus.FAILED:
             self.alerter.run_failed(self._job, self._run_id, message or "failed", totals)
         self.events.run_finished(run_id=self._run_id, status=status, totals=dict(totals),
                                  duration_ms=duration_ms, slowest=self.slowest,

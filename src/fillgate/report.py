@@ -37,7 +37,7 @@ from fillgate.pipeline_run import PipelineResult
 from fillgate.planner import PlanResult
 from fillgate.redact import mask_secrets
 from fillgate.revert import RevertPreview
-from fillgate.runs import interrupted, shown_status
+from fillgate.runs import WRITING_KINDS, RunKind, RunStatus, interrupted, shown_status
 from fillgate.stamp import InitResult
 from fillgate.values import decode_key, loads
 
@@ -327,7 +327,8 @@ def apply_json(result: ApplyResult) -> dict[str, Any]:
 def print_apply(console: Console, result: ApplyResult) -> None:
     run = result.run
     c = result.counts
-    colour = {"succeeded": "green", "paused": "yellow", "cancelled": "yellow"}.get(run.status, "red")
+    colour = {RunStatus.SUCCEEDED: "green", RunStatus.PAUSED: "yellow", RunStatus.CANCELLED: "yellow"}.get(
+        RunStatus(run.status), "red")
     _line(console,
         f"[bold]{run.kind.capitalize()} run {run.run_id}[/]: [{colour}]{run.status}[/]  "
         f"applied {c['applied']}, conflicts {c['conflicts']}, errors {c['errors']} "
@@ -338,12 +339,12 @@ def print_apply(console: Console, result: ApplyResult) -> None:
          format_value(i["found"]) if i["row_exists"] else "(row deleted)")
         for i in result.conflicts[:10]
     ))
-    if result.stopped == "paused":
+    if result.stopped == RunStatus.PAUSED:
         _line(console, f"Paused between batches. Continue with: fillgate resume {run.run_id}")
     elif result.stopped == "interrupted":
         _line(console, f"Paused: {run.message}; no batch is half-written. "
                        f"Continue with: fillgate resume {run.run_id}")
-    elif run.status == "succeeded" and run.kind != "revert":
+    elif run.status == RunStatus.SUCCEEDED and run.kind != RunKind.REVERT:
         _line(console, f"Undo it with: fillgate revert {run.run_id}")
 
 
@@ -397,7 +398,7 @@ def print_runs(console: Console, runs: Sequence[Run]) -> None:
         return
     rows = []
     for r in runs:
-        changes = r.counts.get("writes") if r.kind == "plan" else r.counts.get("applied")
+        changes = r.counts.get("writes") if r.kind == RunKind.PLAN else r.counts.get("applied")
         rows.append((r.run_id, r.kind, r.job or "", shown_status(r), "" if changes is None else str(changes),
                      _when(r.created_at), r.operator))
     _print_table(console, f"{len(runs)} most recent run{'s' if len(runs) != 1 else ''}, newest first", (
@@ -429,7 +430,7 @@ def _print_details(console: Console, run: Run) -> None:
 def _print_audit(console: Console, run: Run) -> None:
     """The head of the run's audit hash chain (``fillgate verify`` checks the rows against
     it), on a line of its own: a hash is never cut."""
-    if run.kind not in ("apply", "revert"):
+    if run.kind not in WRITING_KINDS:
         return
     if run.audit is None:
         console.print("audit: no tamper evidence (the run predates it)")
@@ -442,7 +443,7 @@ def _status_line(run: Run) -> str:
     if gone is None:
         return run.status
     what = ("continue it with fillgate resume " + run.run_id + ", or give it up with fillgate cancel " + run.run_id
-            if run.kind in ("apply", "revert") else "plan again")
+            if run.kind in WRITING_KINDS else "plan again")
     return f"interrupted (recorded as running, but {gone}): {what}"
 
 
@@ -453,7 +454,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
         ("table", run.table_name), ("target", f"{run.target} ({run.environment})"),
         ("operator", run.operator), ("plan", run.plan_id), ("plan file", run.plan_path),
         ("parent run", run.parent_run_id),
-        ("progress", f"{run.checkpoint}/{run.total}" if run.kind != "plan" and run.total is not None else None),
+        ("progress", f"{run.checkpoint}/{run.total}" if run.kind != RunKind.PLAN and run.total is not None else None),
         ("created", _when(run.created_at)), ("finished", _when(run.finished_at)),
         ("duration", f"{duration:.2f}s" if duration is not None else None),
         ("message", mask_secrets(run.message or "")), ("arguments", json.dumps(run.args, default=str)),

@@ -15,7 +15,7 @@ from fillgate.errors import AlreadyDoneError, RunStateError
 from fillgate.ledger import Ledger, Run
 from fillgate.limits import Limits
 from fillgate.monitor import Monitor
-from fillgate.runs import WRITING_KINDS, RunKind
+from fillgate.runs import WRITING_KINDS, RunKind, RunStatus
 from fillgate.sql import Change, TableSQL, current_value, would_apply
 from fillgate.stamp import Connected, check_write_allowed
 from fillgate.values import decode_key, loads
@@ -48,15 +48,15 @@ def _check_revertible(ledger: Ledger, run_id: str) -> Run:
             f"run {run_id} is a {original.kind} run and changed no rows; only apply and "
             "revert runs can be reverted."
         )
-    if original.status in ("running", "paused"):
+    if original.status in (RunStatus.RUNNING, RunStatus.PAUSED):
         raise RunStateError(
             f"run {run_id} is {original.status}; cancel it first (fillgate cancel {run_id}), "
             "then revert what it applied."
         )
     for previous in ledger.reverts_of(run_id):
-        if previous.status == "succeeded":
+        if previous.status == RunStatus.SUCCEEDED:
             raise AlreadyDoneError(f"run {run_id} was already reverted by run {previous.run_id}.")
-        if previous.status in ("running", "paused", "failed"):
+        if previous.status in (RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.FAILED):
             raise AlreadyDoneError(
                 f"run {run_id} is being reverted by run {previous.run_id} (status "
                 f"{previous.status}); continue it with: fillgate resume {previous.run_id}"

@@ -21,12 +21,9 @@ import errno
 import os
 import socket
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fillgate.errors import RunStateError
-
-if TYPE_CHECKING:
-    from fillgate.ledger.store import Run
 
 
 class RunKind(StrEnum):
@@ -107,7 +104,16 @@ def process_gone(host: str | None, pid: int | None, heartbeat_at: dt.datetime | 
     return None
 
 
-def interrupted(run: Run, now: dt.datetime | None = None) -> str | None:
+class RunRecord(Protocol):
+    """What liveness needs of a run (``ledger.Run`` has it)."""
+
+    status: str
+    host: str | None
+    pid: int | None
+    heartbeat_at: dt.datetime | None
+
+
+def interrupted(run: RunRecord, now: dt.datetime | None = None) -> str | None:
     """For a run recorded as ``running`` whose process is gone: why (it was killed, crashed,
     or its machine went away), so it is shown as interrupted rather than running."""
     if run.status != "running":
@@ -116,6 +122,6 @@ def interrupted(run: Run, now: dt.datetime | None = None) -> str | None:
     return process_gone(run.host, run.pid, run.heartbeat_at, now)
 
 
-def shown_status(run: Run) -> str:
+def shown_status(run: RunRecord) -> str:
     """The status to show a person: ``interrupted`` for a running run whose process is gone."""
     return "interrupted" if interrupted(run) else run.status

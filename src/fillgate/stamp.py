@@ -11,6 +11,7 @@ from fillgate.config import Target
 from fillgate.database import check_reachable, missing_database_file
 from fillgate.errors import ProtectedTargetError, StampMismatchError
 from fillgate.ledger import Ledger, Run, new_run_id, operator_name, utcnow
+from fillgate.runs import RunKind, RunStatus
 
 
 @dataclass
@@ -118,11 +119,11 @@ def init_target(
             ledger.create_run(
                 Run(
                     run_id=run_id,
-                    kind="stamp" if restamp else "init",
+                    kind=RunKind.STAMP if restamp else RunKind.INIT,
                     target=target.name,
                     environment=target.environment,
                     operator=operator_name(),
-                    status="succeeded",
+                    status=RunStatus.SUCCEEDED,
                     args={"from": previous, "to": target.environment},
                     started_at=now,
                     finished_at=now,

@@ -407,7 +407,7 @@ class Ledger:
     def runs_of_plan(self, plan_id: str) -> list[Run]:
         stmt = (
             select(schema.runs)
-            .where(schema.runs.c.plan_id == plan_id, schema.runs.c.kind == "apply")
+            .where(schema.runs.c.plan_id == plan_id, schema.runs.c.kind == RunKind.APPLY)
             .order_by(schema.runs.c.run_id)
         )
         with self.engine.connect() as conn:
@@ -415,14 +415,14 @@ class Ledger:
 
     def children_of(self, run_id: str) -> list[Run]:
         """Runs started on behalf of ``run_id`` (the stage plans of a pipeline), in order."""
-        stmt = select(schema.runs).where(schema.runs.c.parent_run_id == run_id, schema.runs.c.kind == "plan")
+        stmt = select(schema.runs).where(schema.runs.c.parent_run_id == run_id, schema.runs.c.kind == RunKind.PLAN)
         with self.engine.connect() as conn:
             return [Run.from_row(r) for r in conn.execute(stmt.order_by(schema.runs.c.run_id))]
 
     def reverts_of(self, run_id: str) -> list[Run]:
         stmt = (
             select(schema.runs)
-            .where(schema.runs.c.parent_run_id == run_id, schema.runs.c.kind == "revert")
+            .where(schema.runs.c.parent_run_id == run_id, schema.runs.c.kind == RunKind.REVERT)
             .order_by(schema.runs.c.run_id)
         )
         with self.engine.connect() as conn:

@@ -42,7 +42,7 @@ from fillgate.web.planindex import KINDS, PAGE, PlanStatus, PlanStore
 
 RUN_KINDS = tuple(RunKind)
 RUN_STATUSES = tuple(RunStatus)
-ACTIVE = ("running", "paused")
+ACTIVE = (RunStatus.RUNNING, RunStatus.PAUSED)
 WRITING = WRITING_KINDS
 RUNS_PER_PAGE = 50
 TIMELINE = 200  # batches shown on a run page (the newest)
@@ -206,7 +206,7 @@ class Dashboard:
         if run.kind == "pipeline":
             related += [r.run_id for r in ledger.children_of(run_id)]
         details = run.details
-        if run.kind == "apply" and not details and run.parent_run_id:
+        if run.kind == RunKind.APPLY and not details and run.parent_run_id:
             # an apply computes nothing: its slowest rows and lookup anomalies are its plan's
             try:
                 details = ledger.get_run(run.parent_run_id).details
@@ -217,7 +217,7 @@ class Dashboard:
             "errors": ledger.error_groups(related), "batches": ledger.batches(run_id, TIMELINE),
             "batch_summary": ledger.batch_summary(run_id), "actions": ledger.actions(run_id),
             "children": ledger.children_of(run_id), "reverts": ledger.reverts_of(run_id),
-            "applies": ledger.runs_of_plan(run_id) if run.kind == "plan" else [],
+            "applies": ledger.runs_of_plan(run_id) if run.kind == RunKind.PLAN else [],
             "target": conn.target, "progress": progress(run, ledger.batches(run_id, 20)),
         }
 
@@ -236,7 +236,7 @@ class Dashboard:
         for b in batches:
             xs.append((b["committed_at"] - start).total_seconds() if start else 0)
             ys.append(round(b["rows"] * 1000 / b["elapsed_ms"], 1) if b["elapsed_ms"] else None)
-        return {"x": xs, "rate": ys, "live": run.status == "running" and not interrupted(run)}
+        return {"x": xs, "rate": ys, "live": run.status == RunStatus.RUNNING and not interrupted(run)}
 
     # --- history ----------------------------------------------------------------------------
 
@@ -306,7 +306,7 @@ class Dashboard:
     def plan_of_run(self, name: str, run_id: str) -> tuple[Run, PlanStatus]:
         """The plan file a planned run saved, checked against the checksum the run recorded."""
         run = self.run(name, run_id)
-        if run.kind != "plan":
+        if run.kind != RunKind.PLAN:
             raise WebError(f"run {run_id} is a {run.kind} run, not a plan.")
         if not run.plan_path:
             raise WebError(f"plan run {run_id} was not saved to a file (it was made without -o), so there are "
@@ -409,14 +409,14 @@ def _stamp_of(target: Target) -> dict[str, str]:
 
 def interrupted(run: Run) -> str | None:
     """Why a run marked running has no live process (None if it may be alive)."""
-    if run.status != "running" or run.kind not in (*WRITING, "plan", "pipeline"):
+    if run.status != RunStatus.RUNNING or run.kind not in (*WRITING, RunKind.PLAN, RunKind.PIPELINE):
         return None
     return process_gone(run.host, run.pid, run.heartbeat_at, utcnow())
 
 
 def progress(run: Run, recent: list[dict[str, Any]]) -> dict[str, Any]:
     """Done, total, percentage, rate (per second over the recent batches) and ETA."""
-    plan = run.kind == "plan"
+    plan = run.kind == RunKind.PLAN
     done = run.counts.get("rows", 0) if plan else run.checkpoint
     total = None if plan else run.total
     rate = None

@@ -15,13 +15,13 @@ from rich.markup import escape
 from rich.panel import Panel
 
 from fillgate import report
-from fillgate.applier import apply_plan
+from fillgate.applier import ApplyResult, apply_plan
 from fillgate.config import load_config
 from fillgate.context import RunContext
 from fillgate.errors import GuardRefused
 from fillgate.job import Job
 from fillgate.limits import Limits
-from fillgate.planner import make_plan
+from fillgate.planner import PlanResult, make_plan
 from fillgate.policy import FillMissing
 from fillgate.revert import revert_run
 from fillgate.stamp import connect, init_target
@@ -109,76 +109,91 @@ def run_demo(console: Console, path: Path | None = None, rows: int = 5000) -> Pa
         path.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
     create_demo_database(path, rows)
-    config_file, needs_flag = write_demo_config(path)
-    config = load_config(config_file)
-    flag = f" --config {quote(str(config_file))}" if needs_flag else ""
-
-    def cmd(text: str) -> str:
-        return f"fillgate {text}{flag}"
-
-    plan_file = path.with_suffix(".plan")
-    plan_arg = quote(str(plan_file))
-    target = config.target("demo")
-    job = "fillgate.demo:FillCustomerEmail"
+    tour = _Tour(console, path)
     console.print(f"[bold]fillgate demo[/]: {rows} customers in {escape(str(path))}; about half have no email.",
                   soft_wrap=True)
-
-    _step(console, 1, "Create the ledger and stamp the database 'demo'", cmd("init --target demo"))
-    report.print_init(console, init_target(target))
-
-    _step(console, 2, "Plan: a dry run that writes nothing and shows the diff",
-          cmd(f"plan {job} --target demo -o {plan_arg}"))
-    conn = connect(target)
-    planned = make_plan(conn, FillCustomerEmail, out=plan_file)
-    report.print_plan(console, planned, sample=5, next_step=False)
-
-    _step(console, 3, "The gate: a plan bigger than you expected is refused before any write",
-          cmd(f"apply {plan_arg} --max-changes 25"))
-    try:
-        apply_plan(conn, plan_file, Limits(max_changes=25))
-    except GuardRefused as exc:
-        report.print_error(console, exc.exit_code, str(exc))
-
-    _step(console, 4, "The stamp: a target that claims to be 'live' but reaches this database is refused",
-          cmd(f"plan {job} --target live"))
-    try:
-        connect(config.target("live"))
-    except GuardRefused as exc:
-        report.print_error(console, exc.exit_code, str(exc))
-
-    _step(console, 5, "Apply exactly the reviewed plan, audited, in batches",
-          cmd(f"apply {plan_arg} --max-changes {planned.header.changes}"))
-    applied = apply_plan(conn, plan_file, Limits(max_changes=planned.header.changes))
-    report.print_apply(console, applied)
-
-    first = planned.samples["change"][0]
-    key_text = ",".join(str(k) for k in first["key"])
-    _step(console, 6, "History: which run changed this row, when, from what to what",
-          cmd(f"history customers {key_text} --target demo"))
-    report.print_history(console, "customers", key_text,
-                         conn.ledger.history("customers", [encode_key(first["key"])]))
-
-    _step(console, 7, "Revert the run from its audit log (a new audited run)",
-          cmd(f"revert {applied.run.run_id} --target demo"))
-    reverted = revert_run(conn, applied.run.run_id)
-    report.print_apply(console, reverted)
-    db = sqlite3.connect(path)
-    missing = db.execute("SELECT count(*) FROM customers WHERE email IS NULL").fetchone()[0]
-    audit = db.execute("SELECT count(*) FROM fillgate_changes").fetchone()[0]
-    db.close()
-    console.print(
-        f"Back to the start: {missing} customers without email again; the audit log keeps all "
-        f"{audit} field changes (apply + revert), and refuses UPDATE and DELETE.", soft_wrap=True
-    )
+    planned = tour.plan_and_refuse()
+    applied, key_text = tour.apply_and_revert(planned)
     console.print(f"\n[green]Done in {time.perf_counter() - started:.1f}s.[/] Database: {escape(str(path))}",
                   soft_wrap=True)
-    again = path.with_name("again.plan")
-    console.print(
-        f"The demo left {escape(str(config_file))} beside it (targets demo and live). "
-        "Try the commands yourself from there:", soft_wrap=True
-    )
-    for line in (f"cd {quote(str(path.parent))}", cmd("runs"), cmd(f"show {applied.run.run_id}"),
-                 cmd(f"history customers {key_text}"), cmd(f"plan {job} -o {again.name}"),
-                 cmd(f"apply {again.name} --max-changes {planned.header.changes}")):
-        console.print(f"  {escape(line)}", soft_wrap=True)
+    tour.what_next(applied.run.run_id, key_text, planned.header.changes)
     return path
+
+
+class _Tour:
+    """The demo's steps, each printed with the command that does the same."""
+
+    job = "fillgate.demo:FillCustomerEmail"
+
+    def __init__(self, console: Console, path: Path) -> None:
+        self.console, self.path = console, path
+        self.config_file, needs_flag = write_demo_config(path)
+        self.config = load_config(self.config_file)
+        self.flag = f" --config {quote(str(self.config_file))}" if needs_flag else ""
+        self.plan_file = path.with_suffix(".plan")
+        self.plan_arg = quote(str(self.plan_file))
+
+    def cmd(self, text: str) -> str:
+        return f"fillgate {text}{self.flag}"
+
+    def plan_and_refuse(self) -> PlanResult:
+        """Steps 1-4: init, plan, the gate and the stamp refusing."""
+        console, cmd, job = self.console, self.cmd, self.job
+        _step(console, 1, "Create the ledger and stamp the database 'demo'", cmd("init --target demo"))
+        report.print_init(console, init_target(self.config.target("demo")))
+        _step(console, 2, "Plan: a dry run that writes nothing and shows the diff",
+              cmd(f"plan {job} --target demo -o {self.plan_arg}"))
+        self.conn = connect(self.config.target("demo"))
+        planned = make_plan(self.conn, FillCustomerEmail, out=self.plan_file)
+        report.print_plan(console, planned, sample=5, next_step=False)
+        _step(console, 3, "The gate: a plan bigger than you expected is refused before any write",
+              cmd(f"apply {self.plan_arg} --max-changes 25"))
+        try:
+            apply_plan(self.conn, self.plan_file, Limits(max_changes=25))
+        except GuardRefused as exc:
+            report.print_error(console, exc.exit_code, str(exc))
+        _step(console, 4, "The stamp: a target that claims to be 'live' but reaches this database is refused",
+              cmd(f"plan {job} --target live"))
+        try:
+            connect(self.config.target("live"))
+        except GuardRefused as exc:
+            report.print_error(console, exc.exit_code, str(exc))
+        return planned
+
+    def apply_and_revert(self, planned: PlanResult) -> tuple[ApplyResult, str]:
+        """Steps 5-7: apply, the history of a row, revert."""
+        console, cmd, conn = self.console, self.cmd, self.conn
+        _step(console, 5, "Apply exactly the reviewed plan, audited, in batches",
+              cmd(f"apply {self.plan_arg} --max-changes {planned.header.changes}"))
+        applied = apply_plan(conn, self.plan_file, Limits(max_changes=planned.header.changes))
+        report.print_apply(console, applied)
+        first = planned.samples["change"][0]
+        key_text = ",".join(str(k) for k in first["key"])
+        _step(console, 6, "History: which run changed this row, when, from what to what",
+              cmd(f"history customers {key_text} --target demo"))
+        report.print_history(console, "customers", key_text,
+                             conn.ledger.history("customers", [encode_key(first["key"])]))
+        _step(console, 7, "Revert the run from its audit log (a new audited run)",
+              cmd(f"revert {applied.run.run_id} --target demo"))
+        report.print_apply(console, revert_run(conn, applied.run.run_id))
+        db = sqlite3.connect(self.path)
+        missing = db.execute("SELECT count(*) FROM customers WHERE email IS NULL").fetchone()[0]
+        audit = db.execute("SELECT count(*) FROM fillgate_changes").fetchone()[0]
+        db.close()
+        console.print(
+            f"Back to the start: {missing} customers without email again; the audit log keeps all "
+            f"{audit} field changes (apply + revert), and refuses UPDATE and DELETE.", soft_wrap=True
+        )
+        return applied, key_text
+
+    def what_next(self, run_id: str, key_text: str, changes: int) -> None:
+        again = self.path.with_name("again.plan")
+        self.console.print(
+            f"The demo left {escape(str(self.config_file))} beside it (targets demo and live). "
+            "Try the commands yourself from there:", soft_wrap=True
+        )
+        cmd = self.cmd
+        for line in (f"cd {quote(str(self.path.parent))}", cmd("runs"), cmd(f"show {run_id}"),
+                     cmd(f"history customers {key_text}"), cmd(f"plan {self.job} -o {again.name}"),
+                     cmd(f"apply {again.name} --max-changes {changes}")):
+            self.console.print(f"  {escape(line)}", soft_wrap=True)

@@ -168,29 +168,10 @@ class _Planner:
         """Compute and diff one page of source rows."""
         self.page_errors, self.page_counts, self.page_examples = [], {"rows": len(rows)}, {}
         self.counts["rows"] += len(rows)
-        keys = self._keys(rows)
         results: list[Any] | None = None
         if lookup is not None:
-            batch = lookup.resolve(rows)
-            mismatch = batch.first_mismatch
-            clean: list[dict[str, Any]] = []
-            results = []
-            for i, (row, outcome) in enumerate(zip(rows, batch.outcomes, strict=True)):
-                if outcome.unexpected:
-                    example = None
-                    if mismatch is not None and mismatch.get("row") == i:
-                        example = {"expected": mismatch.get("expected"), "got": mismatch.get("got")}
-                    self.unexpected(keys[i], outcome.unexpected, example)
-                elif outcome.error is not None:
-                    self.row_error(keys[i], outcome.error, "lookup")
-                else:
-                    clean.append(row)
-                    results.append(outcome.value)
-                    self.monitor.row_timing(keys[i], outcome.elapsed_ms)
-            if batch.extra_results:
-                self.page_counts["extra_results"] = batch.extra_results
-            rows = clean
-            keys = self._keys(rows)
+            rows, results = self._looked_up(rows, lookup)
+        keys = self._keys(rows)
         proposals = _compute_page(job, rows, keys, ctx, results, self.monitor)
         if ctx.escape is not None:  # a refusal, not a row error, even if the job caught it
             raise ctx.escape
@@ -228,6 +209,30 @@ class _Planner:
                 wanted.append((key, stored))
         if wanted:
             self._ensure(wanted, reader)
+
+    def _looked_up(self, rows: list[dict[str, Any]], lookup: Lookup) -> tuple[list[dict[str, Any]], list[Any]]:
+        """The page's rows whose lookup result can be trusted, with those results (aligned);
+        every other row is an unexpected index or a row error, and is not computed."""
+        keys = self._keys(rows)
+        batch = lookup.resolve(rows)
+        mismatch = batch.first_mismatch
+        clean: list[dict[str, Any]] = []
+        results: list[Any] = []
+        for i, (row, outcome) in enumerate(zip(rows, batch.outcomes, strict=True)):
+            if outcome.unexpected:
+                example = None
+                if mismatch is not None and mismatch.get("row") == i:
+                    example = {"expected": mismatch.get("expected"), "got": mismatch.get("got")}
+                self.unexpected(keys[i], outcome.unexpected, example)
+            elif outcome.error is not None:
+                self.row_error(keys[i], outcome.error, "lookup")
+            else:
+                clean.append(row)
+                results.append(outcome.value)
+                self.monitor.row_timing(keys[i], outcome.elapsed_ms)
+        if batch.extra_results:
+            self.page_counts["extra_results"] = batch.extra_results
+        return clean, results
 
     def _storage_forms(self, proposals: list[Mapping[str, Any]]) -> list[Any]:
         """Each proposal with every value replaced by its storage form (what the column will

@@ -242,7 +242,6 @@ def keyset_pages(
     Every row of the source comes exactly once, or a KeyNotUniqueError says which key the
     source returns more than once (or which keys the database compares as equal)."""
     first, later = _keyset_statements(conn.dialect, source, key, page_size)
-    limit = int(page_size) + 1
     wanted = set(first._bindparams)
     base = {k: v for k, v in (params or {}).items() if k in wanted}
     unbound = wanted - set(base)
@@ -254,46 +253,51 @@ def keyset_pages(
     stmt, bind = first, base
     last_key: tuple[Any, ...] | None = None
     while True:
-        result = conn.execute(stmt, bind)
-        names = list(result.keys())
-        fetched = result.fetchall()
-        if last_key is not None:
-            names.pop()  # fillgate_at_last
-        rows = [dict(zip(names, r, strict=False)) for r in fetched]
+        rows, page_keys = _read_page(conn, stmt, bind, key, last_key, int(page_size) + 1)
         if not rows:
             return
-        if last_key is None:
-            absent = [k for k in key if k not in rows[0]]
-            if absent:
-                raise JobError(
-                    f"the job's source does not select the key column(s) {', '.join(absent)}."
-                )
-        if len(key) == 1:
-            (column,) = key
-            page_keys = [(row[column],) for row in rows]
-        else:
-            page_keys = [tuple(row[k] for k in key) for row in rows]
-        if last_key is not None:
-            at_last = [i for i, r in enumerate(fetched) if r[-1]]
-            if at_last:
-                if len(at_last) > 1 or page_keys[at_last[0]] != last_key:
-                    raise _duplicate_key([last_key, *(page_keys[i] for i in at_last)])
-                del rows[at_last[0]], page_keys[at_last[0]]
-            # (when the last row has gone since, one row more came than a page needs)
-            del rows[limit:], page_keys[limit:]
-            if not rows:
-                return
-        # rows come in key order, so a repeated key sits next to its twin (or follows last_key)
-        previous = [last_key, *page_keys[:-1]]
-        if any(map(operator.eq, previous, page_keys)):
-            twin = next(k for p, k in zip(previous, page_keys, strict=True) if p == k)
-            raise _duplicate_key([twin])
         yield rows[:page_size]
         if len(rows) <= page_size:
             return
         last_key = page_keys[page_size - 1]
         stmt = later
         bind = {**base, **{f"fillgate_k{i}": v for i, v in enumerate(last_key)}}
+
+
+def _read_page(
+    conn: Connection, stmt: TextClause, bind: Mapping[str, Any], key: Sequence[str],
+    last_key: tuple[Any, ...] | None, limit: int,
+) -> tuple[list[dict[str, Any]], list[tuple[Any, ...]]]:
+    """One page of rows (at most ``limit``, the last key read dropped) and their keys; a key
+    the source returns twice (or two the database compares as equal) is a KeyNotUniqueError."""
+    result = conn.execute(stmt, bind)
+    names = list(result.keys())
+    fetched = result.fetchall()
+    if last_key is not None:
+        names.pop()  # fillgate_at_last
+    rows = [dict(zip(names, r, strict=False)) for r in fetched]
+    absent = [k for k in key if rows and k not in rows[0]]  # SQLite and MariaDB ORDER BY any case
+    if absent:
+        raise JobError(f"the job's source does not select the key column(s) {', '.join(absent)}.")
+    if len(key) == 1:
+        (column,) = key
+        page_keys = [(row[column],) for row in rows]
+    else:
+        page_keys = [tuple(row[k] for k in key) for row in rows]
+    if last_key is not None:
+        at_last = [i for i, r in enumerate(fetched) if r[-1]]
+        if at_last:
+            if len(at_last) > 1 or page_keys[at_last[0]] != last_key:
+                raise _duplicate_key([last_key, *(page_keys[i] for i in at_last)])
+            del rows[at_last[0]], page_keys[at_last[0]]
+        # (when the last row has gone since, one row more came than a page needs)
+        del rows[limit:], page_keys[limit:]
+    # rows come in key order, so a repeated key sits next to its twin (or follows last_key)
+    previous = [last_key, *page_keys[:-1]]
+    if any(map(operator.eq, previous, page_keys)):
+        twin = next(k for p, k in zip(previous, page_keys, strict=True) if p == k)
+        raise _duplicate_key([twin])
+    return rows, page_keys
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -368,39 +372,43 @@ def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) ->
     for change in changes:
         group_key = ("update", change.column) if change.op == "update" else _group_key(change)
         groups.setdefault(group_key, []).append(change)
-    read_back = sql.backend.reads_back
     binders = sql.binders(conn)
     for group_key, group in groups.items():
         savepoint = conn.begin_nested()
-        stored: list[Any] | None = None  # what each row of the group holds after the update
-        statement: str | None = None
-        params: list[tuple[Any, ...]] = []
-        try:
-            done = sql.backend.update_group(conn, sql, group_key[1], group, binders) if group_key[0] == "update" \
-                else None
-            if done is not None:  # one set-based statement did the whole group
-                matched, stored = done
-            else:
-                statement, params = _statement(sql, group_key, group, binders)
-                matched = conn.exec_driver_sql(statement, params).rowcount
-        except Exception:  # a value the fast path cannot send: the row-by-row path decides
-            matched = -1
-        if matched == len(group):
-            if not read_back or group_key[0] == "delete":
-                savepoint.commit()
-                outcome.applied.extend(group)
-                continue
-            if stored is None:
-                stored = _stored_values(conn, sql, group)
-            if _as_planned(group, stored):
-                savepoint.commit()
-                outcome.applied.extend(group)
-                continue
+        if _group_at_once(conn, sql, group_key, group, binders):
+            savepoint.commit()
+            outcome.applied.extend(group)
+            continue
         savepoint.rollback()
-        if statement is None:  # the set-based path has no per-row statement yet
-            statement, params = _statement(sql, group_key, group, binders)
-        outcome.applied.extend(_apply_one_by_one(conn, sql, statement, group, params, outcome, read_back))
+        statement, params = _statement(sql, group_key, group, binders)
+        outcome.applied.extend(_apply_one_by_one(conn, sql, statement, group, params, outcome,
+                                                 sql.backend.reads_back))
     return outcome
+
+
+def _group_at_once(conn: Connection, sql: TableSQL, group_key: tuple[str, ...], group: list[Change],
+                   binders: Mapping[str, Callable[[Any], Any]]) -> bool:
+    """Apply a group of like changes with one statement (set-based, or one executemany):
+    True when every change matched and, where the database is read back, every field holds
+    what was planned; False (the caller rolls the group back) otherwise."""
+    stored: list[Any] | None = None  # what each row of the group holds after the update
+    try:
+        done = sql.backend.update_group(conn, sql, group_key[1], group, binders) if group_key[0] == "update" \
+            else None
+        if done is not None:
+            matched, stored = done
+        else:
+            statement, params = _statement(sql, group_key, group, binders)
+            matched = conn.exec_driver_sql(statement, params).rowcount
+    except Exception:  # a value the fast path cannot send: the row-by-row path decides
+        return False
+    if matched != len(group):
+        return False
+    if not sql.backend.reads_back or group_key[0] == "delete":
+        return True
+    if stored is None:
+        stored = _stored_values(conn, sql, group)
+    return _as_planned(group, stored)
 
 
 def _stored_values(conn: Connection, sql: TableSQL, changes: Sequence[Change]) -> list[Any]:

@@ -102,41 +102,31 @@ def init_target(
             "Nothing was changed."
         )
     created = ledger.upgrade()
-    run_id = None
-    stamped = previous is None or restamp
-    if stamped:
-        run_id = new_run_id()
-        now = utcnow()
-        values = {
-            "environment": target.environment,
-            "stamped_at": now.isoformat() + "Z",
-            "stamped_by": operator_name(),
-        }
-        if "database_id" not in meta:
-            values["database_id"] = new_run_id()
-        with engine.begin() as conn:
-            ledger.write_meta(conn, values)
-            ledger.create_run(
-                Run(
-                    run_id=run_id,
-                    kind=RunKind.STAMP if restamp else RunKind.INIT,
-                    target=target.name,
-                    environment=target.environment,
-                    operator=operator_name(),
-                    status=RunStatus.SUCCEEDED,
-                    args={"from": previous, "to": target.environment},
-                    started_at=now,
-                    finished_at=now,
-                ),
-                conn,
-            )
-        meta = ledger.read_meta()
+    run_id = _stamp(ledger, target, meta, previous) if previous is None or restamp else None
     return InitResult(
         target=target.name,
         environment=target.environment,
-        database_id=meta["database_id"],
+        database_id=ledger.read_meta()["database_id"],
         created=created,
-        stamped=stamped,
+        stamped=run_id is not None,
         previous_environment=previous,
         run_id=run_id,
     )
+
+
+def _stamp(ledger: Ledger, target: Target, meta: dict[str, str], previous: str | None) -> str:
+    """Write the target's environment into the database (and its fingerprint, the first time),
+    recorded as an init or stamp run in the same transaction; returns the run's id."""
+    run_id = new_run_id()
+    now = utcnow()
+    values = {"environment": target.environment, "stamped_at": now.isoformat() + "Z", "stamped_by": operator_name()}
+    if "database_id" not in meta:
+        values["database_id"] = new_run_id()
+    with ledger.engine.begin() as conn:
+        ledger.write_meta(conn, values)
+        ledger.create_run(Run(
+            run_id=run_id, kind=RunKind.INIT if previous is None else RunKind.STAMP, target=target.name,
+            environment=target.environment, operator=operator_name(), status=RunStatus.SUCCEEDED,
+            args={"from": previous, "to": target.environment}, started_at=now, finished_at=now,
+        ), conn)
+    return run_id

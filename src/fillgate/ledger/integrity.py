@@ -261,13 +261,24 @@ def check_run(ledger: Ledger, run: Run, anchors: Sequence[Anchor] = (), since: s
     if expected <= recorded:
         check.add(_missing(expected, recorded, last_id, None))
     check.computed_sha256 = pure
-    if check.state == "ok" and pure != run.audit_sha256:
+    _check_record(check, run, recorded, pure)
+    _check_anchors(check, anchors, seen)
+    return check
+
+
+def _check_record(check: RunCheck, run: Run, recorded: int, computed: str) -> None:
+    """The run's own record agrees with its rows: the chain head and the applied count."""
+    if check.state == "ok" and computed != run.audit_sha256:
         check.add(Finding("record", f"the run's recorded audit hash {run.audit_sha256} differs from its rows' "
-                                    f"{pure}: the run's record was changed"))
+                                    f"{computed}: the run's record was changed"))
     applied = run.counts.get("applied", 0)
     if applied != recorded:
         check.add(Finding("record", f"the run's counts say {applied} changes applied, its audit record "
                                     f"{recorded} rows: the run's record was changed"))
+
+
+def _check_anchors(check: RunCheck, anchors: Sequence[Anchor], seen: dict[int, str]) -> None:
+    """The chain heads recorded outside the database (``run_finished`` events) still hold."""
     for anchor in anchors:
         check.anchors += 1
         now = seen.get(anchor.rows)
@@ -277,7 +288,6 @@ def check_run(ledger: Ledger, run: Run, anchors: Sequence[Anchor] = (), since: s
             check.add(Finding("anchor", f"{anchor.where} recorded that the run's first {anchor.rows} audit rows "
                                         f"hash to {anchor.sha256}; {found}: the log was rewritten (and its chain "
                                         "recomputed, if nothing else differs)", seq=anchor.rows))
-    return check
 
 
 def _missing(first: int, last: int, after: int | None, before: int | None) -> Finding:

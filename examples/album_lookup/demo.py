@@ -34,10 +34,7 @@ import before
 import service
 from jobs import FillAlbumMetadata
 
-from fillgate import Alerter, Limits, apply_plan, connect, init_target, make_plan, report
-from fillgate.config import Target, parse_url
-from fillgate.contrib.webhook import WebhookSink
-from fillgate.monitor import Monitor
+from fillgate import Alerter, Limits, Monitor, Target, WebhookSink, apply_plan, connect, init_target, make_plan, report
 
 POISON = (62, 71, 188)  # albums whose batch the faulty service answers wrongly (batches 2 and 4)
 JOB = "examples/album_lookup/jobs.py:FillAlbumMetadata"
@@ -63,7 +60,7 @@ def run(url: str | None, mode: str, albums: int, console: Console) -> int:
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="fillgate-albums-"))
     url = url or f"sqlite:///{workdir / 'albums.db'}"
-    target = Target("demo", parse_url(url, "--url"), "demo")
+    target = Target.from_url("demo", url)
     engine = sa.create_engine(target.url)
     svc = service.AlbumService(mode, POISON).start()
     inbox = service.AlertInbox().start()

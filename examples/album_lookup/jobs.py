@@ -20,9 +20,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from fillgate import FillMissing, Job, Param
-from fillgate.context import RunContext
-from fillgate.lookup import Lookup
+from fillgate import FillMissing, Job, Lookup, Param, RunContext
 
 COLUMNS = ("genre", "release_year", "label", "catalog_no")
 PAGE = 50

@@ -43,8 +43,7 @@ sys.path.insert(0, str(HERE))
 import digest_world as world  # noqa: E402  (the example's own modules, next to this file)
 from jobs import WriteDigests  # noqa: E402
 
-from fillgate import connect, make_plan  # noqa: E402
-from fillgate.config import Target, parse_url  # noqa: E402
+from fillgate import Target, connect, make_plan  # noqa: E402
 
 JOBS = "examples/run_identity/jobs.py"
 BUGGY = "examples/run_identity/buggy_jobs.py"
@@ -175,7 +174,7 @@ def run(console: Console, url: str | None = None) -> int:
     console.print(f"audit rows: {len(audit)}; every one belongs to the run whose digest it inserted: {own}")
     checks["fillgate: each run's audit rows are its own"] = own and len(audit) == 2 * len(world.TOPICS)
 
-    target = Target("default", parse_url(url, "--url"), "default")  # fillgate: allow
+    target = Target.from_url("default", url)  # fillgate: allow
     same_process = [make_plan(connect(target), WriteDigests).run.run_id for _ in range(2)]
     console.print("[dim]>>> \\[make_plan(conn, WriteDigests).run.run_id for _ in range(2)]   # one process[/]")
     console.print(str(same_process))

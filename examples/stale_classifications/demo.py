@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -35,9 +36,7 @@ import before  # noqa: E402  (the example's own modules, next to this file)
 import stale_agents as world  # noqa: E402
 from jobs import CrawlerUpdate, ReconcileAgentTypes, ReprobeAgentTypes  # noqa: E402
 
-from fillgate import GuardRefused, Limits, apply_plan, connect, init_target, make_plan, report  # noqa: E402
-from fillgate.config import Target, parse_url  # noqa: E402
-from fillgate.values import key_candidates, loads  # noqa: E402
+from fillgate import GuardRefused, Limits, Target, apply_plan, connect, init_target, make_plan, report, row_history  # noqa: E402
 
 JOBS = "examples/stale_classifications/jobs.py"
 
@@ -81,7 +80,7 @@ def _audit_table(engine: sa.Engine, run_id: str) -> Table:
     for col in ("key", "column", "old", "new", "source", "changed at (UTC)", "operator"):
         t.add_column(col, no_wrap=True)
     for key, column, old, new, source, changed_at, operator in rows:
-        t.add_row(key, column, str(loads(old)), str(loads(new)), source, str(changed_at)[:19], operator)
+        t.add_row(key, column, str(json.loads(old)), str(json.loads(new)), source, str(changed_at)[:19], operator)
     return t
 
 
@@ -91,7 +90,7 @@ def run(console: Console, url: str | None = None) -> None:
     if url is None:
         folder = Path(tempfile.mkdtemp(prefix="fillgate-stale-"))
         url = f"sqlite:///{folder / 'registry.db'}"  # fillgate: allow
-    target = Target("demo", parse_url(url, "--url"), "demo")  # fillgate: allow
+    target = Target.from_url("demo", url)  # fillgate: allow
     engine = sa.create_engine(target.url)  # fillgate: allow
     truth = {a.id: a.true_type for a in world.generate()[1]}
     mistyped = sorted(world.MISTYPED)
@@ -162,7 +161,7 @@ def run(console: Console, url: str | None = None) -> None:
         console.print(_audit_table(engine, applied.run.run_id))
 
         _step(console, 9, "When did agent 17 flip, and from what?", "fillgate history agents 17 --target demo")
-        report.print_history(console, "agents", "17", conn.ledger.history("agents", key_candidates("17")))
+        report.print_history(console, "agents", "17", row_history(conn, "agents", "17"))
 
         _step(console, 10, "The re-probe, with a 200 ms timeout: a failed probe keeps the stored type",
               f"fillgate run {JOBS}:ReprobeAgentTypes --target demo --max-changes 25")

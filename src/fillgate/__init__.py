@@ -27,6 +27,7 @@ _EXPORTS = {
     "Lookup": "lookup",
     "Monitor": "monitor", "EventWriter": "events", "Alerter": "alerts",
     "HealthCheck": "throttle", "SQLCheck": "throttle", "Throttle": "throttle",
+    "WebhookSink": "contrib.webhook", "SentrySink": "contrib.sentry", "ReplicationLagCheck": "contrib.postgres",
     "Pipeline": "pipeline", "run_pipeline": "pipeline_run", "revert_pipeline": "pipeline_run",
     "Failed": "policy", "FillMissing": "policy", "Overwrite": "policy", "Policy": "policy", "Promote": "policy",
     "preview_revert": "revert", "revert_run": "revert",
@@ -58,12 +59,15 @@ __all__ = [
     "PlanResult",
     "Policy",
     "Promote",
+    "ReplicationLagCheck",
     "RunContext",
     "SQLCheck",
+    "SentrySink",
     "Target",
     "TargetEscapeError",
     "Throttle",
     "UsageError",
+    "WebhookSink",
     "apply_plan",
     "connect",
     "control_run",
@@ -100,6 +104,9 @@ if TYPE_CHECKING:
     from fillgate.applier import ApplyResult, apply_plan, run_job
     from fillgate.config import Config, Target, load_config
     from fillgate.context import RunContext
+    from fillgate.contrib.postgres import ReplicationLagCheck
+    from fillgate.contrib.sentry import SentrySink
+    from fillgate.contrib.webhook import WebhookSink
     from fillgate.control import control_run, resume_run
     from fillgate.errors import (
         ConfigError,

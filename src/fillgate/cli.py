@@ -517,8 +517,11 @@ def revert(
     if len(results) == 1:
         _finish_apply(results[0], as_json, _human(events))
     # a pipeline: one revert per stage, last stage first
-    _emit(as_json, lambda: {"run_id": run_id, "reverts": [report.apply_json(r) for r in results]},
-          lambda: [report.print_apply(_human(events), r) for r in results])
+    def print_all() -> None:
+        for r in results:
+            report.print_apply(_human(events), r)
+
+    _emit(as_json, lambda: {"run_id": run_id, "reverts": [report.apply_json(r) for r in results]}, print_all)
     raise typer.Exit(EXIT_OK if all(r.clean for r in results) else EXIT_ROW_PROBLEMS)
 
 

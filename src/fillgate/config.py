@@ -261,9 +261,10 @@ def load_config(path: str | Path | None = None) -> Config:
     """Load targets from ``path``, ``FILLGATE_CONFIG``, a file found upwards, or DATABASE_URL."""
     explicit = path or os.environ.get("FILLGATE_CONFIG")
     if explicit:
-        file = Path(explicit)
-        if not file.is_file():
-            raise ConfigError(f"config file {file} does not exist.")
+        given = Path(explicit)
+        if not given.is_file():
+            raise ConfigError(f"config file {given} does not exist.")
+        file: Path | None = given
     else:
         file = find_config_file()
     if file is not None:

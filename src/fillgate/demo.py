@@ -6,6 +6,7 @@ import random
 import sqlite3
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from shlex import quote
 from typing import Any
@@ -43,7 +44,7 @@ class FillCustomerEmail(Job):
     columns = {"email": FillMissing()}
     source = "SELECT id, first_name, last_name, email, opted_out FROM customers"
 
-    def compute(self, row: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    def compute(self, row: Mapping[str, Any], ctx: RunContext) -> dict[str, Any]:
         if not row["last_name"]:
             raise ValueError(f"customer {row['id']} has no last name")
         if row["opted_out"]:

@@ -131,7 +131,7 @@ def _recorded(run: Run, result: PipelineResult) -> str:
 
 def stage_applies(conn: Connected, pipeline_run_id: str) -> list[Run]:
     """The apply runs of a pipeline run's stages, in the order they ran."""
-    out = []
+    out: list[Run] = []
     for plan_run in conn.ledger.children_of(pipeline_run_id):
         out.extend(r for r in conn.ledger.runs_of_plan(plan_run.run_id) if r.kind == "apply")
     return out

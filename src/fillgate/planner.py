@@ -79,11 +79,11 @@ def _compute_page(job: Job, rows: list[dict[str, Any]], keys: list[tuple[Any, ..
         for key in keys:
             monitor.row_timing(key, per_row)
         if len(proposals) != len(rows):
-            exc = JobError(
+            wrong = JobError(
                 f"compute_batch returned {len(proposals)} results for {len(rows)} rows; "
                 "it must return one result per row, in order."
             )
-            return [exc] * len(rows)
+            return [wrong] * len(rows)
         return proposals
     out: list[Any] = []
     compute = job.compute
@@ -195,11 +195,11 @@ class _Planner:
             return
         forms = self._storage_forms([proposal for _, _, proposal in checked])
         if self.mode == "update":
-            for (row, key, _), stored in zip(checked, forms, strict=True):
+            for (source_row, key, _), stored in zip(checked, forms, strict=True):
                 if type(stored) is list:
                     self._unstorable(key, stored)
                 else:
-                    self._diff(row, key, stored)
+                    self._diff(source_row, key, stored)
             return
         wanted: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         for (_, key, _), stored in zip(checked, forms, strict=True):

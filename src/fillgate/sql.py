@@ -346,8 +346,8 @@ def _statement(
     if op == "insert":
         return sql.insert(columns), [tuple(b(col, c.new[col]) for col in columns) for c in group]
     others = [col for col in columns if col not in sql.key]
-    exact = {col: by_collation and _text_only(c.old[col] for c in group) for col in others}
-    return sql.cas_delete(others, exact), [(*key_of(c), *(b(col, c.old[col]) for col in others)) for c in group]
+    exact_text = {col: by_collation and _text_only(c.old[col] for c in group) for col in others}
+    return sql.cas_delete(others, exact_text), [(*key_of(c), *(b(col, c.old[col]) for col in others)) for c in group]
 
 
 def apply_changes(conn: Connection, sql: TableSQL, changes: Sequence[Change]) -> BatchOutcome:

@@ -18,7 +18,7 @@ import math
 import re
 import uuid
 from collections.abc import Sequence
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring
 from typing import Any
 
 from fillgate.errors import UsageError
@@ -94,7 +94,7 @@ def _hook(obj: dict[str, Any]) -> Any:
         decoder = _DECODERS.get(tag)
         if decoder is not None:
             try:
-                return decoder(raw)
+                return decoder(raw)  # type: ignore[no-untyped-call]  # (decoders of mixed signatures)
             except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
                 raise ValueError(f"{tag} value {raw!r} is malformed ({exc!r})") from None
     return obj
@@ -131,7 +131,7 @@ def loads(text: str) -> Any:
     exact error message."""
     decoder = _decoder if '"$' in text else _plain_decoder
     try:
-        value, end = decoder.scan_once(text, 0)
+        value, end = decoder.scan_once(text, 0)  # type: ignore[attr-defined]  # set by JSONDecoder.__init__
     except (StopIteration, ValueError):
         return decoder.decode(text)
     if end != len(text) and text[end:].strip():

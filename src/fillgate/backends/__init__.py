@@ -30,9 +30,10 @@ def backend_for(thing: Any) -> Backend:
         name = thing
     else:
         dialect = getattr(thing, "dialect", thing)
-        name = getattr(dialect, "name", None)
-        if not isinstance(name, str):
+        found = getattr(dialect, "name", None)
+        if not isinstance(found, str):
             raise TypeError(f"no database dialect in {thing!r}")
+        name = found
     backend = _instances.get(name)
     if backend is None:
         cls = next((c for c in BACKENDS if name in c.dialects), None)

@@ -153,7 +153,7 @@ def utf8_error(text: str) -> str | None:
 def database_reason(exc: BaseException) -> str:
     """The database's (or the driver's) own words for why it refused a value."""
     orig = getattr(exc, "orig", None) or exc
-    args = getattr(orig, "args", ())
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
     if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):  # PyMySQL: (code, message)
         return args[1]
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
@@ -304,12 +304,13 @@ class Backend:
                 "Propose a datetime.date (value.date())."
             )
         is_datetime = isinstance(value, dt.datetime)
-        if family == "timestamp" and is_datetime and value.tzinfo is not None and self.naive_timestamps:
+        tzinfo = value.tzinfo if isinstance(value, dt.datetime) else None
+        if family == "timestamp" and is_datetime and tzinfo is not None and self.naive_timestamps:
             return Unstorable(
                 f"{ctype.describe()} has no time zone, and {value!r} is an aware datetime: the database would "
                 "silently convert it to the session's time zone. Propose a naive datetime."
             )
-        if family == "timestamptz" and is_datetime and value.tzinfo is None:
+        if family == "timestamptz" and is_datetime and tzinfo is None:
             return Unstorable(
                 f"{ctype.describe()} stores an instant, and {value!r} is a naive datetime: the database would "
                 "read it in the session's time zone. Propose an aware datetime (with tzinfo)."
@@ -386,6 +387,7 @@ def numeric_rule(ctype: ColumnType, precision: int | None, scale: int | None) ->
                 return number.quantize(one, context=decimal.Context(prec=len(digits) + exponent + 1))
             return number
         return unconstrained
+    scale = scale or 0
     quantum = one.scaleb(-scale)
     limit = decimal.Decimal(10) ** (precision - scale)
     context = decimal.Context(prec=precision + 1, rounding=decimal.ROUND_HALF_UP)

@@ -447,7 +447,8 @@ class Ledger:
         if chain is None:
             links = [(None, None)] * len(items)
         else:
-            chain, links = chain.extend(run_id, table, source, when, items)
+            chain, chained = chain.extend(run_id, table, source, when, items)
+            links = list(chained)
         columns = ("run_id", "table_name", "row_key", "column_name", "op", "old_value", "new_value", "source",
                    "changed_at", "seq", "chain_sha256")
         stamp = self.backend.ledger_time(when)

@@ -152,6 +152,9 @@ def tour(work: Path) -> dict[str, str]:
     )
     s["tour-revert-again.txt"] = shop.run(f"fillgate revert {again_run}", expect=3).transcript(exit_code=True)
     s["tour-verify.txt"] = shop.run("fillgate verify").transcript(exit_code=True)
+    s["tour-audit-rows.txt"] = shop.run(
+        "sqlite3 -header demo.db \"SELECT id, run_id, table_name, row_key, column_name, op, old_value, new_value, "
+        f"source, seq FROM fillgate_changes WHERE run_id = '{again_run}' ORDER BY id LIMIT 3\"").transcript()
     # tampering: the owner of the file drops a trigger and deletes an audit row
     tamper = ("sqlite3 demo.db \"DROP TRIGGER fillgate_changes_no_delete; "
               f"DELETE FROM fillgate_changes WHERE run_id = '{revert_run}' AND row_key = '[12]'\"")
@@ -364,7 +367,23 @@ EXAMPLES = {
 def examples(work: Path) -> dict[str, str]:
     """The four incident examples, on SQLite, whole."""
     sh = Shell(REPO)
-    return {name: sh.run(f"python examples/{folder}/demo.py").transcript() for name, folder in EXAMPLES.items()}
+    out = {name: sh.run(f"python examples/{folder}/demo.py").transcript() for name, folder in EXAMPLES.items()}
+    # the album demo in every mode of its faulty service, as a table of what each side wrote
+    wide = Shell(REPO, COLUMNS="400")
+    rows = ["| `--mode` | before.py: wrong values (albums) | fillgate: wrong values | `unexpected_index` | alerts |",
+            "| --- | --- | --- | --- | --- |"]
+    for mode in ("drop", "swap", "short", "duplicate", "ok"):
+        text = wide.run(f"python examples/album_lookup/demo.py --mode {mode}").output
+        before = re.search(r"(\d+) wrong values on (\d+) albums", text)
+        numbers = [re.search(pattern, text) for pattern in (r"wrong values written: (\d+)",
+                                                             r"unexpected_index: (\d+) rows",
+                                                             r"alerts received by the webhook: (\d+)")]
+        if not all(numbers) or (before is None and "no wrong values" not in text):
+            raise SystemExit(f"the album demo's summary changed (mode {mode}):\n{text}")
+        wrong = f"{before.group(1)} ({before.group(2)})" if before else "0"
+        rows.append(f"| `{mode}` | {wrong} | " + " | ".join(m.group(1) for m in numbers if m) + " |")
+    out["example-album-modes.md"] = "\n".join(rows)
+    return out
 
 
 SESSIONS: dict[str, Callable[[Path], dict[str, str]]] = {
@@ -402,13 +421,13 @@ def normalise(text: str, work: Path | str = WORK) -> str:
 # --------------------------------------------------------------------------------------------
 # README: its output blocks are copies of snippets
 
-README_BLOCK = re.compile(r"(<!-- snippet: (?P<name>[\w.-]+) -->\n```[a-z]*\n)(?P<body>.*?)(\n```\n<!-- /snippet -->)",
-                          re.S)
+README_BLOCK = re.compile(r"(?P<open><!-- snippet: (?P<name>[\w.-]+) -->\n```[a-z]*\n)(?P<body>(?:[^\n]*\n)*?)"
+                          r"(?P<close>```\n<!-- /snippet -->)")
 
 
 def readme_with_snippets(readme: str, snippets: dict[str, str]) -> str:
     def repl(match: re.Match[str]) -> str:
-        return match.group(1) + snippets[match.group("name")] + match.group(4)
+        return match.group("open") + snippets[match.group("name")].rstrip("\n") + "\n" + match.group("close")
 
     return README_BLOCK.sub(repl, readme)
 

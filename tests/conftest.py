@@ -91,6 +91,28 @@ class TestDB:
         return path
 
 
+# The slow tier: end-to-end tests that start processes, kill them or drive whole examples.
+SLOW_MODULES = {
+    "test_crash", "test_interrupts", "test_example_albums", "test_example_identity", "test_example_pipeline",
+    "test_example_stale", "test_docs",
+}
+DATABASE_FIXTURES = {"db", "sqlite_db"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Sort every test into a tier a newcomer can run on its own: ``unit`` (no database),
+    ``integration`` (real databases, per backend: ``-k sqlite``, ``-k postgresql``, ``-k mysql``)
+    and ``slow`` (end-to-end; the browser tests are ``e2e`` too)."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if isinstance(item, pytest.Function) else ""
+        if item.get_closest_marker("e2e") or module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        elif DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """A database URL that is set must work: fail the run rather than skip its tests."""
     for var, url in (("FILLGATE_TEST_POSTGRES_URL", PG_URL), ("FILLGATE_TEST_MYSQL_URL", MY_URL)):

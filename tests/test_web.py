@@ -5,8 +5,12 @@ recorded actions) on every backend."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,7 @@ from fillgate.ledger import Run, new_run_id, utcnow
 from fillgate.web.app import Settings, create_app
 from fillgate.web.data import Dashboard
 
-from conftest import TestDB, run_cli
+from conftest import JOBS, TestDB, run_cli
 
 SCRIPT = "<script>alert(1)</script>"
 CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
@@ -365,3 +369,144 @@ def test_resume_and_cancel_from_the_web(sqlite_db: TestDB, cli: CliRunner, jobs_
     assert cancel.status_code == 400 and "has status succeeded" in cancel.text
     actions = db.rows("SELECT action, outcome FROM fillgate_actions WHERE run_id = :r ORDER BY id", {"r": run_id})
     assert [a for a, _ in actions] == ["resume", "cancel"] and actions[1][1].startswith("refused:")
+
+
+# --- the same library calls as the CLI ---------------------------------------------------------
+
+
+ALERT = re.compile(r'<p class="refusal" role="alert">(.*?)</p>', re.S)
+
+
+@pytest.mark.parametrize("asked", [
+    {"table": "nosuch", "key": "3"},
+    {"table": "people", "key": "3", "column": "nosuch"},
+    {"table": "people", "key": "3,4"},
+    {"table": "people", "key": "[1"},
+])
+def test_history_page_says_the_cli_usage_error(world: dict[str, Any], tmp_path: Path, cli: CliRunner,
+                                              asked: dict[str, str]) -> None:
+    """A table, column or key that makes no sense gets the words of ``fillgate history`` (not
+    "no recorded changes"), above the form that still holds what was typed."""
+    client, _ = _client(world["cfg"], tmp_path)
+    page = client.get("/t/staging/history", params=asked)
+    argv = ["history", asked["table"], asked["key"], *(["--column", asked["column"]] if "column" in asked else [])]
+    said = run_cli(cli, world["cfg"], *argv, "--json")
+    assert said.exit_code == 2, said.output
+    assert page.status_code == 400, page.text
+    shown = ALERT.search(page.text)
+    assert shown, page.text
+    assert html.unescape(shown.group(1)) == json.loads(said.stdout)["error"]["message"]
+    assert "No recorded changes" not in page.text and 'class="history"' not in page.text
+    assert f'name="key" value="{html.escape(asked["key"])}"' in page.text
+
+
+def test_history_page_counts_every_change_and_shows_the_first(world: dict[str, Any], tmp_path: Path) -> None:
+    from fillgate.web import data
+
+    client, _ = _client(world["cfg"], tmp_path)
+    assert "1 change to people 3, oldest first" in client.get(
+        "/t/staging/history", params={"table": "people", "key": "3"}).text
+    db = world["db"]
+    db.execute("UPDATE people SET email = NULL WHERE id = 3")
+    reverted = client.post(f"/t/staging/runs/{world['apply']['run_id']}/revert",
+                           data={"csrf": _csrf(client, f"/t/staging/runs/{world['apply']['run_id']}/revert")})
+    assert reverted.status_code == 200  # the revert ran: person 3 was a conflict, the others went back
+    original = data.HISTORY_LIMIT
+    try:
+        data.HISTORY_LIMIT = 1
+        page = client.get("/t/staging/history", params={"table": "people", "key": "5"})
+    finally:
+        data.HISTORY_LIMIT = original
+    assert "2 changes to people 5 (the first 1 shown), oldest first" in page.text
+    assert page.text.count("<tr><td>") == 1
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_running_run_whose_process_is_gone_shows_as_interrupted_everywhere(
+    world: dict[str, Any], tmp_path: Path,
+) -> None:
+    """``runs.interrupted``: the runs list, the run's page, the targets page and the runs it
+    is related to all say interrupted, not running."""
+    db = world["db"]
+    ledger = connect(db.target()).ledger
+    apply_id = world["apply"]["run_id"]
+    gone = Run(run_id=new_run_id(), kind="revert", target="staging", environment="staging", operator="me",
+               status="running", job="x", parent_run_id=apply_id, host=socket.gethostname(), pid=_dead_pid(),
+               created_at=utcnow(), heartbeat_at=utcnow())
+    ledger.create_run(gone)
+    client, _ = _client(world["cfg"], tmp_path)
+    interrupted = f'<span class="badge s-interrupted" title="its process (pid {gone.pid} on {gone.host}) is gone">'
+    for url in ("/", "/t/staging/runs", f"/t/staging/runs/{gone.run_id}", f"/t/staging/runs/{apply_id}"):
+        page = client.get(url)
+        assert page.status_code == 200, url
+        assert interrupted in page.text, url
+        assert 'class="badge s-running"' not in page.text, url
+
+
+JOBS_PIPELINE = JOBS + '''
+
+from fillgate import Pipeline
+
+
+class EmailThenKind(Pipeline):
+    stages = [FillEmail, FillKind]
+'''
+
+
+def test_a_pipeline_run_is_reverted_stage_by_stage_last_first(sqlite_db: TestDB, cli: CliRunner,
+                                                              tmp_path: Path) -> None:
+    """``commands.revert`` from the web: one revert run per stage the pipeline applied, last
+    stage first, in the server; the page shows one preview per stage first."""
+    db = sqlite_db
+    db.create_people(12)
+    spec = db.tmp_path / "pipe.py"
+    spec.write_text(JOBS_PIPELINE)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    before = db.rows("SELECT id, email, kind FROM people ORDER BY id")
+    ran = run_cli(cli, cfg, "run", f"{spec}:EmailThenKind", "--json")
+    assert ran.exit_code == 0, ran.output
+    pipeline_id = json.loads(ran.stdout)["run_id"]
+    applies = [s["apply"]["run_id"] for s in json.loads(ran.stdout)["stages"]]
+    assert len(applies) == 2 and db.rows("SELECT id, email, kind FROM people ORDER BY id") != before
+
+    client, board = _client(cfg, tmp_path)
+    assert "Revert…" in client.get(f"/t/staging/runs/{pipeline_id}").text
+    url = f"/t/staging/runs/{pipeline_id}/revert"
+    preview = client.get(url)
+    assert preview.status_code == 200, preview.text
+    assert preview.text.index(applies[1]) < preview.text.index(applies[0])  # last stage first
+    assert "6</strong> of 6 fields would be restored" in preview.text  # FillEmail: the odd half had no email
+    assert "12</strong> of 12 fields would be restored" in preview.text  # FillKind: every kind
+    done = client.post(url, data={"csrf": CSRF.search(preview.text).group(1)},  # type: ignore[union-attr]
+                       follow_redirects=False)
+    assert done.status_code == 303, done.text
+    board.runner.join()
+    reverts = db.rows("SELECT run_id, parent_run_id, status FROM fillgate_runs WHERE kind = 'revert' ORDER BY run_id")
+    assert [(parent, status) for _, parent, status in reverts] == [(a, "succeeded") for a in reversed(applies)]
+    assert done.headers["location"] == f"/t/staging/runs/{reverts[0][0]}?done=reverting-stages"
+    assert db.rows("SELECT id, email, kind FROM people ORDER BY id") == before
+    actions = db.rows("SELECT action, outcome FROM fillgate_actions WHERE run_id = :r", {"r": pipeline_id})
+    assert actions == [("revert", f"started in the dashboard's server as run {reverts[0][0]}")]
+    shown = client.get(done.headers["location"])
+    assert "The revert of the pipeline&#39;s last applied stage started" in shown.text
+
+
+def test_plan_page_refuses_a_long_key_unless_it_is_json(world: dict[str, Any], tmp_path: Path) -> None:
+    """Each numeric part of a typed key doubles the encodings looked up: past 12 parts the key
+    must be a JSON list (as for ``fillgate history``), so no request can make the server
+    build millions of them."""
+    client, board = _client(world["cfg"], tmp_path)
+    run_id = world["kinds"]["run_id"]
+    client.get(f"/t/staging/plans/{run_id}")
+    board.plans.wait()
+    long_key = ",".join(str(i) for i in range(1, 31))
+    refused = client.get(f"/t/staging/plans/{run_id}", params={"key": long_key})
+    assert refused.status_code == 400 and "as a JSON list" in refused.text
+    as_json = client.get(f"/t/staging/plans/{run_id}", params={"key": json.dumps(list(range(1, 31)))})
+    assert as_json.status_code == 200 and "about key" in as_json.text

@@ -189,7 +189,7 @@ class Web:
         try:
             return await run_in_threadpool(work)
         except FillgateError as exc:
-            return self.error_page(request, str(exc), _status_of(exc))
+            return self.error_page(request, data.describe_error(exc), _status_of(exc))
         except SQLAlchemyError as exc:
             return self.error_page(request, data.describe_error(exc), 503)
 
@@ -289,7 +289,7 @@ class Web:
         except FillgateError as exc:
             if isinstance(exc, data.WebError) or exc.exit_code == EXIT_REFUSED:
                 raise  # about the target itself: an error page
-            return self._history_page(request, table, key, column, problem=str(exc))
+            return self._history_page(request, table, key, column, problem=data.describe_error(exc))
         return self._history_page(request, table, key, column, entries, total)
 
     def _history_page(self, request: Request, table: str | None, key: str | None, column: str | None,
@@ -336,7 +336,7 @@ class Web:
         except FillgateError as exc:
             if exc.exit_code != EXIT_REFUSED or isinstance(exc, data.WebError):
                 raise
-            return self.revert_page(request, refusal=str(exc))
+            return self.revert_page(request, refusal=data.describe_error(exc))
         pipeline = self.board.run(name, run_id).kind == RunKind.PIPELINE
         done = REVERTING_STAGES if pipeline else "reverting"
         return RedirectResponse(f"/t/{name}/runs/{started}?done={done}", status_code=303)

@@ -40,6 +40,7 @@ from fillgate.limits import Limits
 from fillgate.monitor import Monitor
 from fillgate.pipeline_run import stage_applies
 from fillgate.plan import verify_plan
+from fillgate.redact import mask_secrets
 from fillgate.revert import RevertPreview, preview_revert
 from fillgate.runs import RunKind, RunStatus, interrupted
 from fillgate.stamp import Connected, connect
@@ -69,12 +70,12 @@ class WebError(FillgateError):
 
 
 def describe_error(exc: BaseException) -> str:
-    """A one-paragraph message for a library or database error."""
+    """A one-paragraph message for a library or database error, its passwords masked."""
     if isinstance(exc, FillgateError):
-        return str(exc)
+        return mask_secrets(str(exc))
     if isinstance(exc, SQLAlchemyError):
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        return f"database error: {reason}"
+        return mask_secrets(f"database error: {reason}")
     return f"unexpected {type(exc).__name__}; see the server's log."
 
 
@@ -171,11 +172,11 @@ class Dashboard:
         try:
             conn = connect(target)
         except StampMismatchError as exc:
-            view.state, view.message = "refused", str(exc)
+            view.state, view.message = "refused", describe_error(exc)
             view.stamp = _stamp_of(target)
             return view
         except NotInitializedError as exc:
-            view.state, view.message = "uninitialised", str(exc)
+            view.state, view.message = "uninitialised", describe_error(exc)
             return view
         except (FillgateError, SQLAlchemyError) as exc:
             view.state, view.message = "unreachable", describe_error(exc)

@@ -403,14 +403,15 @@ def test_history_page_says_the_cli_usage_error(world: dict[str, Any], tmp_path: 
 def test_history_page_counts_every_change_and_shows_the_first(world: dict[str, Any], tmp_path: Path) -> None:
     from fillgate.web import data
 
-    client, _ = _client(world["cfg"], tmp_path)
+    client, board = _client(world["cfg"], tmp_path)
     assert "1 change to people 3, oldest first" in client.get(
         "/t/staging/history", params={"table": "people", "key": "3"}).text
     db = world["db"]
     db.execute("UPDATE people SET email = NULL WHERE id = 3")
-    reverted = client.post(f"/t/staging/runs/{world['apply']['run_id']}/revert",
-                           data={"csrf": _csrf(client, f"/t/staging/runs/{world['apply']['run_id']}/revert")})
-    assert reverted.status_code == 200  # the revert ran: person 3 was a conflict, the others went back
+    revert = f"/t/staging/runs/{world['apply']['run_id']}/revert"
+    assert client.post(revert, data={"csrf": _csrf(client, revert)}, follow_redirects=False).status_code == 303
+    board.runner.join()  # person 3 was a conflict, the others went back
+    assert db.scalar("SELECT count(*) FROM people WHERE email IS NULL") == 10
     original = data.HISTORY_LIMIT
     try:
         data.HISTORY_LIMIT = 1
@@ -510,3 +511,27 @@ def test_plan_page_refuses_a_long_key_unless_it_is_json(world: dict[str, Any], t
     assert refused.status_code == 400 and "as a JSON list" in refused.text
     as_json = client.get(f"/t/staging/plans/{run_id}", params={"key": json.dumps(list(range(1, 31)))})
     assert as_json.status_code == 200 and "about key" in as_json.text
+
+
+def test_a_stopping_server_pauses_the_runs_it_started(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
+    """``Runner.stop_all`` (the server's shutdown): a run it started pauses after its current
+    batch, resumable, and the stop request does not outlive the shutdown."""
+    from fillgate import interrupts
+    from fillgate.web.data import Runner
+
+    db = sqlite_db
+    db.create_people(20, with_email_every=100)
+    assert run_cli(cli, db.config(), "init").exit_code == 0
+    conn = connect(db.target())
+    planned = make_plan(conn, load_job(f"{jobs_file}:FillEmail"), out=db.tmp_path / "p.plan")
+    runner = Runner()
+    started: list[str] = []
+    run_id = runner.start(conn, lambda monitor: apply_plan(conn, planned.path, Limits(batch_size=1, pause_ms=500),
+                                                           monitor), "me", started.append, pytest.fail)
+    assert started == [run_id] and runner.active() == [run_id]
+    runner.stop_all()
+    assert runner.active() == [] and interrupts.stop_requested() is None
+    status, checkpoint, message = db.rows(
+        "SELECT status, checkpoint, message FROM fillgate_runs WHERE run_id = :r", {"r": run_id})[0]
+    assert status == "paused" and 0 < checkpoint < 20 and "the dashboard's server is stopping" in message
+    assert db.scalar("SELECT count(*) FROM fillgate_changes WHERE run_id = :r", {"r": run_id}) == checkpoint

@@ -14,7 +14,6 @@ each action is recorded in the ledger with the operator who asked.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import decimal
@@ -35,6 +34,8 @@ from fillgate.config import Config, Target, load_config
 from fillgate.control import control_run, resume_run
 from fillgate.errors import FillgateError, NotInitializedError, StampMismatchError, UsageError
 from fillgate.history import MAX_TEXT_KEY_PARTS, row_history
+from fillgate.interrupts import clear as clear_stop
+from fillgate.interrupts import request_stop
 from fillgate.ledger import Ledger, Run, acting_as, operator_name
 from fillgate.limits import Limits
 from fillgate.monitor import Monitor
@@ -298,18 +299,27 @@ class Dashboard:
 
     def _start(self, conn: Connected, run_id: str, action: str, operator: str,
                work: Callable[[Monitor], object]) -> str:
-        def stopped(exc: BaseException) -> None:  # after the first run started: on its page, and here
-            conn.ledger.record_action(run_id, action, operator, f"stopped: {describe_error(exc)}")
+        """``work`` in a thread of the server, the action recorded on ``run_id``: refused, or
+        started (recorded by the run's own thread before its first batch: on SQLite, a write
+        from this thread while the run writes could make the run's batch fail with "database is
+        locked"), and, if it stops with an error later, stopped."""
+
+        def record(outcome: str) -> None:
+            try:
+                conn.ledger.record_action(run_id, action, operator, outcome)
+            except (FillgateError, SQLAlchemyError) as exc:  # never stops the run
+                log.warning("could not record %s of run %s (%s): %s", action, run_id, outcome, describe_error(exc))
+
+        def started(first: str) -> None:
+            record(f"started in the dashboard's server as run {first}" if first != run_id
+                   else "continued in the dashboard's server")
 
         try:
-            started = self.runner.start(conn, work, operator, stopped)
+            return self.runner.start(conn, work, operator, started,
+                                     lambda exc: record(f"stopped: {describe_error(exc)}"))
         except FillgateError as exc:
             conn.ledger.record_action(run_id, action, operator, f"refused: {exc}")
             raise
-        outcome = f"started in the dashboard's server as run {started}" if started != run_id else \
-            "continued in the dashboard's server"
-        conn.ledger.record_action(run_id, action, operator, outcome)
-        return started
 
     # --- plans ------------------------------------------------------------------------------
 
@@ -471,7 +481,8 @@ class _Work:
     """One thread of the :class:`Runner` and the runs it started, in order (the last is current)."""
 
     conn: Connected
-    stopped: Callable[[BaseException], None] | None
+    on_started: Callable[[str], None]
+    on_stopped: Callable[[BaseException], None]
     started: threading.Event = field(default_factory=threading.Event)
     runs: list[str] = field(default_factory=list)
     error: BaseException | None = None
@@ -485,20 +496,20 @@ class Runner:
     ``start`` returns once the first run has started (its run id) or raised the library's
     refusal (stamp, protected environment, lock held, nothing to resume ...), so the page says
     which. When the server stops, ``stop_all`` asks every such run to pause after its current
-    batch (and any run that starts after that, after its first) and waits for it: ``fillgate
-    resume RUN`` continues it. A server killed outright leaves its runs as interrupted (their
+    batch (a pipeline's next stage, after its first) and waits for it: ``fillgate resume RUN``
+    continues it. A server killed outright leaves its runs as interrupted (their
     process is gone), resumable the same way."""
 
     def __init__(self) -> None:
         self._works: list[_Work] = []
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
 
     def start(self, conn: Connected, work: Callable[[Monitor], object], operator: str,
-              stopped: Callable[[BaseException], None] | None = None) -> str:
-        """Run ``work`` in a thread of its own; ``stopped`` hears of an error raised after the
-        first run started (the run itself records it)."""
-        job = _Work(conn, stopped)
+              on_started: Callable[[str], None], on_stopped: Callable[[BaseException], None]) -> str:
+        """Run ``work`` in a thread of its own. In that thread, ``on_started`` hears of the
+        first run it starts (before that run's first batch) and ``on_stopped`` of an error
+        raised after that (the run itself records it)."""
+        job = _Work(conn, on_started, on_stopped)
         job.thread = threading.Thread(target=self._body, args=(job, work, operator), name="fillgate-web-run",
                                       daemon=True)
         job.thread.start()
@@ -518,20 +529,19 @@ class Runner:
                     job.error = exc
                 else:
                     log.warning("run %s, started from the dashboard, stopped: %s", job.runs[-1], describe_error(exc))
-                    if job.stopped is not None:
-                        with contextlib.suppress(FillgateError, SQLAlchemyError):
-                            job.stopped(exc)
+                    job.on_stopped(exc)
             finally:
                 job.started.set()
 
     def _started(self, job: _Work, run_id: str) -> None:
         with self._lock:
-            if not job.runs:
+            first = not job.runs
+            if first:
                 self._works.append(job)
             job.runs.append(run_id)
-        job.started.set()
-        if self._stopping.is_set():
-            _pause(job.conn, run_id)
+        if first:
+            job.on_started(run_id)
+            job.started.set()
 
     def _alive(self) -> list[_Work]:
         with self._lock:
@@ -549,18 +559,19 @@ class Runner:
         return [job.runs[-1] for job in self._alive()]
 
     def stop_all(self, timeout: float | None = 60.0) -> None:
-        self._stopping.set()
+        """Ask every run started here to pause after its current batch, and wait for them.
+        The request is ``request_stop`` (as a SIGTERM would be), not a write to the ledger
+        from this thread: on SQLite that write could make a run's batch fail with "database
+        is locked"."""
         alive = self._alive()
-        for job in alive:
-            _pause(job.conn, job.runs[-1])
-        for job in alive:
-            job.thread.join(timeout)
-
-
-def _pause(conn: Connected, run_id: str) -> None:
-    """Ask a run to pause after its current batch (nothing, if it finished meanwhile)."""
-    with contextlib.suppress(FillgateError, SQLAlchemyError):
-        control_run(conn, run_id, "pause")
+        if not alive:
+            return
+        request_stop("the dashboard's server is stopping")
+        try:
+            for job in alive:
+                job.thread.join(timeout)
+        finally:
+            clear_stop()
 
 
 def plan_line(number: int, raw: bytes) -> dict[str, Any]:

@@ -535,3 +535,44 @@ def test_a_stopping_server_pauses_the_runs_it_started(sqlite_db: TestDB, cli: Cl
         "SELECT status, checkpoint, message FROM fillgate_runs WHERE run_id = :r", {"r": run_id})[0]
     assert status == "paused" and 0 < checkpoint < 20 and "the dashboard's server is stopping" in message
     assert db.scalar("SELECT count(*) FROM fillgate_changes WHERE run_id = :r", {"r": run_id}) == checkpoint
+
+
+def test_the_request_that_starts_a_revert_does_not_race_its_first_batch(world: dict[str, Any],
+                                                                         tmp_path: Path) -> None:
+    """On SQLite a write from another connection between a batch's first read and its first
+    write fails that batch at once ("database is locked"). The revert's first batch is held
+    in that window here (for one second, as the request that started it returns): nothing of
+    the request writes then, and the revert succeeds."""
+    import sqlite3
+    import threading
+    import time
+
+    from sqlalchemy import event
+
+    db = world["db"]
+    client, board = _client(world["cfg"], tmp_path)
+    held: list[str] = []
+
+    def hold_the_first_update(dbapi_conn: Any, _record: Any) -> None:
+        def authorize(action: int, table: str | None, *_: Any) -> int:
+            if (action == sqlite3.SQLITE_UPDATE and table == "people" and not held
+                    and threading.current_thread().name == "fillgate-web-run"):
+                held.append(table)
+                time.sleep(1)
+            return sqlite3.SQLITE_OK
+        dbapi_conn.set_authorizer(authorize)
+
+    engine = board.connect("staging").engine
+    event.listen(engine, "connect", hold_the_first_update)
+    engine.dispose()
+    revert = f"/t/staging/runs/{world['apply']['run_id']}/revert"
+    done = client.post(revert, data={"csrf": _csrf(client, revert)}, follow_redirects=False)
+    assert done.status_code == 303, done.text
+    board.runner.join()
+    revert_id = done.headers["location"].split("/runs/")[1].split("?")[0]
+    assert held == ["people"]
+    assert db.rows("SELECT status, message FROM fillgate_runs WHERE run_id = :r", {"r": revert_id}) == [
+        ("succeeded", None)]
+    assert db.scalar("SELECT count(*) FROM people WHERE email IS NOT NULL") == 10
+    actions = db.rows("SELECT action, outcome FROM fillgate_actions WHERE run_id = :r", {"r": world["apply"]["run_id"]})
+    assert actions == [("revert", f"started in the dashboard's server as run {revert_id}")]

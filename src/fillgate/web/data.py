@@ -160,7 +160,7 @@ class Dashboard:
         try:
             return connect(target)
         except StampMismatchError as exc:
-            raise WebError(f"refused: {exc}", 409) from None
+            raise WebError(f"refused: {describe_error(exc)}", 409) from None
         except (FillgateError, SQLAlchemyError) as exc:
             raise WebError(describe_error(exc), 503) from None
 

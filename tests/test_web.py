@@ -151,6 +151,8 @@ def test_actions_need_csrf_and_read_only_refuses(world: dict[str, Any], tmp_path
     assert no_token.status_code == 403 and "CSRF" in no_token.text
     wrong = client.post(page, data={"csrf": "0" * 64})
     assert wrong.status_code == 403
+    not_ascii = client.post(page, data={"csrf": "\N{LATIN SMALL LETTER E WITH ACUTE}" * 64})
+    assert not_ascii.status_code == 403 and "CSRF" in not_ascii.text
     assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'revert'") == 0
     assert db.scalar("SELECT count(*) FROM people WHERE email IS NOT NULL") == 20
 

@@ -206,7 +206,7 @@ class Web:
                                        "nothing was done.", 403)
             form = await request.form()
             sent = _form_text(form, "csrf") or request.headers.get("x-csrf-token") or ""
-            if not hmac.compare_digest(sent, self.csrf_for(_session(request))):
+            if not hmac.compare_digest(sent.encode(), self.csrf_for(_session(request)).encode()):
                 return self.error_page(request, "refused: this form was not sent from a page of this dashboard "
                                        "(its CSRF token is missing or wrong); nothing was done. Reload the page "
                                        "and try again.", 403)

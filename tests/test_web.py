@@ -578,3 +578,34 @@ def test_the_request_that_starts_a_revert_does_not_race_its_first_batch(world: d
     assert db.scalar("SELECT count(*) FROM people WHERE email IS NOT NULL") == 10
     actions = db.rows("SELECT action, outcome FROM fillgate_actions WHERE run_id = :r", {"r": world["apply"]["run_id"]})
     assert actions == [("revert", f"started in the dashboard's server as run {revert_id}")]
+
+
+def test_no_query_makes_a_page_fail(world: dict[str, Any], tmp_path: Path) -> None:
+    """Whatever is typed into a page's address (page numbers, filters, keys, tables), the
+    answer is the page or a page that says what was wrong: never a server error."""
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+
+    client, board = _client(world["cfg"], tmp_path)
+    plan_url = f"/t/staging/plans/{world['kinds']['run_id']}"
+    client.get(plan_url)
+    board.plans.wait()
+    typed = st.one_of(st.text(max_size=40), st.integers().map(str), st.sampled_from(
+        ["", "0", "-1", "1e3", "9" * 30, "[1]", "[", "[[]]", '["a", 1]', "people", "email", "apply", "change"]))
+    pages = {"/t/staging/runs": ("page", "kind", "status", "job"), "/t/staging/history": ("table", "key", "column"),
+             plan_url: ("page", "kind", "column", "key")}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(url=st.sampled_from(sorted(pages)), values=st.lists(typed, min_size=4, max_size=4))
+    @example(url="/t/staging/runs", values=["9" * 30, "", "", ""])  # past the database's integers
+    @example(url=plan_url, values=["9" * 30, "", "", ""])
+    @example(url="/t/staging/history", values=["\x00", "1", "\x00", ""])
+    def check(url: str, values: list[str]) -> None:
+        params = {name: value for name, value in zip(pages[url], values, strict=False) if value}
+        if url.endswith("/history"):
+            params.setdefault("table", "people")
+        page = client.get(url, params=params)
+        assert page.status_code in (200, 400), (url, params, page.text)
+        assert "Traceback" not in page.text
+
+    check()

@@ -58,6 +58,7 @@ TOKEN_COOKIE = "fillgate_token"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+MAX_PAGE = 10**9  # past any list's end (and inside every database's integers)
 REVERTING_STAGES = "reverting-stages"
 MESSAGES: dict[str, str] = {
     "pause": "Pause requested: the run pauses after its current batch.",
@@ -138,9 +139,12 @@ def _param(request: Request, name: str) -> str | None:
 
 def _page_number(request: Request) -> int:
     try:
-        return max(int(request.query_params.get("page", "1")), 1)
+        page = max(int(request.query_params.get("page", "1")), 1)
     except ValueError:
         raise data.WebError("the page number must be a whole number.") from None
+    if page > MAX_PAGE:
+        raise data.WebError(f"there is no page {page:,}: the page number goes up to {MAX_PAGE:,}.")
+    return page
 
 
 def _form_text(form: FormData, name: str) -> str | None:

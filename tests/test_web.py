@@ -46,11 +46,9 @@ def _csrf(client: TestClient, url: str) -> str:
     return found.group(1)
 
 
-@pytest.fixture
-def world(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path) -> dict[str, Any]:
+def _world(db: TestDB, cli: CliRunner, jobs_file: Path) -> dict[str, Any]:
     """20 people (odd ones without email, one named <script>), an applied FillEmail plan, and
     a FillKind plan saved to a file with two disagreements."""
-    db = sqlite_db
     db.create_people(20)
     db.execute("UPDATE people SET name = :n WHERE id = 3", {"n": SCRIPT})
     db.execute("UPDATE people SET kind = 'weird' WHERE id IN (4, 7)")
@@ -62,6 +60,18 @@ def world(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path) -> dict[str, Any]:
     kinds = run_cli(cli, cfg, "plan", f"{jobs_file}:FillKind", "-o", "kind.plan", "--json")
     return {"db": db, "cfg": cfg, "plan": json.loads(planned.stdout), "apply": json.loads(applied.stdout),
             "kinds": json.loads(kinds.stdout)}
+
+
+@pytest.fixture
+def world(db: TestDB, cli: CliRunner, jobs_file: Path) -> dict[str, Any]:
+    """The world on every backend: for pages and actions that read or write the database."""
+    return _world(db, cli, jobs_file)
+
+
+@pytest.fixture
+def sqlite_world(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path) -> dict[str, Any]:
+    """The world on SQLite: for what does not depend on the backend (tokens, CSRF, plan files)."""
+    return _world(sqlite_db, cli, jobs_file)
 
 
 def test_pages_show_runs_with_full_ids_and_escape_values(world: dict[str, Any], tmp_path: Path) -> None:
@@ -89,9 +99,9 @@ def test_pages_show_runs_with_full_ids_and_escape_values(world: dict[str, Any], 
     assert f"Applied by run <a class=\"id\" href=\"/t/staging/runs/{apply_id}\">{apply_id}</a>" in plan.text
 
 
-def test_plan_review_filters_pages_and_finds_keys(world: dict[str, Any], tmp_path: Path) -> None:
-    client, board = _client(world["cfg"], tmp_path)
-    run_id = world["kinds"]["run_id"]
+def test_plan_review_filters_pages_and_finds_keys(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
+    client, board = _client(sqlite_world["cfg"], tmp_path)
+    run_id = sqlite_world["kinds"]["run_id"]
     assert "Checking the plan file" in client.get(f"/t/staging/plans/{run_id}").text
     board.plans.wait()
     page = client.get(f"/t/staging/plans/{run_id}", params={"kind": "disagreement"})
@@ -108,9 +118,9 @@ def test_plan_review_filters_pages_and_finds_keys(world: dict[str, Any], tmp_pat
     assert "page 2 of 1" not in second.text and "<tr class=\"k-" not in second.text  # past the end: empty
 
 
-def test_a_damaged_plan_file_is_refused(world: dict[str, Any], tmp_path: Path) -> None:
-    client, board = _client(world["cfg"], tmp_path)
-    path = world["db"].tmp_path / "kind.plan"
+def test_a_damaged_plan_file_is_refused(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
+    client, board = _client(sqlite_world["cfg"], tmp_path)
+    path = sqlite_world["db"].tmp_path / "kind.plan"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-1]))  # truncated
     client.get("/plan", params={"path": str(path)})
@@ -122,8 +132,8 @@ def test_a_damaged_plan_file_is_refused(world: dict[str, Any], tmp_path: Path) -
     assert missing.status_code == 409 and "cannot read plan file" in missing.text
 
 
-def test_token_required_off_loopback(world: dict[str, Any], tmp_path: Path) -> None:
-    client, _ = _client(world["cfg"], tmp_path, token="s3cret-token", loopback=False)
+def test_token_required_off_loopback(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
+    client, _ = _client(sqlite_world["cfg"], tmp_path, token="s3cret-token", loopback=False)
     for url in ("/", "/t/staging/runs", "/metrics"):
         denied = client.get(url)
         assert denied.status_code == 401, url
@@ -136,16 +146,16 @@ def test_token_required_off_loopback(world: dict[str, Any], tmp_path: Path) -> N
     assert client.get("/t/staging/runs").status_code == 200
 
 
-def test_foreign_host_refused_on_loopback(world: dict[str, Any], tmp_path: Path) -> None:
-    client, _ = _client(world["cfg"], tmp_path)
+def test_foreign_host_refused_on_loopback(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
+    client, _ = _client(sqlite_world["cfg"], tmp_path)
     assert client.get("/", headers={"Host": "evil.example"}).status_code == 400
     assert client.get("/", headers={"Host": "localhost:8642"}).status_code == 200
 
 
-def test_actions_need_csrf_and_read_only_refuses(world: dict[str, Any], tmp_path: Path) -> None:
-    db = world["db"]
-    apply_id = world["apply"]["run_id"]
-    client, _ = _client(world["cfg"], tmp_path)
+def test_actions_need_csrf_and_read_only_refuses(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
+    db = sqlite_world["db"]
+    apply_id = sqlite_world["apply"]["run_id"]
+    client, _ = _client(sqlite_world["cfg"], tmp_path)
     page = f"/t/staging/runs/{apply_id}/revert"
     no_token = client.post(page, data={})
     assert no_token.status_code == 403 and "CSRF" in no_token.text
@@ -156,7 +166,7 @@ def test_actions_need_csrf_and_read_only_refuses(world: dict[str, Any], tmp_path
     assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'revert'") == 0
     assert db.scalar("SELECT count(*) FROM people WHERE email IS NOT NULL") == 20
 
-    ro, _ = _client(world["cfg"], tmp_path, read_only=True)
+    ro, _ = _client(sqlite_world["cfg"], tmp_path, read_only=True)
     run_page = ro.get(f"/t/staging/runs/{apply_id}")
     assert run_page.status_code == 200 and "Revert…" not in run_page.text and 'name="csrf"' not in run_page.text
     token = CSRF.search(client.get(page).text).group(1)  # type: ignore[union-attr]
@@ -166,9 +176,8 @@ def test_actions_need_csrf_and_read_only_refuses(world: dict[str, Any], tmp_path
 
 
 def test_revert_on_a_protected_target_needs_the_environment_name(
-    sqlite_db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path,
+    db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path,
 ) -> None:
-    db = sqlite_db
     db.create_people(10)
     cfg = db.config({"live": {"environment": "live", "protected": True, "max_changes": 100}})
     assert run_cli(cli, cfg, "init", "--confirm", "live").exit_code == 0
@@ -336,11 +345,10 @@ def test_serve_off_loopback_needs_a_token(sqlite_db: TestDB, cli: CliRunner, tmp
     assert result.exit_code == 2 and "is empty" in result.stderr
 
 
-def test_resume_and_cancel_from_the_web(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path) -> None:
+def test_resume_and_cancel_from_the_web(db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path) -> None:
     from fillgate import control_run
     from fillgate.monitor import Monitor
 
-    db = sqlite_db
     db.create_people(20, with_email_every=100)
     cfg = db.config()
     assert run_cli(cli, cfg, "init").exit_code == 0
@@ -461,11 +469,10 @@ class EmailThenKind(Pipeline):
 '''
 
 
-def test_a_pipeline_run_is_reverted_stage_by_stage_last_first(sqlite_db: TestDB, cli: CliRunner,
+def test_a_pipeline_run_is_reverted_stage_by_stage_last_first(db: TestDB, cli: CliRunner,
                                                               tmp_path: Path) -> None:
     """``commands.revert`` from the web: one revert run per stage the pipeline applied, last
     stage first, in the server; the page shows one preview per stage first."""
-    db = sqlite_db
     db.create_people(12)
     spec = db.tmp_path / "pipe.py"
     spec.write_text(JOBS_PIPELINE)
@@ -500,12 +507,12 @@ def test_a_pipeline_run_is_reverted_stage_by_stage_last_first(sqlite_db: TestDB,
     assert "The revert of the pipeline&#39;s last applied stage started" in shown.text
 
 
-def test_plan_page_refuses_a_long_key_unless_it_is_json(world: dict[str, Any], tmp_path: Path) -> None:
+def test_plan_page_refuses_a_long_key_unless_it_is_json(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
     """Each numeric part of a typed key doubles the encodings looked up: past 12 parts the key
     must be a JSON list (as for ``fillgate history``), so no request can make the server
     build millions of them."""
-    client, board = _client(world["cfg"], tmp_path)
-    run_id = world["kinds"]["run_id"]
+    client, board = _client(sqlite_world["cfg"], tmp_path)
+    run_id = sqlite_world["kinds"]["run_id"]
     client.get(f"/t/staging/plans/{run_id}")
     board.plans.wait()
     long_key = ",".join(str(i) for i in range(1, 31))
@@ -515,13 +522,12 @@ def test_plan_page_refuses_a_long_key_unless_it_is_json(world: dict[str, Any], t
     assert as_json.status_code == 200 and "about key" in as_json.text
 
 
-def test_a_stopping_server_pauses_the_runs_it_started(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
+def test_a_stopping_server_pauses_the_runs_it_started(db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
     """``Runner.stop_all`` (the server's shutdown): a run it started pauses after its current
     batch, resumable, and the stop request does not outlive the shutdown."""
     from fillgate import interrupts
     from fillgate.web.data import Runner
 
-    db = sqlite_db
     db.create_people(20, with_email_every=100)
     assert run_cli(cli, db.config(), "init").exit_code == 0
     conn = connect(db.target())
@@ -539,7 +545,7 @@ def test_a_stopping_server_pauses_the_runs_it_started(sqlite_db: TestDB, cli: Cl
     assert db.scalar("SELECT count(*) FROM fillgate_changes WHERE run_id = :r", {"r": run_id}) == checkpoint
 
 
-def test_the_request_that_starts_a_revert_does_not_race_its_first_batch(world: dict[str, Any],
+def test_the_request_that_starts_a_revert_does_not_race_its_first_batch(sqlite_world: dict[str, Any],
                                                                          tmp_path: Path) -> None:
     """On SQLite a write from another connection between a batch's first read and its first
     write fails that batch at once ("database is locked"). The revert's first batch is held
@@ -551,8 +557,8 @@ def test_the_request_that_starts_a_revert_does_not_race_its_first_batch(world: d
 
     from sqlalchemy import event
 
-    db = world["db"]
-    client, board = _client(world["cfg"], tmp_path)
+    db = sqlite_world["db"]
+    client, board = _client(sqlite_world["cfg"], tmp_path)
     held: list[str] = []
 
     def hold_the_first_update(dbapi_conn: Any, _record: Any) -> None:
@@ -567,7 +573,7 @@ def test_the_request_that_starts_a_revert_does_not_race_its_first_batch(world: d
     engine = board.connect("staging").engine
     event.listen(engine, "connect", hold_the_first_update)
     engine.dispose()
-    revert = f"/t/staging/runs/{world['apply']['run_id']}/revert"
+    revert = f"/t/staging/runs/{sqlite_world['apply']['run_id']}/revert"
     done = client.post(revert, data={"csrf": _csrf(client, revert)}, follow_redirects=False)
     assert done.status_code == 303, done.text
     board.runner.join()
@@ -576,18 +582,19 @@ def test_the_request_that_starts_a_revert_does_not_race_its_first_batch(world: d
     assert db.rows("SELECT status, message FROM fillgate_runs WHERE run_id = :r", {"r": revert_id}) == [
         ("succeeded", None)]
     assert db.scalar("SELECT count(*) FROM people WHERE email IS NOT NULL") == 10
-    actions = db.rows("SELECT action, outcome FROM fillgate_actions WHERE run_id = :r", {"r": world["apply"]["run_id"]})
+    actions = db.rows("SELECT action, outcome FROM fillgate_actions WHERE run_id = :r",
+                      {"r": sqlite_world["apply"]["run_id"]})
     assert actions == [("revert", f"started in the dashboard's server as run {revert_id}")]
 
 
-def test_no_query_makes_a_page_fail(world: dict[str, Any], tmp_path: Path) -> None:
+def test_no_query_makes_a_page_fail(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
     """Whatever is typed into a page's address (page numbers, filters, keys, tables), the
     answer is the page or a page that says what was wrong: never a server error."""
     from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
-    client, board = _client(world["cfg"], tmp_path)
-    plan_url = f"/t/staging/plans/{world['kinds']['run_id']}"
+    client, board = _client(sqlite_world["cfg"], tmp_path)
+    plan_url = f"/t/staging/plans/{sqlite_world['kinds']['run_id']}"
     client.get(plan_url)
     board.plans.wait()
     typed = st.one_of(st.text(max_size=40), st.integers().map(str), st.sampled_from(

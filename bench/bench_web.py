@@ -123,9 +123,9 @@ def write_plan(path: Path, lines: int) -> None:
             writer.disagreement((i,), "email", f"old{i}@x.org", f"user{i}@example.com")
         else:
             writer.change((i,), "email", None, f"user{i}@example.com")
-    header = PlanHeader(plan_id=new_run_id(), job="bench", job_fingerprint="", table=TABLE, key=["id"],
+    header = PlanHeader(plan_id=new_run_id(), job="bench", job_fingerprint="bench", table=TABLE, key=["id"],
                         columns={"email": {"policy": "fill_missing"}}, target="bench", environment="bench",
-                        database_id="", dialect="sqlite", created_at=dt.datetime.now(dt.UTC).isoformat(),
+                        database_id="bench", dialect="sqlite", created_at=dt.datetime.now(dt.UTC).isoformat(),
                         operator="bench")
     writer.finish(header, path)
 

@@ -1,6 +1,9 @@
 """The dashboard's web application (Starlette, Jinja2 templates, htmx).
 
-Pages read the ledger through :mod:`fillgate.web.data` only. Safety, in one place:
+:class:`Web` is one server: its settings, the adapter over the library
+(:class:`fillgate.web.data.Dashboard`, the only way pages reach a ledger), the templates and
+the CSRF secret, with one method per page or action and the table of routes
+(:meth:`Web.routes`). :class:`Guard` checks every request first. Safety, in one place:
 
 - a token, when the server has one (required off loopback): a cookie set by ``/login`` or
   ``?token=``, or ``Authorization: Bearer``; anything else gets 401;
@@ -27,6 +30,7 @@ from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
@@ -35,12 +39,16 @@ from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp
 
+from fillgate.errors import EXIT_REFUSED, FillgateError, RunNotFoundError
+from fillgate.ledger import Run
+from fillgate.runs import WRITING_KINDS, RunKind, RunStatus, interrupted, shown_status
 from fillgate.web import data
 from fillgate.web.metrics import render_metrics
-from fillgate.web.planindex import KINDS, PAGE
+from fillgate.web.planindex import KINDS, PAGE, PlanStatus
 
 HERE = Path(__file__).parent
 log = logging.getLogger("fillgate.web")
@@ -50,14 +58,22 @@ TOKEN_COOKIE = "fillgate_token"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
-MESSAGES = {
+MAX_PAGE = 10**9  # past any list's end (and inside every database's integers)
+REVERTING_STAGES = "reverting-stages"
+MESSAGES: dict[str, str] = {
     "pause": "Pause requested: the run pauses after its current batch.",
     "cancel": "Cancel requested: the run stops after its current batch.",
-    "paused": "The run is paused.",
-    "cancelled": "The run is cancelled.",
+    RunStatus.PAUSED: "The run is paused.",
+    RunStatus.CANCELLED: "The run is cancelled.",
     "resumed": "The run continues in the dashboard's server.",
     "reverting": "The revert started in the dashboard's server.",
+    REVERTING_STAGES: "The revert of the pipeline's last applied stage started in the dashboard's server; the "
+                      "reverts of the stages before it follow, one after the other.",
 }
+
+Page = Callable[[Request], Response]
+Action = Callable[[Request, FormData], Response]
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 @dataclass
@@ -70,7 +86,7 @@ class Settings:
     loopback: bool = True
 
 
-def _fmt_num(value: Any) -> str:
+def _fmt_num(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
@@ -78,7 +94,7 @@ def _fmt_num(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _fmt_when(value: Any) -> str:
+def _fmt_when(value: object) -> str:
     return "" if value is None else str(value)
 
 
@@ -100,291 +116,347 @@ def _environment() -> Environment:
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(num=_fmt_num, when=_fmt_when, seconds=_fmt_seconds)
     env.globals.update(KINDS=KINDS, KIND_LABELS=data.KIND_LABELS, RUN_KINDS=data.RUN_KINDS,
-                       RUN_STATUSES=data.RUN_STATUSES, key_text=data.key_text, key_query=data.key_query,
-                       display=data.display, urlencode=urlencode)
+                       RUN_STATUSES=data.RUN_STATUSES, Status=RunStatus, Kind=RunKind, WRITING=WRITING_KINDS,
+                       key_text=data.key_text, key_query=data.key_query, display=data.display,
+                       why_interrupted=interrupted, shown_status=shown_status, urlencode=urlencode)
     return env
 
 
-def create_app(settings: Settings, dashboard: data.Dashboard | None = None) -> Starlette:
-    """The dashboard as an ASGI app (``dashboard``: for tests that make their own)."""
-    board = dashboard or data.Dashboard(settings.config_path, settings.targets, settings.cache_dir)
-    env = _environment()
-    secret = secrets.token_bytes(32)
+def _status_of(exc: FillgateError) -> int:
+    """The HTTP status of a library error: 404 for a run that is not there, 409 for a guard's
+    refusal, 400 for any other usage error."""
+    if isinstance(exc, data.WebError):
+        return exc.status
+    if isinstance(exc, RunNotFoundError):
+        return 404
+    return 409 if exc.exit_code == EXIT_REFUSED else 400
 
-    def csrf_for(session: str) -> str:
-        return hmac.new(secret, session.encode(), hashlib.sha256).hexdigest()
 
-    def render(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        session = request.scope.get("fillgate_session", "")
-        html = env.get_template(name).render(
-            request=request, csrf=csrf_for(session), read_only=settings.read_only, served=board.names,
-            target_name=request.path_params.get("target"), **context,
+def _param(request: Request, name: str) -> str | None:
+    value = request.query_params.get(name, "").strip()
+    return value or None
+
+
+def _page_number(request: Request) -> int:
+    try:
+        page = max(int(request.query_params.get("page", "1")), 1)
+    except ValueError:
+        raise data.WebError("the page number must be a whole number.") from None
+    if page > MAX_PAGE:
+        raise data.WebError(f"there is no page {page:,}: the page number goes up to {MAX_PAGE:,}.")
+    return page
+
+
+def _form_text(form: FormData, name: str) -> str | None:
+    """A text field of a form, as sent (None when absent, empty or a file)."""
+    value = form.get(name)
+    return value or None if isinstance(value, str) else None
+
+
+def _session(request: Request) -> str:
+    return str(request.scope.get("fillgate_session", ""))
+
+
+class Web:
+    """One dashboard server: one method per page (``GET``, run in the thread pool, as every
+    one reads a database) or action (``POST``), and the routes that lead to them."""
+
+    def __init__(self, settings: Settings, board: data.Dashboard) -> None:
+        self.settings = settings
+        self.board = board
+        self.env = _environment()
+        self._secret = secrets.token_bytes(32)
+
+    # --- rendering ----------------------------------------------------------------------------
+
+    def csrf_for(self, session: str) -> str:
+        return hmac.new(self._secret, session.encode(), hashlib.sha256).hexdigest()
+
+    def render(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        html = self.env.get_template(name).render(
+            request=request, csrf=self.csrf_for(_session(request)), read_only=self.settings.read_only,
+            served=self.board.names, target_name=request.path_params.get("target"), **context,
         )
         return HTMLResponse(html, status_code=status)
 
-    def error_page(request: Request, message: str, status: int) -> HTMLResponse:
-        return render(request, "error.html", status=status, message=message, status_code=status)
+    def error_page(self, request: Request, message: str, status: int) -> HTMLResponse:
+        return self.render(request, "error.html", status=status, message=message, status_code=status)
 
-    def status_of(exc: BaseException) -> int:
-        name = type(exc).__name__
-        if isinstance(exc, data.WebError):
-            return exc.status
-        if name == "RunNotFoundError":
-            return 404
-        if getattr(exc, "exit_code", 2) == 3:
-            return 409
-        return 400
-
-    def guarded(endpoint: Callable[[Request], Response]) -> Callable[[Request], Awaitable[Response]]:
-        """A page: its (blocking) work in the thread pool; a library or database error is a page
-        saying what was wrong."""
-        async def wrapper(request: Request) -> Response:
-            try:
-                return await run_in_threadpool(endpoint, request)
-            except data.FillgateError as exc:
-                return error_page(request, str(exc), status_of(exc))
-            except data.SQLAlchemyError as exc:
-                return error_page(request, data.describe_error(exc), 503)
-        return wrapper
-
-    def action(endpoint: Callable[[Request, FormData], Response]) -> Callable[[Request], Awaitable[Response]]:
-        """A state-changing POST: refused when read-only or without its session's CSRF token."""
-        async def wrapper(request: Request) -> Response:
-            if settings.read_only:
-                return error_page(request, "refused: this dashboard is read-only (fillgate serve --read-only); "
-                                  "nothing was done.", 403)
-            form = await request.form()
-            sent = str(form.get("csrf") or request.headers.get("x-csrf-token") or "")
-            expected = csrf_for(request.scope.get("fillgate_session", ""))
-            if not hmac.compare_digest(sent, expected):
-                return error_page(request, "refused: this form was not sent from a page of this dashboard "
-                                  "(its CSRF token is missing or wrong); nothing was done. Reload the page "
-                                  "and try again.", 403)
-            try:
-                return await run_in_threadpool(endpoint, request, form)
-            except data.FillgateError as exc:
-                return error_page(request, str(exc), status_of(exc))
-            except data.SQLAlchemyError as exc:
-                return error_page(request, data.describe_error(exc), 503)
-        return wrapper
-
-    def operator(request: Request) -> str:
+    def operator(self, request: Request) -> str:
         client = request.client.host if request.client else None
-        return data.web_operator(request.scope.get("fillgate_session", ""), client)
+        return data.web_operator(_session(request), client)
 
-    def param(request: Request, name: str) -> str | None:
-        value = request.query_params.get(name, "").strip()
-        return value or None
+    # --- how pages and actions run ----------------------------------------------------------
 
-    def page_number(request: Request) -> int:
+    async def _guarded(self, request: Request, work: Callable[[], Response]) -> Response:
+        """``work`` in the thread pool; a library or database error is a page saying what was wrong."""
         try:
-            return max(int(request.query_params.get("page", "1")), 1)
-        except ValueError:
-            raise data.WebError("the page number must be a whole number.") from None
+            return await run_in_threadpool(work)
+        except FillgateError as exc:
+            return self.error_page(request, data.describe_error(exc), _status_of(exc))
+        except SQLAlchemyError as exc:
+            return self.error_page(request, data.describe_error(exc), 503)
 
-    # --- pages ------------------------------------------------------------------------------
+    def page(self, endpoint: Page) -> Endpoint:
+        async def run(request: Request) -> Response:
+            return await self._guarded(request, lambda: endpoint(request))
+        return run
 
-    def targets(request: Request) -> Response:
-        return render(request, "targets.html", targets=board.targets(), active_here=board.runner.active())
+    def action(self, endpoint: Action) -> Endpoint:
+        """A state-changing POST: refused when read-only or without its session's CSRF token."""
+        async def run(request: Request) -> Response:
+            if self.settings.read_only:
+                return self.error_page(request, "refused: this dashboard is read-only (fillgate serve --read-only); "
+                                       "nothing was done.", 403)
+            form = await request.form()
+            sent = _form_text(form, "csrf") or request.headers.get("x-csrf-token") or ""
+            if not hmac.compare_digest(sent.encode(), self.csrf_for(_session(request)).encode()):
+                return self.error_page(request, "refused: this form was not sent from a page of this dashboard "
+                                       "(its CSRF token is missing or wrong); nothing was done. Reload the page "
+                                       "and try again.", 403)
+            return await self._guarded(request, lambda: endpoint(request, form))
+        return run
 
-    def runs(request: Request) -> Response:
+    # --- pages --------------------------------------------------------------------------------
+
+    def targets(self, request: Request) -> Response:
+        return self.render(request, "targets.html", targets=self.board.targets(),
+                           active_here=self.board.runner.active())
+
+    def runs(self, request: Request) -> Response:
         name = request.path_params["target"]
-        page = page_number(request)
-        kind, status, job = param(request, "kind"), param(request, "status"), param(request, "job")
-        found, total, jobs = board.runs_page(name, page, kind, status, job)
+        page = _page_number(request)
+        kind, status, job = _param(request, "kind"), _param(request, "status"), _param(request, "job")
+        found, total, jobs = self.board.runs_page(name, page, kind, status, job)
         pages = max((total + data.RUNS_PER_PAGE - 1) // data.RUNS_PER_PAGE, 1)
         filters = {k: v for k, v in (("kind", kind), ("status", status), ("job", job)) if v}
-        return render(request, "runs.html", runs=found, total=total, page=page, pages=pages, jobs=jobs,
-                      filters=filters, per_page=data.RUNS_PER_PAGE, target=board.target(name),
-                      interrupted=data.interrupted)
+        return self.render(request, "runs.html", runs=found, total=total, page=page, pages=pages, jobs=jobs,
+                           filters=filters, per_page=data.RUNS_PER_PAGE, target=self.board.target(name))
 
-    def run_row(request: Request) -> Response:
-        name = request.path_params["target"]
-        run = board.run(name, request.path_params["run_id"])
-        return render(request, "_run_row.html", run=run, interrupted=data.interrupted)
+    def run_row(self, request: Request) -> Response:
+        run = self.board.run(request.path_params["target"], request.path_params["run_id"])
+        return self.render(request, "_run_row.html", run=run)
 
-    def run_page(request: Request) -> Response:
-        name = request.path_params["target"]
-        info = board.run_page(name, request.path_params["run_id"])
+    def run_page(self, request: Request) -> Response:
+        info = self.board.run_page(request.path_params["target"], request.path_params["run_id"])
         notice = MESSAGES.get(request.query_params.get("done", ""))
-        return render(request, "run.html", notice=notice, **info)
+        return self.render(request, "run.html", notice=notice, **info)
 
-    def run_progress(request: Request) -> Response:
-        name = request.path_params["target"]
-        info = board.progress(name, request.path_params["run_id"])
-        response = render(request, "_progress.html", **info)
+    def run_progress(self, request: Request) -> Response:
+        info = self.board.progress(request.path_params["target"], request.path_params["run_id"])
+        response = self.render(request, "_progress.html", **info)
         was = request.query_params.get("was")
         if was and was != info["run"].status:
             response.headers["HX-Refresh"] = "true"  # the run changed state: show the whole page anew
         return response
 
-    def run_chart(request: Request) -> Response:
-        name = request.path_params["target"]
-        return JSONResponse(board.chart(name, request.path_params["run_id"]))
+    def run_chart(self, request: Request) -> Response:
+        return JSONResponse(self.board.chart(request.path_params["target"], request.path_params["run_id"]))
 
-    def control(request: Request, form: FormData) -> Response:
+    def revert_page(self, request: Request, refusal: str | None = None) -> Response:
+        """What a revert would restore, and the form that starts it (again, with ``refusal``)."""
         name, run_id = request.path_params["target"], request.path_params["run_id"]
-        act = request.path_params["action"]
+        run = self.board.run(name, run_id)
+        previews = self.board.revert_previews(name, run_id)
+        return self.render(request, "revert.html", status=409 if refusal else 200, run=run, previews=previews,
+                           target=self.board.target(name), refusal=refusal)
+
+    def plan_of_run(self, request: Request) -> Response:
+        run, status = self.board.plan_of_run(request.path_params["target"], request.path_params["run_id"])
+        return self._plan_view(request, status, run)
+
+    def plan_file(self, request: Request) -> Response:
+        return self._plan_view(request, self.board.plan_file(request.query_params.get("path", "")), None)
+
+    def _plan_view(self, request: Request, status: PlanStatus, run: Run | None) -> Response:
+        if status.state == "refused":
+            return self.render(request, "plan_refused.html", status=409, plan=status, run=run)
+        if not status.reviewable:
+            return self.render(request, "plan_wait.html", plan=status, run=run)
+        page = _page_number(request)
+        kind, column, key = _param(request, "kind"), _param(request, "column"), _param(request, "key")
+        view = self.board.plan_page(status, page, kind, column, key)
+        filters = {k: v for k, v in (("kind", kind), ("column", column), ("key", key)) if v}
+        if "path" in request.query_params:
+            filters = {"path": request.query_params["path"], **filters}
+        return self.render(request, "plan.html", plan=status, run=run, view=view, filters=filters, page_size=PAGE,
+                           command=self.board.apply_command(status), applies=self.board.plan_runs(status.header))
+
+    def history(self, request: Request) -> Response:
+        """A row's history; a table, column or key that makes no sense is said above the form
+        (the words of ``fillgate history``)."""
+        table, key, column = _param(request, "table"), _param(request, "key"), _param(request, "column")
+        if not (table and key):
+            return self._history_page(request, table, key, column)
+        try:
+            entries, total = self.board.history(request.path_params["target"], table, key, column)
+        except FillgateError as exc:
+            if isinstance(exc, data.WebError) or exc.exit_code == EXIT_REFUSED:
+                raise  # about the target itself: an error page
+            return self._history_page(request, table, key, column, problem=data.describe_error(exc))
+        return self._history_page(request, table, key, column, entries, total)
+
+    def _history_page(self, request: Request, table: str | None, key: str | None, column: str | None,
+                      entries: list[dict[str, Any]] | None = None, total: int = 0,
+                      problem: str | None = None) -> Response:
+        return self.render(request, "history.html", status=400 if problem else 200, table=table or "", key=key or "",
+                           column=column or "", entries=entries, total=total, problem=problem)
+
+    def metrics(self, request: Request) -> Response:
+        return Response(render_metrics(self.board.metrics()), media_type=CONTENT_TYPE_LATEST)
+
+    async def login(self, request: Request) -> Response:
+        token = self.settings.token
+        if request.method != "POST":
+            return self.render(request, "login.html", status=401 if token else 200, wrong=False)
+        sent = _form_text(await request.form(), "token") or ""
+        if token and hmac.compare_digest(sent.encode(), token.encode()):
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(TOKEN_COOKIE, sent, httponly=True, samesite="strict")
+            return response
+        return self.render(request, "login.html", status=401, wrong=True)
+
+    # --- actions ------------------------------------------------------------------------------
+
+    def control(self, request: Request, form: FormData) -> Response:
+        """Pause, cancel or resume a run (as ``fillgate pause``, ``cancel``, ``resume``)."""
+        name, run_id, act = request.path_params["target"], request.path_params["run_id"], request.path_params["action"]
         if act in ("pause", "cancel"):
-            board.control(name, run_id, act, operator(request))
-            run = board.run(name, run_id)
+            run = self.board.control(name, run_id, act, self.operator(request))
             done = act if run.control else run.status
         elif act == "resume":
-            board.resume(name, run_id, operator(request), str(form.get("confirm") or "") or None)
+            self.board.resume(name, run_id, self.operator(request), _form_text(form, "confirm"))
             done = "resumed"
         else:
             raise HTTPException(404)
         return RedirectResponse(f"/t/{name}/runs/{run_id}?done={done}", status_code=303)
 
-    def revert_page(request: Request) -> Response:
+    def revert(self, request: Request, form: FormData) -> Response:
+        """Start the revert (as ``fillgate revert``) and show its run; a guard's refusal is shown
+        on the revert page, with the preview, so the form can be sent again."""
         name, run_id = request.path_params["target"], request.path_params["run_id"]
-        run = board.run(name, run_id)
-        preview = board.revert_preview(name, run_id)
-        return render(request, "revert.html", run=run, preview=preview, target=board.target(name), refusal=None)
-
-    def revert(request: Request, form: FormData) -> Response:
-        name, run_id = request.path_params["target"], request.path_params["run_id"]
-        confirm = str(form.get("confirm") or "") or None
         try:
-            started = board.revert(name, run_id, operator(request), confirm)
-        except data.FillgateError as exc:
-            if getattr(exc, "exit_code", 0) != 3:
+            started = self.board.revert(name, run_id, self.operator(request), _form_text(form, "confirm"))
+        except FillgateError as exc:
+            if exc.exit_code != EXIT_REFUSED or isinstance(exc, data.WebError):
                 raise
-            run = board.run(name, run_id)
-            preview = board.revert_preview(name, run_id)
-            return render(request, "revert.html", status=409, run=run, preview=preview,
-                          target=board.target(name), refusal=str(exc))
-        return RedirectResponse(f"/t/{name}/runs/{started}?done=reverting", status_code=303)
+            return self.revert_page(request, refusal=data.describe_error(exc))
+        pipeline = self.board.run(name, run_id).kind == RunKind.PIPELINE
+        done = REVERTING_STAGES if pipeline else "reverting"
+        return RedirectResponse(f"/t/{name}/runs/{started}?done={done}", status_code=303)
 
-    def plan_view(request: Request, status: data.PlanStatus, run: data.Run | None) -> Response:
-        if status.state == "refused":
-            return render(request, "plan_refused.html", status=409, plan=status, run=run)
-        if not status.reviewable:
-            return render(request, "plan_wait.html", plan=status, run=run)
-        page = page_number(request)
-        kind, column, key = param(request, "kind"), param(request, "column"), param(request, "key")
-        view = board.plan_page(status, page, kind, column, key)
-        filters = {k: v for k, v in (("kind", kind), ("column", column), ("key", key)) if v}
-        if "path" in request.query_params:
-            filters = {"path": request.query_params["path"], **filters}
-        return render(request, "plan.html", plan=status, run=run, view=view, filters=filters, page_size=PAGE,
-                      command=board.apply_command(status), applies=board.plan_runs(status.header))
+    # --- errors -------------------------------------------------------------------------------
 
-    def plan_of_run(request: Request) -> Response:
-        name, run_id = request.path_params["target"], request.path_params["run_id"]
-        run, status = board.plan_of_run(name, run_id)
-        return plan_view(request, status, run)
+    async def not_found(self, request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        detail = exc.detail if isinstance(exc, HTTPException) else ""
+        message = "There is no such page here." if status == 404 else str(detail) or "error"
+        return self.error_page(request, message, status)
 
-    def plan_file(request: Request) -> Response:
-        return plan_view(request, board.plan_file(request.query_params.get("path", "")), None)
-
-    def history(request: Request) -> Response:
-        name = request.path_params["target"]
-        table, key, column = param(request, "table"), param(request, "key"), param(request, "column")
-        entries = board.history(name, table, key, column) if table and key else None
-        return render(request, "history.html", table=table or "", key=key or "", column=column or "",
-                      entries=entries, limit=data.HISTORY_LIMIT)
-
-    def metrics(request: Request) -> Response:
-        return Response(render_metrics(board.metrics()), media_type=CONTENT_TYPE_LATEST)
-
-    async def login(request: Request) -> Response:
-        if request.method == "POST":
-            form = await request.form()
-            sent = str(form.get("token") or "")
-            if settings.token and hmac.compare_digest(sent.encode(), settings.token.encode()):
-                response = RedirectResponse("/", status_code=303)
-                response.set_cookie(TOKEN_COOKIE, sent, httponly=True, samesite="strict")
-                return response
-            return render(request, "login.html", status=401, wrong=True)
-        return render(request, "login.html", status=401 if settings.token else 200, wrong=False)
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 404)
-        message = "There is no such page here." if status == 404 else str(getattr(exc, "detail", "")) or "error"
-        return error_page(request, message, status)
-
-    async def server_error(request: Request, exc: Exception) -> Response:
+    async def server_error(self, request: Request, exc: Exception) -> Response:
         log.exception("error while serving %s", request.url.path, exc_info=exc)
-        return error_page(request, f"The dashboard failed to show this page ({type(exc).__name__}); the "
-                          "server's log has the details. Nothing was changed by this request.", 500)
+        return self.error_page(request, f"The dashboard failed to show this page ({type(exc).__name__}); the "
+                               "server's log has the details. Nothing was changed by this request.", 500)
 
-    class Guard(BaseHTTPMiddleware):
-        """Host check, token, session cookie and security headers, for every request."""
+    # --- the application ----------------------------------------------------------------------
 
-        async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-            host = (request.headers.get("host") or "").rsplit(":", 1)[0] if not (
-                request.headers.get("host") or "").startswith("[") else request.headers["host"].split("]")[0] + "]"
-            if settings.loopback and not settings.token and host not in LOOPBACK_HOSTS:
-                return Response("refused: this dashboard serves only requests addressed to 127.0.0.1/localhost.",
-                                status_code=400, media_type="text/plain")
-            session = request.cookies.get(SESSION_COOKIE) or ""
-            new_session = not session or len(session) != 32
-            if new_session:
-                session = secrets.token_hex(16)
-            request.scope["fillgate_session"] = session
-            set_token = None
-            if settings.token and request.url.path not in ("/login",) and not request.url.path.startswith("/static/"):
-                sent_cookie = request.cookies.get(TOKEN_COOKIE, "")
-                auth = request.headers.get("authorization", "")
-                bearer = auth[7:] if auth.lower().startswith("bearer ") else ""
-                query = request.query_params.get("token", "")
-                ok = any(hmac.compare_digest(t.encode(), settings.token.encode())
-                         for t in (sent_cookie, bearer, query) if t)
-                if not ok:
-                    if "text/html" in request.headers.get("accept", ""):
-                        response: Response = render(request, "login.html", status=401, wrong=False)
-                    else:
-                        response = Response("401: this dashboard needs its token (Authorization: Bearer TOKEN).",
-                                            status_code=401, media_type="text/plain")
-                    response.headers["WWW-Authenticate"] = 'Bearer realm="fillgate"'
-                    self._headers(response, session if new_session else None)
-                    return response
-                if query:  # take the token out of the address bar (and out of history)
-                    set_token = query
-            if set_token is not None:
-                rest = {k: v for k, v in request.query_params.items() if k != "token"}
-                response = RedirectResponse(request.url.path + (f"?{urlencode(rest)}" if rest else ""), 303)
-                response.set_cookie(TOKEN_COOKIE, set_token, httponly=True, samesite="strict")
-            else:
-                response = await call_next(request)
-            self._headers(response, session if new_session else None)
-            return response
-
-        @staticmethod
-        def _headers(response: Response, new_session: str | None) -> None:
-            if new_session:
-                response.set_cookie(SESSION_COOKIE, new_session, httponly=True, samesite="strict")
-            response.headers.setdefault("Content-Security-Policy", CSP)
-            response.headers["X-Frame-Options"] = "DENY"
-            response.headers["X-Content-Type-Options"] = "nosniff"
-            response.headers["Referrer-Policy"] = "no-referrer"
-            response.headers.setdefault("Cache-Control", "no-store")
+    def routes(self) -> list[BaseRoute]:
+        page, action = self.page, self.action
+        run = "/t/{target}/runs/{run_id}"
+        return [
+            Route("/", page(self.targets)),
+            Route("/t/{target}/runs", page(self.runs)),
+            Route(run, page(self.run_page)),
+            Route(f"{run}/row", page(self.run_row)),
+            Route(f"{run}/progress", page(self.run_progress)),
+            Route(f"{run}/chart.json", page(self.run_chart)),
+            Route(f"{run}/revert", page(self.revert_page), methods=["GET"]),
+            Route(f"{run}/revert", action(self.revert), methods=["POST"]),
+            Route(f"{run}/{{action}}", action(self.control), methods=["POST"]),
+            Route("/t/{target}/plans/{run_id}", page(self.plan_of_run)),
+            Route("/t/{target}/history", page(self.history)),
+            Route("/plan", page(self.plan_file)),
+            Route("/metrics", page(self.metrics)),
+            Route("/login", self.login, methods=["GET", "POST"]),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        ]
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         yield
-        await run_in_threadpool(board.runner.stop_all)
+        await run_in_threadpool(self.board.runner.stop_all)
 
-    t = "/t/{target}"
-    routes = [
-        Route("/", guarded(targets)),
-        Route(f"{t}/runs", guarded(runs)),
-        Route(f"{t}/runs/{{run_id}}", guarded(run_page)),
-        Route(f"{t}/runs/{{run_id}}/row", guarded(run_row)),
-        Route(f"{t}/runs/{{run_id}}/progress", guarded(run_progress)),
-        Route(f"{t}/runs/{{run_id}}/chart.json", guarded(run_chart)),
-        Route(f"{t}/runs/{{run_id}}/revert", guarded(revert_page), methods=["GET"]),
-        Route(f"{t}/runs/{{run_id}}/revert", action(revert), methods=["POST"]),
-        Route(f"{t}/runs/{{run_id}}/{{action}}", action(control), methods=["POST"]),
-        Route(f"{t}/plans/{{run_id}}", guarded(plan_of_run)),
-        Route(f"{t}/history", guarded(history)),
-        Route("/plan", guarded(plan_file)),
-        Route("/metrics", guarded(metrics)),
-        Route("/login", login, methods=["GET", "POST"]),
-        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
-    ]
-    app = Starlette(routes=routes, middleware=[Middleware(Guard)], lifespan=lifespan,
-                    exception_handlers={HTTPException: not_found, Exception: server_error})
-    app.state.dashboard = board
-    return app
+    def app(self) -> Starlette:
+        app = Starlette(routes=self.routes(), middleware=[Middleware(Guard, web=self)], lifespan=self.lifespan,
+                        exception_handlers={HTTPException: self.not_found, Exception: self.server_error})
+        app.state.dashboard = self.board
+        return app
+
+
+def _host_name(header: str) -> str:
+    """The host of a ``Host`` header, without its port (``[::1]:8642``: ``[::1]``)."""
+    if header.startswith("["):
+        return header.split("]")[0] + "]"
+    return header.rsplit(":", 1)[0]
+
+
+class Guard(BaseHTTPMiddleware):
+    """Host check, token, session cookie and security headers, for every request."""
+
+    def __init__(self, app: ASGIApp, web: Web) -> None:
+        super().__init__(app)
+        self.web = web
+        self.settings = web.settings
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        if self.settings.loopback and not self.settings.token and \
+                _host_name(request.headers.get("host") or "") not in LOOPBACK_HOSTS:
+            return Response("refused: this dashboard serves only requests addressed to 127.0.0.1/localhost.",
+                            status_code=400, media_type="text/plain")
+        session = request.cookies.get(SESSION_COOKIE) or ""
+        new_session = None if len(session) == 32 else secrets.token_hex(16)
+        request.scope["fillgate_session"] = new_session or session
+        response = self._token_gate(request) or await call_next(request)
+        _secure(response, new_session)
+        return response
+
+    def _token_gate(self, request: Request) -> Response | None:
+        """When the server has a token: a 401 for a request without it, a redirect that takes a
+        ``?token=`` out of the address bar (into a cookie); None lets the request through."""
+        token, path = self.settings.token, request.url.path
+        if not token or path == "/login" or path.startswith("/static/"):
+            return None
+        auth = request.headers.get("authorization", "")
+        query = request.query_params.get("token", "")
+        sent = (request.cookies.get(TOKEN_COOKIE, ""), auth[7:] if auth.lower().startswith("bearer ") else "", query)
+        if not any(hmac.compare_digest(t.encode(), token.encode()) for t in sent if t):
+            if "text/html" in request.headers.get("accept", ""):
+                response: Response = self.web.render(request, "login.html", status=401, wrong=False)
+            else:
+                response = Response("401: this dashboard needs its token (Authorization: Bearer TOKEN).",
+                                    status_code=401, media_type="text/plain")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="fillgate"'
+            return response
+        if not query:
+            return None
+        rest = {k: v for k, v in request.query_params.items() if k != "token"}
+        response = RedirectResponse(path + (f"?{urlencode(rest)}" if rest else ""), 303)
+        response.set_cookie(TOKEN_COOKIE, query, httponly=True, samesite="strict")
+        return response
+
+
+def _secure(response: Response, new_session: str | None) -> None:
+    """The session cookie (when new) and the security headers, on every response."""
+    if new_session:
+        response.set_cookie(SESSION_COOKIE, new_session, httponly=True, samesite="strict")
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers.setdefault("Cache-Control", "no-store")
+
+
+def create_app(settings: Settings, dashboard: data.Dashboard | None = None) -> Starlette:
+    """The dashboard as an ASGI app (``dashboard``: for tests that make their own)."""
+    board = dashboard or data.Dashboard(settings.config_path, settings.targets, settings.cache_dir)
+    return Web(settings, board).app()

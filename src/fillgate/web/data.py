@@ -1,22 +1,25 @@
 """The dashboard's only door into fillgate's library.
 
 Every page and action of the web dashboard goes through this module, and this module calls
-only public library functions (config, stamp, ``Ledger`` methods, engine, revert, plan). When
-the library is restructured, this is the one file to re-point.
+only public library functions: where a CLI command exists, the same call the CLI makes
+(``commands.describe`` for a run's page, ``history.row_history`` for a row's history,
+``revert.preview_revert`` and ``commands.revert``, ``control.control_run`` and ``resume_run``),
+otherwise ``Ledger`` methods, config, stamp and plan. When the library is restructured, this is
+the one file to re-point.
 
-Actions go through the same library calls as the CLI: ``control_run`` (pause, cancel),
-``resume_run`` and ``revert_run``, with the same guards (stamp, protected environment and its
-typed confirmation). Resume and revert run in a thread of the server (see :class:`Runner`);
+Actions have the CLI's guards (stamp, protected environment and its typed confirmation), as
+they are the same calls. Resume and revert run in a thread of the server (see :class:`Runner`);
 each action is recorded in the ledger with the operator who asked.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import decimal
 import json
+import logging
+import shlex
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -26,26 +29,34 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from fillgate.applier import ApplyResult
+from fillgate import commands
 from fillgate.config import Config, Target, load_config
 from fillgate.control import control_run, resume_run
 from fillgate.errors import FillgateError, NotInitializedError, StampMismatchError, UsageError
-from fillgate.ledger import Ledger, Run, acting_as, operator_name, utcnow
+from fillgate.history import MAX_TEXT_KEY_PARTS, row_history
+from fillgate.interrupts import clear as clear_stop
+from fillgate.interrupts import request_stop
+from fillgate.ledger import Ledger, Run, acting_as, operator_name
 from fillgate.limits import Limits
 from fillgate.monitor import Monitor
+from fillgate.pipeline_run import stage_applies
 from fillgate.plan import verify_plan
-from fillgate.revert import RevertPreview, preview_revert, revert_run
-from fillgate.runs import WRITING_KINDS, RunKind, RunStatus, process_gone
-from fillgate.stamp import Connected, check_write_allowed, connect
+from fillgate.redact import mask_secrets
+from fillgate.revert import RevertPreview, preview_revert
+from fillgate.runs import RunKind, RunStatus, interrupted
+from fillgate.stamp import Connected, connect
+from fillgate.throttle import Throttle
 from fillgate.values import key_candidates, loads
 from fillgate.web.planindex import KINDS, PAGE, PlanStatus, PlanStore
+
+log = logging.getLogger("fillgate.web")
 
 RUN_KINDS = tuple(RunKind)
 RUN_STATUSES = tuple(RunStatus)
 ACTIVE = (RunStatus.RUNNING, RunStatus.PAUSED)
-WRITING = WRITING_KINDS
 RUNS_PER_PAGE = 50
 TIMELINE = 200  # batches shown on a run page (the newest)
+RECENT = 20  # batches the rate and ETA are measured over
 HISTORY_LIMIT = 1000
 KIND_LABELS = {"change": "write", "insert": "insert", "disagreement": "disagreement", "preserved": "preserved",
                "error": "row error", "unexpected_index": "unexpected lookup index"}
@@ -60,12 +71,12 @@ class WebError(FillgateError):
 
 
 def describe_error(exc: BaseException) -> str:
-    """A one-paragraph message for a library or database error."""
+    """A one-paragraph message for a library or database error, its passwords masked."""
     if isinstance(exc, FillgateError):
-        return str(exc)
+        return mask_secrets(str(exc))
     if isinstance(exc, SQLAlchemyError):
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        return f"database error: {reason}"
+        return mask_secrets(f"database error: {reason}")
     return f"unexpected {type(exc).__name__}; see the server's log."
 
 
@@ -149,7 +160,7 @@ class Dashboard:
         try:
             return connect(target)
         except StampMismatchError as exc:
-            raise WebError(f"refused: {exc}", 409) from None
+            raise WebError(f"refused: {describe_error(exc)}", 409) from None
         except (FillgateError, SQLAlchemyError) as exc:
             raise WebError(describe_error(exc), 503) from None
 
@@ -162,11 +173,11 @@ class Dashboard:
         try:
             conn = connect(target)
         except StampMismatchError as exc:
-            view.state, view.message = "refused", str(exc)
+            view.state, view.message = "refused", describe_error(exc)
             view.stamp = _stamp_of(target)
             return view
         except NotInitializedError as exc:
-            view.state, view.message = "uninitialised", str(exc)
+            view.state, view.message = "uninitialised", describe_error(exc)
             return view
         except (FillgateError, SQLAlchemyError) as exc:
             view.state, view.message = "unreachable", describe_error(exc)
@@ -189,42 +200,34 @@ class Dashboard:
     def runs_page(self, name: str, page: int, kind: str | None, status: str | None,
                   job: str | None) -> tuple[list[Run], int, list[str]]:
         ledger = self.connect(name).ledger
-        try:
-            runs, total = ledger.page_runs((max(page, 1) - 1) * RUNS_PER_PAGE, RUNS_PER_PAGE, kind, status, job)
-        except UsageError as exc:
-            raise WebError(str(exc)) from None
+        runs, total = ledger.page_runs((max(page, 1) - 1) * RUNS_PER_PAGE, RUNS_PER_PAGE, kind, status, job)
         return runs, total, ledger.job_names()
 
     def run(self, name: str, run_id: str) -> Run:
         return self.connect(name).ledger.get_run(run_id)
 
     def run_page(self, name: str, run_id: str) -> dict[str, Any]:
+        """A run as ``fillgate show`` describes it (``commands.describe``: its errors grouped,
+        a pipeline's with its stages', an apply with its plan's details), with its batch
+        timeline, the actions taken on it and the runs related to it."""
         conn = self.connect(name)
         ledger = conn.ledger
-        run = ledger.get_run(run_id)
-        related = [run_id]
-        if run.kind == "pipeline":
-            related += [r.run_id for r in ledger.children_of(run_id)]
-        details = run.details
-        if run.kind == RunKind.APPLY and not details and run.parent_run_id:
-            # an apply computes nothing: its slowest rows and lookup anomalies are its plan's
-            try:
-                details = ledger.get_run(run.parent_run_id).details
-            except FillgateError:
-                details = {}
+        described = commands.describe(conn, run_id)
+        run = described.run
+        timeline = ledger.batches(run_id, TIMELINE)
         return {
-            "run": run, "interrupted": interrupted(run), "details": details,
-            "errors": ledger.error_groups(related), "batches": ledger.batches(run_id, TIMELINE),
-            "batch_summary": ledger.batch_summary(run_id), "actions": ledger.actions(run_id),
+            "run": run, "interrupted": interrupted(run), "details": run.details, "errors": described.error_groups,
+            "batches": timeline, "batch_summary": ledger.batch_summary(run_id), "actions": ledger.actions(run_id),
             "children": ledger.children_of(run_id), "reverts": ledger.reverts_of(run_id),
             "applies": ledger.runs_of_plan(run_id) if run.kind == RunKind.PLAN else [],
-            "target": conn.target, "progress": progress(run, ledger.batches(run_id, 20)),
+            "target": conn.target, "progress": progress(run, timeline[-RECENT:]),
         }
 
     def progress(self, name: str, run_id: str) -> dict[str, Any]:
         ledger = self.connect(name).ledger
         run = ledger.get_run(run_id)
-        return {"run": run, "interrupted": interrupted(run), "progress": progress(run, ledger.batches(run_id, 20))}
+        return {"run": run, "interrupted": interrupted(run),
+                "progress": progress(run, ledger.batches(run_id, RECENT))}
 
     def chart(self, name: str, run_id: str) -> dict[str, Any]:
         """Throughput per batch (for the chart): seconds since the first batch, and rows/s."""
@@ -232,7 +235,8 @@ class Dashboard:
         run = ledger.get_run(run_id)
         batches = ledger.batches(run_id, 500)
         start = batches[0]["committed_at"] if batches else None
-        xs, ys = [], []
+        xs: list[float] = []
+        ys: list[float | None] = []
         for b in batches:
             xs.append((b["committed_at"] - start).total_seconds() if start else 0)
             ys.append(round(b["rows"] * 1000 / b["elapsed_ms"], 1) if b["elapsed_ms"] else None)
@@ -240,22 +244,22 @@ class Dashboard:
 
     # --- history ----------------------------------------------------------------------------
 
-    def history(self, name: str, table: str, key: str, column: str | None) -> list[dict[str, Any]]:
-        ledger = self.connect(name).ledger
-        try:
-            candidates = key_candidates(key)
-        except UsageError as exc:
-            raise WebError(str(exc)) from None
-        entries = ledger.history(table, candidates, column or None, limit=HISTORY_LIMIT)
-        for entry in entries:
+    def history(self, name: str, table: str, key: str, column: str | None) -> tuple[list[dict[str, Any]], int]:
+        """``fillgate history`` (``row_history``): the same answer, and the same usage errors
+        for a table, column or key that does not make sense. Returns the first
+        ``HISTORY_LIMIT`` changes, oldest first, and how many there are."""
+        entries = row_history(self.connect(name), table, key, column or None)
+        shown = entries[:HISTORY_LIMIT]
+        for entry in shown:
             entry["old"] = display_json(entry["old_value"])
             entry["new"] = display_json(entry["new_value"])
-        return entries
+        return shown, len(entries)
 
     # --- actions ----------------------------------------------------------------------------
 
-    def control(self, name: str, run_id: str, action: str, operator: str) -> str:
-        """Pause or cancel (``control_run``, as ``fillgate pause``/``cancel``); recorded."""
+    def control(self, name: str, run_id: str, action: str, operator: str) -> Run:
+        """Pause or cancel (``control_run``, as ``fillgate pause``/``cancel``); recorded.
+        Returns the run as it is now (``control`` set: the request awaits its next batch)."""
         conn = self.connect(name)
         try:
             with acting_as(operator):
@@ -266,7 +270,7 @@ class Dashboard:
         outcome = (f"asked the run to {action} after its current batch" if run.control
                    else f"run is now {run.status}")
         conn.ledger.record_action(run_id, action, operator, outcome)
-        return outcome
+        return run
 
     def resume(self, name: str, run_id: str, operator: str, confirm: str | None) -> str:
         """``resume_run`` (as ``fillgate resume``) in a thread of the server; recorded."""
@@ -275,31 +279,47 @@ class Dashboard:
         return self._start(conn, run_id, "resume", operator,
                            lambda monitor: resume_run(conn, run_id, limits, monitor))
 
-    def revert_preview(self, name: str, run_id: str) -> RevertPreview:
-        return preview_revert(self.connect(name), run_id)
+    def revert_previews(self, name: str, run_id: str) -> list[RevertPreview]:
+        """What ``revert`` would restore (``preview_revert``, as ``fillgate revert --dry-run``):
+        one preview, or for a pipeline run one per stage it applied, last stage first (the
+        order ``commands.revert`` reverts them in)."""
+        conn = self.connect(name)
+        if conn.ledger.get_run(run_id).kind != RunKind.PIPELINE:
+            return [preview_revert(conn, run_id)]
+        return [preview_revert(conn, applied.run_id) for applied in reversed(stage_applies(conn, run_id))]
 
     def revert(self, name: str, run_id: str, operator: str, confirm: str | None) -> str:
-        """``revert_run`` (as ``fillgate revert``) in a thread of the server; recorded.
-        Returns the new revert run's id."""
+        """``commands.revert`` (as ``fillgate revert``) in a thread of the server; recorded:
+        one revert run, or for a pipeline run one per stage it applied, last stage first.
+        Returns the first revert run's id once it has started (the others follow it)."""
         conn = self.connect(name)
         limits = Limits(confirm=confirm or None)
         return self._start(conn, run_id, "revert", operator,
-                           lambda monitor: revert_run(conn, run_id, limits, monitor))
+                           lambda monitor: commands.revert(conn, run_id, limits, monitor))
 
     def _start(self, conn: Connected, run_id: str, action: str, operator: str,
-               work: Callable[[Monitor], ApplyResult]) -> str:
+               work: Callable[[Monitor], object]) -> str:
+        """``work`` in a thread of the server, the action recorded on ``run_id``: refused, or
+        started (recorded by the run's own thread before its first batch: on SQLite, a write
+        from this thread while the run writes could make the run's batch fail with "database is
+        locked"), and, if it stops with an error later, stopped."""
+
+        def record(outcome: str) -> None:
+            try:
+                conn.ledger.record_action(run_id, action, operator, outcome)
+            except (FillgateError, SQLAlchemyError) as exc:  # never stops the run
+                log.warning("could not record %s of run %s (%s): %s", action, run_id, outcome, describe_error(exc))
+
+        def started(first: str) -> None:
+            record(f"started in the dashboard's server as run {first}" if first != run_id
+                   else "continued in the dashboard's server")
+
         try:
-            started = self.runner.start(conn, work, operator)
+            return self.runner.start(conn, work, operator, started,
+                                     lambda exc: record(f"stopped: {describe_error(exc)}"))
         except FillgateError as exc:
             conn.ledger.record_action(run_id, action, operator, f"refused: {exc}")
             raise
-        outcome = f"started in the dashboard's server as run {started}" if started != run_id else \
-            "continued in the dashboard's server"
-        conn.ledger.record_action(run_id, action, operator, outcome)
-        return started
-
-    def check_confirm(self, name: str, confirm: str | None, what: str = "write to") -> None:
-        check_write_allowed(self.target(name), confirm or None, what)
 
     # --- plans ------------------------------------------------------------------------------
 
@@ -326,18 +346,15 @@ class Dashboard:
     def plan_page(self, status: PlanStatus, page: int, kind: str | None, column: str | None,
                   key: str | None) -> dict[str, Any]:
         index = status.index
-        assert index is not None
+        if index is None:
+            raise WebError(f"plan file {status.path} is not verified yet; reload the page in a moment.", 409)
         if kind and kind not in KINDS:
             raise WebError(f"unknown line kind {kind!r}; use one of: {', '.join(KINDS)}.")
         columns = sorted(status.header.get("columns") or {})
         if column and column not in columns:
             raise WebError(f"the plan has no column {column!r}; its columns are: {', '.join(columns)}.")
         if key:
-            try:
-                candidates = key_candidates(key)
-            except UsageError as exc:
-                raise WebError(str(exc)) from None
-            raw_lines = index.find_key(candidates, kind, column)
+            raw_lines = index.find_key(_plan_key_candidates(key), kind, column)
             total = len(raw_lines)
         else:
             total = index.count(kind, column)
@@ -387,9 +404,16 @@ class Dashboard:
 
 
 def _quote(text: str) -> str:
-    import shlex
-
     return shlex.quote(text)
+
+
+def _plan_key_candidates(key: str) -> list[str]:
+    """The encodings a key typed on the plan page may have (each numeric part doubles them,
+    so a long key must come as a JSON list, as for ``fillgate history``)."""
+    if not key.strip().startswith("[") and len(key.split(",")) > MAX_TEXT_KEY_PARTS:
+        raise UsageError(f"key {key!r} has {len(key.split(','))} parts; give a key of more than "
+                         f"{MAX_TEXT_KEY_PARTS} parts as a JSON list.")
+    return key_candidates(key)
 
 
 def _verify(path: Path) -> tuple[dict[str, Any], str]:
@@ -405,13 +429,6 @@ def _stamp_of(target: Target) -> dict[str, str]:
         return Ledger(check_reachable(target)).read_meta()
     except (FillgateError, SQLAlchemyError):
         return {}
-
-
-def interrupted(run: Run) -> str | None:
-    """Why a run marked running has no live process (None if it may be alive)."""
-    if run.status != RunStatus.RUNNING or run.kind not in (*WRITING, RunKind.PLAN, RunKind.PIPELINE):
-        return None
-    return process_gone(run.host, run.pid, run.heartbeat_at, utcnow())
 
 
 def progress(run: Run, recent: list[dict[str, Any]]) -> dict[str, Any]:
@@ -445,78 +462,116 @@ def web_operator(session: str, client: str | None) -> str:
 
 
 class _Watch(Monitor):
-    """A monitor that says when the run has started (and as which run id)."""
+    """A monitor that says when each run starts (and as which run id)."""
 
     def __init__(self, started: Callable[[str], None]) -> None:
         super().__init__()
         self._on_started = started
 
-    def run_started(self, run_id: str, kind: str, job: str, target: str, environment: str,
-                    total: int | None, **pacing: Any) -> None:
-        super().run_started(run_id, kind, job, target, environment, total, **pacing)
+    def run_started(
+        self, run_id: str, kind: str, job: str, target: str, environment: str, total: int | None,
+        *, throttle: Throttle | None = None, heartbeat: Callable[[], None] | None = None,
+    ) -> None:
+        super().run_started(run_id, kind, job, target, environment, total, throttle=throttle, heartbeat=heartbeat)
         self._on_started(run_id)
 
 
-class Runner:
-    """Resume and revert runs started from the dashboard, each in a thread of the server.
+@dataclass
+class _Work:
+    """One thread of the :class:`Runner` and the runs it started, in order (the last is current)."""
 
-    ``start`` returns once the run has started (its run id) or raised the library's refusal
-    (stamp, protected environment, lock held, nothing to resume ...), so the page says which.
-    When the server stops, ``stop_all`` asks every such run to pause after its current batch
-    and waits for it: ``fillgate resume RUN`` continues it. A server killed outright leaves
-    its runs as interrupted (their process is gone), resumable the same way."""
+    conn: Connected
+    on_started: Callable[[str], None]
+    on_stopped: Callable[[BaseException], None]
+    started: threading.Event = field(default_factory=threading.Event)
+    runs: list[str] = field(default_factory=list)
+    error: BaseException | None = None
+    thread: threading.Thread = field(init=False)
+
+
+class Runner:
+    """Resume and revert runs started from the dashboard, each in a thread of the server (a
+    pipeline's revert: its stages' reverts one after the other, in one thread).
+
+    ``start`` returns once the first run has started (its run id) or raised the library's
+    refusal (stamp, protected environment, lock held, nothing to resume ...), so the page says
+    which. When the server stops, ``stop_all`` asks every such run to pause after its current
+    batch (a pipeline's next stage, after its first) and waits for it: ``fillgate resume RUN``
+    continues it. A server killed outright leaves its runs as interrupted (their
+    process is gone), resumable the same way."""
 
     def __init__(self) -> None:
-        self._threads: dict[str, tuple[threading.Thread, Connected]] = {}
+        self._works: list[_Work] = []
         self._lock = threading.Lock()
 
-    def start(self, conn: Connected, work: Callable[[Monitor], ApplyResult], operator: str) -> str:
-        started = threading.Event()
-        box: dict[str, Any] = {}
+    def start(self, conn: Connected, work: Callable[[Monitor], object], operator: str,
+              on_started: Callable[[str], None], on_stopped: Callable[[BaseException], None]) -> str:
+        """Run ``work`` in a thread of its own. In that thread, ``on_started`` hears of the
+        first run it starts (before that run's first batch) and ``on_stopped`` of an error
+        raised after that (the run itself records it)."""
+        job = _Work(conn, on_started, on_stopped)
+        job.thread = threading.Thread(target=self._body, args=(job, work, operator), name="fillgate-web-run",
+                                      daemon=True)
+        job.thread.start()
+        job.started.wait()
+        if not job.runs:
+            job.thread.join()
+            raise job.error or WebError("the run did not start.")
+        return job.runs[0]
 
-        def on_started(run_id: str) -> None:
-            box["run_id"] = run_id
-            started.set()
+    def _body(self, job: _Work, work: Callable[[Monitor], object], operator: str) -> None:
+        with acting_as(operator):
+            try:
+                with _Watch(lambda run_id: self._started(job, run_id)) as monitor:
+                    work(monitor)
+            except BaseException as exc:  # shown on the page, or on the run's page once started
+                if not job.runs:
+                    job.error = exc
+                else:
+                    log.warning("run %s, started from the dashboard, stopped: %s", job.runs[-1], describe_error(exc))
+                    job.on_stopped(exc)
+            finally:
+                job.started.set()
 
-        def body() -> None:
-            with acting_as(operator):
-                try:
-                    with _Watch(on_started) as monitor:
-                        work(monitor)
-                except BaseException as exc:  # shown on the page, or on the run's page once started
-                    box.setdefault("error", exc)
-                finally:
-                    started.set()
-
-        thread = threading.Thread(target=body, name="fillgate-web-run", daemon=True)
-        thread.start()
-        started.wait()
-        if "run_id" not in box:
-            thread.join()
-            raise box.get("error") or WebError("the run did not start.")
+    def _started(self, job: _Work, run_id: str) -> None:
         with self._lock:
-            self._threads[box["run_id"]] = (thread, conn)
-        return str(box["run_id"])
+            first = not job.runs
+            if first:
+                self._works.append(job)
+            job.runs.append(run_id)
+        if first:
+            job.on_started(run_id)
+            job.started.set()
+
+    def _alive(self) -> list[_Work]:
+        with self._lock:
+            return [job for job in self._works if job.thread.is_alive()]
 
     def join(self) -> None:
         """Wait until every run started here has ended (tests)."""
         with self._lock:
-            threads = [t for t, _ in self._threads.values()]
+            threads = [job.thread for job in self._works]
         for thread in threads:
             thread.join()
 
     def active(self) -> list[str]:
-        with self._lock:
-            return [run_id for run_id, (thread, _) in self._threads.items() if thread.is_alive()]
+        """The runs being written by this server now."""
+        return [job.runs[-1] for job in self._alive()]
 
     def stop_all(self, timeout: float | None = 60.0) -> None:
-        with self._lock:
-            running = [(run_id, t, c) for run_id, (t, c) in self._threads.items() if t.is_alive()]
-        for run_id, _, conn in running:
-            with contextlib.suppress(FillgateError):  # it finished meanwhile
-                control_run(conn, run_id, "pause")
-        for _, thread, _ in running:
-            thread.join(timeout)
+        """Ask every run started here to pause after its current batch, and wait for them.
+        The request is ``request_stop`` (as a SIGTERM would be), not a write to the ledger
+        from this thread: on SQLite that write could make a run's batch fail with "database
+        is locked"."""
+        alive = self._alive()
+        if not alive:
+            return
+        request_stop("the dashboard's server is stopping")
+        try:
+            for job in alive:
+                job.thread.join(timeout)
+        finally:
+            clear_stop()
 
 
 def plan_line(number: int, raw: bytes) -> dict[str, Any]:

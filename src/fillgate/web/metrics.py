@@ -15,19 +15,23 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fillgate.runs import RunKind
+
+PLAN, APPLY, REVERT = RunKind.PLAN, RunKind.APPLY, RunKind.REVERT
+
 # (metric name, help, the run kinds it sums, the count it sums)
 COUNTERS = (
-    ("fillgate_rows_scanned", "Source rows read by plans.", ("plan",), "rows"),
-    ("fillgate_changes_planned", "Changes (writes and inserts) proposed by plans.", ("plan",), "writes"),
-    ("fillgate_changes_applied", "Changes written by apply runs.", ("apply",), "applied"),
-    ("fillgate_changes_reverted", "Changes written back by revert runs.", ("revert",), "applied"),
+    ("fillgate_rows_scanned", "Source rows read by plans.", (PLAN,), "rows"),
+    ("fillgate_changes_planned", "Changes (writes and inserts) proposed by plans.", (PLAN,), "writes"),
+    ("fillgate_changes_applied", "Changes written by apply runs.", (APPLY,), "applied"),
+    ("fillgate_changes_reverted", "Changes written back by revert runs.", (REVERT,), "applied"),
     ("fillgate_conflicts", "Changes left alone because the row changed since the plan (apply and revert).",
-     ("apply", "revert"), "conflicts"),
-    ("fillgate_errors", "Row errors (plan) and write errors (apply, revert).", ("plan", "apply", "revert"), "errors"),
+     (APPLY, REVERT), "conflicts"),
+    ("fillgate_errors", "Row errors (plan) and write errors (apply, revert).", (PLAN, APPLY, REVERT), "errors"),
     ("fillgate_unexpected_index", "Rows whose lookup result was missing, extra, duplicated or out of place.",
-     ("plan",), "unexpected_index"),
+     (PLAN,), "unexpected_index"),
     ("fillgate_disagreements", "Fields whose stored value disagrees with the computed one (not written).",
-     ("plan",), "disagreements"),
+     (PLAN,), "disagreements"),
 )
 
 
@@ -50,7 +54,7 @@ class LedgerCollector(Collector):
             sums: dict[tuple[str, str], float] = {}
             jobs: set[str] = set()
             for total in entry["totals"]:
-                if total["kind"] in ("init", "stamp"):
+                if total["kind"] in (RunKind.INIT, RunKind.STAMP):
                     continue
                 runs.add_metric([target, total["job"], total["kind"], total["status"]], total["runs"])
                 jobs.add(total["job"])

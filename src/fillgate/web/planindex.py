@@ -172,7 +172,7 @@ class PlanIndex:
         if not name:
             return None
         row = db.execute("SELECT id FROM columns WHERE name = ?", (name,)).fetchone()
-        return row[0] if row else -1
+        return int(row[0]) if row else -1
 
     def _view(self, kind: str | None, column: str | None, db: sqlite3.Connection) -> tuple[str, list[Any], str]:
         """(WHERE clause, parameters, ordinal column) of a view."""
@@ -190,12 +190,12 @@ class PlanIndex:
         """Lines in the view (so far, while the index is being built)."""
         with self._reader() as db:
             where, params, ordinal = self._view(kind, column, db)
-            return db.execute(f"SELECT coalesce(max({ordinal}), 0) FROM lines WHERE {where}", params).fetchone()[0]
+            return int(db.execute(f"SELECT coalesce(max({ordinal}), 0) FROM lines WHERE {where}", params).fetchone()[0])
 
     def counts(self) -> dict[str, int]:
         """Lines of each kind (so far)."""
         with self._reader() as db:
-            return {kind: db.execute("SELECT coalesce(max(nk), 0) FROM lines WHERE kind = ?", (i,)).fetchone()[0]
+            return {kind: int(db.execute("SELECT coalesce(max(nk), 0) FROM lines WHERE kind = ?", (i,)).fetchone()[0])
                     for i, kind in enumerate(KINDS)}
 
     def page(self, number: int, kind: str | None = None, column: str | None = None,

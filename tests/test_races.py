@@ -130,3 +130,43 @@ def test_a_hold_refreshes_the_heartbeat() -> None:
     monitor._on_hold("replication lag 12s > 5s")
     monitor._on_hold("replication lag 12s > 5s")  # within 10 s of the last beat: not again
     assert beats == [1]
+
+
+def test_a_sqlite_write_transaction_waits_for_another_writer(sqlite_db: TestDB) -> None:
+    """A batch's transaction may read before it writes. Begun deferred, another writer that
+    slips in between makes its first write fail at once ("database is locked": SQLite does not
+    wait in that case); begun IMMEDIATE (write_transaction), the other writer waits instead."""
+    import sqlite3
+    import threading
+    import time
+
+    from fillgate.database import engine_for, write_transaction
+
+    db = sqlite_db
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    db.execute("INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+    engine = engine_for(db.target())
+    began = threading.Event()
+    other: list[BaseException | None] = []
+
+    def other_writer() -> None:
+        began.wait(10)
+        con = sqlite3.connect(str(db.tmp_path / "test.db"), timeout=10, isolation_level=None)
+        try:
+            con.execute("UPDATE t SET v = 'other' WHERE id = 2")
+            other.append(None)
+        except BaseException as exc:
+            other.append(exc)
+        finally:
+            con.close()
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    with write_transaction(engine) as tx:
+        tx.exec_driver_sql("SELECT v FROM t WHERE id = 1").all()  # a read first, as a batch may
+        began.set()
+        time.sleep(0.3)  # the other writer is trying now
+        tx.exec_driver_sql("UPDATE t SET v = 'batch' WHERE id = 1")
+    thread.join(30)
+    assert other == [None]
+    assert db.rows("SELECT id, v FROM t ORDER BY id") == [(1, "batch"), (2, "other")]

@@ -16,6 +16,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from fillgate.database import write_transaction
 from fillgate.errors import (
     AlreadyDoneError,
     FillgateError,
@@ -120,7 +121,7 @@ class _Applying:
         status = RunStatus.SUCCEEDED
         try:
             for batch in _batches(changes, self.limits.batch_size):
-                with interruptible(), engine.begin() as tx:
+                with interruptible(), write_transaction(engine) as tx:
                     outcome, problems, control = self._write(tx, batch)
                 self._report(batch, outcome, problems)
                 stopped = self._stop(control)

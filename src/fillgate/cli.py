@@ -337,7 +337,7 @@ def _monitor(events: str | None, as_json: bool) -> Iterator[Monitor]:
         err.print(f"[bold yellow]{reason}[/]: stopping after the current batch "
                   "(press Ctrl-C again to stop at once; that batch is then rolled back).")
 
-    with stop_on_signals(stopping), Monitor(events=EventWriter(events), progress=progress) as monitor:
+    with stop_on_signals(stopping, linger=True), Monitor(events=EventWriter(events), progress=progress) as monitor:
         yield monitor
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from fillgate.backends import backend_for
+from fillgate.backends.base import WRITES
 from fillgate.config import Target
 from fillgate.errors import ConfigError
 from fillgate.redact import mask_secrets
@@ -33,6 +36,14 @@ def engine_for(target: Target) -> Engine:
             setattr(engine, TARGET_ATTR, target.name)
             _engines[cache_key] = engine
         return engine
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that will write (a batch: data, audit, checkpoint): on SQLite it takes the
+    write lock when it begins, so it waits out another writer instead of failing."""
+    with engine.connect().execution_options(**{WRITES: True}) as conn, conn.begin():
+        yield conn
 
 
 def missing_database_file(target: Target) -> Path | None:

@@ -68,11 +68,16 @@ _NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 
 
 @contextmanager
-def stop_on_signals(on_first: Callable[[str], None] | None = None) -> Iterator[None]:
+def stop_on_signals(on_first: Callable[[str], None] | None = None, *, linger: bool = False) -> Iterator[None]:
     """While inside, the first SIGINT/SIGTERM requests a stop (``on_first(reason)`` is called,
     e.g. to print "stopping after the current batch"), a second SIGINT raises
     KeyboardInterrupt. Outside the main thread this does nothing (Python delivers signals to
-    the main thread only)."""
+    the main thread only).
+
+    With ``linger`` (the ``fillgate`` command, which ends once its run has stopped), a signal
+    that stopped the run keeps its effect after the block: a further Ctrl-C while the command
+    prints its summary and exits is ignored (a third exits at once), instead of killing the
+    process halfway through its last lines."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -92,10 +97,20 @@ def stop_on_signals(on_first: Callable[[str], None] | None = None) -> Iterator[N
         if on_first is not None:
             on_first(reason)
 
+    def finishing(signum: int, _frame: FrameType | None) -> None:
+        _signals[0] += 1
+        if _signals[0] >= 3:
+            os.write(2, b"interrupted: third Ctrl-C, exiting at once (what was committed stays committed).\n")
+            os._exit(130)
+
     previous = {sig: signal.signal(sig, handler) for sig in _NAMES}
     try:
         yield
     finally:
+        stopped_by_signal = _stop.is_set() and bool(_reason) and _reason[0].startswith("interrupted by ")
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            signal.signal(sig, finishing if linger and stopped_by_signal else old)
+        count = _signals[0]
         clear()
+        if linger and stopped_by_signal:
+            _signals[0] = count

@@ -165,6 +165,10 @@ def type_name(value: Any) -> str:
     return kind.__qualname__ if module in ("builtins", "") else f"{module}.{kind.__qualname__}"
 
 
+WRITES = "fillgate_writes"
+"""The execution option of a connection whose transaction will write (``database.write_transaction``)."""
+
+
 def placeholder(dialect: Any) -> str:
     """The driver's parameter mark in raw SQL (``?`` for qmark drivers, else ``%s``)."""
     return "?" if dialect.paramstyle == "qmark" else "%s"

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from fillgate.backends.base import PROBE, Backend, ColumnType, ProbeSession, Unstorable, database_reason, shown
+from fillgate.backends.base import PROBE, WRITES, Backend, ColumnType, ProbeSession, Unstorable, database_reason, shown
 
 INT64 = (-(2**63), 2**63 - 1)
 
@@ -99,7 +99,10 @@ class SQLiteBackend(Backend):
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN")
+            # A write transaction takes the write lock up front: a deferred one that has read
+            # first cannot wait for another writer (SQLite answers "database is locked" at once
+            # instead of applying the busy timeout).
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITES) else "BEGIN")
 
     def missing_file(self, url: Any) -> Path | None:
         database = url.database

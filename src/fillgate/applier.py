@@ -40,7 +40,7 @@ from fillgate.planner import SAMPLE, PlanResult, make_plan
 from fillgate.runs import RunKind, RunStatus
 from fillgate.sql import BatchOutcome, Change, TableSQL, apply_changes
 from fillgate.stamp import Connected, check_write_allowed
-from fillgate.values import dumps, encode_key
+from fillgate.values import dumps, encode_key, in_words
 
 
 @dataclass
@@ -236,13 +236,13 @@ class _Applying:
 
 def _conflict_message(change: Change, current: Any, exists: bool) -> str:
     if change.op == "insert":
-        return f"row {encode_key(change.key)} already exists ({current!r}); not inserted."
+        return f"row {encode_key(change.key)} already exists ({in_words(current)}); not inserted."
     if change.op == "delete":
         if not exists:
             return f"row {encode_key(change.key)} no longer exists; nothing to delete."
-        return f"row {encode_key(change.key)} changed since it was inserted (now {current!r}); not deleted."
-    found = f"found {current!r}" if exists else "the row no longer exists"
-    return f"{change.column} changed since the plan: expected {change.old!r}, {found}; left alone."
+        return f"row {encode_key(change.key)} changed since it was inserted (now {in_words(current)}); not deleted."
+    found = f"found {in_words(current)}" if exists else "the row no longer exists"
+    return f"{change.column} changed since the plan: expected {in_words(change.old)}, {found}; left alone."
 
 
 # --- checking a plan before anything is written --------------------------------------------

@@ -18,7 +18,7 @@ from sqlalchemy.sql.elements import TextClause
 from fillgate.backends import ColumnType, backend_for, same_value
 from fillgate.backends.base import placeholder
 from fillgate.errors import JobError, KeyNotUniqueError, StoredValueError
-from fillgate.values import encode_key
+from fillgate.values import encode_key, in_words
 
 
 class Change(NamedTuple):
@@ -452,7 +452,7 @@ def _stored_differently(conn: Connection, sql: TableSQL, differences: list[tuple
     for column, planned, stored in differences:
         ctype = sql.column_type(conn, column)
         kind = f" ({ctype.type})" if ctype is not None else ""
-        parts.append(f"{column}{kind} would hold {stored!r}, not the planned {planned!r}")
+        parts.append(f"{column}{kind} would hold {in_words(stored)}, not the planned {in_words(planned)}")
     return StoredValueError(
         "the database stored a value differently from the plan: " + "; ".join(parts)
         + " (the column's type or a trigger changed it). The row's change was rolled back; nothing of it "

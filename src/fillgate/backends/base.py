@@ -43,6 +43,8 @@ from typing import Any, ClassVar
 
 from sqlalchemy.engine import Connection, Engine
 
+from fillgate.values import in_words
+
 # The families a column's type belongs to, and what a proposal for each must be.
 FAMILY_WANTS: dict[str, str] = {
     "integer": "an int",
@@ -89,8 +91,9 @@ class ColumnType:
 
 
 def shown(value: Any) -> str:
-    """A value as a message shows it (whole: values are never cut)."""
-    return repr(value)
+    """A value as a message shows it: as the database would show it, whole (values are never
+    cut), a string quoted (``values.in_words``)."""
+    return in_words(value)
 
 
 def _is_nan(value: Any) -> bool:
@@ -304,19 +307,19 @@ class Backend:
             return self._wrong_type(ctype, value)
         if family == "date" and isinstance(value, dt.datetime):
             return Unstorable(
-                f"{ctype.describe()} holds a date, and {value!r} is a datetime: its time would be dropped. "
+                f"{ctype.describe()} holds a date, and {shown(value)} is a datetime: its time would be dropped. "
                 "Propose a datetime.date (value.date())."
             )
         is_datetime = isinstance(value, dt.datetime)
         tzinfo = value.tzinfo if isinstance(value, dt.datetime) else None
         if family == "timestamp" and is_datetime and tzinfo is not None and self.naive_timestamps:
             return Unstorable(
-                f"{ctype.describe()} has no time zone, and {value!r} is an aware datetime: the database would "
+                f"{ctype.describe()} has no time zone, and {shown(value)} is an aware datetime: the database would "
                 "silently convert it to the session's time zone. Propose a naive datetime."
             )
         if family == "timestamptz" and is_datetime and tzinfo is None:
             return Unstorable(
-                f"{ctype.describe()} stores an instant, and {value!r} is a naive datetime: the database would "
+                f"{ctype.describe()} stores an instant, and {shown(value)} is a naive datetime: the database would "
                 "read it in the session's time zone. Propose an aware datetime (with tzinfo)."
             )
         if isinstance(value, str):
@@ -324,7 +327,7 @@ class Backend:
                 value = str.__str__(value)
             problem = utf8_error(value)
             if problem is not None:
-                return Unstorable(f"{ctype.describe()} cannot hold {value!r}: {problem}.")
+                return Unstorable(f"{ctype.describe()} cannot hold {shown(value)}: {problem}.")
         elif kind is not int and isinstance(value, int) and family != "any":
             value = int(value)  # an IntEnum and the like: its number
         elif isinstance(value, bytearray | memoryview):
@@ -336,7 +339,7 @@ class Backend:
         if ctype.family in ("integer", "numeric") and self.bools_as_ints:
             wants += " (or a bool, stored as 1/0)"
         return Unstorable(
-            f"{ctype.describe()} takes {wants}; the job proposed {value!r} ({type_name(value)}). "
+            f"{ctype.describe()} takes {wants}; the job proposed {shown(value)} ({type_name(value)}). "
             "Propose a value of the column's type: fillgate does not convert values."
         )
 
@@ -405,11 +408,11 @@ def numeric_rule(ctype: ColumnType, precision: int | None, scale: int | None) ->
         except decimal.InvalidOperation:
             stored = limit  # more digits than the column holds
         if abs(stored) >= limit:
-            return Unstorable(f"{ctype.describe()} cannot hold {value!r}: it holds at most {precision - scale} "
+            return Unstorable(f"{ctype.describe()} cannot hold {shown(value)}: it holds at most {precision - scale} "
                               "digits before the decimal point (numeric field overflow).")
         if stored != number:
-            return Unstorable(f"{ctype.describe()} would store {stored!r} for {value!r}: it keeps {scale} decimal "
-                              "places and rounds the rest.")
+            return Unstorable(f"{ctype.describe()} would store {shown(stored)} for {shown(value)}: "
+                              f"it keeps {scale} decimal places and rounds the rest.")
         return stored
     return constrained
 

@@ -124,7 +124,7 @@ class MySQLBackend(Backend):
     def exact_form(self, ctype: ColumnType, value: Any) -> Any:
         if type(value) is float and not math.isfinite(value):
             what = "NaN" if value != value else "an infinity"
-            return Unstorable(f"{ctype.describe()} cannot hold {value!r}: MariaDB and MySQL cannot store {what}.")
+            return Unstorable(f"{ctype.describe()} cannot hold {shown(value)}: MariaDB and MySQL cannot store {what}.")
         limits = ctype.details.get("range")
         if limits is None or type(value) is not int:
             return PROBE

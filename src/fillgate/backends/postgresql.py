@@ -174,7 +174,7 @@ class PostgreSQLBackend(Backend):
             wants_tz = ctype.details.get("typname") == "timetz"
             if (bound.tzinfo is not None) != wants_tz:
                 kind = "an aware" if wants_tz else "a naive"
-                return Unstorable(f"{ctype.describe()} takes {kind} datetime.time; the job proposed {bound!r}.")
+                return Unstorable(f"{ctype.describe()} takes {kind} datetime.time; the job proposed {shown(bound)}.")
         return bound
 
     def exact_form(self, ctype: ColumnType, value: Any) -> Any:
@@ -186,16 +186,16 @@ class PostgreSQLBackend(Backend):
             if d["enum"] or not d["utf8"] or d["typname"] not in ("text", "varchar", "bpchar", "citext"):
                 return PROBE
             if "\x00" in value:
-                return Unstorable(f"{ctype.describe()} cannot hold {value!r}: PostgreSQL text cannot contain NUL "
+                return Unstorable(f"{ctype.describe()} cannot hold {shown(value)}: PostgreSQL text cannot contain NUL "
                                   "(\\x00) characters.")
             length = d.get("length")
             if length is None or len(value) == length or (len(value) < length and d["typname"] == "varchar"):
                 return value
             if len(value) > length:
-                return Unstorable(f"{ctype.describe()} cannot hold {value!r}: it is {len(value)} characters long, "
+                return Unstorable(f"{ctype.describe()} cannot hold {shown(value)}: it is {len(value)} characters long, "
                                   f"more than {length}.")
-            return Unstorable(f"{ctype.describe()} would store {value.ljust(length)!r} (padded with spaces to "
-                              f"{length} characters) for {value!r}; propose the padded value.")
+            return Unstorable(f"{ctype.describe()} would store {shown(value.ljust(length))} (padded with spaces to "
+                              f"{length} characters) for {shown(value)}; propose the padded value.")
         if family == "integer":
             low, high = d["range"]
             if low <= value <= high:
@@ -220,7 +220,7 @@ class PostgreSQLBackend(Backend):
             if precision is None or precision >= 6 or value.microsecond % 10 ** (6 - precision) == 0:
                 return value
             return Unstorable(
-                f"{ctype.describe()} keeps {precision} fractional digits of a second, and {value!r} has more: "
+                f"{ctype.describe()} keeps {precision} fractional digits of a second, and {shown(value)} has more: "
                 "the database would round it."
             )
         if family in ("bool", "bytes", "date", "uuid"):

@@ -236,7 +236,7 @@ def _decimal(ctype: ColumnType, value: decimal.Decimal) -> Any:
     if value.is_nan() or (not math.isnan(as_float) and value == as_float):
         return as_float
     return Unstorable(
-        f"{ctype.describe()} cannot hold {value!r} exactly: SQLite stores numbers as 64-bit integers or floats, "
+        f"{ctype.describe()} cannot hold {shown(value)} exactly: SQLite stores numbers as 64-bit integers or floats, "
         f"and the nearest float is {decimal.Decimal(as_float)}. Propose a float (or a str column for exact decimals)."
     )
 

@@ -7,25 +7,29 @@ handled by the command itself (see ``fillgate.interrupts``).
 
 from __future__ import annotations
 
+# The handler goes in before anything else is imported: ``_signal`` and ``os`` are loaded by
+# the interpreter itself, while ``signal`` imports ``enum`` (slow enough for a Ctrl-C to land
+# in it and print a traceback from the standard library).
+import _signal  # type: ignore[import-not-found]  # (no stubs: the C half of signal)
 import os
-import signal
-import sys
 from types import FrameType
 
 EXIT_INTERRUPTED = 130
 
 
 def _while_starting(_signum: int, _frame: FrameType | None) -> None:
-    sys.stderr.write("interrupted: stopped by Ctrl-C while starting; nothing was written.\n")
-    sys.stderr.flush()
+    os.write(2, b"interrupted: stopped by Ctrl-C while starting; nothing was written.\n")
     os._exit(EXIT_INTERRUPTED)
 
 
+_default = _signal.signal(_signal.SIGINT, _while_starting)
+
+
 def main() -> None:
-    previous = signal.signal(signal.SIGINT, _while_starting)
+    _signal.signal(_signal.SIGINT, _while_starting)
     from fillgate.cli import main as cli_main
 
-    signal.signal(signal.SIGINT, previous)
+    _signal.signal(_signal.SIGINT, _default)
     cli_main()
 
 

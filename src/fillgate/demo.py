@@ -198,3 +198,6 @@ class _Tour:
                      cmd(f"history customers {key_text}"), cmd(f"plan {self.job} -o {again.name}"),
                      cmd(f"apply {again.name} --max-changes {changes}")):
             self.console.print(f"  {escape(line)}", soft_wrap=True)
+        web = escape("pip install 'fillgate[web]'")
+        self.console.print(f"  {escape(cmd('serve'))}    # the web dashboard over both targets ({web})",
+                           soft_wrap=True)

@@ -17,11 +17,12 @@ from itertools import islice
 from pathlib import Path
 
 from fillgate.applier import ApplyResult, execute, lock_name, with_job_checks
+from fillgate.canary import run_changes
 from fillgate.errors import FillgateError, PlanFileError, RunStateError, UsageError
 from fillgate.ledger import ApplyLock, Run, operator_name, utcnow
 from fillgate.limits import Limits
 from fillgate.monitor import Monitor
-from fillgate.plan import file_sha256, iter_changes, read_header
+from fillgate.plan import file_sha256, read_header
 from fillgate.revert import inverse_changes
 from fillgate.runs import WRITING_KINDS, RunKind, RunStatus
 from fillgate.sql import Change
@@ -55,7 +56,7 @@ def _remaining(conn: Connected, run: Run, limits: Limits) -> tuple[Iterable[Chan
         raise PlanFileError(
             f"plan file {path} changed since run {run.run_id} started applying it; refusing to resume."
         )
-    return iter_changes(path, skip=run.checkpoint), with_job_checks(limits, read_header(path))
+    return run_changes(run, run.checkpoint), with_job_checks(limits, read_header(path))
 
 
 def resume_run(

@@ -16,7 +16,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
-from fillgate.canary import canary_order, check_canary, verify_canary
+from fillgate.canary import canary_order, check_canary, check_verified, verify_canary
 from fillgate.database import write_transaction
 from fillgate.errors import (
     AlreadyDoneError,
@@ -104,14 +104,10 @@ def execute(
     monitor = monitor or Monitor()
     result = _Applying(conn, run, limits, lock, monitor).execute(changes)
     if result.stopped == "canary":
-        try:
-            canary = verify_canary(conn, result.run)
-        except FillgateError as exc:
-            monitor.events.emit("canary_paused", run_id=run.run_id, done=result.run.checkpoint,
-                                total=result.run.total, verified=False, problems=str(exc))
-            raise
+        canary = verify_canary(conn, result.run)
         monitor.events.emit("canary_paused", run_id=run.run_id, done=result.run.checkpoint, total=result.run.total,
-                            verified=True, problems=None)
+                            verified=canary["verified"], problems=canary["problems"] or None)
+        check_verified(run.run_id, canary)
         result.run = conn.ledger.get_run(run.run_id)
         result.canary = canary
     return result
@@ -411,6 +407,9 @@ def apply_plan(
         args={"key": header.key, "source": header.job, "batch_size": limits.batch_size, "max_changes": gate, **args},
     )
     lock = start_writing_run(conn, run)
+    monitor = monitor or Monitor()
+    monitor.events.emit("apply_checked", run_id=run.run_id, approvals=args.get("approvals", []),
+                        rehearsal=args.get("rehearsal"), canary=args.get("canary"))
     try:
         changes = canary_order(path, canary, header.changes) if canary is not None else iter_changes(path)
         return execute(conn, run, changes, limits, lock, monitor)

@@ -79,13 +79,13 @@ def _job_problems(conn: Connected, run: Run, keys: Sequence[tuple[Any, ...]]) ->
     """What the job's ``verify`` found wrong (it has none: nothing)."""
     header = read_header(run.plan_path or "")
     job_cls = load_job(header.job_spec) if header.job_spec else None
-    if job_cls is None or getattr(job_cls, "verify", None) is None:
+    if job_cls is None or job_cls.verify is Job.verify:
         return []
     job: Job = job_cls(header.params)
     ctx = RunContext(run_id=run.run_id, target=conn.target, job=header.job, params=job.args, engine=conn.engine)
     try:
         with activate(ctx):
-            verdict = job.verify(ctx, list(keys))  # type: ignore[attr-defined]
+            verdict = job.verify(ctx, list(keys))
     except FillgateError:
         raise
     except Exception as exc:
@@ -112,8 +112,8 @@ def _sql_problems(conn: Connected, sql: str) -> list[str]:
 
 
 def verify_canary(conn: Connected, run: Run) -> dict[str, Any]:
-    """Run the canary's verification (the job's ``verify``, ``--verify-sql``), record its
-    outcome with the run, and raise CanaryVerificationError if it failed. The run stays paused."""
+    """Run the canary's verification (the job's ``verify``, ``--verify-sql``) and record its
+    outcome with the run (``verified``, ``problems``, ``message``). The run stays paused."""
     canary = dict(run.args["canary"])
     keys = changed_keys(conn, run.run_id)
     problems = _job_problems(conn, run, keys)
@@ -128,6 +128,10 @@ def verify_canary(conn: Connected, run: Run) -> dict[str, Any]:
                f"or continue anyway: {go_on}") if problems else (
         f"{done} and verified; the run is paused. Continue with: {go_on}")
     conn.ledger.update_run(run.run_id, args={**run.args, "canary": canary}, message=message)
-    if problems:
-        raise CanaryVerificationError(f"run {run.run_id}: {message}", run.run_id)
-    return canary
+    return {**canary, "message": message}
+
+
+def check_verified(run_id: str, canary: dict[str, Any]) -> None:
+    """Raise CanaryVerificationError (exit 4) for a canary whose verification failed."""
+    if not canary["verified"]:
+        raise CanaryVerificationError(f"run {run_id}: {canary['message']}", run_id)

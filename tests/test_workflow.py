@@ -308,7 +308,7 @@ def test_a_failed_canary_verification_leaves_the_run_paused_and_says_how_to_undo
     run_id = world.live.scalar("SELECT run_id FROM fillgate_runs WHERE kind = 'apply'")
     message = " ".join(result.stderr.split())
     assert "verification failed: checked:FillEmailChecked.verify: 1 rows past id 15 changed" in message
-    assert f"fillgate cancel {run_id} && fillgate revert {run_id} --confirm live" in message
+    assert f"fillgate cancel {run_id} --target live && fillgate revert {run_id} --target live --confirm live" in message
     status, args = world.live.rows("SELECT status, args FROM fillgate_runs WHERE run_id = :r", {"r": run_id})[0]
     assert status == "paused" and json.loads(args)["canary"]["verified"] is False
     assert world.run("cancel", run_id, "--target", "live").exit_code == 0

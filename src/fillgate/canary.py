@@ -120,9 +120,10 @@ def verify_canary(conn: Connected, run: Run) -> dict[str, Any]:
     if canary.get("verify_sql"):
         problems += _sql_problems(conn, canary["verify_sql"])
     canary.update(changed_keys=len(keys), verified=not problems, problems=problems)
-    undo = f"fillgate cancel {run.run_id} && fillgate revert {run.run_id}" + (
-        f" --confirm {conn.target.environment}" if conn.target.protected else "")
-    go_on = f"fillgate resume {run.run_id}" + (f" --confirm {conn.target.environment}" if conn.target.protected else "")
+    where = f" --target {conn.target.name}"
+    confirm = f" --confirm {conn.target.environment}" if conn.target.protected else ""
+    undo = f"fillgate cancel {run.run_id}{where} && fillgate revert {run.run_id}{where}{confirm}"
+    go_on = f"fillgate resume {run.run_id}{where}{confirm}"
     done = f"canary of {run.checkpoint} of {run.total} changes applied ({len(keys)} rows)"
     message = (f"{done}; verification failed: {' | '.join(problems)}. The run is paused. Undo the canary: {undo}; "
                f"or continue anyway: {go_on}") if problems else (

@@ -10,6 +10,8 @@ same before and after."""
 from __future__ import annotations
 
 import json
+import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from fillgate.canary import canary_positions
 from fillgate.config import parse_url
 from fillgate.database import dispose_all
 
-from conftest import TestDB, run_cli
+from conftest import TestDB, current_apply, fillgate_subprocess, kill_when, run_cli
 
 N = 20  # people; every second one lacks an email, so FillEmail plans 10 changes
 LEDGER_TABLES = ("fillgate_runs", "fillgate_changes", "fillgate_errors", "fillgate_batches", "fillgate_actions",
@@ -359,3 +361,63 @@ def test_markdown_report_of_a_plan_file_and_of_its_apply(world: Any) -> None:
     assert json.loads(as_json.stdout)["run_id"] == apply_id
     assert world.run("show", apply_id, "--target", "live", "--format", "html").exit_code == 2
     assert world.run("show", apply_id, "--target", "live", "--format", "markdown", "--json").exit_code == 2
+
+
+def test_an_unreadable_rehearsal_target_refuses_and_writes_nothing(sqlite_db: TestDB, cli: CliRunner,
+                                                                   jobs_file: Path) -> None:
+    sqlite_db.create_people(N)
+    cfg = sqlite_db.config({"staging": {"url": "${FILLGATE_TEST_UNSET_STAGING_URL}"},
+                            "live": {"environment": "live", "max_changes": 100, "rehearse_on": "staging"}})
+    assert run_cli(cli, cfg, "init", "--target", "live", "--confirm", "live").exit_code == 0
+    assert run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "--target", "live", "-o", "live.plan").exit_code == 0
+    before = [sqlite_db.rows(f"SELECT * FROM {t}") for t in ("people", *LEDGER_TABLES)]
+    result = run_cli(cli, cfg, "apply", "live.plan", "--confirm", "live")
+    assert result.exit_code == 3, result.output
+    message = " ".join(result.stderr.split())
+    assert "is rehearsed on 'staging', whose ledger cannot be read" in message
+    assert "FILLGATE_TEST_UNSET_STAGING_URL" in message and "Nothing was written" in message
+    assert [sqlite_db.rows(f"SELECT * FROM {t}") for t in ("people", *LEDGER_TABLES)] == before
+
+
+@pytest.mark.slow
+def test_a_canary_killed_anywhere_resumes_exactly_once(db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
+    """kill -9 inside the canary, then inside the rest: every change is written once, the
+    canary first, and the run still paused after its canary."""
+    rows = 400
+    db.create_people(rows)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    assert run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", "fill.plan").exit_code == 0
+    pace = ("--batch-size", "5", "--pause-between-batches", "20")
+    rng = random.Random(7)
+
+    def at_least(n: int) -> Any:
+        return lambda: (current_apply(db) or ("", "", 0))[2] >= n
+
+    proc = fillgate_subprocess(["--config", str(cfg), "apply", "fill.plan", "--canary", "40", *pace], cwd=db.tmp_path)
+    kill_when(proc, at_least(10), rng)
+    run_id, _, checkpoint = current_apply(db)  # type: ignore[misc]
+    assert checkpoint < 40, "the kill came after the canary; slow the apply down"
+    for _ in range(100):  # a killed SQLite process's lock row is taken over once its pid is gone
+        resumed = run_cli(cli, cfg, "resume", run_id)
+        if resumed.exit_code != 3:
+            break
+        time.sleep(0.1)
+    assert resumed.exit_code == 0 and "canary of 40 of 200" in resumed.stdout, resumed.output
+    assert current_apply(db)[1:] == ("paused", 40)  # type: ignore[index]
+
+    proc = fillgate_subprocess(["--config", str(cfg), "resume", run_id, *pace], cwd=db.tmp_path)
+    kill_when(proc, at_least(60), rng)
+    for _ in range(100):
+        done = run_cli(cli, cfg, "resume", run_id)
+        if done.exit_code != 3:
+            break
+        time.sleep(0.1)
+    assert done.exit_code == 0, done.output
+    assert current_apply(db)[1:] == ("succeeded", 200)  # type: ignore[index]
+    keys = [k for (k,) in db.rows("SELECT row_key FROM fillgate_changes WHERE run_id = :r ORDER BY id", {"r": run_id})]
+    assert len(keys) == 200 == len(set(keys))
+    canary = {f"[{2 * p + 1}]" for p in canary_positions(200, 40)}  # the plan's changes are ids 1, 3, 5, ...
+    assert set(keys[:40]) == canary
+    assert db.scalar("SELECT count(*) FROM people WHERE email LIKE '%@example.com'") == 200
+    assert run_cli(cli, cfg, "verify", run_id).exit_code == 0

@@ -3,7 +3,8 @@
 Each error carries the process exit code the CLI uses for it (docs/design.md, "Exit codes"):
 2 for usage or configuration errors, 3 for refusals by a guard. Messages say what was
 wrong, why, and what to do. ``fillgate verify`` exits 4 when the audit log does not match
-its tamper evidence (a finding, not an error).
+its tamper evidence (a finding, not an error), and an ``apply --canary`` exits 4 when its
+verification fails.
 """
 
 from __future__ import annotations

@@ -197,6 +197,8 @@ def test_apply_needs_the_same_job_applied_on_the_rehearsal_target(world: Any) ->
     message = world.refused("apply", str(plan), "--confirm", "live")
     assert "applied successfully on its rehearsal target 'staging' first" in message
     assert "It has no succeeded apply of" in message
+    assert f"Rehearse it with: fillgate run {world.jobs}:OverwriteEmail --target staging --param domain=new.org;" \
+        in message
     # `run` is refused before it plans anything
     world.refused("run", job, "--target", "live", "--confirm", "live", "--param", "domain=new.org")
 

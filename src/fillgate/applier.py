@@ -425,7 +425,7 @@ def _workflow_args(conn: Connected, header: PlanHeader, sha256: str, path: Path,
     if conn.target.approvals:
         args["approvals"] = approvals
     rehearsal = check_rehearsal(conn, header.job, header.job_fingerprint, header.params, header.counts,
-                                skip=limits.skip_rehearsal, confirm=limits.confirm)
+                                skip=limits.skip_rehearsal, confirm=limits.confirm, spec=header.job_spec or None)
     if rehearsal is not None:
         args["rehearsal"] = rehearsal.to_json()
     return args
@@ -443,7 +443,7 @@ def check_run_allowed(conn: Connected, job_cls: type[Job], params: Mapping[str, 
             "fillgate approve FILE; then: fillgate apply FILE"
         )
     check_rehearsal(conn, job_cls.job_name(), job_cls.code_fingerprint(), job_cls(params).args, None,
-                    skip=limits.skip_rehearsal, confirm=limits.confirm)
+                    skip=limits.skip_rehearsal, confirm=limits.confirm, spec=job_cls.spec())
 
 
 def run_job(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from shlex import quote
 from typing import Any
 
 from fillgate.config import Target
@@ -102,7 +103,14 @@ def _rehearsal_conn(target: Target) -> Connected:
         ) from None
 
 
-def find_rehearsal(target: Target, job: str, fingerprint: str, params: dict[str, Any]) -> tuple[Run, Run | None]:
+def rehearse_command(target: Target, spec: str | None, params: dict[str, Any]) -> str:
+    """The command that rehearses the job on the target's rehearsal target."""
+    options = "".join(f" --param {quote(f'{k}={v}')}" for k, v in sorted(params.items()))
+    return f"fillgate run {quote(spec) if spec else 'JOB'} --target {target.rehearse_on}{options}"
+
+
+def find_rehearsal(target: Target, job: str, fingerprint: str, params: dict[str, Any],
+                   spec: str | None = None) -> tuple[Run, Run | None]:
     """The newest succeeded apply of ``job`` (same code, same parameters) on the target's
     rehearsal target, and its plan run; or RehearsalRequiredError saying what is missing."""
     where = _rehearsal_conn(target)
@@ -119,7 +127,7 @@ def find_rehearsal(target: Target, job: str, fingerprint: str, params: dict[str,
     raise RehearsalRequiredError(
         f"target '{target.name}' needs job {job} (code {fingerprint}, parameters {wanted}) applied successfully "
         f"on its rehearsal target '{target.rehearse_on}' first.{seen} Nothing was written. Rehearse it with: "
-        f"fillgate run JOB --target {target.rehearse_on} (same parameters), or override with "
+        f"{rehearse_command(target, spec, params)}; or override with "
         f"--skip-rehearsal --confirm {target.environment}"
     )
 
@@ -137,7 +145,7 @@ def outside_tolerance(differences: dict[str, list[int]], tolerance: float) -> li
 
 def check_rehearsal(
     conn: Connected, job: str, fingerprint: str, params: dict[str, Any], counts: dict[str, int] | None,
-    *, skip: bool = False, confirm: str | None = None,
+    *, skip: bool = False, confirm: str | None = None, spec: str | None = None,
 ) -> Rehearsal | None:
     """The target's ``rehearse_on``: the rehearsal found (and, with the plan's ``counts``,
     compared within ``rehearsal_tolerance``), its recorded override, or RehearsalRequiredError."""
@@ -151,7 +159,7 @@ def check_rehearsal(
                 "Nothing was written."
             )
         return Rehearsal(target=target.rehearse_on, skipped=True)
-    applied, plan = find_rehearsal(target, job, fingerprint, params)
+    applied, plan = find_rehearsal(target, job, fingerprint, params, spec)
     found = Rehearsal(target=target.rehearse_on, run_id=applied.run_id, plan_id=applied.parent_run_id,
                       tolerance=target.rehearsal_tolerance)
     if counts is None or plan is None:

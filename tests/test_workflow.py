@@ -182,6 +182,12 @@ def test_an_approval_is_of_one_exact_plan_file(world: Any) -> None:
 def test_run_on_a_target_needing_approvals_is_refused_before_planning(world: Any) -> None:
     message = world.refused("run", fill_email(world), "--target", "live", "--confirm", "live")
     assert "needs 1 approval of a plan" in message and "fillgate approve FILE" in message
+    pipeline = world.db.tmp_path / "pipeline.py"
+    pipeline.write_text(f"import sys\nsys.path.insert(0, {str(world.jobs.parent)!r})\n"
+                        "from jobs import FillEmail, FillKind\nfrom fillgate import Pipeline\n\n\n"
+                        "class Both(Pipeline):\n    stages = [FillEmail, FillKind]\n")
+    message = world.refused("run", f"{pipeline}:Both", "--target", "live", "--confirm", "live")
+    assert "so a pipeline run (plan and apply in one go) cannot write to it" in message
 
 
 # --- rehearsal ---------------------------------------------------------------------------------

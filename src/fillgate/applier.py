@@ -20,7 +20,6 @@ from fillgate.canary import canary_order, check_canary, check_verified, verify_c
 from fillgate.database import write_transaction
 from fillgate.errors import (
     AlreadyDoneError,
-    ApprovalRequiredError,
     FillgateError,
     GateExceededError,
     GuardRefused,
@@ -43,7 +42,7 @@ from fillgate.runs import RunKind, RunStatus
 from fillgate.sql import BatchOutcome, Change, TableSQL, apply_changes
 from fillgate.stamp import Connected, check_write_allowed
 from fillgate.values import dumps, encode_key
-from fillgate.workflow import check_approvals, check_rehearsal
+from fillgate.workflow import check_approvals, check_rehearsal, check_reviewed_only
 
 
 @dataclass
@@ -434,14 +433,7 @@ def _workflow_args(conn: Connected, header: PlanHeader, sha256: str, path: Path,
 def check_run_allowed(conn: Connected, job_cls: type[Job], params: Mapping[str, Any] | None, limits: Limits) -> None:
     """Before ``fillgate run`` plans anything: a target that needs approvals takes reviewed
     plan files only, and one rehearsed elsewhere needs the job's rehearsal."""
-    target = conn.target
-    if target.approvals:
-        raise ApprovalRequiredError(
-            f"target '{target.name}' needs {target.approvals} approval{'s' if target.approvals != 1 else ''} of a "
-            "plan from other operators, so fillgate run (plan and apply in one go) cannot write to it. Nothing was "
-            f"written. Plan: fillgate plan JOB --target {target.name} -o FILE; another operator approves: "
-            "fillgate approve FILE; then: fillgate apply FILE"
-        )
+    check_reviewed_only(conn, "fillgate run")
     check_rehearsal(conn, job_cls.job_name(), job_cls.code_fingerprint(), job_cls(params).args, None,
                     skip=limits.skip_rehearsal, confirm=limits.confirm, spec=job_cls.spec())
 

@@ -62,6 +62,19 @@ def check_approvals(conn: Connected, plan_id: str, sha256: str, path: str) -> li
     )
 
 
+def check_reviewed_only(conn: Connected, what: str) -> None:
+    """A target that needs approvals takes reviewed plan files only: ``what`` (``fillgate run``,
+    a pipeline) plans and applies in one go, so nobody could have approved its plans."""
+    needed = conn.target.approvals
+    if needed:
+        raise ApprovalRequiredError(
+            f"target '{conn.target.name}' needs {needed} approval{'s' if needed != 1 else ''} of a plan from other "
+            f"operators, so {what} (plan and apply in one go) cannot write to it. Nothing was written. Plan: "
+            f"fillgate plan JOB --target {conn.target.name} -o FILE; another operator approves: "
+            "fillgate approve FILE; then: fillgate apply FILE"
+        )
+
+
 # --- rehearsal ---------------------------------------------------------------------------------
 
 

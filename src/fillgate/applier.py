@@ -190,11 +190,12 @@ class _Applying:
                             elapsed_ms=(time.perf_counter() - self.batch_started) * 1000, committed_at=now,
                             **self.monitor.take_wait())
         self.lock.heartbeat(tx)
-        if self.pause_at is not None and self.checkpoint == self.pause_at:
+        control = ledger.read_control(run.run_id, tx)
+        if self.pause_at is not None and self.checkpoint == self.pause_at and control != "cancel":
             ledger.transition(run.run_id, RunStatus.PAUSED, tx, control=None,
                               message=f"canary of {self.checkpoint} of {run.total} changes applied; verifying it")
             return outcome, problems, "canary"
-        return outcome, problems, ledger.read_control(run.run_id, tx)
+        return outcome, problems, control
 
     def _problems(self, outcome: BatchOutcome, now: Any) -> list[dict[str, Any]]:
         """The batch's conflicts and errors as fillgate_errors rows (and the conflicts' sample)."""

@@ -327,6 +327,30 @@ def test_a_failed_canary_verification_leaves_the_run_paused_and_says_how_to_undo
 
 
 @pytest.mark.parametrize("world", [{}], indirect=True)
+def test_resume_verifies_a_canary_its_process_never_verified(world: Any) -> None:
+    plan = world.plan(fill_email(world), "live", "live.plan")
+    assert world.run("apply", str(plan), "--confirm", "live", "--canary", "3").exit_code == 0
+    run_id, args = world.live.rows("SELECT run_id, args FROM fillgate_runs WHERE kind = 'apply'")[0]
+
+    def died_before_verifying(verify_sql: str) -> None:  # as if killed between the pause and the check
+        canary = {"changes": 3, "verify_sql": verify_sql}
+        world.live.execute("UPDATE fillgate_runs SET args = :a WHERE run_id = :r",
+                           {"a": json.dumps({**json.loads(args), "canary": canary}), "r": run_id})
+
+    died_before_verifying("SELECT id FROM people WHERE email = 'person1@example.com'")  # the canary wrote it
+    before = world.live.rows("SELECT * FROM people ORDER BY id")
+    failed = world.run("resume", run_id, "--target", "live", "--confirm", "live")
+    assert failed.exit_code == 4 and "verification failed" in failed.stderr, failed.output
+    assert world.live.rows("SELECT status, checkpoint FROM fillgate_runs WHERE run_id = :r", {"r": run_id}) \
+        == [("paused", 3)]
+    assert world.live.rows("SELECT * FROM people ORDER BY id") == before
+    died_before_verifying("SELECT id FROM people WHERE 1 = 0")
+    done = world.run("resume", run_id, "--target", "live", "--confirm", "live")
+    assert done.exit_code == 0, done.output
+    assert world.live.scalar("SELECT count(*) FROM people WHERE email LIKE '%@example.com'") == N // 2
+
+
+@pytest.mark.parametrize("world", [{}], indirect=True)
 def test_canary_usage_errors_write_nothing(world: Any) -> None:
     plan = world.plan(fill_email(world), "live", "live.plan")
     world.refused("apply", str(plan), "--confirm", "live", "--canary", "10", code=2)

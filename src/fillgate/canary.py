@@ -14,7 +14,8 @@ cannot skip the pause) and runs its verification:
 
 The run's order is the canary's changes, then the others in plan order, and its checkpoint
 counts along that order, so ``fillgate resume`` continues with the rest exactly once, like
-any apply. A failed verification leaves the run paused (exit 4); ``fillgate cancel RUN`` then
+any apply (a run whose process died before it verified its canary is verified by the resume
+first). A failed verification leaves the run paused (exit 4); ``fillgate cancel RUN`` then
 ``fillgate revert RUN`` undoes the canary, ``fillgate resume RUN`` goes on regardless.
 """
 

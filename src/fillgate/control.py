@@ -17,7 +17,7 @@ from itertools import islice
 from pathlib import Path
 
 from fillgate.applier import ApplyResult, execute, lock_name, with_job_checks
-from fillgate.canary import run_changes
+from fillgate.canary import check_verified, run_changes, verify_canary
 from fillgate.errors import FillgateError, PlanFileError, RunStateError, UsageError
 from fillgate.ledger import ApplyLock, Run, operator_name, utcnow
 from fillgate.limits import Limits
@@ -59,6 +59,14 @@ def _remaining(conn: Connected, run: Run, limits: Limits) -> tuple[Iterable[Chan
     return run_changes(run, run.checkpoint), with_job_checks(limits, read_header(path))
 
 
+def _verify_unverified_canary(conn: Connected, run: Run) -> None:
+    """A canary run whose process stopped between its canary's pause and its verification:
+    verify the canary now (CanaryVerificationError, exit 4, if it fails: the run stays paused)."""
+    canary = run.args.get("canary")
+    if canary and run.checkpoint == canary["changes"] and "verified" not in canary:
+        check_verified(run.run_id, verify_canary(conn, run))
+
+
 def resume_run(
     conn: Connected, run_id: str, limits: Limits | None = None, monitor: Monitor | None = None
 ) -> ApplyResult:
@@ -76,6 +84,7 @@ def resume_run(
         run = ledger.get_run(run_id)
         _check_resumable(run)
         changes, limits = _remaining(conn, run, limits)
+        _verify_unverified_canary(conn, run)
         if run.status == RunStatus.RUNNING:  # recorded as running, but its process is gone (we hold its lock)
             ledger.transition(run_id, RunStatus.PAUSED, message="its process was gone")
         ledger.transition(run_id, RunStatus.RUNNING, control=None, message=None, finished_at=None,

@@ -81,3 +81,19 @@ def test_approve_from_the_plan_page(db: TestDB, cli: CliRunner, jobs_file: Path,
     run_page = client.get(f"/t/staging/runs/{json.loads(applied.stdout)['run_id']}")
     assert "Approvals of the plan" in run_page.text and "bob via web (" in run_page.text
     assert f'{plan_id}/approve"' not in client.get(url).text  # applied: no button any more
+
+
+def test_the_run_page_shows_a_canary_and_its_verification(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path,
+                                                          tmp_path: Path) -> None:
+    sqlite_db.create_people(20)
+    cfg = sqlite_db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    assert run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", "email.plan").exit_code == 0
+    applied = run_cli(cli, cfg, "apply", "email.plan", "--canary", "2", "--json")
+    assert applied.exit_code == 0, applied.output
+    run_id = json.loads(applied.stdout)["run_id"]
+    client, _ = _client(cfg, tmp_path)
+    page = client.get(f"/t/staging/runs/{run_id}")
+    assert page.status_code == 200
+    assert "<dt>canary</dt><dd class=\"wrap\">2 changes spread over the plan; verification passed</dd>" in page.text
+    assert f'action="/t/staging/runs/{run_id}/resume"' in page.text

@@ -200,6 +200,38 @@ def people(work: Path) -> dict[str, str]:
     return s
 
 
+def production(work: Path) -> dict[str, str]:
+    """Running on production: the registry runbook (examples/stale_classifications) from staging to live."""
+    folder = fresh(work, "production", "production")
+    for name in ("jobs.py", "stale_agents.py"):
+        shutil.copy(REPO / "examples" / "stale_classifications" / name, folder / name)
+    sh = Shell(folder)
+    ben = {"FILLGATE_OPERATOR": "ben@ops"}
+    s: dict[str, str] = {}
+    sh.run("python seed.py staging.db live.db")
+    s["production-init.txt"] = join(sh.run("fillgate init --target staging").transcript(),
+                                    sh.run("fillgate init --target live --confirm live").transcript())
+    job = "jobs.py:ReconcileAgentTypes"
+    s["production-plan-live.txt"] = sh.run(f"fillgate plan {job} --target live -o reconcile-live.plan --sample 3"
+                                           ).transcript()
+    s["production-approval-refused.txt"] = sh.run(
+        "fillgate apply reconcile-live.plan --confirm live", expect=3).transcript(exit_code=True)
+    approve = "fillgate approve reconcile-live.plan --comment '24 flips; 22 on staging, sample checked'"
+    s["production-approve.txt"] = sh.run(f"FILLGATE_OPERATOR=ben@ops {approve}", **ben).transcript()
+    s["production-rehearsal-refused.txt"] = sh.run(
+        "fillgate apply reconcile-live.plan --confirm live", expect=3).transcript(exit_code=True)
+    s["production-rehearse.txt"] = join(
+        sh.run(f"fillgate plan {job} --target staging -o reconcile-staging.plan --sample 0").transcript(),
+        sh.run("fillgate apply reconcile-staging.plan --target staging").transcript(),
+    )
+    canary = sh.run("fillgate apply reconcile-live.plan --confirm live --canary 4")
+    s["production-canary.txt"] = canary.transcript()
+    run_id = first_ulid(canary.output, "Apply run ")
+    s["production-resume.txt"] = sh.run(f"fillgate resume {run_id} --target live --confirm live").transcript()
+    s["production-report.md"] = sh.run(f"fillgate show {run_id} --target live --format markdown").output
+    return s
+
+
 def lint(work: Path) -> dict[str, str]:
     folder = fresh(work, "lint", "lint")
     sh = Shell(folder)
@@ -388,7 +420,7 @@ def examples(work: Path) -> dict[str, str]:
 
 SESSIONS: dict[str, Callable[[Path], dict[str, str]]] = {
     "tour": tour, "people": people, "lint": lint, "albums": albums, "flights": flights, "flights_pg": flights_pg,
-    "examples": examples,
+    "examples": examples, "production": production,
 }
 # sessions that need a database server; left out (and their snippets kept) when it is not configured
 OPTIONAL = {"flights_pg": postgres_url}

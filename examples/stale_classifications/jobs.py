@@ -11,6 +11,7 @@
   type that differs from what the capability snapshot implies, so it runs behind a dry run
   and ``--max-changes``. ``--param rule=name`` swaps the classifier for a keyword rule on the
   agent's name (a plausible shortcut that is badly wrong): the gate refuses it.
+  Its ``verify`` reads back the rows a canary apply changed (docs: Running on production).
 * ``ReprobeAgentTypes``: asks every agent's probe endpoint for its type, with a timeout. A
   probe that times out, fails DNS or errors returns ``Failed(...)``: the stored type is
   *preserved*, never replaced by NULL. It is a ``Promote`` too: one probe never flips a
@@ -65,6 +66,16 @@ class ReconcileAgentTypes(Job):
         if self.args["rule"] == "name":
             return {"agent_type": name_rule_type(row["name"])}
         return {"agent_type": infer_type(row["capabilities"])}
+
+    def verify(self, ctx: Any, changed_keys: list[tuple[Any, ...]]) -> str | None:
+        """The canary check (``fillgate apply PLAN --canary N``): every agent the canary
+        changed now holds the type its capability snapshot implies, read back from the table."""
+        wrong = []
+        for (agent_id,) in changed_keys:
+            (row,) = ctx.execute("SELECT agent_type, capabilities FROM agents WHERE id = :id", id=agent_id)
+            if row["agent_type"] != infer_type(row["capabilities"]):
+                wrong.append(f"agent {agent_id} is {row['agent_type']!r}")
+        return "; ".join(wrong) or None
 
 
 class ReprobeAgentTypes(Job):

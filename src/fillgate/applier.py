@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
+from fillgate.canary import canary_order, check_canary, check_verified, verify_canary
 from fillgate.database import write_transaction
 from fillgate.errors import (
     AlreadyDoneError,
@@ -41,6 +42,7 @@ from fillgate.runs import RunKind, RunStatus
 from fillgate.sql import BatchOutcome, Change, TableSQL, apply_changes
 from fillgate.stamp import Connected, check_write_allowed
 from fillgate.values import dumps, encode_key, in_words
+from fillgate.workflow import check_approvals, check_rehearsal, check_reviewed_only
 
 
 @dataclass
@@ -48,7 +50,8 @@ class ApplyResult:
     run: Run
     counts: dict[str, int]
     conflicts: list[dict[str, Any]] = field(default_factory=list)
-    stopped: str | None = None  # "paused", "cancelled" or "interrupted" when stopped between batches
+    stopped: str | None = None  # "paused", "cancelled", "interrupted" or "canary" when stopped between batches
+    canary: dict[str, Any] | None = None  # a canary's verification, when it paused after one
 
     @property
     def clean(self) -> bool:
@@ -95,8 +98,18 @@ def execute(
     monitor: Monitor | None = None,
 ) -> ApplyResult:
     """Write ``changes`` for ``run`` (which holds ``lock``): one transaction per batch holding
-    the data changes, their audit rows, conflicts/errors, the run's counts and its checkpoint."""
-    return _Applying(conn, run, limits, lock, monitor or Monitor()).execute(changes)
+    the data changes, their audit rows, conflicts/errors, the run's counts and its checkpoint.
+    A canary run pauses once its canary is written, and verifies it (fillgate.canary)."""
+    monitor = monitor or Monitor()
+    result = _Applying(conn, run, limits, lock, monitor).execute(changes)
+    if result.stopped == "canary":
+        canary = verify_canary(conn, result.run)
+        monitor.events.emit("canary_paused", run_id=run.run_id, done=result.run.checkpoint, total=result.run.total,
+                            verified=canary["verified"], problems=canary["problems"] or None)
+        check_verified(run.run_id, canary)
+        result.run = conn.ledger.get_run(run.run_id)
+        result.canary = canary
+    return result
 
 
 class _Applying:
@@ -112,6 +125,17 @@ class _Applying:
         self.audit = run.audit  # the run's audit hash chain, as far as the committed batches got
         self.result = ApplyResult(run=run, counts=self.counts)
         self.batch_started = time.perf_counter()
+        canary = run.args.get("canary")
+        # a canary run pauses once its canary is written (in that batch's transaction)
+        self.pause_at: int | None = int(canary["changes"]) if canary and run.checkpoint < canary["changes"] else None
+
+    def _batches(self, changes: Iterable[Change]) -> Iterator[list[Change]]:
+        """Batches of the batch size; a canary's last batch ends where the canary does."""
+        size = self.limits.batch_size
+        if self.pause_at is None:
+            return _batches(changes, size)
+        it = iter(changes)
+        return chain(_batches(islice(it, self.pause_at - self.checkpoint), size), _batches(it, size))
 
     def execute(self, changes: Iterable[Change]) -> ApplyResult:
         run, engine = self.run, self.conn.engine
@@ -120,7 +144,7 @@ class _Applying:
                                  throttle=self.limits.throttle(), heartbeat=self._heartbeat)
         status = RunStatus.SUCCEEDED
         try:
-            for batch in _batches(changes, self.limits.batch_size):
+            for batch in self._batches(changes):
                 with interruptible(), write_transaction(engine) as tx:
                     outcome, problems, control = self._write(tx, batch)
                 self._report(batch, outcome, problems)
@@ -166,7 +190,12 @@ class _Applying:
                             elapsed_ms=(time.perf_counter() - self.batch_started) * 1000, committed_at=now,
                             **self.monitor.take_wait())
         self.lock.heartbeat(tx)
-        return outcome, problems, ledger.read_control(run.run_id, tx)
+        control = ledger.read_control(run.run_id, tx)
+        if self.pause_at is not None and self.checkpoint == self.pause_at and control != "cancel":
+            ledger.transition(run.run_id, RunStatus.PAUSED, tx, control=None,
+                              message=f"canary of {self.checkpoint} of {run.total} changes applied; verifying it")
+            return outcome, problems, "canary"
+        return outcome, problems, control
 
     def _problems(self, outcome: BatchOutcome, now: Any) -> list[dict[str, Any]]:
         """The batch's conflicts and errors as fillgate_errors rows (and the conflicts' sample)."""
@@ -200,6 +229,9 @@ class _Applying:
         """After a batch: the status to stop in (a pause or cancel request, Ctrl-C), or None
         to go on. An error budget overrun raises."""
         run, ledger = self.run, self.ledger
+        if control == "canary":  # the batch's transaction paused the run
+            self.result.stopped = "canary"
+            return RunStatus.PAUSED
         if control in ("pause", "cancel"):
             status = RunStatus.PAUSED if control == "pause" else RunStatus.CANCELLED
             ledger.transition(run.run_id, status, control=None,
@@ -343,9 +375,12 @@ def check_plan_not_applied(conn: Connected, header: PlanHeader) -> None:
 
 
 def apply_plan(
-    conn: Connected, path: str | Path, limits: Limits | None = None, monitor: Monitor | None = None
+    conn: Connected, path: str | Path, limits: Limits | None = None, monitor: Monitor | None = None, *,
+    canary: int | None = None, verify_sql: str | None = None,
 ) -> ApplyResult:
-    """Write exactly the reviewed plan, audited, after every check passes."""
+    """Write exactly the reviewed plan, audited, after every check passes. With ``canary``,
+    write that many changes spread over the plan first, then pause and verify them
+    (``verify_sql``: a query that must return no rows; see fillgate.canary)."""
     limits = limits or Limits()
     path = Path(path).resolve()
     header, sha256 = verify_plan(path)
@@ -360,17 +395,48 @@ def apply_plan(
             f"{gate}. Nothing was written. Review the plan; if it is right, "
             f"re-run with --max-changes {header.changes}."
         )
+    if canary is not None:
+        check_canary(canary, header.changes)
     check_plan_not_applied(conn, header)
+    args = _workflow_args(conn, header, sha256, path, limits)
+    if canary is not None:
+        args["canary"] = {"changes": canary, "verify_sql": verify_sql}
     run = new_writing_run(
         conn, RunKind.APPLY, job=header.job, table_name=header.table, plan_id=header.plan_id, plan_path=str(path),
         plan_sha256=sha256, parent_run_id=header.plan_id, total=header.changes,
-        args={"key": header.key, "source": header.job, "batch_size": limits.batch_size, "max_changes": gate},
+        args={"key": header.key, "source": header.job, "batch_size": limits.batch_size, "max_changes": gate, **args},
     )
     lock = start_writing_run(conn, run)
+    monitor = monitor or Monitor()
+    monitor.events.emit("apply_checked", run_id=run.run_id, approvals=args.get("approvals", []),
+                        rehearsal=args.get("rehearsal"), canary=args.get("canary"))
     try:
-        return execute(conn, run, iter_changes(path), limits, lock, monitor)
+        changes = canary_order(path, canary, header.changes) if canary is not None else iter_changes(path)
+        return execute(conn, run, changes, limits, lock, monitor)
     finally:
         lock.release()
+
+
+def _workflow_args(conn: Connected, header: PlanHeader, sha256: str, path: Path, limits: Limits) -> dict[str, Any]:
+    """The production workflow's guards (approvals, rehearsal; fillgate.workflow), and what
+    passed them, for the apply run's arguments."""
+    args: dict[str, Any] = {"job_fingerprint": header.job_fingerprint, "params": header.params}
+    approvals = check_approvals(conn, header.plan_id, sha256, str(path))
+    if conn.target.approvals:
+        args["approvals"] = approvals
+    rehearsal = check_rehearsal(conn, header.job, header.job_fingerprint, header.params, header.counts,
+                                skip=limits.skip_rehearsal, confirm=limits.confirm, spec=header.job_spec or None)
+    if rehearsal is not None:
+        args["rehearsal"] = rehearsal.to_json()
+    return args
+
+
+def check_run_allowed(conn: Connected, job_cls: type[Job], params: Mapping[str, Any] | None, limits: Limits) -> None:
+    """Before ``fillgate run`` plans anything: a target that needs approvals takes reviewed
+    plan files only, and one rehearsed elsewhere needs the job's rehearsal."""
+    check_reviewed_only(conn, "fillgate run")
+    check_rehearsal(conn, job_cls.job_name(), job_cls.code_fingerprint(), job_cls(params).args, None,
+                    skip=limits.skip_rehearsal, confirm=limits.confirm, spec=job_cls.spec())
 
 
 def run_job(
@@ -392,6 +458,7 @@ def run_job(
     limits = limits or Limits()
     check_write_allowed(conn.target, limits.confirm)
     gate = limits.change_gate(conn.target)  # a protected target without a gate: refused before planning
+    check_run_allowed(conn, job_cls, params, limits)
     planned = make_plan(conn, job_cls, params, out=out, limits=limits, monitor=monitor)
     if on_planned is not None:
         on_planned(planned)

@@ -40,6 +40,7 @@ from fillgate.limits import Limits
 from fillgate.loader import load_runnable
 from fillgate.monitor import Monitor
 from fillgate.pipeline_run import PipelineResult
+from fillgate.plan import read_header
 from fillgate.planner import PlanResult
 from fillgate.report import RichProgress
 from fillgate.revert import preview_revert
@@ -165,6 +166,10 @@ HoldWhileOpt = Annotated[
 ]
 MaxHoldOpt = Annotated[
     float | None, typer.Option("--max-hold", min=0.0, help="Stop the run if one hold lasts longer than S seconds.")
+]
+SkipRehearsalOpt = Annotated[
+    bool, typer.Option("--skip-rehearsal", help="Write to a target with rehearse_on without the rehearsal "
+                                                "(needs --confirm ENV; recorded in the run).")
 ]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Job parameter name=value (repeatable).")]
 
@@ -361,6 +366,14 @@ def apply(
     max_replication_lag: LagOpt = None,
     hold_while: HoldWhileOpt = None,
     max_hold: MaxHoldOpt = None,
+    canary: Annotated[
+        int | None, typer.Option("--canary", min=1, help="Apply N changes spread evenly over the plan first, then "
+                                                         "pause and verify them; resume applies the rest.")
+    ] = None,
+    verify_sql: Annotated[
+        str | None, typer.Option("--verify-sql", help="With --canary: a query that must return no rows.")
+    ] = None,
+    skip_rehearsal: SkipRehearsalOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write exactly the reviewed plan: compare-and-set, audited, resumable."""
@@ -369,9 +382,12 @@ def apply(
         _state["target"] = conn.target
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
-                         max_error_rate=max_error_rate, pause_ms=pause_between_batches)
+                         max_error_rate=max_error_rate, pause_ms=pause_between_batches,
+                         skip_rehearsal=skip_rehearsal or None)
+        if verify_sql is not None and canary is None:
+            raise UsageError("--verify-sql checks a canary; give --canary N too.")
         with _monitor(events, as_json) as monitor:
-            result = apply_plan(conn, plan_file, limits, monitor)
+            result = apply_plan(conn, plan_file, limits, monitor, canary=canary, verify_sql=verify_sql)
     _finish_apply(result, as_json, _human(events))
 
 
@@ -394,6 +410,7 @@ def run(
     max_replication_lag: LagOpt = None,
     hold_while: HoldWhileOpt = None,
     max_hold: MaxHoldOpt = None,
+    skip_rehearsal: SkipRehearsalOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan, gate and apply in one go."""
@@ -403,7 +420,8 @@ def run(
         check_write_allowed(conn.target, confirm)
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
-                         max_error_rate=max_error_rate, pause_ms=pause_between_batches)
+                         max_error_rate=max_error_rate, pause_ms=pause_between_batches,
+                         skip_rehearsal=skip_rehearsal or None)
 
         def show_plan(planned: PlanResult) -> None:
             if not as_json:
@@ -419,6 +437,21 @@ def run(
     assert done.plan is not None and done.apply is not None
     _finish_apply(done.apply, as_json, _human(events),
                   plan_errors=done.plan.counts["errors"] + done.plan.counts["unexpected_index"])
+
+
+@app.command()
+def approve(
+    plan_file: Annotated[Path, typer.Argument(help="A plan file made by fillgate plan -o.")],
+    target: TargetOpt = None,
+    comment: Annotated[str | None, typer.Option("--comment", help="Why you approve (kept with the approval).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve a plan file (four-eyes): record that you, the operator, reviewed this exact file."""
+    with _errors(as_json):
+        conn = commands.target_of_plan(_config(), plan_file, target)
+        _state["target"] = conn.target
+        result = commands.approve(conn, plan_file, comment)
+    _emit(as_json, lambda: report.approve_json(result), lambda: report.print_approve(out, result))
 
 
 @app.command()
@@ -438,14 +471,45 @@ def runs(
     _emit(as_json, lambda: report.runs_json(found), lambda: report.print_runs(out, found))
 
 
+ShowFormat = Annotated[
+    str | None, typer.Option("--format", help="text (default), json (as --json) or markdown (a report for a pull "
+                                              "request or ticket).")
+]
+
+
 @app.command()
-def show(run_id: Annotated[str, typer.Argument(metavar="RUN")], target: TargetOpt = None,
-         as_json: JsonOpt = False) -> None:
-    """Show one run: status, counts, timing, errors grouped by fingerprint."""
+def show(run_id: Annotated[str, typer.Argument(metavar="RUN", help="A run id, or a plan file (shows its plan run).")],
+         target: TargetOpt = None, output_format: ShowFormat = None, as_json: JsonOpt = False) -> None:
+    """Show one run: status, counts, timing, errors grouped by fingerprint, approvals."""
     with _errors(as_json):
-        found = commands.describe(connect(_target(target)), run_id)
-    _emit(as_json, lambda: report.show_json(found.run, found.error_groups),
-          lambda: report.print_show(out, found.run, found.error_groups))
+        shown = _show_format(output_format, as_json)
+        plan_file = Path(run_id) if run_id.endswith(".plan") or Path(run_id).is_file() else None
+        if plan_file is not None:
+            conn = commands.target_of_plan(_config(), plan_file, target)
+            _state["target"] = conn.target
+            found = commands.describe(conn, read_header(plan_file).plan_id)
+        else:
+            conn = connect(_target(target))
+            found = commands.describe(conn, run_id)
+        if shown == "markdown":
+            from fillgate.mdreport import run_markdown
+
+            text = run_markdown(conn, found, plan_file)
+    if shown == "markdown":
+        sys.stdout.write(text)
+        return
+    _emit(shown == "json", lambda: report.show_json(found.run, found.error_groups, found.approvals),
+          lambda: report.print_show(out, found.run, found.error_groups, found.approvals))
+
+
+def _show_format(output_format: str | None, as_json: bool) -> str:
+    if output_format is None:
+        return "json" if as_json else "text"
+    if output_format not in ("text", "json", "markdown"):
+        raise UsageError(f"--format {output_format!r}: use text, json or markdown.")
+    if as_json and output_format != "json":
+        raise UsageError(f"--json and --format {output_format} ask for two formats; give one.")
+    return output_format
 
 
 @app.command()

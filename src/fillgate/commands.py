@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fillgate.applier import ApplyResult, run_job
+from fillgate.applier import ApplyResult, check_plan_matches, check_plan_not_applied, check_plan_unmodified, run_job
 from fillgate.config import Config
 from fillgate.errors import PlanMismatchError, RunStateError
 from fillgate.job import Job
-from fillgate.ledger import Run
+from fillgate.ledger import Run, operator_name
 from fillgate.limits import Limits
 from fillgate.monitor import Monitor
 from fillgate.pipeline import Pipeline
 from fillgate.pipeline_run import PipelineResult, revert_pipeline, run_pipeline, stage_applies
-from fillgate.plan import read_header
+from fillgate.plan import read_header, verify_plan
 from fillgate.planner import PlanResult, make_plan
 from fillgate.revert import revert_run
 from fillgate.runs import RunKind
@@ -87,6 +87,7 @@ class RunDescription:
 
     run: Run
     error_groups: list[dict[str, Any]] = field(default_factory=list)
+    approvals: list[dict[str, Any]] = field(default_factory=list)  # of the run's plan (plan and apply runs)
 
 
 def describe(conn: Connected, run_id: str) -> RunDescription:
@@ -99,7 +100,9 @@ def describe(conn: Connected, run_id: str) -> RunDescription:
         related += [r.run_id for r in ledger.children_of(run_id)] + [r.run_id for r in stage_applies(conn, run_id)]
     if found.kind == RunKind.APPLY and not found.details and found.parent_run_id:
         found.details = {**ledger.get_run(found.parent_run_id).details, "from_plan_run": found.parent_run_id}
-    return RunDescription(found, ledger.error_groups(related))
+    approvals = ledger.approvals(found.plan_id) if found.plan_id and found.kind in (RunKind.PLAN, RunKind.APPLY) \
+        else []
+    return RunDescription(found, ledger.error_groups(related), approvals)
 
 
 def revert(
@@ -113,3 +116,32 @@ def revert(
     if not results:
         raise RunStateError(f"pipeline run {run_id} applied no stage; there is nothing to revert.")
     return results
+
+
+@dataclass
+class Approval:
+    """What ``fillgate approve`` recorded, and where the plan stands."""
+
+    plan_id: str
+    plan_sha256: str
+    path: str
+    operator: str
+    via: str
+    comment: str | None
+    approvals: list[dict[str, Any]]
+    needed: int
+
+
+def approve(conn: Connected, path: str | Path, comment: str | None = None, via: str = "cli") -> Approval:
+    """``fillgate approve``: record this operator's approval of the plan file (its SHA-256,
+    checked against the one its plan run recorded) in the target's ledger. A plan applied
+    already, modified, or approved by this operator already is refused (nothing recorded)."""
+    path = Path(path).resolve()
+    header, sha256 = verify_plan(path)
+    check_plan_matches(conn, header, path)
+    check_plan_unmodified(conn, header, path, sha256)
+    check_plan_not_applied(conn, header)
+    operator = operator_name()
+    conn.ledger.add_approval(header.plan_id, sha256, operator, via, comment)
+    return Approval(header.plan_id, sha256, str(path), operator, via, comment, conn.ledger.approvals(header.plan_id),
+                    conn.target.approvals)

@@ -38,6 +38,9 @@ _TARGET_SCHEMA = {
     "environment": Field(str, required=False, rule=non_empty),
     "protected": Field(bool, required=False),
     "max_changes": Field(int, required=False, rule=non_negative),
+    "approvals": Field(int, required=False, rule=non_negative),
+    "rehearse_on": Field(str, required=False, rule=non_empty),
+    "rehearsal_tolerance": Field(float, required=False, rule=non_negative),
 }
 
 # Drivers fillgate uses when a URL names only the database kind.
@@ -53,6 +56,11 @@ class Target:
     protected: bool = False
     protected_environments: tuple[str, ...] = DEFAULT_PROTECTED
     max_changes: int | None = None  # the default --max-changes of apply and run
+    approvals: int = 0  # approvals (fillgate approve) an apply needs from other operators
+    rehearse_on: str | None = None  # the target where a job must have been applied first
+    rehearsal_tolerance: float | None = None  # how far the plan's counts may differ from the rehearsal's
+    # the rehearsal target as its own configuration declares it (resolved only when checked)
+    rehearsal: TargetSpec | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_url(cls, name: str, url: str, environment: str | None = None, *, protected: bool = False,
@@ -86,8 +94,11 @@ class TargetSpec:
     max_changes: int | None = None
     where: str = ""
     interpolate: bool = True
+    approvals: int = 0
+    rehearse_on: str | None = None
+    rehearsal_tolerance: float | None = None
 
-    def resolve(self) -> Target:
+    def resolve(self, rehearsal: TargetSpec | None = None) -> Target:
         raw = interpolate(self.raw_url, self.where) if self.interpolate else self.raw_url
         return Target(
             name=self.name,
@@ -96,6 +107,10 @@ class TargetSpec:
             protected=self.protected,
             protected_environments=self.protected_environments,
             max_changes=self.max_changes,
+            approvals=self.approvals,
+            rehearse_on=self.rehearse_on,
+            rehearsal_tolerance=self.rehearsal_tolerance,
+            rehearsal=rehearsal,
         )
 
 
@@ -127,7 +142,7 @@ class Config:
                 f"unknown target '{name}' (declared in {self.source}: {known}); "
                 "add [targets." + name + "] to fillgate.toml or pick a declared one."
             ) from None
-        return spec.resolve()
+        return spec.resolve(self.targets.get(spec.rehearse_on) if spec.rehearse_on else None)
 
 
 def interpolate(value: str, where: str, environ: dict[str, str] | None = None) -> str:
@@ -202,6 +217,9 @@ def _target_spec(name: str, table: Any, protected_envs: tuple[str, ...], source:
         protected_environments=protected_envs,
         max_changes=table.get("max_changes"),
         where=where,
+        approvals=table.get("approvals", 0),
+        rehearse_on=table.get("rehearse_on"),
+        rehearsal_tolerance=None if table.get("rehearsal_tolerance") is None else float(table["rehearsal_tolerance"]),
     )
 
 
@@ -216,10 +234,26 @@ def config_from_mapping(data: Any, source: str) -> Config:
     validate(data, _TOP_SCHEMA, source, ConfigError, ".")
     envs = tuple(data.get("protected_environments", DEFAULT_PROTECTED))
     targets = {name: _target_spec(name, table, envs, source) for name, table in data["targets"].items()}
+    _check_rehearsals(targets, source)
     default = data.get("default_target")
     if default is not None and default not in targets:
         raise ConfigError(f"{source}: default_target '{default}' is not a declared target.")
     return Config(targets=targets, source=source, default_target=default)
+
+
+def _check_rehearsals(targets: dict[str, TargetSpec], source: str) -> None:
+    """``rehearse_on`` names another declared target; a tolerance needs a rehearsal."""
+    for name, spec in targets.items():
+        if spec.rehearsal_tolerance is not None and spec.rehearse_on is None:
+            raise ConfigError(f"{spec.where} sets rehearsal_tolerance without rehearse_on; add rehearse_on = "
+                              "\"TARGET\" (the target where its jobs are applied first).")
+        if spec.rehearse_on is None:
+            continue
+        if spec.rehearse_on == name:
+            raise ConfigError(f"{spec.where}: rehearse_on names the target itself; name another target.")
+        if spec.rehearse_on not in targets:
+            raise ConfigError(f"{spec.where}: rehearse_on = \"{spec.rehearse_on}\" is not a declared target "
+                              f"(declared in {source}: {', '.join(sorted(targets))}).")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

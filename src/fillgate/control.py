@@ -17,11 +17,12 @@ from itertools import islice
 from pathlib import Path
 
 from fillgate.applier import ApplyResult, execute, lock_name, with_job_checks
+from fillgate.canary import check_verified, run_changes, verify_canary
 from fillgate.errors import FillgateError, PlanFileError, RunStateError, UsageError
 from fillgate.ledger import ApplyLock, Run, operator_name, utcnow
 from fillgate.limits import Limits
 from fillgate.monitor import Monitor
-from fillgate.plan import file_sha256, iter_changes, read_header
+from fillgate.plan import file_sha256, read_header
 from fillgate.revert import inverse_changes
 from fillgate.runs import WRITING_KINDS, RunKind, RunStatus
 from fillgate.sql import Change
@@ -55,7 +56,15 @@ def _remaining(conn: Connected, run: Run, limits: Limits) -> tuple[Iterable[Chan
         raise PlanFileError(
             f"plan file {path} changed since run {run.run_id} started applying it; refusing to resume."
         )
-    return iter_changes(path, skip=run.checkpoint), with_job_checks(limits, read_header(path))
+    return run_changes(run, run.checkpoint), with_job_checks(limits, read_header(path))
+
+
+def _verify_unverified_canary(conn: Connected, run: Run) -> None:
+    """A canary run whose process stopped between its canary's pause and its verification:
+    verify the canary now (CanaryVerificationError, exit 4, if it fails: the run stays paused)."""
+    canary = run.args.get("canary")
+    if canary and run.checkpoint == canary["changes"] and "verified" not in canary:
+        check_verified(run.run_id, verify_canary(conn, run))
 
 
 def resume_run(
@@ -75,6 +84,7 @@ def resume_run(
         run = ledger.get_run(run_id)
         _check_resumable(run)
         changes, limits = _remaining(conn, run, limits)
+        _verify_unverified_canary(conn, run)
         if run.status == RunStatus.RUNNING:  # recorded as running, but its process is gone (we hold its lock)
             ledger.transition(run_id, RunStatus.PAUSED, message="its process was gone")
         ledger.transition(run_id, RunStatus.RUNNING, control=None, message=None, finished_at=None,

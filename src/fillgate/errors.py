@@ -3,7 +3,8 @@
 Each error carries the process exit code the CLI uses for it (docs/design.md, "Exit codes"):
 2 for usage or configuration errors, 3 for refusals by a guard. Messages say what was
 wrong, why, and what to do. ``fillgate verify`` exits 4 when the audit log does not match
-its tamper evidence (a finding, not an error).
+its tamper evidence (a finding, not an error), and an ``apply --canary`` exits 4 when its
+verification fails.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ EXIT_ROW_PROBLEMS = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_TAMPERED = 4  # fillgate verify: the audit log differs from its tamper evidence
+EXIT_VERIFY_FAILED = 4  # a verification failed (fillgate verify; a canary's verification)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
@@ -107,6 +109,25 @@ class AlreadyDoneError(GuardRefused):
 
 class PlanMismatchError(GuardRefused):
     """The plan was made for another target, environment or database."""
+
+
+class ApprovalRequiredError(GuardRefused):
+    """The target needs more approvals of the plan (fillgate approve) from other operators."""
+
+
+class RehearsalRequiredError(GuardRefused):
+    """The target needs the job applied on its rehearsal target first (or its counts differ
+    from the rehearsal's by more than the tolerance)."""
+
+
+class CanaryVerificationError(FillgateError):
+    """A canary's verification failed: the run stays paused (exit 4)."""
+
+    exit_code = EXIT_VERIFY_FAILED
+
+    def __init__(self, message: str, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 # --- values a column cannot hold exactly (row errors, exit 1) ------------------------------

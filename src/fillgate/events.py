@@ -67,6 +67,23 @@ The event types and their fields (names are stable; new fields may be added):
                      Kept outside the database, it is an anchor the database's owner cannot
                      rewrite: ``fillgate verify --events FILE`` checks the ledger against it.
 
+``apply_checked`` (an apply, after its guards passed, before its first batch)
+    ``run_id``     the apply run.
+    ``approvals``  the approvals counted for a target with ``approvals = N``:
+                   ``[{"operator": ..., "via": ..., "comment": ..., "at": ...}]`` (else ``[]``).
+    ``rehearsal``  for a target with ``rehearse_on``: the rehearsal relied on (``target``,
+                   ``run_id``, ``plan_id``, ``differences`` per kind), or ``{"skipped": true}``
+                   with ``--skip-rehearsal``; null otherwise.
+    ``canary``     with ``--canary N``: ``{"changes": N, "verify_sql": ...}``; null otherwise.
+
+``canary_paused`` (a canary run paused after its canary, once it was verified)
+    ``run_id``    the run.
+    ``done``      changes processed (the canary's).
+    ``total``     the plan's changes.
+    ``verified``  true if the verification passed (the run waits for ``fillgate resume``);
+                  false if it failed (the run stays paused: revert or resume it).
+    ``problems``  what the verification found, or null.
+
 Values JSON lacks are written for reading, not for round trips: dates and times in ISO 8601,
 tuples and sets as lists, bytes as hex, anything else (Decimal, UUID, ...) as its ``str()``;
 NaN and infinities as null.
@@ -95,6 +112,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "run_held": ("run_id", "batch", "reason", "held_ms"),
     "run_finished": ("run_id", "status", "totals", "duration_ms", "slowest", "audit_rows", "audit_sha256"),
+    "apply_checked": ("run_id", "approvals", "rehearsal", "canary"),
+    "canary_paused": ("run_id", "done", "total", "verified", "problems"),
 }
 """The documented fields of each event type, in the order they are written."""
 

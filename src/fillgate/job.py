@@ -115,6 +115,13 @@ class Job:
     def compute(self, row: Row, ctx: RunContext) -> Proposal:
         raise NotImplementedError
 
+    def verify(self, ctx: RunContext, changed_keys: Sequence[tuple[Any, ...]]) -> bool | str | None:
+        """Check a canary (``fillgate apply PLAN --canary N``) once it is written: ``changed_keys``
+        are the keys of the rows it changed. Return None or True if all is well, False or a
+        text saying what is wrong otherwise (raising fails it too). Read through ``ctx``
+        (``ctx.execute(sql, **params)``). The default verifies nothing."""
+        return None
+
     def build_lookup(self, ctx: RunContext) -> Lookup | None:
         """The batch lookup of this run (default: the class's ``lookup``); may use ``self.args``."""
         return type(self).lookup

@@ -31,6 +31,7 @@ class Limits:
     rate: float | None = None  # rows per second
     checks: Sequence[HealthCheck] = field(default_factory=tuple)
     max_hold_s: float | None = None
+    skip_rehearsal: bool = False  # --skip-rehearsal (with --confirm ENV): apply without the rehearsal
 
     @classmethod
     def for_target(

@@ -26,6 +26,7 @@ from fillgate.planner import PlanResult, make_plan
 from fillgate.revert import revert_run
 from fillgate.runs import RunKind, RunStatus
 from fillgate.stamp import Connected, check_write_allowed
+from fillgate.workflow import check_reviewed_only
 
 
 @dataclass
@@ -80,6 +81,7 @@ def run_pipeline(
     per_stage = pipeline.stage_params(params or {})
     if apply:
         check_write_allowed(conn.target, limits.confirm)
+        check_reviewed_only(conn, "a pipeline run")
     run = conn.ledger.create_run(Run(
         run_id=new_run_id(), kind=RunKind.PIPELINE, job=pipeline.job_name(), target=conn.target.name,
         environment=conn.target.environment, operator=operator_name(), status=RunStatus.RUNNING,

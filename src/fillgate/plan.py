@@ -356,3 +356,15 @@ def iter_changes(path: str | Path, skip: int = 0) -> Iterator[Change]:
                     yield Change(tuple(record["key"]), record["column"], record["old"], record["new"])
             except KeyError as exc:
                 raise PlanFileError(f"{path}: change #{seen} lacks {exc}.") from None
+
+
+def iter_records(path: str | Path, kinds: tuple[str, ...] = LINE_KINDS) -> Iterator[dict[str, Any]]:
+    """The plan's lines of the given kinds, in order (read only: nothing is checked but each
+    line's JSON and kind; ``verify_plan`` checks a file before it is applied)."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        fh.readline()
+        for number, line in enumerate(fh, start=2):
+            record = _decode_record(path, number, line)
+            if record["kind"] in kinds:
+                yield record

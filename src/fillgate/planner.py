@@ -351,7 +351,7 @@ def make_plan(
         target=conn.target.name, environment=conn.target.environment, operator=operator_name(),
         status=RunStatus.RUNNING, parent_run_id=pipeline_run_id, started_at=utcnow(),
         args={"params": job.args, "key": list(job_cls.key_columns()), "columns": sorted(job_cls.policies()),
-              "out": str(out) if out else None},
+              "out": str(out) if out else None, "job_fingerprint": job_cls.code_fingerprint()},
     ))
     planning = _Planning(conn, run, job, types, limits or Limits(), monitor or Monitor(), pipeline_run_id)
     return planning.plan(out)

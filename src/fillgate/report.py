@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fillgate.applier import ApplyResult
+from fillgate.commands import Approval
 from fillgate.counts import LABELS, PLAN_COUNTS
 from fillgate.errors import EXIT_INTERRUPTED, EXIT_REFUSED
 from fillgate.ledger import Run
@@ -245,6 +246,33 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step
         _line(console, "Nothing was written. Save the plan with -o FILE to apply it.")
 
 
+def approve_json(result: Approval) -> dict[str, Any]:
+    return {"plan_id": result.plan_id, "plan_sha256": result.plan_sha256, "path": result.path,
+            "operator": result.operator, "via": result.via, "comment": result.comment, "needed": result.needed,
+            "approvals": [approval_json(a) for a in result.approvals]}
+
+
+def approval_json(approval: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(approval)
+    if isinstance(out.get("created_at"), dt.datetime):
+        out["created_at"] = out["created_at"].isoformat() + "Z"
+    return out
+
+
+def print_approve(console: Console, result: Approval) -> None:
+    _line(console, f"Approved plan {result.plan_id} as {escape(result.operator)} "
+                   f"(sha256 {result.plan_sha256}).")
+    who = ", ".join(a["operator"] for a in result.approvals)
+    needed = f"; the target needs {result.needed} from operators other than the one applying" if result.needed else ""
+    _line(console, escape(f"Approvals of this plan: {len(result.approvals)} ({who}){needed}."))
+
+
+def _print_approvals(console: Console, approvals: Sequence[Mapping[str, Any]]) -> None:
+    _print_table(console, "approvals", ("when (UTC)", Col("operator", wrap=True), Col("via", wrap=True),
+                                        Col("comment", wrap=True)),
+                 ((_when(a["created_at"]), a["operator"], a["via"], a["comment"] or "") for a in approvals))
+
+
 # --- apply / revert / resume -------------------------------------------------------------
 
 
@@ -258,6 +286,7 @@ def apply_json(result: ApplyResult) -> dict[str, Any]:
         "total": result.run.total,
         "conflicts": result.conflicts,
         "stopped": result.stopped,
+        "canary": result.canary,
     }
 
 
@@ -281,6 +310,8 @@ def print_apply(console: Console, result: ApplyResult) -> None:
     elif result.stopped == "interrupted":
         _line(console, f"Paused: {run.message}; no batch is half-written. "
                        f"Continue with: fillgate resume {run.run_id}")
+    elif result.stopped == "canary":
+        _line(console, escape(f"Canary: {run.message}"))
     elif run.status == RunStatus.SUCCEEDED and run.kind != RunKind.REVERT:
         _line(console, f"Undo it with: fillgate revert {run.run_id}")
 
@@ -344,9 +375,10 @@ def print_runs(console: Console, runs: Sequence[Run]) -> None:
     ), rows)
 
 
-def show_json(run: Run, error_groups: list[dict[str, Any]]) -> dict[str, Any]:
+def show_json(run: Run, error_groups: list[dict[str, Any]],
+              approvals: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     groups = [{**g, "example_message": mask_secrets(g["example_message"] or "")} for g in error_groups]
-    return {**_run_json(run), "error_groups": groups}
+    return {**_run_json(run), "error_groups": groups, "approvals": [approval_json(a) for a in approvals]}
 
 
 def _print_details(console: Console, run: Run) -> None:
@@ -384,7 +416,8 @@ def _status_line(run: Run) -> str:
     return f"interrupted (recorded as running, but {gone}): {what}"
 
 
-def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -> None:
+def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]],
+               approvals: Sequence[Mapping[str, Any]] = ()) -> None:
     duration = run.duration_s
     fields = [(label, str(value)) for label, value in (
         ("run", run.run_id), ("kind", run.kind), ("status", _status_line(run)), ("job", run.job),
@@ -408,6 +441,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
         ((g.get("job") or "", g["fingerprint"], g["phase"], g["error_type"], str(g["count"]),
           _stored_key(g["example_key"]), mask_secrets(g["example_message"] or "")) for g in error_groups),
     )
+    _print_approvals(console, approvals)
 
 
 def _stored_key(text: str | None) -> str:

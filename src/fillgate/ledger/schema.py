@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.dialects import mysql
 
@@ -189,4 +190,21 @@ actions = Table(
     Column("outcome", LongText, nullable=False),
     Column("created_at", Timestamp, nullable=False),
     Index("ix_fillgate_actions_run", "run_id"),
+)
+
+# Four-eyes approvals: who approved which plan file (by its SHA-256, the one its plan run
+# recorded), from where (``cli`` or the dashboard), with an optional comment. One per operator
+# and plan.
+approvals = Table(
+    "fillgate_approvals",
+    metadata,
+    Column("id", Serial, primary_key=True, autoincrement=True),
+    Column("plan_id", String(26), nullable=False),
+    Column("plan_sha256", Sha256, nullable=False),
+    Column("operator", String(255), nullable=False),
+    Column("via", String(255), nullable=False),
+    Column("comment", LongText),
+    Column("created_at", Timestamp, nullable=False),
+    UniqueConstraint("plan_sha256", "operator", name="uq_fillgate_approvals_plan_operator"),
+    Index("ix_fillgate_approvals_plan", "plan_id"),
 )

@@ -23,7 +23,14 @@ from sqlalchemy.engine import Connection, Engine
 from ulid import ULID
 
 from fillgate.backends import backend_for
-from fillgate.errors import ConfigError, NotInitializedError, RunNotFoundError, RunStateError, UsageError
+from fillgate.errors import (
+    AlreadyDoneError,
+    ConfigError,
+    NotInitializedError,
+    RunNotFoundError,
+    RunStateError,
+    UsageError,
+)
 from fillgate.ledger import schema
 from fillgate.ledger.chain import AuditChain
 from fillgate.ledger.schema import VERSION_TABLE
@@ -603,4 +610,42 @@ class Ledger:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(
                 select(schema.actions).where(a.run_id == run_id).order_by(a.id).limit(limit)
+            )]
+
+    # --- approvals (four-eyes) -----------------------------------------------------------
+
+    def add_approval(self, plan_id: str, plan_sha256: str, operator: str, via: str,
+                     comment: str | None = None) -> dict[str, Any]:
+        """Record ``operator``'s approval of the plan file whose SHA-256 is ``plan_sha256``;
+        refused (AlreadyDoneError, nothing written) if that operator approved it already."""
+        a = schema.approvals.c
+        row = {"plan_id": plan_id, "plan_sha256": plan_sha256, "operator": operator[:OPERATOR_LIMIT],
+               "via": via[:255], "comment": mask_secrets(comment) if comment else None, "created_at": utcnow()}
+        with self.engine.begin() as conn:
+            earlier = conn.execute(select(a.created_at).where(a.plan_sha256 == plan_sha256,
+                                                              a.operator == row["operator"])).first()
+            if earlier is not None:
+                raise AlreadyDoneError(
+                    f"{operator} already approved plan {plan_id} (at {earlier.created_at.isoformat()}Z); "
+                    "nothing was recorded. Approvals that count come from other operators."
+                )
+            conn.execute(insert(schema.approvals).values(**row))
+        return row
+
+    def approvals(self, plan_id: str) -> list[dict[str, Any]]:
+        """Every approval of the plan (plan run ``plan_id``), oldest first."""
+        a = schema.approvals.c
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(
+                select(a.plan_id, a.plan_sha256, a.operator, a.via, a.comment, a.created_at)
+                .where(a.plan_id == plan_id).order_by(a.id)
+            )]
+
+    def succeeded_applies(self, job: str, limit: int = 200) -> list[Run]:
+        """The job's succeeded apply runs, newest first (at most ``limit``)."""
+        r = schema.runs.c
+        with self.engine.connect() as conn:
+            return [Run.from_row(row) for row in conn.execute(
+                select(schema.runs).where(r.job == job, r.kind == RunKind.APPLY, r.status == RunStatus.SUCCEEDED)
+                .order_by(r.run_id.desc()).limit(limit)
             )]

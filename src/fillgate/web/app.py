@@ -67,6 +67,7 @@ MESSAGES: dict[str, str] = {
     RunStatus.CANCELLED: "The run is cancelled.",
     "resumed": "The run continues in the dashboard's server.",
     "reverting": "The revert started in the dashboard's server.",
+    "approved": "Your approval of this plan file is recorded.",
     REVERTING_STAGES: "The revert of the pipeline's last applied stage started in the dashboard's server; the "
                       "reverts of the stages before it follow, one after the other.",
 }
@@ -265,6 +266,12 @@ class Web:
         run, status = self.board.plan_of_run(request.path_params["target"], request.path_params["run_id"])
         return self._plan_view(request, status, run)
 
+    def approve(self, request: Request, form: FormData) -> Response:
+        """Approve the plan (as ``fillgate approve``); a refusal is an error page."""
+        name, run_id = request.path_params["target"], request.path_params["run_id"]
+        self.board.approve(name, run_id, self.operator(request), _form_text(form, "comment"))
+        return RedirectResponse(f"/t/{name}/plans/{run_id}?done=approved", status_code=303)
+
     def plan_file(self, request: Request) -> Response:
         return self._plan_view(request, self.board.plan_file(request.query_params.get("path", "")), None)
 
@@ -279,8 +286,11 @@ class Web:
         filters = {k: v for k, v in (("kind", kind), ("column", column), ("key", key)) if v}
         if "path" in request.query_params:
             filters = {"path": request.query_params["path"], **filters}
+        approvals, needed = self.board.plan_approvals(status.header)
         return self.render(request, "plan.html", plan=status, run=run, view=view, filters=filters, page_size=PAGE,
-                           command=self.board.apply_command(status), applies=self.board.plan_runs(status.header))
+                           command=self.board.apply_command(status), applies=self.board.plan_runs(status.header),
+                           approvals=approvals, approvals_needed=needed,
+                           notice=MESSAGES.get(request.query_params.get("done", "")))
 
     def history(self, request: Request) -> Response:
         """A row's history; a table, column or key that makes no sense is said above the form
@@ -374,6 +384,7 @@ class Web:
             Route(f"{run}/revert", action(self.revert), methods=["POST"]),
             Route(f"{run}/{{action}}", action(self.control), methods=["POST"]),
             Route("/t/{target}/plans/{run_id}", page(self.plan_of_run)),
+            Route("/t/{target}/plans/{run_id}/approve", action(self.approve), methods=["POST"]),
             Route("/t/{target}/history", page(self.history)),
             Route("/plan", page(self.plan_file)),
             Route("/metrics", page(self.metrics)),

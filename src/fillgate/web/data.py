@@ -220,7 +220,7 @@ class Dashboard:
             "batches": timeline, "batch_summary": ledger.batch_summary(run_id), "actions": ledger.actions(run_id),
             "children": ledger.children_of(run_id), "reverts": ledger.reverts_of(run_id),
             "applies": ledger.runs_of_plan(run_id) if run.kind == RunKind.PLAN else [],
-            "target": conn.target, "progress": progress(run, timeline[-RECENT:]),
+            "target": conn.target, "progress": progress(run, timeline[-RECENT:]), "approvals": described.approvals,
         }
 
     def progress(self, name: str, run_id: str) -> dict[str, Any]:
@@ -384,6 +384,27 @@ class Dashboard:
             return self.connect(name).ledger.runs_of_plan(header["plan_id"])
         except (FillgateError, SQLAlchemyError):
             return []
+
+    def plan_approvals(self, header: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+        """The approvals of a plan, and how many its target needs (when this dashboard serves it)."""
+        name = header.get("target")
+        if name not in self.names:
+            return [], 0
+        try:
+            conn = self.connect(name)
+            return conn.ledger.approvals(header["plan_id"]), conn.target.approvals
+        except (FillgateError, SQLAlchemyError):
+            return [], 0
+
+    def approve(self, name: str, run_id: str, via: str, comment: str | None) -> commands.Approval:
+        """Approve the plan file a plan run saved (as ``fillgate approve``), as the operator
+        this dashboard's server runs as (one dashboard is one operator: its sessions are not
+        people), recording ``via`` (the session and client that asked)."""
+        conn = self.connect(name)
+        run = conn.ledger.get_run(run_id)
+        if run.kind != RunKind.PLAN or not run.plan_path:
+            raise WebError(f"run {run_id} is not a plan saved to a file; only plan files can be approved.")
+        return commands.approve(conn, run.plan_path, comment, via=via)
 
     # --- metrics ----------------------------------------------------------------------------
 

@@ -10,15 +10,18 @@ nothing if any check fails. ``run_job`` is plan + gate + apply in one go."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from fillgate.database import write_transaction
 from fillgate.errors import (
     AlreadyDoneError,
+    BatchTimeoutError,
+    CriticalLoadError,
     FillgateError,
     GateExceededError,
     GuardRefused,
@@ -35,6 +38,7 @@ from fillgate.ledger import ApplyLock, Run, error_row, new_run_id, operator_name
 from fillgate.limits import Limits
 from fillgate.loader import load_job
 from fillgate.monitor import Monitor
+from fillgate.pacing import Batches, BatchSizer, batch_timeout
 from fillgate.plan import PlanHeader, iter_changes, verify_plan
 from fillgate.planner import SAMPLE, PlanResult, make_plan
 from fillgate.runs import RunKind, RunStatus
@@ -80,12 +84,6 @@ def start_writing_run(conn: Connected, run: Run) -> ApplyLock:
     return lock
 
 
-def _batches(items: Iterable[Change], size: int) -> Iterator[list[Change]]:
-    it = iter(items)
-    while batch := list(islice(it, size)):
-        yield batch
-
-
 def execute(
     conn: Connected,
     run: Run,
@@ -112,24 +110,33 @@ class _Applying:
         self.audit = run.audit  # the run's audit hash chain, as far as the committed batches got
         self.result = ApplyResult(run=run, counts=self.counts)
         self.batch_started = time.perf_counter()
+        rate = _planned_rate(conn, run)
+        self.sizer = BatchSizer(limits.batch_size, limits.chunk_time, rate)
+        self.timeout_s = batch_timeout(limits.chunk_time, limits.batch_timeout_s)
+        self.planned_rate = rate
 
     def execute(self, changes: Iterable[Change]) -> ApplyResult:
-        run, engine = self.run, self.conn.engine
+        run = self.run
         remaining = None if run.total is None else run.total - self.checkpoint
         self.monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining,
-                                 throttle=self.limits.throttle(), heartbeat=self._heartbeat)
+                                 throttle=self.limits.throttle(), heartbeat=self._heartbeat, rate=self.planned_rate)
         status = RunStatus.SUCCEEDED
+        source = Batches(changes)
         try:
-            for batch in _batches(changes, self.limits.batch_size):
-                with interruptible(), write_transaction(engine) as tx:
-                    outcome, problems, control = self._write(tx, batch)
-                self._report(batch, outcome, problems)
-                stopped = self._stop(control)
+            while True:
+                size = self.sizer.size
+                batch, written, timed_out = self._next_batch(source)
+                if not batch:
+                    break
+                self._report(batch, written[0], written[1], size if not timed_out else len(batch), timed_out)
+                stopped = self._stop(written[2])
                 if stopped is not None:
                     status = stopped
                     break
         except KeyboardInterrupt:
             self._interrupted()
+        except CriticalLoadError as exc:
+            self._critical(exc)
         except BaseException as exc:
             self._failed(exc)
         if status is RunStatus.SUCCEEDED:
@@ -137,6 +144,50 @@ class _Applying:
         self.monitor.run_finished(status, self.counts, audit=self.audit)
         self.result.run = self.ledger.get_run(run.run_id)
         return self.result
+
+    def _next_batch(self, source: Batches[Change]) -> tuple[list[Change], _Written, int]:
+        """Take the next batch and commit it. A batch that times out is rolled back and retried
+        once at a quarter of its size (the rest goes back to the stream, in order); if that
+        times out too, the run stops. Returns the batch committed (empty at the end), what
+        its transaction returned, and the size of the attempt that timed out (or 0)."""
+        batch = source.take(self.sizer.size)
+        if not batch:
+            return batch, (BatchOutcome([], [], []), [], None), 0
+        try:
+            return batch, self._transaction(batch), 0
+        except SQLAlchemyError as exc:
+            if not self.sql.backend.is_timeout(exc):
+                raise
+        retry = self.sizer.timed_out(len(batch))
+        source.give_back(batch[retry:])
+        first = batch[:retry]
+        try:
+            return first, self._transaction(first), len(batch)
+        except SQLAlchemyError as exc:
+            if not self.sql.backend.is_timeout(exc):
+                raise
+            raise BatchTimeoutError(
+                f"a batch of {len(batch)} changes ran longer than the batch timeout of {self.timeout_s:g}s, and "
+                f"so did its first {retry} changes on their own; both were rolled back. {self.checkpoint} "
+                f"changes are committed. Find what slows the table down (locks, load), then continue with: "
+                f"fillgate resume {self.run.run_id} (--batch-timeout S sets the timeout)."
+            ) from None
+
+    def _transaction(self, batch: list[Change]) -> _Written:
+        """One batch's transaction, timed for the batch sizer; what a rolled-back attempt
+        counted is forgotten, so a retry counts it again exactly once."""
+        saved = dict(self.counts), self.checkpoint, len(self.result.conflicts)
+        started = time.perf_counter()
+        try:
+            with interruptible(), write_transaction(self.conn.engine, self.timeout_s) as tx:
+                written = self._write(tx, batch)
+        except BaseException:
+            self.counts.update(saved[0])
+            self.checkpoint = saved[1]
+            del self.result.conflicts[saved[2]:]
+            raise
+        self.sizer.done(len(batch), time.perf_counter() - started)
+        return written
 
     def _heartbeat(self) -> None:
         with self.conn.engine.begin() as tx:
@@ -184,7 +235,8 @@ class _Applying:
                                       error_fingerprint(source, exc), created_at=now))
         return problems
 
-    def _report(self, batch: list[Change], outcome: BatchOutcome, problems: list[dict[str, Any]]) -> None:
+    def _report(self, batch: list[Change], outcome: BatchOutcome, problems: list[dict[str, Any]], size: int,
+                timed_out: int) -> None:
         self.audit = self.chained
         examples: dict[str, Any] = {}
         if problems:
@@ -193,6 +245,7 @@ class _Applying:
             {"rows": len(batch), "writes": len(outcome.applied), "conflicts": len(outcome.conflicts),
              "errors": len(outcome.errors)},
             self.checkpoint - self.run.checkpoint, self.conn.engine, examples or None,
+            batch_size=size, timed_out=timed_out,
         )
         self.batch_started = time.perf_counter()
 
@@ -225,6 +278,20 @@ class _Applying:
         self.monitor.run_finished(RunStatus.PAUSED, committed.counts, message, audit=committed.audit)
         raise Interrupted(f"{run.kind} run {run.run_id} was {message}.", run.run_id) from None
 
+    def _critical(self, exc: CriticalLoadError) -> None:
+        """``--critical-load``: after a committed batch the load was too high; the run pauses
+        there (resumable) and writes nothing more."""
+        run, ledger = self.run, self.ledger
+        done = f"{self.checkpoint} of {run.total}" if run.total is not None else str(self.checkpoint)
+        message = f"paused by --critical-load after {done} changes: {exc}"
+        ledger.transition(run.run_id, RunStatus.PAUSED, control=None, message=message)
+        self.result.stopped = RunStatus.PAUSED
+        self.monitor.run_finished(RunStatus.PAUSED, self.counts, message, audit=self.audit)
+        raise CriticalLoadError(
+            f"{run.kind} run {run.run_id} was {message}. Nothing more was written. Continue once the load is "
+            f"down: fillgate resume {run.run_id}"
+        ) from None
+
     def _failed(self, exc: BaseException) -> None:
         run, ledger = self.run, self.ledger
         message = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"
@@ -232,6 +299,22 @@ class _Applying:
         # the chain of what the database committed (the batch in flight was rolled back)
         self.monitor.run_finished(RunStatus.FAILED, self.counts, message, audit=ledger.get_run(run.run_id).audit)
         raise exc
+
+
+_Written = tuple[BatchOutcome, list[dict[str, Any]], str | None]
+"""What a batch's transaction returns: its outcome, its conflicts and errors, a control request."""
+
+
+def _planned_rate(conn: Connected, run: Run) -> float | None:
+    """Changes per second measured by the trial batch of the run's plan, if it made one."""
+    if run.kind != RunKind.APPLY or not run.plan_id:
+        return None
+    try:
+        estimate = conn.ledger.get_run(run.plan_id).details.get("estimate") or {}
+    except RunNotFoundError:
+        return None
+    rate = estimate.get("rate")
+    return float(rate) if isinstance(rate, int | float) and rate > 0 else None
 
 
 def _conflict_message(change: Change, current: Any, exists: bool) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from fillgate.config import Target
 from fillgate.errors import ErrorBudgetExceededError, ProtectedTargetError
+from fillgate.health import database_checks
 from fillgate.stamp import Connected
 from fillgate.throttle import HealthCheck, SQLCheck, Throttle
 
@@ -31,6 +32,10 @@ class Limits:
     rate: float | None = None  # rows per second
     checks: Sequence[HealthCheck] = field(default_factory=tuple)
     max_hold_s: float | None = None
+    # --chunk-time: None or 0 keeps every batch at batch_size; otherwise batch_size is the
+    # maximum of an adaptive size (fillgate.pacing)
+    chunk_time: float | None = None
+    batch_timeout_s: float | None = None  # None: the default of fillgate.pacing.batch_timeout; 0: none
 
     @classmethod
     def for_target(
@@ -39,16 +44,24 @@ class Limits:
         *,
         hold_while: Sequence[str] = (),
         max_replication_lag: float | None = None,
+        table: str | None = None,
+        max_load: int | None = None,
+        critical_load: int | None = None,
+        hold_during_vacuum: bool = False,
+        max_transaction_age: float | None = None,
         **values: object,
     ) -> Limits:
         """Limits from command-line options (None means "not given"), with the built-in health
-        checks: ``hold_while`` SQL queries and PostgreSQL's replication lag. Each check runs
-        once now against the target."""
+        checks: ``hold_while`` SQL queries, replication lag, the database's load (``max_load``
+        holds, ``critical_load`` stops), a vacuum on ``table`` and old transactions holding
+        locks on it. Each check runs once now against the target: a check that cannot work
+        there, or a load already past ``critical_load``, stops the command before it writes."""
         checks: list[HealthCheck] = [SQLCheck(sql) for sql in hold_while]
         if max_replication_lag is not None:
             from fillgate.contrib.postgres import ReplicationLagCheck
 
             checks.append(ReplicationLagCheck(max_replication_lag))
+        checks.extend(database_checks(table, max_load, critical_load, hold_during_vacuum, max_transaction_age))
         if checks:
             with conn.engine.connect() as probe:
                 Throttle(checks=checks).reasons(probe)

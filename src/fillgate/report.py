@@ -23,7 +23,6 @@ from rich.progress import (
     Task,
     TaskID,
     TextColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -31,6 +30,7 @@ from rich.text import Text
 from fillgate.applier import ApplyResult
 from fillgate.counts import LABELS, PLAN_COUNTS
 from fillgate.errors import EXIT_INTERRUPTED, EXIT_REFUSED
+from fillgate.estimate import Estimate, format_duration
 from fillgate.ledger import Run
 from fillgate.ledger.integrity import RunCheck, VerifyReport
 from fillgate.pipeline_run import PipelineResult
@@ -255,7 +255,19 @@ def plan_json(result: PlanResult) -> dict[str, Any]:
         "changes": result.header.changes,
         "samples": {kind: [{**i, "message": mask_secrets(i["message"])} if "message" in i else i for i in items]
                     for kind, items in result.samples.items()},
+        "estimate": result.estimate.to_json() if result.estimate is not None else None,
     }
+
+
+def estimate_line(estimate: Estimate) -> str:
+    """The apply's estimated duration, as ``fillgate plan`` prints it."""
+    if estimate.skipped:
+        return f"No duration estimate: {estimate.skipped}."
+    if estimate.duration_s is None or estimate.rate is None:
+        return "Nothing to apply, nothing to estimate."
+    return (f"Estimated apply time: about {format_duration(estimate.duration_s)} for {estimate.changes} changes "
+            f"({estimate.rate:.0f} changes/s, measured by a trial batch of {estimate.trial} changes that was "
+            "rolled back; holds and pauses not included).")
 
 
 def apply_hint(result: PlanResult, confirm: str | None = None) -> str:
@@ -300,6 +312,8 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step
     _print_table(console, "row errors (nothing written for these rows)", ("key", "error", Col("message", wrap=True)), (
         (_key(i["key"]), i["error_type"], mask_secrets(i["message"])) for i in result.samples.get("error", [])[:5]
     ))
+    if result.estimate is not None and result.estimate.changes:
+        _line(console, escape(estimate_line(result.estimate)))
     if result.path:
         _line(console, f"Plan saved to [bold]{escape(str(result.path))}[/]")
         if next_step:
@@ -516,6 +530,17 @@ class _RateColumn(ProgressColumn):
         return Text("" if speed is None else f"{speed:,.0f}/s", style="cyan")
 
 
+class _EtaColumn(ProgressColumn):
+    """Time left at the measured rate (the run's last batches, or the plan's trial batch)."""
+
+    def render(self, task: Task) -> Text:
+        rate = task.fields.get("rate")
+        if not rate or task.total is None:
+            return Text("-:--:--", style="progress.remaining")
+        left = max(task.total - task.completed, 0) / rate
+        return Text(str(dt.timedelta(seconds=round(left))), style="progress.remaining")
+
+
 class RichProgress:
     """A progress bar with rate and ETA (for terminals; the CLI leaves it off on pipes and
     with ``--json``). A held run shows why it is held."""
@@ -529,11 +554,11 @@ class RichProgress:
         self.stop()
         self._bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-            TimeRemainingColumn(), TextColumn("[yellow]{task.fields[note]}"),
+            _EtaColumn(), TextColumn("[yellow]{task.fields[note]}"),
             console=self.console, transient=True,
         )
         self._bar.start()
-        self._task = self._bar.add_task(description[:40], total=total or None, note="")
+        self._task = self._bar.add_task(description[:40], total=total or None, note="", rate=None)
 
     def advance(self, done: int) -> None:
         if self._bar is not None and self._task is not None:
@@ -544,6 +569,10 @@ class RichProgress:
     def hold(self, reason: str | None) -> None:
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, note=f"held: {reason}" if reason else "")
+
+    def measured(self, rate: float | None) -> None:
+        if self._bar is not None and self._task is not None and rate:
+            self._bar.update(self._task, rate=rate)
 
     def stop(self) -> None:
         if self._bar is not None:

@@ -471,8 +471,10 @@ class _Watch(Monitor):
     def run_started(
         self, run_id: str, kind: str, job: str, target: str, environment: str, total: int | None,
         *, throttle: Throttle | None = None, heartbeat: Callable[[], None] | None = None,
+        rate: float | None = None,
     ) -> None:
-        super().run_started(run_id, kind, job, target, environment, total, throttle=throttle, heartbeat=heartbeat)
+        super().run_started(run_id, kind, job, target, environment, total, throttle=throttle, heartbeat=heartbeat,
+                            rate=rate)
         self._on_started(run_id)
 
 

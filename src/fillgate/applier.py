@@ -241,11 +241,11 @@ class _Applying:
         examples: dict[str, Any] = {}
         if problems:
             examples["conflicts"] = {k: problems[0][k] for k in ("row_key", "column_name", "error_type", "message")}
+        self.monitor.batch_sizing(size, timed_out)
         self.monitor.batch_done(
             {"rows": len(batch), "writes": len(outcome.applied), "conflicts": len(outcome.conflicts),
              "errors": len(outcome.errors)},
             self.checkpoint - self.run.checkpoint, self.conn.engine, examples or None,
-            batch_size=size, timed_out=timed_out,
         )
         self.batch_started = time.perf_counter()
 

@@ -73,6 +73,7 @@ class Monitor:
     _hold_reason: str | None = None
     # (monotonic time, done) of the last batches: the measured rate the progress ETA uses
     _marks: list[tuple[float, int]] = field(default_factory=list)
+    _sizing: tuple[int | None, int] = (None, 0)
 
     def run_started(
         self, run_id: str, kind: str, job: str, target: str, environment: str, total: int | None,
@@ -124,13 +125,9 @@ class Monitor:
         done: int,
         engine: Engine,
         examples: Mapping[str, Any] | None = None,
-        *,
-        batch_size: int | None = None,
-        timed_out: int = 0,
     ) -> None:
-        """After a batch committed: report it, alert once if it had anomalies, then pace.
-        ``batch_size``: the size chosen for an apply's batch; ``timed_out``: the size of an
-        attempt of it that timed out."""
+        """After a batch committed: report it (with what :meth:`batch_sizing` said about it),
+        alert once if it had anomalies, then pace."""
         self._batch += 1
         elapsed_ms = (time.perf_counter() - self._batch_started) * 1000
         self._fold_row_times()
@@ -153,9 +150,15 @@ class Monitor:
             self._paced_ms += (self._throttle.last_paced_s + self._throttle.last_paused_s) * 1000
             self._held_ms += held_s * 1000
         self.events.batch_done(run_id=self._run_id, batch=self._batch, counts=batch,
-                               elapsed_ms=elapsed_ms, held_ms=held_s * 1000, batch_size=batch_size,
-                               timed_out=timed_out)
+                               elapsed_ms=elapsed_ms, held_ms=held_s * 1000, batch_size=self._sizing[0],
+                               timed_out=self._sizing[1])
+        self._sizing = (None, 0)
         self._batch_started = time.perf_counter()
+
+    def batch_sizing(self, size: int, timed_out: int = 0) -> None:
+        """The size chosen for the batch about to be reported (an apply's or revert's), and the
+        size of an attempt of it that timed out (0: none); the next ``batch_done`` event says so."""
+        self._sizing = (size, timed_out)
 
     def measured_rate(self, done: int) -> float | None:
         """Rows per second over the last 20 batches, pacing and holds included (wall time)."""

@@ -502,3 +502,36 @@ def test_apply_events_carry_the_chosen_batch_sizes(db: TestDB, cli: Any) -> None
     done = [e for e in map(json.loads, Path(db.tmp_path / "ev.jsonl").read_text().splitlines())
             if e["event"] == "batch_done" and e["batch_size"] is not None]
     assert [(e["batch_size"], e["rows"]) for e in done] == [(30, 30), (30, 20)]  # 100 capped at the max 30
+
+
+# --- MariaDB/MySQL replica lag ---------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_replica_lag_reads_the_worst_channel_and_a_stopped_replication() -> None:
+    from fillgate.contrib.mysql import replica_lag
+
+    assert replica_lag("r1", [{"Connection_name": "", "Seconds_Behind_Master": 3}]) == (3.0, "r1")
+    assert replica_lag("r1", [{"Connection_name": "a", "Seconds_Behind_Master": 3},
+                              {"Connection_name": "b", "Seconds_Behind_Master": 12}]) == (12.0, "r1 channel b")
+    assert replica_lag("r1", [{"Channel_Name": "", "Seconds_Behind_Source": None}]) == (None, "r1")
+    with pytest.raises(HealthCheckError, match="r1 is not replicating"):
+        replica_lag("r1", [])
+
+
+def test_replica_lag_on_mariadb_reads_the_listed_replicas(db: TestDB, cli: Any) -> None:
+    if db.backend != "mysql":
+        pytest.skip("MariaDB/MySQL replicas")
+    setup(db, 10)
+    jobs = db.tmp_path / "kind_jobs.py"
+    bare = db.config()
+    assert run_cli(cli, bare, "plan", f"{jobs}:FillKind", "-o", "p.plan", "--no-estimate").exit_code == 0
+    refused = run_cli(cli, bare, "apply", "p.plan", "--max-replication-lag", "5")
+    assert refused.exit_code == 2 and "replicas = [" in " ".join(refused.stderr.split())
+    # the test server is no replica: the check says so rather than waving the run on
+    listed = db.config({"staging": {"replicas": [db.url]}}, name="replicas.toml")
+    refused = run_cli(cli, listed, "apply", "p.plan", "--max-replication-lag", "5")
+    assert refused.exit_code == 2, refused.output
+    assert "is not replicating (SHOW ALL SLAVES STATUS is empty)" in " ".join(refused.stderr.split())
+    assert db.scalar("SELECT count(*) FROM people WHERE kind IS NOT NULL") == 0
+    assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'apply'") == 0

@@ -38,6 +38,8 @@ _TARGET_SCHEMA = {
     "environment": Field(str, required=False, rule=non_empty),
     "protected": Field(bool, required=False),
     "max_changes": Field(int, required=False, rule=non_negative),
+    # MariaDB/MySQL replicas whose lag --max-replication-lag watches (URLs, ${VAR} allowed)
+    "replicas": Field(list, required=False, items=str),
 }
 
 # Drivers fillgate uses when a URL names only the database kind.
@@ -53,6 +55,7 @@ class Target:
     protected: bool = False
     protected_environments: tuple[str, ...] = DEFAULT_PROTECTED
     max_changes: int | None = None  # the default --max-changes of apply and run
+    replicas: tuple[URL, ...] = field(default=(), repr=False)  # read by --max-replication-lag (MariaDB/MySQL)
 
     @classmethod
     def from_url(cls, name: str, url: str, environment: str | None = None, *, protected: bool = False,
@@ -86,6 +89,7 @@ class TargetSpec:
     max_changes: int | None = None
     where: str = ""
     interpolate: bool = True
+    raw_replicas: tuple[str, ...] = field(default=(), repr=False)
 
     def resolve(self) -> Target:
         raw = interpolate(self.raw_url, self.where) if self.interpolate else self.raw_url
@@ -96,6 +100,10 @@ class TargetSpec:
             protected=self.protected,
             protected_environments=self.protected_environments,
             max_changes=self.max_changes,
+            replicas=tuple(
+                parse_url(interpolate(raw, self.where) if self.interpolate else raw, f"a replica of {self.where}")
+                for raw in self.raw_replicas
+            ),
         )
 
 
@@ -202,6 +210,7 @@ def _target_spec(name: str, table: Any, protected_envs: tuple[str, ...], source:
         protected_environments=protected_envs,
         max_changes=table.get("max_changes"),
         where=where,
+        raw_replicas=tuple(table.get("replicas", ())),
     )
 
 

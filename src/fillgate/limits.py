@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from fillgate.backends import backend_for
 from fillgate.config import Target
 from fillgate.errors import ErrorBudgetExceededError, ProtectedTargetError
 from fillgate.health import database_checks
@@ -58,9 +59,8 @@ class Limits:
         there, or a load already past ``critical_load``, stops the command before it writes."""
         checks: list[HealthCheck] = [SQLCheck(sql) for sql in hold_while]
         if max_replication_lag is not None:
-            from fillgate.contrib.postgres import ReplicationLagCheck
-
-            checks.append(ReplicationLagCheck(max_replication_lag))
+            lag_check = backend_for(conn.engine).replication_lag_check(max_replication_lag, conn.target.replicas)
+            checks.append(lag_check)
         checks.extend(database_checks(table, max_load, critical_load, hold_during_vacuum, max_transaction_age))
         if checks:
             with conn.engine.connect() as probe:

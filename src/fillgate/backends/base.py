@@ -270,6 +270,14 @@ class Backend:
         does not reach), or None when a rollback undoes it whole."""
         return None
 
+    def replication_lag_check(self, max_lag_s: float, replicas: Sequence[Any]) -> Any:
+        """The health check of ``--max-replication-lag`` (``replicas``: the URLs the target's
+        config lists). PostgreSQL's reads ``pg_stat_replication`` on the primary (and says
+        so on a database without it)."""
+        from fillgate.contrib.postgres import ReplicationLagCheck
+
+        return ReplicationLagCheck(max_lag_s)
+
     def running_sessions(self, conn: Connection) -> tuple[int, str]:
         """The database's load for ``--max-load``/``--critical-load``: (value, what it counts)."""
         raise NotImplementedError

@@ -129,6 +129,11 @@ class MySQLBackend(Backend):
             return f"{table} has triggers, which may write to tables a rollback does not undo"
         return None
 
+    def replication_lag_check(self, max_lag_s: float, replicas: Sequence[Any]) -> Any:
+        from fillgate.contrib.mysql import ReplicaLagCheck
+
+        return ReplicaLagCheck(max_lag_s, replicas)
+
     def running_sessions(self, conn: Connection) -> tuple[int, str]:
         row = conn.exec_driver_sql("SHOW GLOBAL STATUS LIKE 'Threads_running'").first()
         return int(row[1]) if row is not None else 0, "Threads_running"

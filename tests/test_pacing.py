@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from fillgate.alerts import Alerter
 from fillgate.control import resume_run
 from fillgate.errors import BatchTimeoutError, CriticalLoadError, HealthCheckError
 from fillgate.events import EventWriter
+from fillgate.ledger.integrity import verify_ledger
 from fillgate.monitor import Monitor
 from fillgate.pacing import MIN_BATCH, START_BATCH, Batches, BatchSizer, batch_timeout
 from fillgate.stamp import Connected
@@ -202,6 +204,7 @@ def test_a_batch_that_times_out_is_retried_at_a_quarter_then_stops_and_resumes_e
         assert all(b["rows"] == b["timed_out"] // 4 for b in batches if b["timed_out"])
         assert sum(b["rows"] for b in batches) == 100
         assert_applied_exactly_once(db, applied.run.run_id, 100)
+        assert verify_ledger(conn.ledger, None, {}, "staging").ok  # the audit chain holds across retries
         return
     with row_locked(db, 20), pytest.raises(BatchTimeoutError, match="first 10 changes"):
         apply_plan(conn, planned.path, limits, monitor)
@@ -216,6 +219,7 @@ def test_a_batch_that_times_out_is_retried_at_a_quarter_then_stops_and_resumes_e
     resumed = resume_run(conn, run_id, limits)  # the lock is gone
     assert resumed.run.status == "succeeded"
     assert_applied_exactly_once(db, run_id, 100)
+    assert verify_ledger(conn.ledger, None, {}, "staging").ok  # the audit chain holds across retry and resume
 
 
 # --- health holds: load, critical load, long transactions, vacuum ---------------------------------
@@ -535,3 +539,29 @@ def test_replica_lag_on_mariadb_reads_the_listed_replicas(db: TestDB, cli: Any) 
     assert "is not replicating (SHOW ALL SLAVES STATUS is empty)" in " ".join(refused.stderr.split())
     assert db.scalar("SELECT count(*) FROM people WHERE kind IS NOT NULL") == 0
     assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'apply'") == 0
+
+
+# --- the dashboard ---------------------------------------------------------------------------------
+
+
+def test_the_dashboard_shows_the_estimate_and_the_chosen_sizes(sqlite_db: TestDB) -> None:
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from fillgate.web.app import Settings, create_app
+    from fillgate.web.data import Dashboard
+
+    db = sqlite_db
+    conn, job = setup(db, 60)
+    planned = make_plan(conn, job, out=db.tmp_path / "p.plan", estimate=True)
+    applied = apply_plan(conn, planned.path, Limits(batch_size=25, chunk_time=30.0))
+    cfg = db.config()
+    app = create_app(Settings(cfg, None, db.tmp_path / "cache"), Dashboard(cfg, None, db.tmp_path / "cache"))
+    client = TestClient(app, base_url="http://127.0.0.1")
+    plan_page = client.get(f"/t/staging/runs/{planned.run.run_id}").text
+    assert 'data-testid="estimate">about ' in plan_page and "for 60 changes" in plan_page
+    assert "from a rolled-back trial batch of 60" in plan_page
+    apply_page = client.get(f"/t/staging/runs/{applied.run.run_id}").text
+    rows = [int(n) for n in re.findall(r'<tr(?: class="held-row")?><td class="num">\d+</td><td>[^<]*</td>'
+                                       r'<td class="num">(\d+)</td>', apply_page)]
+    assert sorted(rows) == [10, 25, 25]  # the sizes chosen, batch by batch

@@ -492,6 +492,9 @@ def test_plan_prints_the_estimate_and_the_json_has_it(db: TestDB, cli: Any) -> N
     assert as_json["estimate"]["trial"] == 40 and as_json["estimate"]["changes"] == 40
     quiet = run_cli(cli, cfg, "plan", f"{jobs}:FillKind", "--no-estimate")
     assert "Estimated" not in quiet.stdout
+    plan_id = db.scalar("SELECT plan_id FROM fillgate_runs WHERE plan_path IS NOT NULL")
+    shown = run_cli(cli, cfg, "show", plan_id)
+    assert "Estimated apply time: about" in " ".join(shown.stdout.split())
     assert db.scalar("SELECT count(*) FROM people WHERE kind IS NOT NULL") == 0
 
 

@@ -472,6 +472,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
         ("created", _when(run.created_at)), ("finished", _when(run.finished_at)),
         ("duration", f"{duration:.2f}s" if duration is not None else None),
         ("message", mask_secrets(run.message or "")), ("arguments", json.dumps(run.args, default=str)),
+        ("apply estimate", _recorded_estimate(run)),
     ) if value]
     _print_records(console, [label for label, _ in fields], [[value for _, value in fields]], numbered=False)
     _print_audit(console, run)
@@ -485,6 +486,17 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
         ((g.get("job") or "", g["fingerprint"], g["phase"], g["error_type"], str(g["count"]),
           _stored_key(g["example_key"]), mask_secrets(g["example_message"] or "")) for g in error_groups),
     )
+
+
+def _recorded_estimate(run: Run) -> str | None:
+    """The apply estimate a plan recorded (an apply shows its plan's), as ``fillgate plan`` said it."""
+    recorded = (run.details or {}).get("estimate")
+    if not isinstance(recorded, dict):
+        return None
+    try:
+        return estimate_line(Estimate(**recorded))
+    except TypeError:  # recorded by another version of fillgate
+        return None
 
 
 def _stored_key(text: str | None) -> str:

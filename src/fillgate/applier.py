@@ -447,7 +447,8 @@ def apply_plan(
     run = new_writing_run(
         conn, RunKind.APPLY, job=header.job, table_name=header.table, plan_id=header.plan_id, plan_path=str(path),
         plan_sha256=sha256, parent_run_id=header.plan_id, total=header.changes,
-        args={"key": header.key, "source": header.job, "batch_size": limits.batch_size, "max_changes": gate},
+        args={"key": header.key, "source": header.job, "batch_size": limits.batch_size, "max_changes": gate,
+              **({"chunk_time": limits.chunk_time} if limits.chunk_time else {})},
     )
     lock = start_writing_run(conn, run)
     try:

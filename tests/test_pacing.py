@@ -568,3 +568,24 @@ def test_the_dashboard_shows_the_estimate_and_the_chosen_sizes(sqlite_db: TestDB
     rows = [int(n) for n in re.findall(r'<tr(?: class="held-row")?><td class="num">\d+</td><td>[^<]*</td>'
                                        r'<td class="num">(\d+)</td>', apply_page)]
     assert sorted(rows) == [10, 25, 25]  # the sizes chosen, batch by batch
+
+
+def test_holds_are_printed_where_there_is_no_progress_bar(db: TestDB, cli: Any) -> None:
+    setup(db, 12)
+    db.execute("CREATE TABLE control_flag (hold INTEGER)")
+    db.execute("INSERT INTO control_flag (hold) VALUES (1)")
+    jobs = db.tmp_path / "kind_jobs.py"
+    cfg = db.config()
+    assert run_cli(cli, cfg, "plan", f"{jobs}:FillKind", "-o", "p.plan", "--no-estimate").exit_code == 0
+    release = threading.Timer(1.5, db.execute, ("UPDATE control_flag SET hold = 0",))
+    release.start()
+    try:
+        result = run_cli(cli, cfg, "apply", "p.plan", "--batch-size", "5", "--hold-while",
+                         "SELECT hold FROM control_flag")
+    finally:
+        release.join()
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines.count("held: SELECT hold FROM control_flag") == 1  # once per hold, not once per poll
+    assert any(line.startswith("going on after a hold of ") for line in lines)
+    assert db.scalar("SELECT count(*) FROM people WHERE kind IS NULL") == 0

@@ -42,7 +42,7 @@ from fillgate.monitor import Monitor
 from fillgate.pipeline_run import PipelineResult
 from fillgate.plan import read_header
 from fillgate.planner import PlanResult
-from fillgate.report import RichProgress
+from fillgate.report import HoldLines, RichProgress
 from fillgate.revert import preview_revert
 from fillgate.stamp import Connected, check_write_allowed, connect, init_target
 from fillgate.validate import has_surrogate
@@ -414,7 +414,9 @@ def _monitor(events: str | None, as_json: bool) -> Iterator[Monitor]:
             "--events - and --json both write to stdout. Write the events to a file "
             "(--events run.jsonl), or drop --json (with --events -, people's output goes to stderr)."
         )
-    progress = RichProgress(err) if err.is_terminal and not as_json else None
+    progress: RichProgress | HoldLines | None = None
+    if not as_json:
+        progress = RichProgress(err) if err.is_terminal else HoldLines(err)
 
     def stopping(reason: str) -> None:
         err.print(f"[bold yellow]{reason}[/]: stopping after the current batch "

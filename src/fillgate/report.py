@@ -7,6 +7,7 @@ import decimal
 import json
 import math
 import re
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from shlex import quote
@@ -591,6 +592,38 @@ class RichProgress:
             self._bar.stop()
             self._bar = None
             self._task = None
+
+
+class HoldLines:
+    """Progress where there is no terminal (a pipe, a file, CI): no bar, but a line when a hold
+    starts or its reason changes, and one when the run goes on."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._reason: str | None = None
+        self._since = 0.0
+
+    def start(self, description: str, total: int | None) -> None:
+        self._reason = None
+
+    def advance(self, done: int) -> None:
+        pass
+
+    def measured(self, rate: float | None) -> None:
+        pass
+
+    def hold(self, reason: str | None) -> None:
+        if reason is not None and reason != self._reason:
+            if self._reason is None:
+                self._since = time.monotonic()
+            self._reason = reason
+            self.console.print(f"held: {escape(reason)}", soft_wrap=True)
+        elif reason is None and self._reason is not None:
+            self._reason = None
+            self.console.print(f"going on after a hold of {time.monotonic() - self._since:.1f}s", soft_wrap=True)
+
+    def stop(self) -> None:
+        self._reason = None
 
 
 # --- pipelines -----------------------------------------------------------------------------

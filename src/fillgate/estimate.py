@@ -93,8 +93,10 @@ def _timed_trial(conn: Connected, run_id: str, table: str, key: Sequence[str], s
 
 
 def format_duration(seconds: float) -> str:
-    """``45s``, ``12m 5s``, ``3h 20m``."""
+    """``under 1s``, ``45s``, ``12m 5s``, ``3h 20m``."""
     whole = round(seconds)
+    if seconds < 1:
+        return "under 1s"
     if whole < 60:
         return f"{max(seconds, 0):.1f}s" if seconds < 10 else f"{whole}s"
     minutes, secs = divmod(whole, 60)

@@ -486,7 +486,7 @@ def test_plan_prints_the_estimate_and_the_json_has_it(db: TestDB, cli: Any) -> N
     cfg = db.config()
     result = run_cli(cli, cfg, "plan", f"{jobs}:FillKind", "-o", "p.plan")
     assert result.exit_code == 0, result.output
-    assert "Estimated apply time: about " in result.stdout and "for 40 changes (" in result.stdout
+    assert "Estimated apply time: " in result.stdout and "for 40 changes (" in result.stdout
     assert "measured by a trial batch of 40 changes that was rolled back" in result.stdout
     as_json = json.loads(run_cli(cli, cfg, "plan", f"{jobs}:FillKind", "--json").stdout)
     assert as_json["estimate"]["trial"] == 40 and as_json["estimate"]["changes"] == 40
@@ -494,7 +494,7 @@ def test_plan_prints_the_estimate_and_the_json_has_it(db: TestDB, cli: Any) -> N
     assert "Estimated" not in quiet.stdout
     plan_id = db.scalar("SELECT plan_id FROM fillgate_runs WHERE plan_path IS NOT NULL")
     shown = run_cli(cli, cfg, "show", plan_id)
-    assert "Estimated apply time: about" in " ".join(shown.stdout.split())
+    assert "Estimated apply time: " in " ".join(shown.stdout.split())
     assert db.scalar("SELECT count(*) FROM people WHERE kind IS NOT NULL") == 0
 
 
@@ -562,7 +562,7 @@ def test_the_dashboard_shows_the_estimate_and_the_chosen_sizes(sqlite_db: TestDB
     app = create_app(Settings(cfg, None, db.tmp_path / "cache"), Dashboard(cfg, None, db.tmp_path / "cache"))
     client = TestClient(app, base_url="http://127.0.0.1")
     plan_page = client.get(f"/t/staging/runs/{planned.run.run_id}").text
-    assert 'data-testid="estimate">about ' in plan_page and "for 60 changes" in plan_page
+    assert 'data-testid="estimate">' in plan_page and "for 60 changes" in plan_page
     assert "from a rolled-back trial batch of 60" in plan_page
     apply_page = client.get(f"/t/staging/runs/{applied.run.run_id}").text
     rows = [int(n) for n in re.findall(r'<tr(?: class="held-row")?><td class="num">\d+</td><td>[^<]*</td>'
@@ -589,3 +589,16 @@ def test_holds_are_printed_where_there_is_no_progress_bar(db: TestDB, cli: Any) 
     assert lines.count("held: SELECT hold FROM control_flag") == 1  # once per hold, not once per poll
     assert any(line.startswith("going on after a hold of ") for line in lines)
     assert db.scalar("SELECT count(*) FROM people WHERE kind IS NULL") == 0
+
+
+@pytest.mark.unit
+def test_estimated_durations_read_well() -> None:
+    from fillgate.estimate import Estimate, format_duration
+    from fillgate.report import estimate_line
+
+    assert [format_duration(s) for s in (0.2, 4.25, 45, 725, 12000)] == ["under 1s", "4.2s", "45s", "12m 5s", "3h 20m"]
+    line = estimate_line(Estimate(48000, 200, 1.04, 192.0, 250.0))
+    assert line.startswith("Estimated apply time: about 4m 10s for 48000 changes (192 changes/s, measured by a trial "
+                           "batch of 200 changes that was rolled back")
+    assert estimate_line(Estimate(10, 10, 0.001, 10000.0, 0.001)).startswith("Estimated apply time: under 1s for 10")
+    assert estimate_line(Estimate(5, skipped="no trial batch: x")) == "No duration estimate: no trial batch: x."

@@ -266,7 +266,9 @@ def estimate_line(estimate: Estimate) -> str:
         return f"No duration estimate: {estimate.skipped}."
     if estimate.duration_s is None or estimate.rate is None:
         return "Nothing to apply, nothing to estimate."
-    return (f"Estimated apply time: about {format_duration(estimate.duration_s)} for {estimate.changes} changes "
+    when = format_duration(estimate.duration_s)
+    when = when if when.startswith("under") else f"about {when}"
+    return (f"Estimated apply time: {when} for {estimate.changes} changes "
             f"({estimate.rate:.0f} changes/s, measured by a trial batch of {estimate.trial} changes that was "
             "rolled back; holds and pauses not included).")
 

@@ -602,3 +602,30 @@ def test_estimated_durations_read_well() -> None:
                            "batch of 200 changes that was rolled back")
     assert estimate_line(Estimate(10, 10, 0.001, 10000.0, 0.001)).startswith("Estimated apply time: under 1s for 10")
     assert estimate_line(Estimate(5, skipped="no trial batch: x")) == "No duration estimate: no trial batch: x."
+
+
+def test_a_held_run_says_why_in_its_record_while_held(db: TestDB) -> None:
+    conn, job = setup(db, 10)
+    planned = make_plan(conn, job, out=db.tmp_path / "p.plan")
+    seen: list[tuple[str, str | None]] = []
+
+    class HoldTwice:
+        """Holds after the first batch for two polls; on the second, looks at the run's record."""
+
+        calls = 0
+
+        def check(self, _conn: Any) -> str | None:
+            self.calls += 1
+            if self.calls == 2:
+                seen.extend(db.rows("SELECT status, message FROM fillgate_runs WHERE kind = 'apply'"))
+            return "the test holds" if self.calls <= 2 else None
+
+    applied = apply_plan(conn, planned.path, Limits(batch_size=5, checks=[HoldTwice()]))
+    assert seen == [("running", "held: the test holds")]
+    assert applied.run.status == "succeeded" and applied.run.message is None  # the next batch cleared it
+
+    from fillgate.web.data import progress
+
+    run = conn.ledger.get_run(applied.run.run_id)
+    run.status, run.message = "running", "held: Threads_running 31 > --max-load 25"  # type: ignore[assignment]
+    assert progress(run, conn.ledger.batches(run.run_id))["last_hold"] == "Threads_running 31 > --max-load 25"

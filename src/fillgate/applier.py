@@ -190,8 +190,12 @@ class _Applying:
         return written
 
     def _heartbeat(self) -> None:
+        """While a health check holds the run: its heartbeat, and why it is held as its message
+        (the next batch clears it)."""
+        reason = self.monitor.hold_reason
+        held = {"message": f"held: {reason}"} if reason else {}
         with self.conn.engine.begin() as tx:
-            self.ledger.update_run(self.run.run_id, tx, heartbeat_at=utcnow())
+            self.ledger.update_run(self.run.run_id, tx, heartbeat_at=utcnow(), **held)
             self.lock.heartbeat(tx)
 
     def _write(self, tx: Any, batch: list[Change]) -> tuple[BatchOutcome, list[dict[str, Any]], str | None]:
@@ -211,7 +215,7 @@ class _Applying:
         counts["errors"] += len(outcome.errors)
         self.checkpoint += len(batch)
         ledger.update_run(run.run_id, tx, checkpoint=self.checkpoint, counts=counts, heartbeat_at=now,
-                          audit=self.chained)
+                          audit=self.chained, message=None)
         ledger.record_batch(tx, run.run_id, done=self.checkpoint, rows=len(batch), writes=len(outcome.applied),
                             conflicts=len(outcome.conflicts), errors=len(outcome.errors),
                             elapsed_ms=(time.perf_counter() - self.batch_started) * 1000, committed_at=now,

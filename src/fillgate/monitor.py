@@ -175,10 +175,16 @@ class Monitor:
         self._hold_reason = None
         return wait
 
+    @property
+    def hold_reason(self) -> str | None:
+        """Why the run is held now (or was, since its last batch was recorded); None: not held."""
+        return self._hold_reason
+
     def _on_hold(self, reason: str) -> None:
+        changed = reason != self._hold_reason
         self._hold_reason = reason
-        if self._heartbeat is not None and time.monotonic() - self._last_beat >= 10.0:
-            self._heartbeat()
+        if self._heartbeat is not None and (changed or time.monotonic() - self._last_beat >= 10.0):
+            self._heartbeat()  # a writing run also records why it is held (the dashboard shows it)
             self._last_beat = time.monotonic()
         self.events.run_held(run_id=self._run_id, batch=self._batch, reason=reason,
                              held_ms=self._throttle.hold_s * 1000)

@@ -448,6 +448,8 @@ def progress(run: Run, recent: list[dict[str, Any]]) -> dict[str, Any]:
     if rate and total is not None and total > done:
         eta = (total - done) / rate
     held = recent[-1]["hold_reason"] if recent and recent[-1]["held_ms"] else None
+    if run.status == RunStatus.RUNNING and run.message and run.message.startswith("held: "):
+        held = run.message.removeprefix("held: ")  # held now: the run says why since its last batch
     return {"done": done, "total": total, "percent": (100.0 * done / total) if total else None,
             "rate": rate, "eta": eta, "unit": "rows" if plan else "changes", "last_hold": held}
 

@@ -73,6 +73,8 @@ def trial_estimate(
                 f"the trial batch of {len(sample)} changes ran longer than {MIN_TIMEOUT_S:g}s (rolled back): "
                 "the apply will be slow, or the rows are locked"))
         return Estimate(changes, skipped=f"the trial batch failed (rolled back): {database_reason(exc)}")
+    except (ValueError, TypeError, OverflowError) as exc:  # a value the driver refused: never fails the plan
+        return Estimate(changes, skipped=f"the trial batch failed (rolled back): {exc}")
     rate = len(sample) / max(seconds, 1e-6)
     duration = changes / rate
     if max_rate:

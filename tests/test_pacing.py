@@ -372,7 +372,7 @@ def test_a_long_transaction_holding_the_table_holds_the_run(db: TestDB) -> None:
     # PostgreSQL: a lock on people itself; MariaDB (which cannot tell the table): a locked row anywhere
     other.exec_driver_sql("SELECT id FROM people WHERE id = 20" if db.backend == "postgresql"
                           else "SELECT id FROM other WHERE id = 1 FOR UPDATE").all()
-    time.sleep(1.2)
+    time.sleep(2.2)  # older than 1 s even at MariaDB's whole seconds (innodb_trx.trx_started)
     release = threading.Timer(2.5, other.rollback)
 
     monitor, stream = events_monitor()

@@ -629,3 +629,14 @@ def test_a_held_run_says_why_in_its_record_while_held(db: TestDB) -> None:
     run = conn.ledger.get_run(applied.run.run_id)
     run.status, run.message = "running", "held: Threads_running 31 > --max-load 25"  # type: ignore[assignment]
     assert progress(run, conn.ledger.batches(run.run_id))["last_hold"] == "Threads_running 31 > --max-load 25"
+
+
+@pytest.mark.unit
+def test_the_dashboard_eta_starts_from_the_plans_measured_rate() -> None:
+    from fillgate.ledger import Run
+    from fillgate.web.data import progress
+
+    run = Run(run_id="R", kind="apply", target="t", environment="t", operator="o", status="running",
+              total=1000, checkpoint=0)
+    assert progress(run, [], 50.0)["eta"] == pytest.approx(20.0)
+    assert progress(run, [])["eta"] is None

@@ -357,7 +357,7 @@ def child_fillgate(spec: dict[str, Any]) -> dict[str, Any]:
     target = Target("bench", parse_url(spec["url"], "bench"), "bench")
     init_target(target)  # `fillgate init`: once per database, not part of the run
     job_cls = make_job(spec)
-    limits = Limits(batch_size=spec["batch_size"])
+    limits = Limits(batch_size=spec["batch_size"], chunk_time=spec.get("chunk_time"))
     plan_path = Path(spec["plan_dir"]) / "bench.plan"
     profiles: dict[str, cProfile.Profile] = {}
 
@@ -526,7 +526,7 @@ def measure(backend: Any, n: int, args: argparse.Namespace, workdir: Path) -> di
                 with backend.fresh() as db:
                     plan_dir = tempfile.mkdtemp(prefix="plans-", dir=workdir)
                     spec = {**db, "rows": n, "plan_dir": plan_dir, "source": args.source,
-                            "page_size": args.page_size, "batch_size": args.batch_size}
+                            "page_size": args.page_size, "batch_size": args.batch_size, "chunk_time": args.chunk_time}
                     try:
                         got = run_child(kind, spec)
                     finally:
@@ -654,6 +654,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "or only the rows WHERE email IS NULL (what the baseline reads)")
     parser.add_argument("--page-size", type=int, default=1000, help="the job's page_size (fillgate default 1000)")
     parser.add_argument("--batch-size", type=int, default=5000, help="apply batch size (fillgate default 5000)")
+    parser.add_argument("--chunk-time", type=float, default=None,
+                        help="fillgate's apply adapts its batch size to S seconds a batch, up to --batch-size "
+                             "(the command line's default 0.5; default here: fixed batches, as recorded)")
     parser.add_argument("--profile", metavar="DIR",
                         help="after the timed runs, profile one more fillgate run per size with cProfile; "
                              "writes DIR/<backend>-<rows>-{plan,apply}.prof and .txt summaries")

@@ -14,12 +14,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import TestDB, current_apply, finish_apply, kill_when, run_cli, start_apply
 
 ROWS = 1600
 PACE = ("--batch-size", "20", "--pause-between-batches", "5")
+# --chunk-time: batch sizes that change from batch to batch (tiny chunk time: they shrink and grow)
+ADAPTIVE = ("--batch-size", "40", "--chunk-time", "0.01", "--pause-between-batches", "5")
 
 JOB = '''
 from fillgate import Job, FillMissing, Overwrite
@@ -40,8 +43,9 @@ def _expected(i: int) -> tuple[int, str, int]:
     return (i, f"kept{i}@x.org" if i % 10 == 0 else f"user{i}@example.com", i * 2 + 1)
 
 
+@pytest.mark.parametrize("pace", [PACE, ADAPTIVE], ids=["fixed", "adaptive"])
 def test_kill_and_resume_applies_every_change_exactly_once(
-    db: TestDB, cli: CliRunner, tmp_path: Path
+    db: TestDB, cli: CliRunner, tmp_path: Path, pace: tuple[str, ...]
 ) -> None:
     seed = int(os.environ.get("FILLGATE_CRASH_SEED") or random.randrange(2**32))
     print(f"crash test seed: {seed} (rerun with FILLGATE_CRASH_SEED={seed})")
@@ -67,7 +71,7 @@ def test_kill_and_resume_applies_every_change_exactly_once(
     assert len(planned_changes) == total
 
     def start(run_id: str | None) -> subprocess.Popen[str]:
-        return start_apply(cfg, tmp_path, "crash.plan", run_id, PACE)
+        return start_apply(cfg, tmp_path, "crash.plan", run_id, pace)
 
     def current() -> tuple[str, str, int] | None:
         return current_apply(db)
@@ -96,7 +100,7 @@ def test_kill_and_resume_applies_every_change_exactly_once(
     print("; ".join(log))
 
     # 4. resume to completion
-    finish_apply(db, cfg, "crash.plan", PACE[:2], (seed, log))
+    finish_apply(db, cfg, "crash.plan", pace[:-2], (seed, log))
 
     # every intended change is in the table, exactly once
     assert db.rows("SELECT id, email, score FROM accounts ORDER BY id") == [

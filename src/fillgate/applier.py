@@ -10,16 +10,19 @@ nothing if any check fails. ``run_job`` is plan + gate + apply in one go."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import chain, islice
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from fillgate.canary import canary_order, check_canary, check_verified, verify_canary
 from fillgate.database import write_transaction
 from fillgate.errors import (
     AlreadyDoneError,
+    BatchTimeoutError,
+    CriticalLoadError,
     FillgateError,
     GateExceededError,
     GuardRefused,
@@ -36,6 +39,7 @@ from fillgate.ledger import ApplyLock, Run, error_row, new_run_id, operator_name
 from fillgate.limits import Limits
 from fillgate.loader import load_job
 from fillgate.monitor import Monitor
+from fillgate.pacing import Batches, BatchSizer, batch_timeout
 from fillgate.plan import PlanHeader, iter_changes, verify_plan
 from fillgate.planner import SAMPLE, PlanResult, make_plan
 from fillgate.runs import RunKind, RunStatus
@@ -83,12 +87,6 @@ def start_writing_run(conn: Connected, run: Run) -> ApplyLock:
     return lock
 
 
-def _batches(items: Iterable[Change], size: int) -> Iterator[list[Change]]:
-    it = iter(items)
-    while batch := list(islice(it, size)):
-        yield batch
-
-
 def execute(
     conn: Connected,
     run: Run,
@@ -128,32 +126,39 @@ class _Applying:
         canary = run.args.get("canary")
         # a canary run pauses once its canary is written (in that batch's transaction)
         self.pause_at: int | None = int(canary["changes"]) if canary and run.checkpoint < canary["changes"] else None
+        rate = _planned_rate(conn, run)
+        self.sizer = BatchSizer(limits.batch_size, limits.chunk_time, rate)
+        self.timeout_s = batch_timeout(limits.chunk_time, limits.batch_timeout_s)
+        self.planned_rate = rate
 
-    def _batches(self, changes: Iterable[Change]) -> Iterator[list[Change]]:
-        """Batches of the batch size; a canary's last batch ends where the canary does."""
-        size = self.limits.batch_size
-        if self.pause_at is None:
-            return _batches(changes, size)
-        it = iter(changes)
-        return chain(_batches(islice(it, self.pause_at - self.checkpoint), size), _batches(it, size))
+    def _size(self) -> int:
+        """The next batch's size: the sizer's, and a canary's last batch ends where the canary does."""
+        if self.pause_at is not None and self.checkpoint < self.pause_at:
+            return min(self.sizer.size, self.pause_at - self.checkpoint)
+        return self.sizer.size
 
     def execute(self, changes: Iterable[Change]) -> ApplyResult:
-        run, engine = self.run, self.conn.engine
+        run = self.run
         remaining = None if run.total is None else run.total - self.checkpoint
         self.monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining,
-                                 throttle=self.limits.throttle(), heartbeat=self._heartbeat)
+                                 throttle=self.limits.throttle(), heartbeat=self._heartbeat, rate=self.planned_rate)
         status = RunStatus.SUCCEEDED
+        source = Batches(changes)
         try:
-            for batch in self._batches(changes):
-                with interruptible(), write_transaction(engine) as tx:
-                    outcome, problems, control = self._write(tx, batch)
-                self._report(batch, outcome, problems)
-                stopped = self._stop(control)
+            while True:
+                size = self._size()
+                batch, written, timed_out = self._next_batch(source)
+                if not batch:
+                    break
+                self._report(batch, written[0], written[1], size if not timed_out else len(batch), timed_out)
+                stopped = self._stop(written[2])
                 if stopped is not None:
                     status = stopped
                     break
         except KeyboardInterrupt:
             self._interrupted()
+        except CriticalLoadError as exc:
+            self._critical(exc)
         except BaseException as exc:
             self._failed(exc)
         if status is RunStatus.SUCCEEDED:
@@ -162,9 +167,57 @@ class _Applying:
         self.result.run = self.ledger.get_run(run.run_id)
         return self.result
 
+    def _next_batch(self, source: Batches[Change]) -> tuple[list[Change], _Written, int]:
+        """Take the next batch and commit it. A batch that times out is rolled back and retried
+        once at a quarter of its size (the rest goes back to the stream, in order); if that
+        times out too, the run stops. Returns the batch committed (empty at the end), what
+        its transaction returned, and the size of the attempt that timed out (or 0)."""
+        batch = source.take(self._size())
+        if not batch:
+            return batch, (BatchOutcome([], [], []), [], None), 0
+        try:
+            return batch, self._transaction(batch), 0
+        except SQLAlchemyError as exc:
+            if not self.sql.backend.is_timeout(exc):
+                raise
+        retry = self.sizer.timed_out(len(batch))
+        source.give_back(batch[retry:])
+        first = batch[:retry]
+        try:
+            return first, self._transaction(first), len(batch)
+        except SQLAlchemyError as exc:
+            if not self.sql.backend.is_timeout(exc):
+                raise
+            raise BatchTimeoutError(
+                f"a batch of {len(batch)} changes ran longer than the batch timeout of {self.timeout_s:g}s, and "
+                f"so did its first {retry} changes on their own; both were rolled back. {self.checkpoint} "
+                f"changes are committed. Find what slows the table down (locks, load), then continue with: "
+                f"fillgate resume {self.run.run_id} (--batch-timeout S sets the timeout)."
+            ) from None
+
+    def _transaction(self, batch: list[Change]) -> _Written:
+        """One batch's transaction, timed for the batch sizer; what a rolled-back attempt
+        counted is forgotten, so a retry counts it again exactly once."""
+        saved = dict(self.counts), self.checkpoint, len(self.result.conflicts)
+        started = time.perf_counter()
+        try:
+            with interruptible(), write_transaction(self.conn.engine, self.timeout_s) as tx:
+                written = self._write(tx, batch)
+        except BaseException:
+            self.counts.update(saved[0])
+            self.checkpoint = saved[1]
+            del self.result.conflicts[saved[2]:]
+            raise
+        self.sizer.done(len(batch), time.perf_counter() - started)
+        return written
+
     def _heartbeat(self) -> None:
+        """While a health check holds the run: its heartbeat, and why it is held as its message
+        (the next batch clears it)."""
+        reason = self.monitor.hold_reason
+        held = {"message": f"held: {reason}"} if reason else {}
         with self.conn.engine.begin() as tx:
-            self.ledger.update_run(self.run.run_id, tx, heartbeat_at=utcnow())
+            self.ledger.update_run(self.run.run_id, tx, heartbeat_at=utcnow(), **held)
             self.lock.heartbeat(tx)
 
     def _write(self, tx: Any, batch: list[Change]) -> tuple[BatchOutcome, list[dict[str, Any]], str | None]:
@@ -184,7 +237,7 @@ class _Applying:
         counts["errors"] += len(outcome.errors)
         self.checkpoint += len(batch)
         ledger.update_run(run.run_id, tx, checkpoint=self.checkpoint, counts=counts, heartbeat_at=now,
-                          audit=self.chained)
+                          audit=self.chained, message=None)
         ledger.record_batch(tx, run.run_id, done=self.checkpoint, rows=len(batch), writes=len(outcome.applied),
                             conflicts=len(outcome.conflicts), errors=len(outcome.errors),
                             elapsed_ms=(time.perf_counter() - self.batch_started) * 1000, committed_at=now,
@@ -213,11 +266,13 @@ class _Applying:
                                       error_fingerprint(source, exc), created_at=now))
         return problems
 
-    def _report(self, batch: list[Change], outcome: BatchOutcome, problems: list[dict[str, Any]]) -> None:
+    def _report(self, batch: list[Change], outcome: BatchOutcome, problems: list[dict[str, Any]], size: int,
+                timed_out: int) -> None:
         self.audit = self.chained
         examples: dict[str, Any] = {}
         if problems:
             examples["conflicts"] = {k: problems[0][k] for k in ("row_key", "column_name", "error_type", "message")}
+        self.monitor.batch_sizing(size, timed_out)
         self.monitor.batch_done(
             {"rows": len(batch), "writes": len(outcome.applied), "conflicts": len(outcome.conflicts),
              "errors": len(outcome.errors)},
@@ -257,6 +312,20 @@ class _Applying:
         self.monitor.run_finished(RunStatus.PAUSED, committed.counts, message, audit=committed.audit)
         raise Interrupted(f"{run.kind} run {run.run_id} was {message}.", run.run_id) from None
 
+    def _critical(self, exc: CriticalLoadError) -> None:
+        """``--critical-load``: after a committed batch the load was too high; the run pauses
+        there (resumable) and writes nothing more."""
+        run, ledger = self.run, self.ledger
+        done = f"{self.checkpoint} of {run.total}" if run.total is not None else str(self.checkpoint)
+        message = f"paused by --critical-load after {done} changes: {exc}"
+        ledger.transition(run.run_id, RunStatus.PAUSED, control=None, message=message)
+        self.result.stopped = RunStatus.PAUSED
+        self.monitor.run_finished(RunStatus.PAUSED, self.counts, message, audit=self.audit)
+        raise CriticalLoadError(
+            f"{run.kind} run {run.run_id} was {message}. Nothing more was written. Continue once the load is "
+            f"down: fillgate resume {run.run_id}"
+        ) from None
+
     def _failed(self, exc: BaseException) -> None:
         run, ledger = self.run, self.ledger
         message = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"
@@ -264,6 +333,22 @@ class _Applying:
         # the chain of what the database committed (the batch in flight was rolled back)
         self.monitor.run_finished(RunStatus.FAILED, self.counts, message, audit=ledger.get_run(run.run_id).audit)
         raise exc
+
+
+_Written = tuple[BatchOutcome, list[dict[str, Any]], str | None]
+"""What a batch's transaction returns: its outcome, its conflicts and errors, a control request."""
+
+
+def _planned_rate(conn: Connected, run: Run) -> float | None:
+    """Changes per second measured by the trial batch of the run's plan, if it made one."""
+    if run.kind != RunKind.APPLY or not run.plan_id:
+        return None
+    try:
+        estimate = conn.ledger.get_run(run.plan_id).details.get("estimate") or {}
+    except RunNotFoundError:
+        return None
+    rate = estimate.get("rate")
+    return float(rate) if isinstance(rate, int | float) and rate > 0 else None
 
 
 def _conflict_message(change: Change, current: Any, exists: bool) -> str:
@@ -404,7 +489,8 @@ def apply_plan(
     run = new_writing_run(
         conn, RunKind.APPLY, job=header.job, table_name=header.table, plan_id=header.plan_id, plan_path=str(path),
         plan_sha256=sha256, parent_run_id=header.plan_id, total=header.changes,
-        args={"key": header.key, "source": header.job, "batch_size": limits.batch_size, "max_changes": gate, **args},
+        args={"key": header.key, "source": header.job, "batch_size": limits.batch_size, "max_changes": gate,
+              **({"chunk_time": limits.chunk_time} if limits.chunk_time else {}), **args},
     )
     lock = start_writing_run(conn, run)
     monitor = monitor or Monitor()

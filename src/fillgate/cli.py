@@ -42,7 +42,7 @@ from fillgate.monitor import Monitor
 from fillgate.pipeline_run import PipelineResult
 from fillgate.plan import read_header
 from fillgate.planner import PlanResult
-from fillgate.report import RichProgress
+from fillgate.report import HoldLines, RichProgress
 from fillgate.revert import preview_revert
 from fillgate.stamp import Connected, check_write_allowed, connect, init_target
 from fillgate.validate import has_surrogate
@@ -145,7 +145,47 @@ MaxChangesOpt = Annotated[
     int | None, typer.Option("--max-changes", min=0,
                               help="Refuse a plan with more than N changes (default: the target's max_changes).")
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Changes per transaction.")]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option("--batch-size", min=1,
+                 help="Changes per transaction: the most with --chunk-time; given alone, every batch's size "
+                      "(no adapting). Default 5000."),
+]
+ChunkTimeOpt = Annotated[
+    float | None,
+    typer.Option("--chunk-time", min=0.0,
+                 help="Adapt the batch size so each batch's transaction takes about S seconds (default 0.5 "
+                      "unless --batch-size is given; 0: fixed size)."),
+]
+NoChunkTimeOpt = Annotated[
+    bool, typer.Option("--no-chunk-time", help="Keep every batch at --batch-size (same as --chunk-time 0).")
+]
+BatchTimeoutOpt = Annotated[
+    float | None,
+    typer.Option("--batch-timeout", min=0.0,
+                 help="Cancel a batch statement running longer than S seconds and retry the batch once at a "
+                      "quarter of its size (default: 10 chunk times, at least 5 s; 0: none)."),
+]
+MaxLoadOpt = Annotated[
+    int | None,
+    typer.Option("--max-load", min=0,
+                 help="Hold while the database's load is above N (MariaDB/MySQL Threads_running, PostgreSQL "
+                      "active sessions)."),
+]
+CriticalLoadOpt = Annotated[
+    int | None,
+    typer.Option("--critical-load", min=0,
+                 help="Stop when the load is above N: the run pauses at a batch boundary (exit 3)."),
+]
+VacuumOpt = Annotated[
+    bool, typer.Option("--hold-during-vacuum", help="Hold while (auto)vacuum runs on the table (PostgreSQL).")
+]
+TxnAgeOpt = Annotated[
+    float | None,
+    typer.Option("--max-transaction-age", min=0.0,
+                 help="Hold while another session's transaction open longer than S seconds holds a lock on "
+                      "the table (PostgreSQL; MariaDB/MySQL: any InnoDB transaction holding locks)."),
+]
 MaxErrorsOpt = Annotated[int | None, typer.Option("--max-errors", min=0, help="Stop after more than N errors.")]
 MaxRateOpt = Annotated[
     float | None,
@@ -293,17 +333,27 @@ def plan(
     max_replication_lag: LagOpt = None,
     hold_while: HoldWhileOpt = None,
     max_hold: MaxHoldOpt = None,
+    max_load: MaxLoadOpt = None,
+    critical_load: CriticalLoadOpt = None,
+    hold_during_vacuum: VacuumOpt = False,
+    max_transaction_age: TxnAgeOpt = None,
+    estimate: Annotated[
+        bool, typer.Option("--estimate/--no-estimate",
+                           help="Time a trial batch of the plan's first changes, rolled back, to estimate the "
+                                "apply's duration (needs the right to write; nothing is kept).")
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Dry run: compute every change and show it. Writes nothing to your tables."""
     with _errors(as_json):
         runnable = load_runnable(job)
         conn = connect(_target(target))
-        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
+        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold, table=_table_of(runnable),
+                         health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),
                          max_errors=max_errors, max_error_rate=max_error_rate)
         with _monitor(events, as_json) as monitor:
             result = commands.plan(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
-                                   monitor=monitor)
+                                   monitor=monitor, estimate=estimate)
     human = _human(events)
     if isinstance(result, PipelineResult):
         _emit(as_json, lambda: report.pipeline_json(result), lambda: report.print_pipeline(human, result))
@@ -320,11 +370,43 @@ def _limits(
     max_replication_lag: float | None = None,
     hold_while: list[str] | None = None,
     max_hold: float | None = None,
+    *,
+    table: str | None = None,
+    health: dict[str, Any] | None = None,
     **values: Any,
 ) -> Limits:
     """Gates and pacing from the command line (see ``Limits.for_target``)."""
     return Limits.for_target(conn, hold_while=hold_while or (), max_replication_lag=max_replication_lag, rate=rate,
-                             max_hold_s=max_hold, **values)
+                             max_hold_s=max_hold, table=table, **(health or {}), **values)
+
+
+def _health(max_load: int | None, critical_load: int | None, hold_during_vacuum: bool,
+            max_transaction_age: float | None) -> dict[str, Any]:
+    return {"max_load": max_load, "critical_load": critical_load, "hold_during_vacuum": hold_during_vacuum,
+            "max_transaction_age": max_transaction_age}
+
+
+def _pacing(batch_size: int | None, chunk_time: float | None, no_chunk_time: bool,
+            batch_timeout: float | None) -> dict[str, Any]:
+    """Batch sizes: ``--chunk-time`` adapts them up to ``--batch-size``; an explicit
+    ``--batch-size`` alone (or ``--no-chunk-time``, ``--chunk-time 0``) keeps them fixed, as
+    pt-online-schema-change's explicit ``--chunk-size`` does; neither: 0.5 s, up to 5000."""
+    from fillgate.pacing import DEFAULT_CHUNK_TIME, DEFAULT_MAX_BATCH
+
+    if no_chunk_time:
+        chunk = 0.0
+    elif chunk_time is not None:
+        chunk = chunk_time
+    else:
+        chunk = 0.0 if batch_size is not None else DEFAULT_CHUNK_TIME
+    return {"batch_size": batch_size or DEFAULT_MAX_BATCH, "chunk_time": chunk or None,
+            "batch_timeout_s": batch_timeout}
+
+
+def _table_of(runnable: Any) -> str | None:
+    """The table a job writes (None for a pipeline: its stages write several)."""
+    table = getattr(runnable, "table", None)
+    return table if isinstance(table, str) else None
 
 
 @contextmanager
@@ -336,7 +418,9 @@ def _monitor(events: str | None, as_json: bool) -> Iterator[Monitor]:
             "--events - and --json both write to stdout. Write the events to a file "
             "(--events run.jsonl), or drop --json (with --events -, people's output goes to stderr)."
         )
-    progress = RichProgress(err) if err.is_terminal and not as_json else None
+    progress: RichProgress | HoldLines | None = None
+    if not as_json:
+        progress = RichProgress(err) if err.is_terminal else HoldLines(err)
 
     def stopping(reason: str) -> None:
         err.print(f"[bold yellow]{reason}[/]: stopping after the current batch "
@@ -357,7 +441,7 @@ def apply(
     target: TargetOpt = None,
     max_changes: MaxChangesOpt = None,
     confirm: ConfirmOpt = None,
-    batch_size: BatchOpt = 5000,
+    batch_size: BatchOpt = None,
     max_errors: MaxErrorsOpt = None,
     max_error_rate: MaxRateOpt = None,
     pause_between_batches: PauseOpt = 0,
@@ -374,18 +458,27 @@ def apply(
         str | None, typer.Option("--verify-sql", help="With --canary: a query that must return no rows.")
     ] = None,
     skip_rehearsal: SkipRehearsalOpt = False,
+    chunk_time: ChunkTimeOpt = None,
+    no_chunk_time: NoChunkTimeOpt = False,
+    batch_timeout: BatchTimeoutOpt = None,
+    max_load: MaxLoadOpt = None,
+    critical_load: CriticalLoadOpt = None,
+    hold_during_vacuum: VacuumOpt = False,
+    max_transaction_age: TxnAgeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write exactly the reviewed plan: compare-and-set, audited, resumable."""
     with _errors(as_json):
         conn = commands.target_of_plan(_config(), plan_file, target)
         _state["target"] = conn.target
-        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
-                         max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
-                         max_error_rate=max_error_rate, pause_ms=pause_between_batches,
-                         skip_rehearsal=skip_rehearsal or None)
         if verify_sql is not None and canary is None:
             raise UsageError("--verify-sql checks a canary; give --canary N too.")
+        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold, table=read_header(plan_file).table,
+                         health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),
+                         max_changes=max_changes, confirm=confirm, max_errors=max_errors,
+                         max_error_rate=max_error_rate, pause_ms=pause_between_batches,
+                         skip_rehearsal=skip_rehearsal or None,
+                         **_pacing(batch_size, chunk_time, no_chunk_time, batch_timeout))
         with _monitor(events, as_json) as monitor:
             result = apply_plan(conn, plan_file, limits, monitor, canary=canary, verify_sql=verify_sql)
     _finish_apply(result, as_json, _human(events))
@@ -401,7 +494,7 @@ def run(
     param: ParamOpt = None,
     max_changes: MaxChangesOpt = None,
     confirm: ConfirmOpt = None,
-    batch_size: BatchOpt = 5000,
+    batch_size: BatchOpt = None,
     max_errors: MaxErrorsOpt = None,
     max_error_rate: MaxRateOpt = None,
     pause_between_batches: PauseOpt = 0,
@@ -411,6 +504,13 @@ def run(
     hold_while: HoldWhileOpt = None,
     max_hold: MaxHoldOpt = None,
     skip_rehearsal: SkipRehearsalOpt = False,
+    chunk_time: ChunkTimeOpt = None,
+    no_chunk_time: NoChunkTimeOpt = False,
+    batch_timeout: BatchTimeoutOpt = None,
+    max_load: MaxLoadOpt = None,
+    critical_load: CriticalLoadOpt = None,
+    hold_during_vacuum: VacuumOpt = False,
+    max_transaction_age: TxnAgeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan, gate and apply in one go."""
@@ -418,10 +518,12 @@ def run(
         runnable = load_runnable(job)
         conn = connect(_target(target))
         check_write_allowed(conn.target, confirm)
-        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
-                         max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
+        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold, table=_table_of(runnable),
+                         health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),
+                         max_changes=max_changes, confirm=confirm, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches,
-                         skip_rehearsal=skip_rehearsal or None)
+                         skip_rehearsal=skip_rehearsal or None,
+                         **_pacing(batch_size, chunk_time, no_chunk_time, batch_timeout))
 
         def show_plan(planned: PlanResult) -> None:
             if not as_json:
@@ -556,13 +658,20 @@ def revert(
     target: TargetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be restored; write nothing.")] = False,
     confirm: ConfirmOpt = None,
-    batch_size: BatchOpt = 5000,
+    batch_size: BatchOpt = None,
     pause_between_batches: PauseOpt = 0,
     events: EventsOpt = None,
     rate: RateOpt = None,
     max_replication_lag: LagOpt = None,
     hold_while: HoldWhileOpt = None,
     max_hold: MaxHoldOpt = None,
+    chunk_time: ChunkTimeOpt = None,
+    no_chunk_time: NoChunkTimeOpt = False,
+    batch_timeout: BatchTimeoutOpt = None,
+    max_load: MaxLoadOpt = None,
+    critical_load: CriticalLoadOpt = None,
+    hold_during_vacuum: VacuumOpt = False,
+    max_transaction_age: TxnAgeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Undo a run from its audit log, as a new audited run; rows changed since are left alone."""
@@ -572,7 +681,10 @@ def revert(
             preview = preview_revert(conn, run_id)
         else:
             limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
-                             confirm=confirm, batch_size=batch_size, pause_ms=pause_between_batches)
+                             table=conn.ledger.get_run(run_id).table_name,
+                             health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),
+                             confirm=confirm, pause_ms=pause_between_batches,
+                             **_pacing(batch_size, chunk_time, no_chunk_time, batch_timeout))
             with _monitor(events, as_json) as monitor:
                 results = commands.revert(conn, run_id, limits, monitor)
     if dry_run:
@@ -621,7 +733,7 @@ def resume(
     run_id: Annotated[str, typer.Argument(metavar="RUN")],
     target: TargetOpt = None,
     confirm: ConfirmOpt = None,
-    batch_size: BatchOpt = 5000,
+    batch_size: BatchOpt = None,
     max_errors: MaxErrorsOpt = None,
     max_error_rate: MaxRateOpt = None,
     pause_between_batches: PauseOpt = 0,
@@ -630,14 +742,24 @@ def resume(
     max_replication_lag: LagOpt = None,
     hold_while: HoldWhileOpt = None,
     max_hold: MaxHoldOpt = None,
+    chunk_time: ChunkTimeOpt = None,
+    no_chunk_time: NoChunkTimeOpt = False,
+    batch_timeout: BatchTimeoutOpt = None,
+    max_load: MaxLoadOpt = None,
+    critical_load: CriticalLoadOpt = None,
+    hold_during_vacuum: VacuumOpt = False,
+    max_transaction_age: TxnAgeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue a paused, failed or interrupted run from its checkpoint (exactly once)."""
     with _errors(as_json):
         conn = connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
-                         confirm=confirm, batch_size=batch_size, max_errors=max_errors,
-                         max_error_rate=max_error_rate, pause_ms=pause_between_batches)
+                         table=conn.ledger.get_run(run_id).table_name,
+                         health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),
+                         confirm=confirm, max_errors=max_errors,
+                         max_error_rate=max_error_rate, pause_ms=pause_between_batches,
+                         **_pacing(batch_size, chunk_time, no_chunk_time, batch_timeout))
         with _monitor(events, as_json) as monitor:
             result = resume_run(conn, run_id, limits, monitor)
     _finish_apply(result, as_json, _human(events))

@@ -32,14 +32,15 @@ Runnable = type[Job] | type[Pipeline]
 
 def plan(
     conn: Connected, runnable: Runnable, params: Mapping[str, Any] | None = None, *, out: str | None = None,
-    limits: Limits | None = None, monitor: Monitor | None = None,
+    limits: Limits | None = None, monitor: Monitor | None = None, estimate: bool = False,
 ) -> PlanResult | PipelineResult:
     """``fillgate plan``: a job's plan, or every stage of a pipeline planned (not applied;
-    a pipeline's plans are always saved, under ``out`` or ``.fillgate/plans/``)."""
+    a pipeline's plans are always saved, under ``out`` or ``.fillgate/plans/``). ``estimate``:
+    a job's plan times a rolled-back trial batch to estimate the apply's duration."""
     if issubclass(runnable, Pipeline):
         return run_pipeline(conn, runnable, params, out=out or ".fillgate/plans/", limits=limits, monitor=monitor,
                             apply=False)
-    return make_plan(conn, runnable, params, out=out, limits=limits, monitor=monitor)
+    return make_plan(conn, runnable, params, out=out, limits=limits, monitor=monitor, estimate=estimate)
 
 
 @dataclass

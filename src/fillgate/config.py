@@ -41,6 +41,8 @@ _TARGET_SCHEMA = {
     "approvals": Field(int, required=False, rule=non_negative),
     "rehearse_on": Field(str, required=False, rule=non_empty),
     "rehearsal_tolerance": Field(float, required=False, rule=non_negative),
+    # MariaDB/MySQL replicas whose lag --max-replication-lag watches (URLs, ${VAR} allowed)
+    "replicas": Field(list, required=False, items=str),
 }
 
 # Drivers fillgate uses when a URL names only the database kind.
@@ -61,6 +63,7 @@ class Target:
     rehearsal_tolerance: float | None = None  # how far the plan's counts may differ from the rehearsal's
     # the rehearsal target as its own configuration declares it (resolved only when checked)
     rehearsal: TargetSpec | None = field(default=None, repr=False, compare=False)
+    replicas: tuple[URL, ...] = field(default=(), repr=False)  # read by --max-replication-lag (MariaDB/MySQL)
 
     @classmethod
     def from_url(cls, name: str, url: str, environment: str | None = None, *, protected: bool = False,
@@ -97,6 +100,7 @@ class TargetSpec:
     approvals: int = 0
     rehearse_on: str | None = None
     rehearsal_tolerance: float | None = None
+    raw_replicas: tuple[str, ...] = field(default=(), repr=False)
 
     def resolve(self, rehearsal: TargetSpec | None = None) -> Target:
         raw = interpolate(self.raw_url, self.where) if self.interpolate else self.raw_url
@@ -111,6 +115,10 @@ class TargetSpec:
             rehearse_on=self.rehearse_on,
             rehearsal_tolerance=self.rehearsal_tolerance,
             rehearsal=rehearsal,
+            replicas=tuple(
+                parse_url(interpolate(raw, self.where) if self.interpolate else raw, f"a replica of {self.where}")
+                for raw in self.raw_replicas
+            ),
         )
 
 
@@ -220,6 +228,7 @@ def _target_spec(name: str, table: Any, protected_envs: tuple[str, ...], source:
         approvals=table.get("approvals", 0),
         rehearse_on=table.get("rehearse_on"),
         rehearsal_tolerance=None if table.get("rehearsal_tolerance") is None else float(table["rehearsal_tolerance"]),
+        raw_replicas=tuple(table.get("replicas", ())),
     )
 
 

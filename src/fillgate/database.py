@@ -39,11 +39,43 @@ def engine_for(target: Target) -> Engine:
 
 
 @contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
+def write_transaction(engine: Engine, timeout_s: float | None = None) -> Iterator[Connection]:
     """A transaction that will write (a batch: data, audit, checkpoint): on SQLite it takes the
-    write lock when it begins, so it waits out another writer instead of failing."""
-    with engine.connect().execution_options(**{WRITES: True}) as conn, conn.begin():
-        yield conn
+    write lock when it begins, so it waits out another writer instead of failing. With
+    ``timeout_s``, a statement of the transaction still running after that many seconds is
+    cancelled (the backend's statement timeout; ``Backend.is_timeout`` knows its error)."""
+    with engine.connect().execution_options(**{WRITES: True}) as conn:
+        backend = backend_for(engine) if timeout_s else None
+        try:
+            with conn.begin():
+                if backend is not None and timeout_s:
+                    backend.set_batch_timeout(conn, timeout_s)
+                yield conn
+        finally:
+            if backend is not None and not conn.invalidated:
+                try:
+                    backend.clear_batch_timeout(conn)
+                except DBAPIError:  # the pool must not hand out a session with the timeout still set
+                    conn.invalidate()
+
+
+@contextmanager
+def trial_transaction(engine: Engine, timeout_s: float | None = None) -> Iterator[Connection]:
+    """A write transaction that is always rolled back, whatever happens inside (a trial batch)."""
+    with engine.connect().execution_options(**{WRITES: True}) as conn:
+        backend = backend_for(engine)
+        tx = conn.begin()
+        try:
+            if timeout_s:
+                backend.set_batch_timeout(conn, timeout_s)
+            yield conn
+        finally:
+            tx.rollback()
+            if timeout_s and not conn.invalidated:
+                try:
+                    backend.clear_batch_timeout(conn)
+                except DBAPIError:
+                    conn.invalidate()
 
 
 def missing_database_file(target: Target) -> Path | None:

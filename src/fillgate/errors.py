@@ -183,3 +183,15 @@ class HealthCheckError(UsageError):
 
 class HoldTimeoutError(GuardRefused):
     """A health check held the run for longer than the allowed maximum; the run stopped."""
+
+
+class CriticalLoadError(GuardRefused):
+    """The database's load passed ``--critical-load``: the run paused at a batch boundary
+    (or, before its first batch, did not start)."""
+
+
+class BatchTimeoutError(FillgateError):
+    """A batch's statement ran longer than the batch timeout, also when retried at a quarter
+    of its size; the batch was rolled back and the run stopped (resumable)."""
+
+    exit_code = EXIT_ROW_PROBLEMS

@@ -41,6 +41,11 @@ The event types and their fields (names are stable; new fields may be added):
     ``elapsed_ms``        time spent on the batch, throttling excluded.
     ``held_ms``           time spent after the batch in throttling: rate pacing, the pause
                           between batches and health-check holds.
+    ``batch_size``        apply, revert: the size chosen for the batch (``--batch-size``, or
+                          with ``--chunk-time`` the adaptive size; the last batch may hold
+                          fewer ``rows``); null for a plan.
+    ``timed_out``         apply, revert: the size of an attempt of this batch that timed out
+                          and was rolled back (the batch is its first quarter); 0 if none.
 
 ``run_held`` (when a health check holds the run; once per poll while held)
     ``run_id``   the run.
@@ -66,6 +71,7 @@ The event types and their fields (names are stable; new fields may be added):
                      (the same value ``fillgate show`` prints); null when ``audit_rows`` is.
                      Kept outside the database, it is an anchor the database's owner cannot
                      rewrite: ``fillgate verify --events FILE`` checks the ledger against it.
+    ``message``      why a run paused or failed (e.g. ``--critical-load``), else null.
 
 ``apply_checked`` (an apply, after its guards passed, before its first batch)
     ``run_id``     the apply run.
@@ -108,16 +114,17 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "run_started": ("run_id", "kind", "job", "target", "environment", "total_estimate"),
     "batch_done": (
         "run_id", "batch", "rows", "writes", "unchanged", "skipped", "disagreements", "preserved",
-        "conflicts", "errors", "unexpected_index", "elapsed_ms", "held_ms",
+        "conflicts", "errors", "unexpected_index", "elapsed_ms", "held_ms", "batch_size", "timed_out",
     ),
     "run_held": ("run_id", "batch", "reason", "held_ms"),
-    "run_finished": ("run_id", "status", "totals", "duration_ms", "slowest", "audit_rows", "audit_sha256"),
+    "run_finished": ("run_id", "status", "totals", "duration_ms", "slowest", "audit_rows", "audit_sha256",
+                     "message"),
     "apply_checked": ("run_id", "approvals", "rehearsal", "canary"),
     "canary_paused": ("run_id", "done", "total", "verified", "problems"),
 }
 """The documented fields of each event type, in the order they are written."""
 
-BATCH_COUNTS = EVENT_FIELDS["batch_done"][2:-2]
+BATCH_COUNTS = EVENT_FIELDS["batch_done"][2:-4]
 """The per-batch counts of ``batch_done`` (``rows`` .. ``unexpected_index``)."""
 
 
@@ -210,12 +217,13 @@ class EventWriter:
 
     def batch_done(
         self, *, run_id: str, batch: int, counts: Mapping[str, Any], elapsed_ms: float,
-        held_ms: float = 0.0, **extra: Any,
+        held_ms: float = 0.0, batch_size: int | None = None, timed_out: int = 0, **extra: Any,
     ) -> None:
         """``counts`` gives the batch counts; a count it lacks is written as 0."""
         fields = {name: counts.get(name, 0) for name in BATCH_COUNTS}
         self.emit("batch_done", run_id=run_id, batch=batch, **fields,
-                  elapsed_ms=round(elapsed_ms, 3), held_ms=round(held_ms, 3), **extra)
+                  elapsed_ms=round(elapsed_ms, 3), held_ms=round(held_ms, 3), batch_size=batch_size,
+                  timed_out=timed_out, **extra)
 
     def run_held(self, *, run_id: str, batch: int, reason: str, held_ms: float, **extra: Any) -> None:
         self.emit("run_held", run_id=run_id, batch=batch, reason=reason, held_ms=round(held_ms, 3), **extra)
@@ -223,12 +231,12 @@ class EventWriter:
     def run_finished(
         self, *, run_id: str, status: str, totals: Mapping[str, Any], duration_ms: float,
         slowest: SlowestRows | Sequence[Mapping[str, Any]] = (), audit_rows: int | None = None,
-        audit_sha256: str | None = None, **extra: Any,
+        audit_sha256: str | None = None, message: str | None = None, **extra: Any,
     ) -> None:
         rows = slowest.items() if isinstance(slowest, SlowestRows) else list(slowest)
         self.emit("run_finished", run_id=run_id, status=status, totals=dict(totals),
                   duration_ms=round(duration_ms, 3), slowest=rows, audit_rows=audit_rows,
-                  audit_sha256=audit_sha256, **extra)
+                  audit_sha256=audit_sha256, message=message, **extra)
 
     def close(self) -> None:
         """Close a file this writer opened; a stream it was given (or stdout) stays open."""

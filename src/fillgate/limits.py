@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from fillgate.backends import backend_for
 from fillgate.config import Target
 from fillgate.errors import ErrorBudgetExceededError, ProtectedTargetError
+from fillgate.health import database_checks
 from fillgate.stamp import Connected
 from fillgate.throttle import HealthCheck, SQLCheck, Throttle
 
@@ -32,6 +34,10 @@ class Limits:
     checks: Sequence[HealthCheck] = field(default_factory=tuple)
     max_hold_s: float | None = None
     skip_rehearsal: bool = False  # --skip-rehearsal (with --confirm ENV): apply without the rehearsal
+    # --chunk-time: None or 0 keeps every batch at batch_size; otherwise batch_size is the
+    # maximum of an adaptive size (fillgate.pacing)
+    chunk_time: float | None = None
+    batch_timeout_s: float | None = None  # None: the default of fillgate.pacing.batch_timeout; 0: none
 
     @classmethod
     def for_target(
@@ -40,16 +46,23 @@ class Limits:
         *,
         hold_while: Sequence[str] = (),
         max_replication_lag: float | None = None,
+        table: str | None = None,
+        max_load: int | None = None,
+        critical_load: int | None = None,
+        hold_during_vacuum: bool = False,
+        max_transaction_age: float | None = None,
         **values: object,
     ) -> Limits:
         """Limits from command-line options (None means "not given"), with the built-in health
-        checks: ``hold_while`` SQL queries and PostgreSQL's replication lag. Each check runs
-        once now against the target."""
+        checks: ``hold_while`` SQL queries, replication lag, the database's load (``max_load``
+        holds, ``critical_load`` stops), a vacuum on ``table`` and old transactions holding
+        locks on it. Each check runs once now against the target: a check that cannot work
+        there, or a load already past ``critical_load``, stops the command before it writes."""
         checks: list[HealthCheck] = [SQLCheck(sql) for sql in hold_while]
         if max_replication_lag is not None:
-            from fillgate.contrib.postgres import ReplicationLagCheck
-
-            checks.append(ReplicationLagCheck(max_replication_lag))
+            lag_check = backend_for(conn.engine).replication_lag_check(max_replication_lag, conn.target.replicas)
+            checks.append(lag_check)
+        checks.extend(database_checks(table, max_load, critical_load, hold_during_vacuum, max_transaction_age))
         if checks:
             with conn.engine.connect() as probe:
                 Throttle(checks=checks).reasons(probe)

@@ -39,6 +39,7 @@ class Progress(Protocol):
     def start(self, description: str, total: int | None) -> None: ...
     def advance(self, done: int) -> None: ...
     def hold(self, reason: str | None) -> None: ...
+    def measured(self, rate: float | None) -> None: ...
     def stop(self) -> None: ...
 
 
@@ -70,13 +71,18 @@ class Monitor:
     _paced_ms: float = 0.0
     _held_ms: float = 0.0
     _hold_reason: str | None = None
+    # (monotonic time, done) of the last batches: the measured rate the progress ETA uses
+    _marks: list[tuple[float, int]] = field(default_factory=list)
+    _sizing: tuple[int | None, int] = (None, 0)
 
     def run_started(
         self, run_id: str, kind: str, job: str, target: str, environment: str, total: int | None,
         *, throttle: Throttle | None = None, heartbeat: Callable[[], None] | None = None,
+        rate: float | None = None,
     ) -> None:
         """A run starts: ``throttle`` paces it after every batch (default: no pacing),
-        ``heartbeat`` refreshes its heartbeat while it is held."""
+        ``heartbeat`` refreshes its heartbeat while it is held; ``rate`` (changes per second,
+        e.g. measured by the plan's trial batch) gives the progress ETA until batches are measured."""
         self._run_id, self._job, self._kind, self._batch = run_id, job, kind, 0
         self._throttle = throttle or Throttle()
         self._heartbeat = heartbeat
@@ -90,8 +96,11 @@ class Monitor:
         self._throttle.start()
         self.events.run_started(run_id=run_id, kind=kind, job=job, target=target,
                                 environment=environment, total_estimate=total)
+        self._marks = [(time.monotonic(), 0)]
         if self.progress is not None:
             self.progress.start(f"{kind} {job}", total)
+            if rate:
+                self.progress.measured(rate)
 
     def row_timing(self, key: tuple[Any, ...], ms: float) -> None:
         """Time spent on a row; calls for the same row in one batch add up (lookup + compute)."""
@@ -117,7 +126,8 @@ class Monitor:
         engine: Engine,
         examples: Mapping[str, Any] | None = None,
     ) -> None:
-        """After a batch committed: report it, alert once if it had anomalies, then pace."""
+        """After a batch committed: report it (with what :meth:`batch_sizing` said about it),
+        alert once if it had anomalies, then pace."""
         self._batch += 1
         elapsed_ms = (time.perf_counter() - self._batch_started) * 1000
         self._fold_row_times()
@@ -125,6 +135,7 @@ class Monitor:
         self.alerter.batch_done(self._job, self._run_id, self._batch, batch, examples)
         if self.progress is not None:
             self.progress.advance(done)
+            self.progress.measured(self.measured_rate(done))
         held_s = 0.0
         if self._throttle.active:
             try:
@@ -139,8 +150,22 @@ class Monitor:
             self._paced_ms += (self._throttle.last_paced_s + self._throttle.last_paused_s) * 1000
             self._held_ms += held_s * 1000
         self.events.batch_done(run_id=self._run_id, batch=self._batch, counts=batch,
-                               elapsed_ms=elapsed_ms, held_ms=held_s * 1000)
+                               elapsed_ms=elapsed_ms, held_ms=held_s * 1000, batch_size=self._sizing[0],
+                               timed_out=self._sizing[1])
+        self._sizing = (None, 0)
         self._batch_started = time.perf_counter()
+
+    def batch_sizing(self, size: int, timed_out: int = 0) -> None:
+        """The size chosen for the batch about to be reported (an apply's or revert's), and the
+        size of an attempt of it that timed out (0: none); the next ``batch_done`` event says so."""
+        self._sizing = (size, timed_out)
+
+    def measured_rate(self, done: int) -> float | None:
+        """Rows per second over the last 20 batches, pacing and holds included (wall time)."""
+        self._marks.append((time.monotonic(), done))
+        del self._marks[:-21]
+        (t0, d0), (t1, d1) = self._marks[0], self._marks[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 and d1 > d0 else None
 
     def take_wait(self) -> dict[str, Any]:
         """How long pacing (``paced_ms``) and health checks (``held_ms``, the last
@@ -150,10 +175,16 @@ class Monitor:
         self._hold_reason = None
         return wait
 
+    @property
+    def hold_reason(self) -> str | None:
+        """Why the run is held now (or was, since its last batch was recorded); None: not held."""
+        return self._hold_reason
+
     def _on_hold(self, reason: str) -> None:
+        changed = reason != self._hold_reason
         self._hold_reason = reason
-        if self._heartbeat is not None and time.monotonic() - self._last_beat >= 10.0:
-            self._heartbeat()
+        if self._heartbeat is not None and (changed or time.monotonic() - self._last_beat >= 10.0):
+            self._heartbeat()  # a writing run also records why it is held (the dashboard shows it)
             self._last_beat = time.monotonic()
         self.events.run_held(run_id=self._run_id, batch=self._batch, reason=reason,
                              held_ms=self._throttle.hold_s * 1000)
@@ -170,7 +201,8 @@ class Monitor:
         self.events.run_finished(run_id=self._run_id, status=status, totals=dict(totals),
                                  duration_ms=duration_ms, slowest=self.slowest,
                                  audit_rows=audit.rows if audit else None,
-                                 audit_sha256=audit.sha256 if audit else None)
+                                 audit_sha256=audit.sha256 if audit else None,
+                                 message=message if status != RunStatus.SUCCEEDED else None)
         if self.progress is not None:
             self.progress.stop()
         self._heartbeat = None

@@ -183,6 +183,20 @@ class PlanWriter:
         """A row whose lookup result was missing, extra, duplicated or out of place."""
         self._write({"kind": "unexpected_index", "key": list(key), "message": message})
 
+    def first_updates(self, n: int) -> list[Change]:
+        """The first ``n`` updates written so far (for a trial batch), in plan order."""
+        self._flush()
+        self._body.flush()
+        found: list[Change] = []
+        with self._body_path.open(encoding="utf-8") as fh:
+            for number, line in enumerate(fh, start=2):
+                if len(found) >= n:
+                    break
+                record = _decode_record(self._body_path, number, line)
+                if record["kind"] == "change":
+                    found.append(Change(tuple(record["key"]), record["column"], record["old"], record["new"]))
+        return found
+
     def finish(self, header: PlanHeader, path: Path) -> Path:
         """Write the complete plan to ``path`` (atomically) and return it."""
         self._flush()

@@ -19,6 +19,7 @@ from fillgate.backends import ColumnType, Unstorable, ValueChecker, backend_for,
 from fillgate.context import RunContext, activate
 from fillgate.counts import ANOMALY_OF_LINE, PLAN_COUNTS
 from fillgate.errors import ColumnTypeError, FillgateError, Interrupted, JobError
+from fillgate.estimate import TRIAL_SIZE, Estimate, trial_estimate
 from fillgate.fingerprints import anomaly_fingerprint, error_fingerprint
 from fillgate.interrupts import interruptible, stop_requested
 from fillgate.job import Job
@@ -55,6 +56,7 @@ class PlanResult:
     path: Path | None
     counts: dict[str, int]
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    estimate: Estimate | None = None  # the apply's estimated duration (plan with estimate=True)
 
 
 def _compute_page(job: Job, rows: list[dict[str, Any]], keys: list[tuple[Any, ...]], ctx: RunContext,
@@ -339,11 +341,13 @@ def make_plan(
     limits: Limits | None = None,
     monitor: Monitor | None = None,
     pipeline_run_id: str | None = None,
+    estimate: bool = False,
 ) -> PlanResult:
     """Dry run: read the source, compute, diff. Writes nothing to the user's tables; records
     the plan as a run and, with ``out``, saves the plan file (a folder gets ``<plan id>.plan``).
     Within a pipeline, the plan run is a child of ``pipeline_run_id`` and job code sees the
-    pipeline's run id as ``ctx.run_id``."""
+    pipeline's run id as ``ctx.run_id``. With ``estimate``, a trial batch of the plan's first
+    updates is timed and rolled back (``fillgate.estimate``) to estimate the apply's duration."""
     job = job_cls(params)
     types = _check_job(conn, job_cls, job.args)
     run = conn.ledger.create_run(Run(
@@ -354,6 +358,7 @@ def make_plan(
               "out": str(out) if out else None, "job_fingerprint": job_cls.code_fingerprint()},
     ))
     planning = _Planning(conn, run, job, types, limits or Limits(), monitor or Monitor(), pipeline_run_id)
+    planning.trial = estimate
     return planning.plan(out)
 
 
@@ -380,6 +385,8 @@ class _Planning:
                               params=job.args, engine=conn.engine, stage_run_id=run.run_id)
         self.saved = time.monotonic()
         self.last_saved: dict[str, int] = {}
+        self.trial = False
+        self.estimate: Estimate | None = None
 
     def plan(self, out: str | Path | None) -> PlanResult:
         conn, run, job_cls = self.conn, self.run, type(self.job)
@@ -397,6 +404,8 @@ class _Planning:
             with conn.engine.connect() as reader, activate(self.ctx):
                 lookup = self.job.build_lookup(self.ctx)
                 self._read_pages(reader, lookup)
+            if self.trial:
+                self.estimate = self._estimate()
             header = self._header()
             if plan_dir is not None:
                 path: Path | None = planner.writer.finish(header, plan_file or plan_dir / f"{run.run_id}.plan")
@@ -436,6 +445,13 @@ class _Planning:
             with self.conn.engine.begin() as tx:
                 self._save_progress(tx)
 
+    def _estimate(self) -> Estimate:
+        """The apply's duration, from a timed trial batch that is rolled back."""
+        job_cls, writer = type(self.job), self.planner.writer
+        sample = writer.first_updates(min(TRIAL_SIZE, self.limits.batch_size))
+        return trial_estimate(self.conn, self.run.run_id, job_cls.table, job_cls.key_columns(), sample,
+                              writer.changes, self.limits.rate)
+
     def _save_progress(self, tx: Connection) -> None:
         """The run's counts, and its timeline since the last save."""
         counts, last, ledger = self.planner.counts, self.last_saved, self.conn.ledger
@@ -474,12 +490,15 @@ class _Planning:
 
     def _finish(self, header: PlanHeader, path: Path | None) -> PlanResult:
         ledger, run, counts = self.conn.ledger, self.run, self.planner.counts
+        details = self.monitor.details()
+        if self.estimate is not None:
+            details["estimate"] = self.estimate.to_json()
         ledger.transition(run.run_id, RunStatus.PLANNED, counts=counts, total=header.changes, plan_id=run.run_id,
                           plan_path=str(path) if path else None, plan_sha256=self.planner.writer.file_sha256,
-                          finished_at=utcnow(), details=self.monitor.details())
+                          finished_at=utcnow(), details=details)
         self.monitor.run_finished(RunStatus.PLANNED, counts)
         return PlanResult(header=header, run=ledger.get_run(run.run_id), path=path, counts=counts,
-                          samples=self.planner.samples)
+                          samples=self.planner.samples, estimate=self.estimate)
 
 
 def _written_column_types(conn: Connected, job_cls: type[Job]) -> dict[str, ColumnType]:

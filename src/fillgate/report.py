@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from shlex import quote
 from typing import Any, NamedTuple
@@ -19,7 +20,6 @@ from rich.progress import (
     Task,
     TaskID,
     TextColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -28,6 +28,7 @@ from fillgate.applier import ApplyResult
 from fillgate.commands import Approval
 from fillgate.counts import LABELS, PLAN_COUNTS
 from fillgate.errors import EXIT_INTERRUPTED, EXIT_REFUSED
+from fillgate.estimate import Estimate, format_duration
 from fillgate.ledger import Run
 from fillgate.ledger.integrity import RunCheck, VerifyReport
 from fillgate.pipeline_run import PipelineResult
@@ -193,7 +194,21 @@ def plan_json(result: PlanResult) -> dict[str, Any]:
         "changes": result.header.changes,
         "samples": {kind: [{**i, "message": mask_secrets(i["message"])} if "message" in i else i for i in items]
                     for kind, items in result.samples.items()},
+        "estimate": result.estimate.to_json() if result.estimate is not None else None,
     }
+
+
+def estimate_line(estimate: Estimate) -> str:
+    """The apply's estimated duration, as ``fillgate plan`` prints it."""
+    if estimate.skipped:
+        return f"No duration estimate: {estimate.skipped}."
+    if estimate.duration_s is None or estimate.rate is None:
+        return "Nothing to apply, nothing to estimate."
+    when = format_duration(estimate.duration_s)
+    when = when if when.startswith("under") else f"about {when}"
+    return (f"Estimated apply time: {when} for {estimate.changes} changes "
+            f"({estimate.rate:.0f} changes/s, measured by a trial batch of {estimate.trial} changes that was "
+            "rolled back; holds and pauses not included).")
 
 
 def apply_hint(result: PlanResult, confirm: str | None = None) -> str:
@@ -238,6 +253,8 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step
     _print_table(console, "row errors (nothing written for these rows)", ("key", "error", Col("message", wrap=True)), (
         (_key(i["key"]), i["error_type"], mask_secrets(i["message"])) for i in result.samples.get("error", [])[:5]
     ))
+    if result.estimate is not None and result.estimate.changes:
+        _line(console, escape(estimate_line(result.estimate)))
     if result.path:
         _line(console, f"Plan saved to [bold]{escape(str(result.path))}[/]")
         if next_step:
@@ -428,6 +445,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]],
         ("created", _when(run.created_at)), ("finished", _when(run.finished_at)),
         ("duration", f"{duration:.2f}s" if duration is not None else None),
         ("message", mask_secrets(run.message or "")), ("arguments", json.dumps(run.args, default=str)),
+        ("apply estimate", _recorded_estimate(run)),
     ) if value]
     _print_records(console, [label for label, _ in fields], [[value for _, value in fields]], numbered=False)
     _print_audit(console, run)
@@ -442,6 +460,17 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]],
           _stored_key(g["example_key"]), mask_secrets(g["example_message"] or "")) for g in error_groups),
     )
     _print_approvals(console, approvals)
+
+
+def _recorded_estimate(run: Run) -> str | None:
+    """The apply estimate a plan recorded (an apply shows its plan's), as ``fillgate plan`` said it."""
+    recorded = (run.details or {}).get("estimate")
+    if not isinstance(recorded, dict):
+        return None
+    try:
+        return estimate_line(Estimate(**recorded))
+    except TypeError:  # recorded by another version of fillgate
+        return None
 
 
 def _stored_key(text: str | None) -> str:
@@ -487,6 +516,17 @@ class _RateColumn(ProgressColumn):
         return Text("" if speed is None else f"{speed:,.0f}/s", style="cyan")
 
 
+class _EtaColumn(ProgressColumn):
+    """Time left at the measured rate (the run's last batches, or the plan's trial batch)."""
+
+    def render(self, task: Task) -> Text:
+        rate = task.fields.get("rate")
+        if not rate or task.total is None:
+            return Text("-:--:--", style="progress.remaining")
+        left = max(task.total - task.completed, 0) / rate
+        return Text(str(dt.timedelta(seconds=round(left))), style="progress.remaining")
+
+
 class RichProgress:
     """A progress bar with rate and ETA (for terminals; the CLI leaves it off on pipes and
     with ``--json``). A held run shows why it is held."""
@@ -500,11 +540,11 @@ class RichProgress:
         self.stop()
         self._bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-            TimeRemainingColumn(), TextColumn("[yellow]{task.fields[note]}"),
+            _EtaColumn(), TextColumn("[yellow]{task.fields[note]}"),
             console=self.console, transient=True,
         )
         self._bar.start()
-        self._task = self._bar.add_task(description[:40], total=total or None, note="")
+        self._task = self._bar.add_task(description[:40], total=total or None, note="", rate=None)
 
     def advance(self, done: int) -> None:
         if self._bar is not None and self._task is not None:
@@ -516,11 +556,47 @@ class RichProgress:
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, note=f"held: {reason}" if reason else "")
 
+    def measured(self, rate: float | None) -> None:
+        if self._bar is not None and self._task is not None and rate:
+            self._bar.update(self._task, rate=rate)
+
     def stop(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
             self._task = None
+
+
+class HoldLines:
+    """Progress where there is no terminal (a pipe, a file, CI): no bar, but a line when a hold
+    starts or its reason changes, and one when the run goes on."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._reason: str | None = None
+        self._since = 0.0
+
+    def start(self, description: str, total: int | None) -> None:
+        self._reason = None
+
+    def advance(self, done: int) -> None:
+        pass
+
+    def measured(self, rate: float | None) -> None:
+        pass
+
+    def hold(self, reason: str | None) -> None:
+        if reason is not None and reason != self._reason:
+            if self._reason is None:
+                self._since = time.monotonic()
+            self._reason = reason
+            self.console.print(f"held: {escape(reason)}", soft_wrap=True)
+        elif reason is None and self._reason is not None:
+            self._reason = None
+            self.console.print(f"going on after a hold of {time.monotonic() - self._since:.1f}s", soft_wrap=True)
+
+    def stop(self) -> None:
+        self._reason = None
 
 
 # --- pipelines -----------------------------------------------------------------------------

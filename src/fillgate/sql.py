@@ -400,7 +400,9 @@ def _group_at_once(conn: Connection, sql: TableSQL, group_key: tuple[str, ...], 
         else:
             statement, params = _statement(sql, group_key, group, binders)
             matched = conn.exec_driver_sql(statement, params).rowcount
-    except Exception:  # a value the fast path cannot send: the row-by-row path decides
+    except Exception as exc:  # a value the fast path cannot send: the row-by-row path decides
+        if sql.backend.is_timeout(exc):  # the batch timeout: the whole batch is rolled back
+            raise
         return False
     if matched != len(group):
         return False
@@ -476,6 +478,8 @@ def _apply_one_by_one(
         try:
             matched = conn.exec_driver_sql(statement, param).rowcount
         except (DBAPIError, OverflowError, ValueError, TypeError) as exc:  # refused by the database or its driver
+            if sql.backend.is_timeout(exc):  # not the row's fault: the whole batch is rolled back
+                raise
             savepoint.rollback()
             exists, current = current_value(conn, sql, change)
             if change.op == "insert" and exists:  # the key was taken since the plan

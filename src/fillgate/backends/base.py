@@ -254,6 +254,45 @@ class Backend:
     def ledger_time(self, value: dt.datetime) -> Any:
         """A naive UTC timestamp as the ledger's timestamp columns are given it."""
         return value
+
+    # --- pacing: batch timeouts, trial batches, health ------------------------------------
+
+    def set_batch_timeout(self, conn: Connection, seconds: float) -> None:
+        """Bound the statements of the batch transaction begun on ``conn``: a statement still
+        running after ``seconds`` is cancelled with an error that :meth:`is_timeout` knows."""
+
+    def clear_batch_timeout(self, conn: Connection) -> None:
+        """Undo :meth:`set_batch_timeout` once the batch's transaction has ended."""
+
+    def is_timeout(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the batch timeout (or a lock wait timeout) cancelling a statement."""
+        return False
+
+    def trial_refusal(self, conn: Connection, table: str) -> str | None:
+        """Why a rolled-back trial batch on ``table`` might leave a trace (a table a rollback
+        does not reach), or None when a rollback undoes it whole."""
+        return None
+
+    def replication_lag_check(self, max_lag_s: float, replicas: Sequence[Any]) -> Any:
+        """The health check of ``--max-replication-lag`` (``replicas``: the URLs the target's
+        config lists). PostgreSQL's reads ``pg_stat_replication`` on the primary (and says
+        so on a database without it)."""
+        from fillgate.contrib.postgres import ReplicationLagCheck
+
+        return ReplicationLagCheck(max_lag_s)
+
+    def running_sessions(self, conn: Connection) -> tuple[int, str]:
+        """The database's load for ``--max-load``/``--critical-load``: (value, what it counts)."""
+        raise NotImplementedError
+
+    def vacuum_on(self, conn: Connection, table: str) -> str | None:
+        """A vacuum running on ``table`` now (what it is), or None."""
+        raise NotImplementedError
+
+    def long_transactions(self, conn: Connection, table: str, age_s: float) -> list[str]:
+        """Other sessions whose transaction has been open longer than ``age_s`` seconds while
+        holding a lock on ``table`` (one description each)."""
+        raise NotImplementedError
     # families whose columns also take a bool, stored as 1/0 (backends without a boolean type)
     bools_as_ints: ClassVar[bool] = False
     # a "timestamp" (without time zone) column refuses aware datetimes

@@ -93,6 +93,63 @@ class MySQLBackend(Backend):
                              {"s": schema or None, "t": name}).scalar()
         return int(value) if value is not None else None
 
+    # --- pacing -------------------------------------------------------------------------
+
+    def set_batch_timeout(self, conn: Connection, seconds: float) -> None:
+        """MariaDB: ``max_statement_time`` (lock waits included); MySQL: only lock waits can be
+        bounded for an UPDATE (``innodb_lock_wait_timeout``, whole seconds)."""
+        if conn.dialect.is_mariadb:  # type: ignore[attr-defined]
+            conn.exec_driver_sql(f"SET SESSION max_statement_time = {max(seconds, 0.001):.3f}")
+        else:
+            conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {max(1, round(seconds))}")
+
+    def clear_batch_timeout(self, conn: Connection) -> None:
+        if conn.dialect.is_mariadb:  # type: ignore[attr-defined]
+            conn.exec_driver_sql("SET SESSION max_statement_time = DEFAULT")
+        else:
+            conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+
+    def is_timeout(self, exc: BaseException) -> bool:
+        orig = getattr(exc, "orig", None) or exc
+        args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+        # 1969: max_statement_time exceeded (MariaDB); 1205: lock wait timeout; 3024: max_execution_time
+        return len(args) > 0 and args[0] in (1969, 1205, 3024)
+
+    def trial_refusal(self, conn: Connection, table: str) -> str | None:
+        schema, _, name = table.rpartition(".")
+        where = "table_schema = COALESCE(:s, DATABASE()) AND "
+        engine = conn.execute(text(f"SELECT engine FROM information_schema.tables WHERE {where} table_name = :t"),
+                              {"s": schema or None, "t": name}).scalar()
+        if engine is not None and str(engine).lower() not in ("innodb", "xtradb"):
+            return f"{table} uses the {engine} engine, which a rollback does not undo"
+        triggers = conn.execute(text(f"SELECT count(*) FROM information_schema.triggers WHERE "
+                                     f"{where.replace('table_schema', 'event_object_schema')} event_object_table = :t"),
+                                {"s": schema or None, "t": name}).scalar()
+        if triggers:
+            return f"{table} has triggers, which may write to tables a rollback does not undo"
+        return None
+
+    def replication_lag_check(self, max_lag_s: float, replicas: Sequence[Any]) -> Any:
+        from fillgate.contrib.mysql import ReplicaLagCheck
+
+        return ReplicaLagCheck(max_lag_s, replicas)
+
+    def running_sessions(self, conn: Connection) -> tuple[int, str]:
+        row = conn.exec_driver_sql("SHOW GLOBAL STATUS LIKE 'Threads_running'").first()
+        return int(row[1]) if row is not None else 0, "Threads_running"
+
+    def long_transactions(self, conn: Connection, table: str, age_s: float) -> list[str]:
+        """InnoDB does not say which tables a transaction holds locks on: every other
+        transaction that has locked rows or tables and is older than ``age_s`` counts."""
+        rows = conn.execute(text(
+            "SELECT trx_mysql_thread_id, trx_state, TIMESTAMPDIFF(SECOND, trx_started, NOW()) AS age_s, "
+            "trx_rows_locked, trx_tables_locked FROM information_schema.innodb_trx "
+            "WHERE trx_mysql_thread_id <> CONNECTION_ID() AND trx_started < NOW() - INTERVAL :age SECOND "
+            "AND (trx_rows_locked > 0 OR trx_tables_locked > 0) ORDER BY trx_started"
+        ), {"age": age_s}).all()
+        return [f"transaction of thread {thread} ({state}) open {age}s with {rows_locked} rows locked"
+                for thread, state, age, rows_locked, _tables in rows]
+
     # --- values -------------------------------------------------------------------------
 
     def column_types(self, conn: Connection, table: str) -> dict[str, ColumnType]:

@@ -89,6 +89,43 @@ class PostgreSQLBackend(Backend):
                              {"t": table}).scalar()
         return int(value) if value is not None and value >= 0 else None
 
+    # --- pacing -------------------------------------------------------------------------
+
+    def set_batch_timeout(self, conn: Connection, seconds: float) -> None:
+        # local to the transaction: it ends with the batch's COMMIT or ROLLBACK
+        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}")
+
+    def is_timeout(self, exc: BaseException) -> bool:
+        orig = getattr(exc, "orig", None) or exc
+        return getattr(orig, "sqlstate", None) in ("57014", "55P03")  # query_canceled, lock_not_available
+
+    def running_sessions(self, conn: Connection) -> tuple[int, str]:
+        value = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND backend_type = 'client backend' "
+            "AND pid <> pg_backend_pid()"
+        ).scalar()
+        return int(value or 0), "active sessions"
+
+    def vacuum_on(self, conn: Connection, table: str) -> str | None:
+        row = conn.execute(text(
+            "SELECT p.phase, a.query FROM pg_stat_progress_vacuum p LEFT JOIN pg_stat_activity a ON a.pid = p.pid "
+            "WHERE p.relid = to_regclass(:t)"
+        ), {"t": table}).first()
+        if row is None:
+            return None
+        who = "autovacuum" if str(row[1] or "").startswith("autovacuum:") else "VACUUM"
+        return f"{who} running on {table} ({row[0]})"
+
+    def long_transactions(self, conn: Connection, table: str, age_s: float) -> list[str]:
+        rows = conn.execute(text(
+            "SELECT DISTINCT a.pid, a.usename, a.state, EXTRACT(EPOCH FROM now() - a.xact_start) AS age_s "
+            "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.relation = to_regclass(:t) AND l.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL "
+            "AND now() - a.xact_start > make_interval(secs => :age) ORDER BY age_s DESC"
+        ), {"t": table, "age": age_s}).all()
+        return [f"transaction of pid {pid} ({user or 'unknown user'}, {state}) open {float(age):.0f}s"
+                for pid, user, state, age in rows]
+
     def update_group(self, conn: Connection, sql: Any, column: str, group: Sequence[Any],
                      binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any]] | None:
         """``UPDATE t SET col = u.new FROM unnest(keys, news, olds) WITH ORDINALITY u WHERE

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -127,6 +128,24 @@ class SQLiteBackend(Backend):
 
     def ledger_time(self, value: dt.datetime) -> Any:
         return value.isoformat(" ")  # the text SQLite keeps for a DATETIME
+
+    # --- pacing -------------------------------------------------------------------------
+
+    def set_batch_timeout(self, conn: Connection, seconds: float) -> None:
+        """SQLite has no statement timeout: a progress handler interrupts the batch's
+        statements once ``seconds`` have passed since the batch began."""
+        deadline = time.monotonic() + seconds
+        raw = conn.connection.dbapi_connection
+        raw.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)  # type: ignore[union-attr]
+
+    def clear_batch_timeout(self, conn: Connection) -> None:
+        raw = conn.connection.dbapi_connection
+        if raw is not None:
+            raw.set_progress_handler(None, 0)
+
+    def is_timeout(self, exc: BaseException) -> bool:
+        orig = getattr(exc, "orig", None) or exc
+        return type(orig).__name__ == "OperationalError" and str(orig) == "interrupted"
 
     # --- values -------------------------------------------------------------------------
 

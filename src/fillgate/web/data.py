@@ -14,6 +14,7 @@ each action is recorded in the ledger with the operator who asked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import decimal
@@ -22,7 +23,7 @@ import logging
 import shlex
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,14 +221,19 @@ class Dashboard:
             "batches": timeline, "batch_summary": ledger.batch_summary(run_id), "actions": ledger.actions(run_id),
             "children": ledger.children_of(run_id), "reverts": ledger.reverts_of(run_id),
             "applies": ledger.runs_of_plan(run_id) if run.kind == RunKind.PLAN else [],
-            "target": conn.target, "progress": progress(run, timeline[-RECENT:]), "approvals": described.approvals,
+            "target": conn.target, "progress": progress(run, timeline[-RECENT:], _estimated_rate(run.details)),
+            "approvals": described.approvals,
         }
 
     def progress(self, name: str, run_id: str) -> dict[str, Any]:
         ledger = self.connect(name).ledger
         run = ledger.get_run(run_id)
-        return {"run": run, "interrupted": interrupted(run),
-                "progress": progress(run, ledger.batches(run_id, RECENT))}
+        recent = ledger.batches(run_id, RECENT)
+        planned = None
+        if not recent and run.kind == RunKind.APPLY and run.plan_id:  # no batch yet: the plan's trial rate
+            with contextlib.suppress(FillgateError):
+                planned = _estimated_rate(ledger.get_run(run.plan_id).details)
+        return {"run": run, "interrupted": interrupted(run), "progress": progress(run, recent, planned)}
 
     def chart(self, name: str, run_id: str) -> dict[str, Any]:
         """Throughput per batch (for the chart): seconds since the first batch, and rows/s."""
@@ -452,8 +458,15 @@ def _stamp_of(target: Target) -> dict[str, str]:
         return {}
 
 
-def progress(run: Run, recent: list[dict[str, Any]]) -> dict[str, Any]:
-    """Done, total, percentage, rate (per second over the recent batches) and ETA."""
+def _estimated_rate(details: Mapping[str, Any] | None) -> float | None:
+    """The changes per second a plan's trial batch measured (``details`` of the plan run)."""
+    rate = ((details or {}).get("estimate") or {}).get("rate")
+    return float(rate) if isinstance(rate, int | float) and rate > 0 else None
+
+
+def progress(run: Run, recent: list[dict[str, Any]], planned_rate: float | None = None) -> dict[str, Any]:
+    """Done, total, percentage, rate (per second over the recent batches; before the first
+    batch of an apply, ``planned_rate``, measured by its plan's trial batch) and ETA."""
     plan = run.kind == RunKind.PLAN
     done = run.counts.get("rows", 0) if plan else run.checkpoint
     total = None if plan else run.total
@@ -465,10 +478,14 @@ def progress(run: Run, recent: list[dict[str, Any]]) -> dict[str, Any]:
             rate = moved / span
     elif len(recent) == 1 and recent[0]["elapsed_ms"]:
         rate = recent[0]["rows"] * 1000 / recent[0]["elapsed_ms"]
+    elif not recent and not plan:
+        rate = planned_rate
     eta = None
     if rate and total is not None and total > done:
         eta = (total - done) / rate
     held = recent[-1]["hold_reason"] if recent and recent[-1]["held_ms"] else None
+    if run.status == RunStatus.RUNNING and run.message and run.message.startswith("held: "):
+        held = run.message.removeprefix("held: ")  # held now: the run says why since its last batch
     return {"done": done, "total": total, "percent": (100.0 * done / total) if total else None,
             "rate": rate, "eta": eta, "unit": "rows" if plan else "changes", "last_hold": held}
 
@@ -492,8 +509,10 @@ class _Watch(Monitor):
     def run_started(
         self, run_id: str, kind: str, job: str, target: str, environment: str, total: int | None,
         *, throttle: Throttle | None = None, heartbeat: Callable[[], None] | None = None,
+        rate: float | None = None,
     ) -> None:
-        super().run_started(run_id, kind, job, target, environment, total, throttle=throttle, heartbeat=heartbeat)
+        super().run_started(run_id, kind, job, target, environment, total, throttle=throttle, heartbeat=heartbeat,
+                            rate=rate)
         self._on_started(run_id)
 
 

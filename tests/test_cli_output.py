@@ -335,7 +335,7 @@ def test_history_of_a_dropped_table_that_fillgate_changed(db: TestDB, cli: CliRu
 
 def _printed_commands(text: str) -> list[list[str]]:
     tail = text.split("Try the commands yourself from there:", 1)[1]
-    return [shlex.split(line.strip()) for line in tail.strip().splitlines()]
+    return [shlex.split(line.strip()) for line in tail.strip("\n").splitlines() if line.startswith("  ")]
 
 
 def test_demo_commands_can_be_run_afterwards(tmp_path: Path, cli: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -353,6 +353,8 @@ def test_demo_commands_can_be_run_afterwards(tmp_path: Path, cli: CliRunner, mon
     # the printed step commands work too: the stamp refuses the 'live' target
     refused = run_cli(cli, None, "plan", "fillgate.demo:FillCustomerEmail", "--target", "live")
     assert refused.exit_code == 3 and refused.stderr.startswith("refused: target 'live' points at a database")
+    assert "Or browse them in the web dashboard: fillgate serve (it needs pip install 'fillgate[web]')." in " ".join(
+        result.stdout.split())
 
 
 def test_demo_never_overwrites_a_config_of_yours(tmp_path: Path, cli: CliRunner,

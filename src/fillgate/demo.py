@@ -199,5 +199,5 @@ class _Tour:
                      cmd(f"apply {again.name} --max-changes {changes}")):
             self.console.print(f"  {escape(line)}", soft_wrap=True)
         web = escape("pip install 'fillgate[web]'")
-        self.console.print(f"  {escape(cmd('serve'))}    # the web dashboard over both targets ({web})",
+        self.console.print(f"Or browse them in the web dashboard: {escape(cmd('serve'))} (it needs {web}).",
                            soft_wrap=True)

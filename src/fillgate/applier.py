@@ -16,6 +16,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
 from fillgate.database import write_transaction
 from fillgate.errors import (
     AlreadyDoneError,
@@ -86,6 +88,12 @@ def _batches(items: Iterable[Change], size: int) -> Iterator[list[Change]]:
         yield batch
 
 
+BatchHook = Callable[[Connection, int, dict[str, int]], "str | None"]
+"""Called inside each batch's transaction with the run's checkpoint and counts after the batch
+(a partition of a distributed run records its own checkpoint there); may return a pause or
+cancel request."""
+
+
 def execute(
     conn: Connected,
     run: Run,
@@ -93,17 +101,21 @@ def execute(
     limits: Limits,
     lock: ApplyLock,
     monitor: Monitor | None = None,
+    on_batch: BatchHook | None = None,
 ) -> ApplyResult:
     """Write ``changes`` for ``run`` (which holds ``lock``): one transaction per batch holding
-    the data changes, their audit rows, conflicts/errors, the run's counts and its checkpoint."""
-    return _Applying(conn, run, limits, lock, monitor or Monitor()).execute(changes)
+    the data changes, their audit rows, conflicts/errors, the run's counts and its checkpoint
+    (and whatever ``on_batch`` writes in that same transaction)."""
+    return _Applying(conn, run, limits, lock, monitor or Monitor(), on_batch).execute(changes)
 
 
 class _Applying:
     """One apply or revert run, batch by batch."""
 
-    def __init__(self, conn: Connected, run: Run, limits: Limits, lock: ApplyLock, monitor: Monitor) -> None:
+    def __init__(self, conn: Connected, run: Run, limits: Limits, lock: ApplyLock, monitor: Monitor,
+                 on_batch: BatchHook | None = None) -> None:
         self.conn, self.run, self.limits, self.lock, self.monitor = conn, run, limits, lock, monitor
+        self.on_batch = on_batch
         self.ledger = conn.ledger
         self.sql = TableSQL(conn.engine.dialect, run.table_name or "", run.args["key"])
         self.source = run.args.get("source") or run.job or run.kind
@@ -166,7 +178,10 @@ class _Applying:
                             elapsed_ms=(time.perf_counter() - self.batch_started) * 1000, committed_at=now,
                             **self.monitor.take_wait())
         self.lock.heartbeat(tx)
-        return outcome, problems, ledger.read_control(run.run_id, tx)
+        control = ledger.read_control(run.run_id, tx)
+        if self.on_batch is not None:
+            control = self.on_batch(tx, self.checkpoint, dict(counts)) or control
+        return outcome, problems, control
 
     def _problems(self, outcome: BatchOutcome, now: Any) -> list[dict[str, Any]]:
         """The batch's conflicts and errors as fillgate_errors rows (and the conflicts' sample)."""

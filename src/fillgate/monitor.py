@@ -116,8 +116,10 @@ class Monitor:
         done: int,
         engine: Engine,
         examples: Mapping[str, Any] | None = None,
+        partition: int | None = None,
     ) -> None:
-        """After a batch committed: report it, alert once if it had anomalies, then pace."""
+        """After a batch committed: report it, alert once if it had anomalies, then pace.
+        ``partition``: the batch's partition of a distributed run (its events carry it)."""
         self._batch += 1
         elapsed_ms = (time.perf_counter() - self._batch_started) * 1000
         self._fold_row_times()
@@ -139,7 +141,8 @@ class Monitor:
             self._paced_ms += (self._throttle.last_paced_s + self._throttle.last_paused_s) * 1000
             self._held_ms += held_s * 1000
         self.events.batch_done(run_id=self._run_id, batch=self._batch, counts=batch,
-                               elapsed_ms=elapsed_ms, held_ms=held_s * 1000)
+                               elapsed_ms=elapsed_ms, held_ms=held_s * 1000,
+                               **({} if partition is None else {"partition": partition}))
         self._batch_started = time.perf_counter()
 
     def take_wait(self) -> dict[str, Any]:

@@ -348,7 +348,7 @@ def make_plan(
     pipeline's run id as ``ctx.run_id``. ``bounds``: plan only the source rows in that key
     range (one partition of a distributed plan, whose plan run is ``parent_run_id``)."""
     job = job_cls(params)
-    types = _check_job(conn, job_cls, job.args)
+    types = check_job(conn, job_cls, job.args)
     run = conn.ledger.create_run(Run(
         run_id=new_run_id(), kind=RunKind.PLAN, job=job_cls.job_name(), table_name=job_cls.table,
         target=conn.target.name, environment=conn.target.environment, operator=operator_name(),
@@ -361,7 +361,7 @@ def make_plan(
     return planning.plan(out)
 
 
-def _check_job(conn: Connected, job_cls: type[Job], args: Mapping[str, Any]) -> dict[str, ColumnType]:
+def check_job(conn: Connected, job_cls: type[Job], args: Mapping[str, Any]) -> dict[str, ColumnType]:
     """Before anything is recorded: the table, its key and the written columns exist (and
     fillgate can write them), and the source selects the key it is paged by. Returns the
     written columns' types."""

@@ -17,9 +17,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
 from fillgate import commands, report
-from fillgate.applier import ApplyResult, apply_plan
+from fillgate.applier import ApplyResult
 from fillgate.config import Config, Target, load_config
-from fillgate.control import control_run, resume_run
+from fillgate.distributed import Cluster
 from fillgate.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -167,6 +167,18 @@ MaxHoldOpt = Annotated[
     float | None, typer.Option("--max-hold", min=0.0, help="Stop the run if one hold lasts longer than S seconds.")
 ]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Job parameter name=value (repeatable).")]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", min=1, help="Distributed: start a local Dask cluster of N worker processes "
+                                                      "(needs: pip install 'fillgate[dask]').")
+]
+SchedulerOpt = Annotated[
+    str | None, typer.Option("--scheduler", help="Distributed: use the Dask cluster at this address (tcp://HOST:8786; "
+                                                 "default: DASK_SCHEDULER_ADDRESS when --workers is not given).")
+]
+PartitionsOpt = Annotated[
+    int | None, typer.Option("--partitions", min=1, help="Distributed: split the source into P key ranges of about "
+                                                         "as many rows each (default: 4 per worker).")
+]
 
 
 @app.callback()
@@ -288,17 +300,24 @@ def plan(
     max_replication_lag: LagOpt = None,
     hold_while: HoldWhileOpt = None,
     max_hold: MaxHoldOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
+    partitions: PartitionsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Dry run: compute every change and show it. Writes nothing to your tables."""
+    """Dry run: compute every change and show it. Writes nothing to your tables.
+
+    With --workers, --scheduler or --partitions: a distributed plan, one plan directory
+    (a manifest and a plan file per partition) that apply verifies and gates as one plan."""
     with _errors(as_json):
         runnable = load_runnable(job)
+        cluster = Cluster.from_options(workers, scheduler, partitions)
         conn = connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_errors=max_errors, max_error_rate=max_error_rate)
         with _monitor(events, as_json) as monitor:
             result = commands.plan(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
-                                   monitor=monitor)
+                                   monitor=monitor, cluster=cluster)
     human = _human(events)
     if isinstance(result, PipelineResult):
         _emit(as_json, lambda: report.pipeline_json(result), lambda: report.print_pipeline(human, result))
@@ -348,7 +367,8 @@ def _human(events: str | None) -> Console:
 
 @app.command()
 def apply(
-    plan_file: Annotated[Path, typer.Argument(help="A plan file made by fillgate plan -o.")],
+    plan_file: Annotated[Path, typer.Argument(help="A plan file made by fillgate plan -o, or a distributed plan's "
+                                                   "directory.")],
     target: TargetOpt = None,
     max_changes: MaxChangesOpt = None,
     confirm: ConfirmOpt = None,
@@ -361,17 +381,23 @@ def apply(
     max_replication_lag: LagOpt = None,
     hold_while: HoldWhileOpt = None,
     max_hold: MaxHoldOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write exactly the reviewed plan: compare-and-set, audited, resumable."""
+    """Write exactly the reviewed plan: compare-and-set, audited, resumable.
+
+    A distributed plan (a plan directory) is applied on --workers N or the --scheduler's
+    cluster, partition by partition; without either, in this process."""
     with _errors(as_json):
+        cluster = Cluster.from_options(workers, scheduler)
         conn = commands.target_of_plan(_config(), plan_file, target)
         _state["target"] = conn.target
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
         with _monitor(events, as_json) as monitor:
-            result = apply_plan(conn, plan_file, limits, monitor)
+            result = commands.apply(conn, plan_file, limits, monitor, cluster)
     _finish_apply(result, as_json, _human(events))
 
 
@@ -394,11 +420,15 @@ def run(
     max_replication_lag: LagOpt = None,
     hold_while: HoldWhileOpt = None,
     max_hold: MaxHoldOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
+    partitions: PartitionsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Plan, gate and apply in one go."""
+    """Plan, gate and apply in one go (distributed on a Dask cluster with --workers or --scheduler)."""
     with _errors(as_json):
         runnable = load_runnable(job)
+        cluster = Cluster.from_options(workers, scheduler, partitions)
         conn = connect(_target(target))
         check_write_allowed(conn.target, confirm)
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
@@ -411,7 +441,7 @@ def run(
 
         with _monitor(events, as_json) as monitor:
             done = commands.run(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
-                                monitor=monitor, on_planned=show_plan)
+                                monitor=monitor, on_planned=show_plan, cluster=cluster)
     if done.pipeline is not None:
         staged = done.pipeline
         _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(_human(events), staged))
@@ -444,8 +474,8 @@ def show(run_id: Annotated[str, typer.Argument(metavar="RUN")], target: TargetOp
     """Show one run: status, counts, timing, errors grouped by fingerprint."""
     with _errors(as_json):
         found = commands.describe(connect(_target(target)), run_id)
-    _emit(as_json, lambda: report.show_json(found.run, found.error_groups),
-          lambda: report.print_show(out, found.run, found.error_groups))
+    _emit(as_json, lambda: report.show_json(found.run, found.error_groups, found.partitions),
+          lambda: report.print_show(out, found.run, found.error_groups, found.partitions))
 
 
 @app.command()
@@ -528,7 +558,7 @@ def revert(
 def _control(run_id: str, target: str | None, action: str, as_json: bool) -> None:
     with _errors(as_json):
         conn: Connected = connect(_target(target))
-        found = control_run(conn, run_id, action)
+        found = commands.control(conn, run_id, action)
     if as_json:
         sys.stdout.write(json.dumps({"run_id": found.run_id, "status": found.status,
                                      "control": found.control}) + "\n")
@@ -566,16 +596,22 @@ def resume(
     max_replication_lag: LagOpt = None,
     hold_while: HoldWhileOpt = None,
     max_hold: MaxHoldOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Continue a paused, failed or interrupted run from its checkpoint (exactly once)."""
+    """Continue a paused, failed or interrupted run from its checkpoint (exactly once).
+
+    A distributed run re-dispatches its unfinished partitions, on --workers N or the
+    --scheduler's cluster (default: the cluster it was started with)."""
     with _errors(as_json):
+        cluster = Cluster.from_options(workers, scheduler)
         conn = connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
         with _monitor(events, as_json) as monitor:
-            result = resume_run(conn, run_id, limits, monitor)
+            result = commands.resume(conn, run_id, limits, monitor, cluster)
     _finish_apply(result, as_json, _human(events))
 
 

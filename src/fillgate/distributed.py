@@ -132,7 +132,13 @@ class Cluster:
 
     @property
     def distributed(self) -> bool:
+        """A Dask cluster was asked for."""
         return self.workers is not None or self.scheduler is not None
+
+    @property
+    def wanted(self) -> bool:
+        """A distributed plan was asked for (a cluster, or ``--partitions`` in this process)."""
+        return self.distributed or self.partitions is not None
 
     def partition_count(self, executor: Executor) -> int:
         if self.partitions is not None:

@@ -407,9 +407,32 @@ def print_runs(console: Console, runs: Sequence[Run]) -> None:
     ), rows)
 
 
-def show_json(run: Run, error_groups: list[dict[str, Any]]) -> dict[str, Any]:
+def show_json(run: Run, error_groups: list[dict[str, Any]],
+              partitions: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     groups = [{**g, "example_message": mask_secrets(g["example_message"] or "")} for g in error_groups]
-    return {**_run_json(run), "error_groups": groups}
+    out = {**_run_json(run), "error_groups": groups}
+    if partitions:
+        out["partitions"] = [dict(p) for p in partitions]
+    return out
+
+
+def _print_partitions(console: Console, run: Run, partitions: Sequence[Mapping[str, Any]]) -> None:
+    """A distributed run's partitions: key range, status, progress and counts, and their run."""
+    planning = run.kind == RunKind.PLAN
+    names = ("rows", "writes", "errors") if planning else ("applied", "conflicts", "errors")
+
+    def progress(p: Mapping[str, Any]) -> str:
+        return str(p["total"] if p["total"] is not None else "") if planning else f"{p['checkpoint']}/{p['total']}"
+
+    _print_table(
+        console, f"partitions ({len(partitions)})",
+        (Col("#", justify="right"), "from key", "below key", "status",
+         Col("changes" if planning else "progress", justify="right"),
+         *(Col(n, justify="right") for n in names), "run"),
+        ((str(p["part"]), "" if p["lo"] is None else _key(p["lo"]), "" if p["hi"] is None else _key(p["hi"]),
+          p["status"], progress(p), *(str(p["counts"].get(n, 0)) for n in names), p["run_id"] or "")
+         for p in partitions),
+    )
 
 
 def _print_details(console: Console, run: Run) -> None:
@@ -447,7 +470,8 @@ def _status_line(run: Run) -> str:
     return f"interrupted (recorded as running, but {gone}): {what}"
 
 
-def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -> None:
+def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]],
+               partitions: Sequence[Mapping[str, Any]] = ()) -> None:
     duration = run.duration_s
     fields = [(label, str(value)) for label, value in (
         ("run", run.run_id), ("kind", run.kind), ("status", _status_line(run)), ("job", run.job),
@@ -464,6 +488,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
     _print_table(console, "counts", ("count", Col("value", justify="right")),
                  ((name, str(value)) for name, value in run.counts.items()))
     _print_details(console, run)
+    _print_partitions(console, run, partitions)
     _print_table(
         console, "errors and conflicts by fingerprint",
         (Col("job / stage", wrap=True), "fingerprint", "phase", "type", Col("count", justify="right"),

@@ -619,7 +619,7 @@ def revert_distributed(
     conn: Connected, run_id: str, limits: Limits | None = None, monitor: Monitor | None = None
 ) -> list[ApplyResult]:
     """Revert every partition of a finished distributed apply (one revert run per partition
-    that applied anything); a partition already reverted is left alone."""
+    that wrote anything); a partition already reverted is left alone."""
     ledger = conn.ledger
     run = ledger.get_run(run_id)
     if run.status in (RunStatus.RUNNING, RunStatus.PAUSED):
@@ -630,8 +630,8 @@ def revert_distributed(
         child = p["child_run_id"]
         if child is None or any(r.status == RunStatus.SUCCEEDED for r in ledger.reverts_of(child)):
             continue
-        if ledger.get_run(child).status not in WRITING_DONE:
-            continue
+        if ledger.get_run(child).status not in WRITING_DONE or not ledger.count_changes(child):
+            continue  # still going, or wrote nothing
         results.append(revert_run(conn, child, limits, monitor))
     if not results:
         raise RunStateError(f"distributed run {run_id} has no partition left to revert.")

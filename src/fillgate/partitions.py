@@ -100,8 +100,12 @@ def apply_partition(target: Target, run_id: str, part: int, limits: Limits) -> d
                                     status=RunStatus.RUNNING)
             return ledger.read_control(run_id, tx)
 
-        result = execute(conn, child, iter_changes(path, skip=child.checkpoint), limits, lock, Monitor(),
-                         on_batch=on_batch)
+        try:
+            result = execute(conn, child, iter_changes(path, skip=child.checkpoint), limits, lock, Monitor(),
+                             on_batch=on_batch)
+        except Exception:
+            _finished(conn, run_id, part, ledger.get_run(child.run_id))  # failed: the partition says so
+            raise
         out = _finished(conn, run_id, part, result.run)
         out["conflicts"] = result.conflicts
         return out

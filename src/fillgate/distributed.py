@@ -571,7 +571,7 @@ def is_distributed_run(conn: Connected, run: Run) -> bool:
 
 def resume_distributed(
     conn: Connected, run_id: str, limits: Limits | None = None, monitor: Monitor | None = None,
-    cluster: Cluster | None = None,
+    cluster: Cluster | None = None, executor: Executor | None = None,
 ) -> ApplyResult:
     """Continue a distributed apply (paused, failed, or whose coordinator died): re-dispatch
     every partition that did not finish; each continues from its checkpoint."""
@@ -594,7 +594,7 @@ def resume_distributed(
                           pid=os.getpid(), host=socket.gethostname(), heartbeat_at=utcnow())
         parts = [p["part"] for p in ledger.partitions(run_id)
                  if p["status"] not in (RunStatus.SUCCEEDED, RunStatus.CANCELLED)]
-        return _dispatch_apply(conn, ledger.get_run(run_id), lock, limits, monitor, cluster, None, parts)
+        return _dispatch_apply(conn, ledger.get_run(run_id), lock, limits, monitor, cluster, executor, parts)
     finally:
         lock.release()
 

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from fillgate.backends import backend_for
+from fillgate.database import write_transaction
 from fillgate.errors import LockHeldError
 from fillgate.ledger import schema
 from fillgate.ledger.store import utcnow
@@ -102,7 +103,9 @@ class ApplyLock:
             return
         except IntegrityError:
             pass
-        with self.engine.begin() as tx:
+        # reads, then writes: on SQLite the write lock is taken first, so that two processes
+        # taking over the same stale lock wait for each other instead of failing "database is locked"
+        with write_transaction(self.engine) as tx:
             row = tx.execute(select(locks).where(locks.c.name == self.name)).first()
             if row is not None and not _is_stale(row):
                 raise self._held_error(row)

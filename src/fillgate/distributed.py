@@ -344,7 +344,7 @@ class _Planning:
     def _dispatch(self, ranges: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
         """Plan every partition; the first partition that fails stops the plan (after the others end)."""
         job_cls = type(self.job)
-        job_ref: str | type[Job] = job_cls.spec() if self.executor.remote else job_cls
+        job_ref: str | type[Job] = _remote_spec(job_cls) if self.executor.remote else job_cls
         handles = {self.executor.submit(plan_partition, self.conn.target, job_ref, self.job.args, bounds,
                                         str(folder), self.run.run_id, i, self.limits): i
                    for i, bounds in enumerate(ranges)}
@@ -470,6 +470,8 @@ class _Coordinating:
         self.conn, self.run, self.lock, self.limits, self.monitor, self.executor = \
             conn, run, lock, limits, monitor, executor
         self.seen: dict[str, int] = {}  # child run -> its last batch reported
+        self.progress: dict[str, tuple[int, str]] = {}  # child run -> (checkpoint, status) last seen
+        self.done = -1
         self.beat = 0.0
         self.conflicts: list[dict[str, Any]] = []
 
@@ -509,16 +511,20 @@ class _Coordinating:
         done = sum(p["checkpoint"] for p in parts)
         for p in parts:
             child = p["child_run_id"]
-            if child is None:
-                continue
+            if child is None or self.progress.get(child) == (p["checkpoint"], p["status"]):
+                continue  # no batch committed since the last look
+            self.progress[child] = (p["checkpoint"], p["status"])
             for batch in ledger.batches(child):
                 if batch["batch"] > self.seen.get(child, 0):
                     self.seen[child] = batch["batch"]
                     self.monitor.batch_done(batch, done, self.conn.engine, partition=p["part"])
         now = time.monotonic()
-        with self.conn.engine.begin() as tx:
+        if done == self.done and now - self.beat < 5:
+            return
+        self.done = done
+        with self.conn.engine.begin() as tx:  # the run's counts are the sum of its partitions'
             ledger.update_run(run.run_id, tx, counts=_totals(parts), checkpoint=done, heartbeat_at=utcnow())
-            if now - self.beat > 5:
+            if now - self.beat >= 5:
                 self.lock.heartbeat(tx)
                 self.beat = now
 
@@ -552,6 +558,14 @@ class _Coordinating:
             raise PartitionFailedError(f"apply run {run.run_id}: {message}. The other partitions went on; "
                                        f"after fixing the cause, continue it with: fillgate resume {run.run_id}")
         return ApplyResult(run=ledger.get_run(run.run_id), counts=totals, conflicts=self.conflicts, stopped=stopped)
+
+
+def _remote_spec(job_cls: type[Job]) -> str:
+    """How a worker loads the job: a package's module by its name (so the job keeps its name,
+    ``package.module:Class``); a module of its own by its file, which loads it under the
+    same name (the file's stem)."""
+    module = job_cls.__module__
+    return f"{module}:{job_cls.__qualname__}" if "." in module else job_cls.spec()
 
 
 def _reason(exc: BaseException) -> str:

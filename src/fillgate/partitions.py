@@ -32,13 +32,29 @@ from fillgate.plan import file_sha256, iter_changes, read_header
 from fillgate.planner import make_plan
 from fillgate.runs import RunKind, RunStatus
 from fillgate.sql import KeyRange
-from fillgate.stamp import Connected, check_write_allowed, connect
+from fillgate.stamp import Connected, check_stamp, check_write_allowed, connect
 
 LOCK_WAIT_S = 120.0
 """How long a partition waits for its lock: a re-run of a partition whose first worker is
 still finishing (it lost the scheduler, not its database connection) waits for it."""
 
 NOT_STARTED = "pending"
+
+
+_connected: dict[tuple[str, str, str, bool], Connected] = {}
+
+
+def _connect(target: Target) -> Connected:
+    """The target, connected once per worker process; its stamp is checked again for every
+    partition (a re-stamped database stops the next partition)."""
+    key = (target.name, target.url.render_as_string(hide_password=False), target.environment, target.protected)
+    conn = _connected.get(key)
+    if conn is None:
+        conn = _connected[key] = connect(target)
+        return conn
+    conn.meta = conn.ledger.read_meta()
+    check_stamp(target, conn.meta)
+    return conn
 
 
 def partition_lock(job: str | None, run_id: str, part: int) -> str:
@@ -56,7 +72,7 @@ def plan_partition(
     """Plan the rows of one key range into ``folder`` as a plan run of its own (a child of
     ``plan_run_id``); returns what the manifest records of it. Planning writes nothing to the
     user's tables, so a re-run plans the partition again under a new plan id."""
-    conn = connect(target)
+    conn = _connect(target)
     job_cls = load_job(job) if isinstance(job, str) else job
     key_range = KeyRange.from_json(bounds)
     # the file is named after its own plan run: a re-run of this partition never overwrites it
@@ -79,7 +95,7 @@ def plan_partition(
 def apply_partition(target: Target, run_id: str, part: int, limits: Limits) -> dict[str, Any]:
     """Apply (or continue) partition ``part`` of distributed apply run ``run_id``: exactly
     once, whatever ran it before. Returns the partition's status, counts and checkpoint."""
-    conn = connect(target)
+    conn = _connect(target)
     check_write_allowed(conn.target, limits.confirm)
     ledger = conn.ledger
     parent = ledger.get_run(run_id)

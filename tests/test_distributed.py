@@ -169,6 +169,7 @@ def test_a_partition_whose_rows_all_fail_is_reported_and_the_others_finish(
     batches = [e for e in events if e["event"] == "batch_done" and e["run_id"] == apply_id]
     assert finished[0]["totals"]["applied"] == sum(b["writes"] for b in batches) == 152
     assert {b["partition"] for b in batches} == {0, 1, 2} or {b["partition"] for b in batches} == {0, 2}
+    assert run_cli(cli, cfg, "verify").exit_code == 0  # the partitions' audit rows match their evidence
     runs = json.loads(run_cli(cli, cfg, "runs", "--json").stdout)
     assert [r["kind"] for r in runs] == ["apply", "plan", "init"]  # the partitions' runs are not listed
 

@@ -232,3 +232,33 @@ def test_cancel_and_revert_act_on_the_whole_run(db: TestDB, cli: CliRunner, tmp_
     assert len(json.loads(reverted.stdout)["reverts"]) == 2  # one per partition that applied
     original = [(i, f"kept{i}@x.org" if i % 10 == 0 else None, i) for i in range(1, ROWS + 1)]
     assert db.rows("SELECT id, email, score FROM accounts ORDER BY id") == original
+
+
+def test_pause_and_resume_the_whole_run(db: TestDB, cli: CliRunner, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pause asked for while the run applies stops every partition after its batch, and the
+    partitions not started yet do not start; resume finishes them, exactly once."""
+    from fillgate import commands
+
+    conn, job = _setup(db, tmp_path)
+    planned = plan_distributed(conn, job, out=tmp_path / "plans", cluster=Cluster(partitions=3))
+    assert planned.path is not None
+    real_execute = partitions_module.execute
+
+    def pausing(conn: Any, run: Any, changes: Any, limits: Any, lock: Any, monitor: Any, on_batch: Any) -> Any:
+        result = real_execute(conn, run, changes, limits, lock, monitor, on_batch=on_batch)
+        if run.args["partition"] == 0:
+            assert commands.control(conn, run.parent_run_id, "pause").control == "pause"  # the run is live
+        return result
+
+    monkeypatch.setattr(partitions_module, "execute", pausing)
+    paused = apply_distributed(conn, planned.path, Limits(batch_size=10))
+    assert paused.run.status == "paused" and paused.stopped == "paused"
+    parts = conn.ledger.partitions(paused.run.run_id)
+    assert [p["status"] for p in parts] == ["succeeded", "pending", "pending"]
+    assert paused.counts["applied"] == parts[0]["checkpoint"] == paused.run.checkpoint
+    cfg = db.config()
+    resumed = run_cli(cli, cfg, "resume", paused.run.run_id, "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["status"] == "succeeded"
+    _exactly_once(db)

@@ -19,6 +19,7 @@ from typing import Any
 from fillgate.errors import MissingExtraError, UsageError
 
 try:
+    import dask.config as _dask_config
     import distributed as _distributed
 except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise MissingExtraError(
@@ -26,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
     ) from None
 
 dask: Any = _distributed  # untyped: its calls are typed here
+dask_config: Any = _dask_config
 
 
 class DaskExecutor:
@@ -41,8 +43,12 @@ class DaskExecutor:
             except OSError as exc:
                 raise UsageError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         else:
-            with warnings.catch_warnings():  # "port 8787 is in use": its HTTP server takes another port
-                warnings.simplefilter("ignore")
+            # no statistical profiling of running tasks (every 10 ms, it slows pure-Python
+            # jobs down) nor GIL sampling in the local workers
+            quiet = {"distributed.worker.profile.enabled": False,
+                     "distributed.admin.system-monitor.gil.enabled": False}
+            with warnings.catch_warnings(), dask_config.set(quiet):
+                warnings.simplefilter("ignore")  # "port 8787 is in use": its HTTP server takes another port
                 self.cluster = dask.LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True,
                                                  dashboard_address=None, silence_logs=logging.ERROR)
             self.client = dask.Client(self.cluster)
@@ -71,11 +77,15 @@ class DaskExecutor:
         return None, exc if isinstance(exc, BaseException) else RuntimeError(str(exc))
 
     def close(self) -> None:
+        quiet = logging.getLogger("distributed")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # workers told to stop log their closed connections
         try:
             self.client.close()
-        finally:
             if self.cluster is not None:
                 self.cluster.close()
+        finally:
+            quiet.setLevel(level)
 
 
 def _pid() -> int:

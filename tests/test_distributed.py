@@ -262,3 +262,47 @@ def test_pause_and_resume_the_whole_run(db: TestDB, cli: CliRunner, tmp_path: Pa
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(resumed.stdout)["status"] == "succeeded"
     _exactly_once(db)
+
+
+def test_every_worker_checks_the_stamp_and_the_protection(db: TestDB, tmp_path: Path) -> None:
+    """A partition applied by a worker is refused, writing nothing, without the typed
+    confirmation of a protected target, or when the database's stamp is another environment."""
+    from fillgate.errors import ProtectedTargetError, StampMismatchError
+
+    conn, job = _setup(db, tmp_path)
+    planned = plan_distributed(conn, job, out=tmp_path / "plans", cluster=Cluster(partitions=2))
+    assert planned.path is not None
+    paused = apply_distributed(conn, planned.path, Limits(batch_size=10), executor=_PauseFirst())
+    run_id = paused.run.run_id
+    before = db.rows("SELECT id, email, score FROM accounts ORDER BY id")
+    protected = Target.from_url("staging", db.url, protected=True)
+    with pytest.raises(ProtectedTargetError):
+        partitions_module.apply_partition(protected, run_id, 1, Limits(batch_size=10))
+    elsewhere = Target.from_url("staging", db.url, environment="live")
+    with pytest.raises(StampMismatchError):
+        partitions_module.apply_partition(elsewhere, run_id, 1, Limits(batch_size=10))
+    assert db.rows("SELECT id, email, score FROM accounts ORDER BY id") == before
+
+
+class _PauseFirst:
+    """An executor that asks the run to pause before running anything (nothing is applied)."""
+
+    remote = False
+
+    def submit(self, fn: Any, *args: Any) -> Any:
+        from fillgate.distributed import InProcess
+        from fillgate.ledger import Ledger
+        from fillgate.stamp import connect as reach
+
+        target, run_id = args[0], args[1]
+        Ledger(reach(target).engine).update_run(run_id, control="pause")
+        return InProcess().submit(fn, *args)
+
+    def wait(self, pending: list[Any], timeout: float) -> tuple[list[Any], list[Any]]:
+        return list(pending), []
+
+    def outcome(self, handle: Any) -> tuple[Any, BaseException | None]:
+        return handle.value, handle.error
+
+    def close(self) -> None:
+        pass

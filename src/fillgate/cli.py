@@ -177,7 +177,7 @@ SchedulerOpt = Annotated[
 ]
 PartitionsOpt = Annotated[
     int | None, typer.Option("--partitions", min=1, help="Distributed: split the source into P key ranges of about "
-                                                         "as many rows each (default: 4 per worker).")
+                                                         "as many rows each (default: 2 per worker).")
 ]
 
 

@@ -65,6 +65,9 @@ from fillgate.values import dumps, loads
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 APPLY_COUNTS = ("applied", "conflicts", "errors")
+PER_WORKER = 2
+"""Partitions per worker by default: each partition costs a plan run, an apply run and their
+ledger writes, and Dask hands a free worker the next one, so two keep the workers busy to the end."""
 
 
 # --- where partitions run ------------------------------------------------------------------
@@ -143,7 +146,7 @@ class Cluster:
     def partition_count(self, executor: Executor) -> int:
         if self.partitions is not None:
             return self.partitions
-        return 4 * max(getattr(executor, "worker_count", None) or self.workers or 1, 1)
+        return PER_WORKER * max(getattr(executor, "worker_count", None) or self.workers or 1, 1)
 
     def open(self) -> Executor:
         """The executor: Dask is imported only here, when a cluster was asked for."""

@@ -455,6 +455,10 @@ def _print_audit(console: Console, run: Run) -> None:
     it), on a line of its own: a hash is never cut."""
     if run.kind not in WRITING_KINDS:
         return
+    if run.args.get("distributed"):
+        console.print("audit: in the runs of its partitions (each keeps its own hash chain; fillgate verify "
+                      "checks them)")
+        return
     if run.audit is None:
         console.print("audit: no tamper evidence (the run predates it)")
     else:

@@ -42,6 +42,14 @@ class Enrich(Job):
 class Twin(Enrich):
     table = "twins"
     source = "SELECT id, email, score FROM twins"
+
+
+class Escape(Enrich):
+    name = "escape"
+
+    def compute(self, row, ctx):
+        ctx.open_target("live")
+        return {"email": "x@example.com", "score": 0}
 '''
 
 ROWS = 120
@@ -170,6 +178,11 @@ def test_a_partition_whose_rows_all_fail_is_reported_and_the_others_finish(
     assert finished[0]["totals"]["applied"] == sum(b["writes"] for b in batches) == 152
     assert {b["partition"] for b in batches} == {0, 1, 2} or {b["partition"] for b in batches} == {0, 2}
     assert run_cli(cli, cfg, "verify").exit_code == 0  # the partitions' audit rows match their evidence
+    plan_id = db.scalar("SELECT parent_run_id FROM fillgate_runs WHERE run_id = :r", {"r": apply_id})
+    shown_plan = json.loads(run_cli(cli, cfg, "show", plan_id, "--json").stdout)  # the plan: one, with its parts
+    assert shown_plan["total"] == 152 and shown_plan["counts"]["errors"] == 40
+    assert [(p["status"], p["total"], p["counts"]["errors"]) for p in shown_plan["partitions"]] == \
+        [("planned", 76, 0), ("planned", 0, 40), ("planned", 76, 0)]
     runs = json.loads(run_cli(cli, cfg, "runs", "--json").stdout)
     assert [r["kind"] for r in runs] == ["apply", "plan", "init"]  # the partitions' runs are not listed
 
@@ -306,3 +319,14 @@ class _PauseFirst:
 
     def close(self) -> None:
         pass
+
+
+def test_the_target_guard_holds_in_every_partition(db: TestDB, tmp_path: Path) -> None:
+    from fillgate.errors import TargetEscapeError
+
+    conn, _ = _setup(db, tmp_path)
+    escape = load_job(f"{tmp_path / 'djobs.py'}:Escape")
+    with pytest.raises(TargetEscapeError, match="tried to open target 'live'"):
+        plan_distributed(conn, escape, out=tmp_path / "plans", cluster=Cluster(partitions=2))
+    assert [r.status for r in conn.ledger.list_runs(kind="plan")] == ["failed"]
+    assert db.scalar("SELECT count(*) FROM fillgate_changes") == 0

@@ -186,8 +186,10 @@ def _row_values(values: dict[str, Any]) -> dict[str, Any]:
 def _not_partition() -> list[Any]:
     """The condition that leaves out the runs of a distributed run's partitions (the list shows
     the distributed run itself, with their totals)."""
-    p = schema.partitions.c
-    return [~select(p.child_run_id).where(p.child_run_id == schema.runs.c.run_id).exists()]
+    p, r = schema.partitions.c, schema.runs.c
+    # a partition's plan run is known by its parent (its row names it only once it planned)
+    return [~select(p.child_run_id).where(p.child_run_id == r.run_id).exists(),
+            ~((r.kind == RunKind.PLAN) & select(p.run_id).where(p.run_id == r.parent_run_id).exists())]
 
 
 def _partition_values(values: dict[str, Any]) -> dict[str, Any]:

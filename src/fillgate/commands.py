@@ -168,7 +168,10 @@ def describe(conn: Connected, run_id: str) -> RunDescription:
     if found.kind == RunKind.APPLY and not found.details and found.parent_run_id:
         found.details = {**ledger.get_run(found.parent_run_id).details, "from_plan_run": found.parent_run_id}
     partitions = partition_rows(conn, found)
-    related += [p["run_id"] for p in partitions if p["run_id"]]
+    if partitions:  # a distributed run: its partitions' errors (a plan's, even of a partition that failed)
+        related += [p["run_id"] for p in partitions if p["run_id"]]
+        if found.kind == RunKind.PLAN:
+            related += [r.run_id for r in ledger.children_of(run_id) if r.run_id not in related]
     return RunDescription(found, ledger.error_groups(related), partitions)
 
 

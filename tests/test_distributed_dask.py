@@ -184,3 +184,30 @@ def _wait_for_workers_to_die(db: TestDB) -> None:
     deadline = time.monotonic() + 30
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def test_plan_and_apply_on_an_existing_cluster(db: TestDB, cli: CliRunner, tmp_path: Path, executor: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``plan`` with DASK_SCHEDULER_ADDRESS, ``apply DIR --scheduler ADDRESS``: the partitions run
+    on the cluster that is already there; the plan directory is applied as one plan."""
+    address = executor.cluster.scheduler_address
+    _table(db, "accounts")
+    (tmp_path / "dask_jobs.py").write_text(JOBS)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", address)
+    planned = run_cli(cli, cfg, "plan", f"{tmp_path / 'dask_jobs.py'}:Enrich", "-o", "plans/", "--json")
+    assert planned.exit_code == 0, planned.output
+    folder = Path(json.loads(planned.stdout)["path"])
+    assert (folder / "manifest.json").is_file() and json.loads(planned.stdout)["changes"] == TOTAL
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS")
+    refused = run_cli(cli, cfg, "apply", str(folder), "--scheduler", address, "--max-changes", "10")
+    assert refused.exit_code == 3 and f"has {TOTAL} changes" in refused.stderr, refused.output
+    applied = run_cli(cli, cfg, "apply", str(folder), "--scheduler", address, "--json")
+    assert applied.exit_code == 0, applied.output
+    assert json.loads(applied.stdout)["counts"] == {"applied": TOTAL, "conflicts": 0, "errors": 0}
+    assert db.rows("SELECT id, email, score FROM accounts ORDER BY id") == [_expected(i) for i in range(1, ROWS + 1)]
+    _once(db, TOTAL)
+    workers = {pid for (pid,) in db.rows("SELECT pid FROM fillgate_runs WHERE kind = 'apply' AND args LIKE "
+                                         "'%partition%'")}
+    assert workers <= set(executor.worker_pids()) and os.getpid() not in workers  # the cluster's workers did it

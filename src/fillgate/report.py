@@ -265,6 +265,11 @@ def apply_hint(result: PlanResult, confirm: str | None = None) -> str:
     if not h.changes:
         return "Nothing to apply: the plan has no changes."
     command = f"fillgate apply {quote(str(result.path))} --max-changes {h.changes}"
+    cluster = result.run.args.get("distributed") or {}  # a distributed plan: on the same kind of cluster
+    if cluster.get("workers"):
+        command += f" --workers {cluster['workers']}"
+    elif cluster.get("scheduler"):
+        command += f" --scheduler {quote(cluster['scheduler'])}"
     return f"Apply it with: {command}" + (f" --confirm {confirm}" if confirm else "")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 from fillgate.applier import execute, lock_name, new_writing_run, with_job_checks
 from fillgate.config import Target
@@ -143,7 +144,7 @@ def _wait_for_lock(conn: Connected, lock: ApplyLock) -> ApplyLock:
     while True:
         try:
             return lock.acquire()
-        except LockHeldError:
+        except (LockHeldError, OperationalError):  # held, or the database said "try again" (a deadlock)
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)

@@ -53,9 +53,18 @@ class ApplyLock:
             conn.close()
             raise self._held_error()
         self._conn = conn
-        with self.engine.begin() as tx:  # the row only names the holder
-            tx.execute(delete(schema.locks).where(schema.locks.c.name == self.name))
-            tx.execute(insert(schema.locks).values(**self._row()))
+        try:
+            # The row only names the holder. READ COMMITTED: InnoDB then takes no gap lock for the
+            # DELETE of an absent row, so processes taking different locks at once (the
+            # partitions of a distributed run) do not deadlock on the index gap between them.
+            with self.engine.connect().execution_options(isolation_level="READ COMMITTED") as row, row.begin():
+                row.execute(delete(schema.locks).where(schema.locks.c.name == self.name))
+                row.execute(insert(schema.locks).values(**self._row()))
+        except BaseException:
+            self.backend.release_session_lock(conn, self.name)  # never hold a lock nothing will release
+            conn.close()
+            self._conn = None
+            raise
         return self
 
     def heartbeat(self, conn: Connection) -> None:

@@ -29,6 +29,7 @@ from fillgate.stamp import connect, init_target
 from conftest import TestDB, fillgate_subprocess, run_cli
 
 pytestmark = pytest.mark.slow
+pytest.importorskip("distributed")  # the dask extra (the test extra installs it)
 dask_cluster = pytest.importorskip("fillgate.contrib.dask_cluster")
 
 JOBS = '''

@@ -94,7 +94,7 @@ class TestDB:
 # The slow tier: end-to-end tests that start processes, kill them or drive whole examples.
 SLOW_MODULES = {
     "test_crash", "test_interrupts", "test_example_albums", "test_example_identity", "test_example_pipeline",
-    "test_example_stale", "test_docs",
+    "test_example_stale", "test_docs", "test_distributed_dask",
 }
 DATABASE_FIXTURES = {"db", "sqlite_db"}
 

@@ -33,11 +33,14 @@ _EXPORTS = {
     "preview_revert": "revert", "revert_run": "revert",
     "row_history": "history",
     "connect": "stamp", "init_target": "stamp",
+    "Cluster": "distributed", "plan_distributed": "distributed", "apply_distributed": "distributed",
+    "run_distributed": "distributed", "resume_distributed": "distributed",
 }
 
 __all__ = [
     "Alerter",
     "ApplyResult",
+    "Cluster",
     "Config",
     "ConfigError",
     "EventWriter",
@@ -68,6 +71,7 @@ __all__ = [
     "Throttle",
     "UsageError",
     "WebhookSink",
+    "apply_distributed",
     "apply_plan",
     "connect",
     "control_run",
@@ -76,11 +80,14 @@ __all__ = [
     "load_job",
     "load_runnable",
     "make_plan",
+    "plan_distributed",
     "preview_revert",
+    "resume_distributed",
     "resume_run",
     "revert_pipeline",
     "revert_run",
     "row_history",
+    "run_distributed",
     "run_job",
     "run_pipeline",
 ]
@@ -108,6 +115,7 @@ if TYPE_CHECKING:
     from fillgate.contrib.sentry import SentrySink
     from fillgate.contrib.webhook import WebhookSink
     from fillgate.control import control_run, resume_run
+    from fillgate.distributed import Cluster, apply_distributed, plan_distributed, resume_distributed, run_distributed
     from fillgate.errors import (
         ConfigError,
         FillgateError,

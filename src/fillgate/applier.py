@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from fillgate.canary import canary_order, check_canary, check_verified, verify_canary
@@ -87,6 +88,12 @@ def start_writing_run(conn: Connected, run: Run) -> ApplyLock:
     return lock
 
 
+BatchHook = Callable[[Connection, int, dict[str, int]], "str | None"]
+"""Called inside each batch's transaction with the run's checkpoint and counts after the batch
+(a partition of a distributed run records its own checkpoint there); may return a pause or
+cancel request."""
+
+
 def execute(
     conn: Connected,
     run: Run,
@@ -94,12 +101,14 @@ def execute(
     limits: Limits,
     lock: ApplyLock,
     monitor: Monitor | None = None,
+    on_batch: BatchHook | None = None,
 ) -> ApplyResult:
     """Write ``changes`` for ``run`` (which holds ``lock``): one transaction per batch holding
-    the data changes, their audit rows, conflicts/errors, the run's counts and its checkpoint.
-    A canary run pauses once its canary is written, and verifies it (fillgate.canary)."""
+    the data changes, their audit rows, conflicts/errors, the run's counts and its checkpoint
+    (and whatever ``on_batch`` writes in that same transaction). A canary run pauses once its
+    canary is written, and verifies it (fillgate.canary)."""
     monitor = monitor or Monitor()
-    result = _Applying(conn, run, limits, lock, monitor).execute(changes)
+    result = _Applying(conn, run, limits, lock, monitor, on_batch).execute(changes)
     if result.stopped == "canary":
         canary = verify_canary(conn, result.run)
         monitor.events.emit("canary_paused", run_id=run.run_id, done=result.run.checkpoint, total=result.run.total,
@@ -113,8 +122,10 @@ def execute(
 class _Applying:
     """One apply or revert run, batch by batch."""
 
-    def __init__(self, conn: Connected, run: Run, limits: Limits, lock: ApplyLock, monitor: Monitor) -> None:
+    def __init__(self, conn: Connected, run: Run, limits: Limits, lock: ApplyLock, monitor: Monitor,
+                 on_batch: BatchHook | None = None) -> None:
         self.conn, self.run, self.limits, self.lock, self.monitor = conn, run, limits, lock, monitor
+        self.on_batch = on_batch
         self.ledger = conn.ledger
         self.sql = TableSQL(conn.engine.dialect, run.table_name or "", run.args["key"])
         self.source = run.args.get("source") or run.job or run.kind
@@ -244,6 +255,8 @@ class _Applying:
                             **self.monitor.take_wait())
         self.lock.heartbeat(tx)
         control = ledger.read_control(run.run_id, tx)
+        if self.on_batch is not None:
+            control = self.on_batch(tx, self.checkpoint, dict(counts)) or control
         if self.pause_at is not None and self.checkpoint == self.pause_at and control != "cancel":
             ledger.transition(run.run_id, RunStatus.PAUSED, tx, control=None,
                               message=f"canary of {self.checkpoint} of {run.total} changes applied; verifying it")

@@ -17,9 +17,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
 from fillgate import commands, report
-from fillgate.applier import ApplyResult, apply_plan
+from fillgate.applier import ApplyResult
 from fillgate.config import Config, Target, load_config
-from fillgate.control import control_run, resume_run
+from fillgate.distributed import Cluster
 from fillgate.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -212,6 +212,18 @@ SkipRehearsalOpt = Annotated[
                                                 "(needs --confirm ENV; recorded in the run).")
 ]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", "-p", help="Job parameter name=value (repeatable).")]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", min=1, help="Distributed: start a local Dask cluster of N worker processes "
+                                                      "(needs: pip install 'fillgate[dask]').")
+]
+SchedulerOpt = Annotated[
+    str | None, typer.Option("--scheduler", help="Distributed: use the Dask cluster at this address (tcp://HOST:8786; "
+                                                 "default: DASK_SCHEDULER_ADDRESS when --workers is not given).")
+]
+PartitionsOpt = Annotated[
+    int | None, typer.Option("--partitions", min=1, help="Distributed: split the source into P key ranges of about "
+                                                         "as many rows each (default: 2 per worker).")
+]
 
 
 @app.callback()
@@ -342,18 +354,25 @@ def plan(
                            help="Time a trial batch of the plan's first changes, rolled back, to estimate the "
                                 "apply's duration (needs the right to write; nothing is kept).")
     ] = True,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
+    partitions: PartitionsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Dry run: compute every change and show it. Writes nothing to your tables."""
+    """Dry run: compute every change and show it. Writes nothing to your tables.
+
+    With --workers, --scheduler or --partitions: a distributed plan, one plan directory
+    (a manifest and a plan file per partition) that apply verifies and gates as one plan."""
     with _errors(as_json):
         runnable = load_runnable(job)
+        cluster = Cluster.from_options(workers, scheduler, partitions)
         conn = connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold, table=_table_of(runnable),
                          health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),
                          max_errors=max_errors, max_error_rate=max_error_rate)
         with _monitor(events, as_json) as monitor:
             result = commands.plan(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
-                                   monitor=monitor, estimate=estimate)
+                                   monitor=monitor, estimate=estimate, cluster=cluster)
     human = _human(events)
     if isinstance(result, PipelineResult):
         _emit(as_json, lambda: report.pipeline_json(result), lambda: report.print_pipeline(human, result))
@@ -437,7 +456,8 @@ def _human(events: str | None) -> Console:
 
 @app.command()
 def apply(
-    plan_file: Annotated[Path, typer.Argument(help="A plan file made by fillgate plan -o.")],
+    plan_file: Annotated[Path, typer.Argument(help="A plan file made by fillgate plan -o, or a distributed plan's "
+                                                   "directory.")],
     target: TargetOpt = None,
     max_changes: MaxChangesOpt = None,
     confirm: ConfirmOpt = None,
@@ -465,22 +485,29 @@ def apply(
     critical_load: CriticalLoadOpt = None,
     hold_during_vacuum: VacuumOpt = False,
     max_transaction_age: TxnAgeOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write exactly the reviewed plan: compare-and-set, audited, resumable."""
+    """Write exactly the reviewed plan: compare-and-set, audited, resumable.
+
+    A distributed plan (a plan directory) is applied on --workers N or the --scheduler's
+    cluster, partition by partition; without either, in this process."""
     with _errors(as_json):
+        cluster = Cluster.from_options(workers, scheduler)
         conn = commands.target_of_plan(_config(), plan_file, target)
         _state["target"] = conn.target
         if verify_sql is not None and canary is None:
             raise UsageError("--verify-sql checks a canary; give --canary N too.")
-        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold, table=read_header(plan_file).table,
+        limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
+                         table=commands.plan_header(plan_file).table,
                          health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),
                          max_changes=max_changes, confirm=confirm, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches,
                          skip_rehearsal=skip_rehearsal or None,
                          **_pacing(batch_size, chunk_time, no_chunk_time, batch_timeout))
         with _monitor(events, as_json) as monitor:
-            result = apply_plan(conn, plan_file, limits, monitor, canary=canary, verify_sql=verify_sql)
+            result = commands.apply(conn, plan_file, limits, monitor, cluster, canary=canary, verify_sql=verify_sql)
     _finish_apply(result, as_json, _human(events))
 
 
@@ -511,11 +538,15 @@ def run(
     critical_load: CriticalLoadOpt = None,
     hold_during_vacuum: VacuumOpt = False,
     max_transaction_age: TxnAgeOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
+    partitions: PartitionsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Plan, gate and apply in one go."""
+    """Plan, gate and apply in one go (distributed on a Dask cluster with --workers or --scheduler)."""
     with _errors(as_json):
         runnable = load_runnable(job)
+        cluster = Cluster.from_options(workers, scheduler, partitions)
         conn = connect(_target(target))
         check_write_allowed(conn.target, confirm)
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold, table=_table_of(runnable),
@@ -531,7 +562,7 @@ def run(
 
         with _monitor(events, as_json) as monitor:
             done = commands.run(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
-                                monitor=monitor, on_planned=show_plan)
+                                monitor=monitor, on_planned=show_plan, cluster=cluster)
     if done.pipeline is not None:
         staged = done.pipeline
         _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(_human(events), staged))
@@ -600,8 +631,9 @@ def show(run_id: Annotated[str, typer.Argument(metavar="RUN", help="A run id, or
     if shown == "markdown":
         sys.stdout.write(text)
         return
-    _emit(shown == "json", lambda: report.show_json(found.run, found.error_groups, found.approvals),
-          lambda: report.print_show(out, found.run, found.error_groups, found.approvals))
+    _emit(shown == "json", lambda: report.show_json(found.run, found.error_groups, found.approvals, found.partitions),
+          lambda: report.print_show(out, found.run, found.error_groups, found.approvals,
+                                            found.partitions))
 
 
 def _show_format(output_format: str | None, as_json: bool) -> str:
@@ -704,7 +736,7 @@ def revert(
 def _control(run_id: str, target: str | None, action: str, as_json: bool) -> None:
     with _errors(as_json):
         conn: Connected = connect(_target(target))
-        found = control_run(conn, run_id, action)
+        found = commands.control(conn, run_id, action)
     if as_json:
         sys.stdout.write(json.dumps({"run_id": found.run_id, "status": found.status,
                                      "control": found.control}) + "\n")
@@ -749,10 +781,16 @@ def resume(
     critical_load: CriticalLoadOpt = None,
     hold_during_vacuum: VacuumOpt = False,
     max_transaction_age: TxnAgeOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Continue a paused, failed or interrupted run from its checkpoint (exactly once)."""
+    """Continue a paused, failed or interrupted run from its checkpoint (exactly once).
+
+    A distributed run re-dispatches its unfinished partitions, on --workers N or the
+    --scheduler's cluster (default: the cluster it was started with)."""
     with _errors(as_json):
+        cluster = Cluster.from_options(workers, scheduler)
         conn = connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          table=conn.ledger.get_run(run_id).table_name,
@@ -761,7 +799,7 @@ def resume(
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches,
                          **_pacing(batch_size, chunk_time, no_chunk_time, batch_timeout))
         with _monitor(events, as_json) as monitor:
-            result = resume_run(conn, run_id, limits, monitor)
+            result = commands.resume(conn, run_id, limits, monitor, cluster)
     _finish_apply(result, as_json, _human(events))
 
 

@@ -12,16 +12,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fillgate.applier import ApplyResult, check_plan_matches, check_plan_not_applied, check_plan_unmodified, run_job
+from fillgate.applier import (
+    ApplyResult,
+    apply_plan,
+    check_plan_matches,
+    check_plan_not_applied,
+    check_plan_unmodified,
+    run_job,
+)
 from fillgate.config import Config
-from fillgate.errors import PlanMismatchError, RunStateError
+from fillgate.control import control_run, resume_run
+from fillgate.distributed import (
+    Cluster,
+    apply_distributed,
+    cancel_partitions,
+    is_distributed_plan,
+    is_distributed_run,
+    partition_rows,
+    plan_distributed,
+    read_manifest_header,
+    resume_distributed,
+    revert_distributed,
+    run_distributed,
+)
+from fillgate.errors import PlanMismatchError, RunStateError, UsageError
 from fillgate.job import Job
 from fillgate.ledger import Run, operator_name
 from fillgate.limits import Limits
 from fillgate.monitor import Monitor
 from fillgate.pipeline import Pipeline
 from fillgate.pipeline_run import PipelineResult, revert_pipeline, run_pipeline, stage_applies
-from fillgate.plan import read_header, verify_plan
+from fillgate.plan import PlanHeader, read_header, verify_plan
 from fillgate.planner import PlanResult, make_plan
 from fillgate.revert import revert_run
 from fillgate.runs import RunKind
@@ -33,10 +54,16 @@ Runnable = type[Job] | type[Pipeline]
 def plan(
     conn: Connected, runnable: Runnable, params: Mapping[str, Any] | None = None, *, out: str | None = None,
     limits: Limits | None = None, monitor: Monitor | None = None, estimate: bool = False,
+    cluster: Cluster | None = None,
 ) -> PlanResult | PipelineResult:
     """``fillgate plan``: a job's plan, or every stage of a pipeline planned (not applied;
     a pipeline's plans are always saved, under ``out`` or ``.fillgate/plans/``). ``estimate``:
-    a job's plan times a rolled-back trial batch to estimate the apply's duration."""
+    a job's plan times a rolled-back trial batch to estimate the apply's duration. With a
+    ``cluster`` (``--workers``, ``--scheduler``, ``--partitions``): a distributed plan, a plan
+    directory under ``out`` (default ``.fillgate/plans/``), without an estimate."""
+    if cluster is not None and cluster.wanted:
+        return plan_distributed(conn, _job_only(runnable), params, out=out, limits=limits, monitor=monitor,
+                                cluster=cluster)
     if issubclass(runnable, Pipeline):
         return run_pipeline(conn, runnable, params, out=out or ".fillgate/plans/", limits=limits, monitor=monitor,
                             apply=False)
@@ -62,19 +89,75 @@ class RunResult:
 def run(
     conn: Connected, runnable: Runnable, params: Mapping[str, Any] | None = None, *,
     out: str = ".fillgate/plans/", limits: Limits | None = None, monitor: Monitor | None = None,
-    on_planned: Callable[[PlanResult], None] | None = None,
+    on_planned: Callable[[PlanResult], None] | None = None, cluster: Cluster | None = None,
 ) -> RunResult:
     """``fillgate run``: plan, gate and apply a job (``on_planned`` sees the plan before anything
-    is written), or every stage of a pipeline in turn."""
+    is written), or every stage of a pipeline in turn; with a ``cluster``, distributed."""
+    if cluster is not None and cluster.wanted:
+        planned, applied = run_distributed(conn, _job_only(runnable), params, out=out, limits=limits,
+                                           monitor=monitor, cluster=cluster, on_planned=on_planned)
+        return RunResult(plan=planned, apply=applied)
     if issubclass(runnable, Pipeline):
         return RunResult(pipeline=run_pipeline(conn, runnable, params, out=out, limits=limits, monitor=monitor))
     planned, applied = run_job(conn, runnable, params, out=out, limits=limits, monitor=monitor, on_planned=on_planned)
     return RunResult(plan=planned, apply=applied)
 
 
+def _job_only(runnable: Runnable) -> type[Job]:
+    if issubclass(runnable, Pipeline):
+        raise UsageError("a pipeline cannot run distributed (--workers, --scheduler, --partitions); "
+                         "run each of its jobs distributed, or the pipeline in one process.")
+    return runnable
+
+
+def apply(
+    conn: Connected, path: str | Path, limits: Limits | None = None, monitor: Monitor | None = None,
+    cluster: Cluster | None = None, *, canary: int | None = None, verify_sql: str | None = None,
+) -> ApplyResult:
+    """``fillgate apply``: a plan file in this process, or a plan directory (a distributed
+    plan) on the ``cluster``'s workers (none: in this process, partition after partition).
+    ``canary``/``verify_sql``: see ``applier.apply_plan`` (a plan file only)."""
+    if is_distributed_plan(path):
+        if canary is not None:
+            raise UsageError(f"{path} is a distributed plan; --canary applies a plan file (made in one process).")
+        return apply_distributed(conn, path, limits, monitor, cluster)
+    if cluster is not None and cluster.distributed:
+        raise UsageError(f"{path} is a plan file, made in one process; --workers and --scheduler apply a "
+                         "distributed plan (a plan directory from fillgate plan --workers).")
+    return apply_plan(conn, path, limits, monitor, canary=canary, verify_sql=verify_sql)
+
+
+def resume(
+    conn: Connected, run_id: str, limits: Limits | None = None, monitor: Monitor | None = None,
+    cluster: Cluster | None = None,
+) -> ApplyResult:
+    """``fillgate resume``: a run from its checkpoint; a distributed run re-dispatches the
+    partitions that did not finish (on the ``cluster``, else the one it recorded)."""
+    run = conn.ledger.get_run(run_id)
+    if is_distributed_run(conn, run):
+        if cluster is None or not cluster.distributed:
+            recorded = run.args.get("distributed") or {}
+            cluster = Cluster(recorded.get("workers"), recorded.get("scheduler"))
+        return resume_distributed(conn, run_id, limits, monitor, cluster)
+    return resume_run(conn, run_id, limits, monitor)
+
+
+def control(conn: Connected, run_id: str, action: str) -> Run:
+    """``fillgate pause`` / ``cancel``: a distributed run's partitions stop with it."""
+    found = control_run(conn, run_id, action)
+    if found.status == "cancelled" and is_distributed_run(conn, found):
+        cancel_partitions(conn, run_id)
+    return found
+
+
+def plan_header(path: str | Path) -> PlanHeader:
+    """The header of a plan file or of a plan directory (a distributed plan), unchecked beyond its form."""
+    return read_manifest_header(path) if is_distributed_plan(path) else read_header(path)
+
+
 def target_of_plan(config: Config, path: str | Path, target: str | None = None) -> Connected:
     """The target a plan file was made for, connected (``target``, if given, must be it)."""
-    header = read_header(path)
+    header = plan_header(path)
     if target is not None and target != header.target:
         raise PlanMismatchError(
             f"plan {path} was made for target '{header.target}', not '{target}'. Make a new plan for '{target}'."
@@ -89,6 +172,7 @@ class RunDescription:
     run: Run
     error_groups: list[dict[str, Any]] = field(default_factory=list)
     approvals: list[dict[str, Any]] = field(default_factory=list)  # of the run's plan (plan and apply runs)
+    partitions: list[dict[str, Any]] = field(default_factory=list)  # a distributed run's, with progress
 
 
 def describe(conn: Connected, run_id: str) -> RunDescription:
@@ -103,7 +187,12 @@ def describe(conn: Connected, run_id: str) -> RunDescription:
         found.details = {**ledger.get_run(found.parent_run_id).details, "from_plan_run": found.parent_run_id}
     approvals = ledger.approvals(found.plan_id) if found.plan_id and found.kind in (RunKind.PLAN, RunKind.APPLY) \
         else []
-    return RunDescription(found, ledger.error_groups(related), approvals)
+    partitions = partition_rows(conn, found)
+    if partitions:  # a distributed run: its partitions' errors (a plan's, even of a partition that failed)
+        related += [p["run_id"] for p in partitions if p["run_id"]]
+        if found.kind == RunKind.PLAN:
+            related += [r.run_id for r in ledger.children_of(run_id) if r.run_id not in related]
+    return RunDescription(found, ledger.error_groups(related), approvals, partitions)
 
 
 def revert(
@@ -111,7 +200,10 @@ def revert(
 ) -> list[ApplyResult]:
     """``fillgate revert``: one revert run for an apply or revert run; for a pipeline run, one
     per stage it applied, last stage first."""
-    if conn.ledger.get_run(run_id).kind != RunKind.PIPELINE:
+    found = conn.ledger.get_run(run_id)
+    if is_distributed_run(conn, found):
+        return revert_distributed(conn, run_id, limits, monitor)
+    if found.kind != RunKind.PIPELINE:
         return [revert_run(conn, run_id, limits, monitor)]
     results = revert_pipeline(conn, run_id, limits, monitor)
     if not results:

@@ -29,7 +29,8 @@ from fillgate.sql import Change
 from fillgate.stamp import Connected, check_write_allowed
 
 
-def _check_resumable(run: Run) -> None:
+def check_resumable(run: Run) -> None:
+    """An apply or revert run that can still be continued."""
     if run.kind not in WRITING_KINDS:
         raise RunStateError(
             f"run {run.run_id} is a {run.kind} run; only apply and revert runs can be resumed."
@@ -75,14 +76,14 @@ def resume_run(
     limits = limits or Limits()
     ledger = conn.ledger
     run = ledger.get_run(run_id)
-    _check_resumable(run)  # refuse early, without taking the lock
+    check_resumable(run)  # refuse early, without taking the lock
     check_write_allowed(conn.target, limits.confirm)
     lock = ApplyLock(conn.engine, lock_name(run.job), run.run_id, operator_name()).acquire()
     try:
         # Read the run again under the lock: its own process may have finished (or moved its
         # checkpoint) between the first read and the lock.
         run = ledger.get_run(run_id)
-        _check_resumable(run)
+        check_resumable(run)
         changes, limits = _remaining(conn, run, limits)
         _verify_unverified_canary(conn, run)
         if run.status == RunStatus.RUNNING:  # recorded as running, but its process is gone (we hold its lock)
@@ -94,9 +95,10 @@ def resume_run(
         lock.release()
 
 
-def control_run(conn: Connected, run_id: str, action: str) -> Run:
+def control_run(conn: Connected, run_id: str, action: str, lock: str | None = None) -> Run:
     """Ask a run to pause or cancel between batches; a run whose process is gone is
-    paused or cancelled at once. A failed run can be cancelled (given up on)."""
+    paused or cancelled at once. A failed run can be cancelled (given up on). ``lock``: the
+    lock the run's process holds (default: its job's apply lock; a partition's is its own)."""
     if action not in ("pause", "cancel"):
         raise UsageError(f"unknown run action {action!r}; use pause or cancel.")
     done = RunStatus.PAUSED if action == "pause" else RunStatus.CANCELLED
@@ -115,7 +117,7 @@ def control_run(conn: Connected, run_id: str, action: str) -> Run:
         return run
 
     run = checked(ledger.get_run(run_id))
-    probe = ApplyLock(conn.engine, lock_name(run.job), run.run_id, operator_name())
+    probe = ApplyLock(conn.engine, lock or lock_name(run.job), run.run_id, operator_name())
     try:
         probe.acquire()
     except FillgateError:

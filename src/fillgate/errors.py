@@ -148,6 +148,13 @@ class StoredValueError(FillgateError):
     exit_code = EXIT_ROW_PROBLEMS
 
 
+class PartitionFailedError(FillgateError):
+    """A partition of a distributed run failed (the others went on); its run says why, and
+    ``fillgate resume`` re-dispatches it."""
+
+    exit_code = EXIT_ROW_PROBLEMS
+
+
 # --- lookups, alerts and throttling ---------------------------------------------------
 
 

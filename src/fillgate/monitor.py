@@ -125,9 +125,11 @@ class Monitor:
         done: int,
         engine: Engine,
         examples: Mapping[str, Any] | None = None,
+        partition: int | None = None,
     ) -> None:
         """After a batch committed: report it (with what :meth:`batch_sizing` said about it),
-        alert once if it had anomalies, then pace."""
+        alert once if it had anomalies, then pace. ``partition``: the batch's partition of a
+        distributed run (its events carry it)."""
         self._batch += 1
         elapsed_ms = (time.perf_counter() - self._batch_started) * 1000
         self._fold_row_times()
@@ -151,7 +153,7 @@ class Monitor:
             self._held_ms += held_s * 1000
         self.events.batch_done(run_id=self._run_id, batch=self._batch, counts=batch,
                                elapsed_ms=elapsed_ms, held_ms=held_s * 1000, batch_size=self._sizing[0],
-                               timed_out=self._sizing[1])
+                               timed_out=self._sizing[1], **({} if partition is None else {"partition": partition}))
         self._sizing = (None, 0)
         self._batch_started = time.perf_counter()
 

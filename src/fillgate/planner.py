@@ -30,7 +30,7 @@ from fillgate.monitor import Monitor
 from fillgate.plan import LINE_KINDS, PlanHeader, PlanWriter
 from fillgate.policy import Decision, Failed
 from fillgate.runs import RunKind, RunStatus
-from fillgate.sql import estimate_rows, existing_rows, keyset_pages, verify_table_and_key
+from fillgate.sql import KeyRange, bounded_source, estimate_rows, existing_rows, keyset_pages, verify_table_and_key
 from fillgate.stamp import Connected
 from fillgate.values import encode_key
 
@@ -342,27 +342,33 @@ def make_plan(
     monitor: Monitor | None = None,
     pipeline_run_id: str | None = None,
     estimate: bool = False,
+    bounds: KeyRange | None = None,
+    parent_run_id: str | None = None,
 ) -> PlanResult:
     """Dry run: read the source, compute, diff. Writes nothing to the user's tables; records
     the plan as a run and, with ``out``, saves the plan file (a folder gets ``<plan id>.plan``).
     Within a pipeline, the plan run is a child of ``pipeline_run_id`` and job code sees the
     pipeline's run id as ``ctx.run_id``. With ``estimate``, a trial batch of the plan's first
-    updates is timed and rolled back (``fillgate.estimate``) to estimate the apply's duration."""
+    updates is timed and rolled back (``fillgate.estimate``) to estimate the apply's duration.
+    ``bounds``: plan only the source rows in that key range (one partition of a distributed
+    plan, whose plan run is ``parent_run_id``)."""
     job = job_cls(params)
-    types = _check_job(conn, job_cls, job.args)
+    types = check_job(conn, job_cls, job.args)
     run = conn.ledger.create_run(Run(
         run_id=new_run_id(), kind=RunKind.PLAN, job=job_cls.job_name(), table_name=job_cls.table,
         target=conn.target.name, environment=conn.target.environment, operator=operator_name(),
-        status=RunStatus.RUNNING, parent_run_id=pipeline_run_id, started_at=utcnow(),
+        status=RunStatus.RUNNING, parent_run_id=parent_run_id or pipeline_run_id, started_at=utcnow(),
         args={"params": job.args, "key": list(job_cls.key_columns()), "columns": sorted(job_cls.policies()),
-              "out": str(out) if out else None, "job_fingerprint": job_cls.code_fingerprint()},
+              "out": str(out) if out else None, "job_fingerprint": job_cls.code_fingerprint(),
+              **({"partition": bounds.to_json()} if bounds else {})},
     ))
     planning = _Planning(conn, run, job, types, limits or Limits(), monitor or Monitor(), pipeline_run_id)
     planning.trial = estimate
+    planning.bounds = bounds or KeyRange()
     return planning.plan(out)
 
 
-def _check_job(conn: Connected, job_cls: type[Job], args: Mapping[str, Any]) -> dict[str, ColumnType]:
+def check_job(conn: Connected, job_cls: type[Job], args: Mapping[str, Any]) -> dict[str, ColumnType]:
     """Before anything is recorded: the table, its key and the written columns exist (and
     fillgate can write them), and the source selects the key it is paged by. Returns the
     written columns' types."""
@@ -387,6 +393,7 @@ class _Planning:
         self.last_saved: dict[str, int] = {}
         self.trial = False
         self.estimate: Estimate | None = None
+        self.bounds = KeyRange()  # the key range planned (a partition), or every row
 
     def plan(self, out: str | Path | None) -> PlanResult:
         conn, run, job_cls = self.conn, self.run, type(self.job)
@@ -424,7 +431,9 @@ class _Planning:
 
     def _read_pages(self, reader: Connection, lookup: Lookup | None) -> None:
         job_cls, planner, counts, monitor = type(self.job), self.planner, self.planner.counts, self.monitor
-        pages = keyset_pages(reader, job_cls.select_sql(), job_cls.paging_key(), job_cls.page_size, self.job.args)
+        source, params = bounded_source(reader.dialect, job_cls.select_sql(), job_cls.paging_key(), self.bounds,
+                                        self.job.args)
+        pages = keyset_pages(reader, source, job_cls.paging_key(), job_cls.page_size, params)
         for rows in pages:
             reader.rollback()  # keep no read transaction open between pages
             with interruptible():

@@ -218,6 +218,11 @@ def apply_hint(result: PlanResult, confirm: str | None = None) -> str:
     if not h.changes:
         return "Nothing to apply: the plan has no changes."
     command = f"fillgate apply {quote(str(result.path))} --max-changes {h.changes}"
+    cluster = result.run.args.get("distributed") or {}  # a distributed plan: on the same kind of cluster
+    if cluster.get("workers"):
+        command += f" --workers {cluster['workers']}"
+    elif cluster.get("scheduler"):
+        command += f" --scheduler {quote(cluster['scheduler'])}"
     return f"Apply it with: {command}" + (f" --confirm {confirm}" if confirm else "")
 
 
@@ -393,9 +398,32 @@ def print_runs(console: Console, runs: Sequence[Run]) -> None:
 
 
 def show_json(run: Run, error_groups: list[dict[str, Any]],
-              approvals: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+              approvals: Sequence[Mapping[str, Any]] = (),
+              partitions: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     groups = [{**g, "example_message": mask_secrets(g["example_message"] or "")} for g in error_groups]
-    return {**_run_json(run), "error_groups": groups, "approvals": [approval_json(a) for a in approvals]}
+    out = {**_run_json(run), "error_groups": groups, "approvals": [approval_json(a) for a in approvals]}
+    if partitions:
+        out["partitions"] = [dict(p) for p in partitions]
+    return out
+
+
+def _print_partitions(console: Console, run: Run, partitions: Sequence[Mapping[str, Any]]) -> None:
+    """A distributed run's partitions: key range, status, progress and counts, and their run."""
+    planning = run.kind == RunKind.PLAN
+    names = ("rows", "writes", "errors") if planning else ("applied", "conflicts", "errors")
+
+    def progress(p: Mapping[str, Any]) -> str:
+        return str(p["total"] if p["total"] is not None else "") if planning else f"{p['checkpoint']}/{p['total']}"
+
+    _print_table(
+        console, f"partitions ({len(partitions)})",
+        (Col("#", justify="right"), "from key", "below key", "status",
+         Col("changes" if planning else "progress", justify="right"),
+         *(Col(n, justify="right") for n in names), "run"),
+        ((str(p["part"]), "" if p["lo"] is None else _key(p["lo"]), "" if p["hi"] is None else _key(p["hi"]),
+          p["status"], progress(p), *(str(p["counts"].get(n, 0)) for n in names), p["run_id"] or "")
+         for p in partitions),
+    )
 
 
 def _print_details(console: Console, run: Run) -> None:
@@ -418,6 +446,10 @@ def _print_audit(console: Console, run: Run) -> None:
     it), on a line of its own: a hash is never cut."""
     if run.kind not in WRITING_KINDS:
         return
+    if run.args.get("distributed"):
+        console.print("audit: in the runs of its partitions (each keeps its own hash chain; fillgate verify "
+                      "checks them)")
+        return
     if run.audit is None:
         console.print("audit: no tamper evidence (the run predates it)")
     else:
@@ -434,7 +466,8 @@ def _status_line(run: Run) -> str:
 
 
 def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]],
-               approvals: Sequence[Mapping[str, Any]] = ()) -> None:
+               approvals: Sequence[Mapping[str, Any]] = (),
+               partitions: Sequence[Mapping[str, Any]] = ()) -> None:
     duration = run.duration_s
     fields = [(label, str(value)) for label, value in (
         ("run", run.run_id), ("kind", run.kind), ("status", _status_line(run)), ("job", run.job),
@@ -452,6 +485,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]],
     _print_table(console, "counts", ("count", Col("value", justify="right")),
                  ((name, str(value)) for name, value in run.counts.items()))
     _print_details(console, run)
+    _print_partitions(console, run, partitions)
     _print_table(
         console, "errors and conflicts by fingerprint",
         (Col("job / stage", wrap=True), "fingerprint", "phase", "type", Col("count", justify="right"),

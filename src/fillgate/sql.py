@@ -3,6 +3,7 @@ compare-and-set writes. (Queries on fillgate's own tables live in ``ledger/``.)"
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -167,12 +168,13 @@ def keyset_style(dialect: Any) -> str:
     return backend_for(dialect).keyset_style(dialect)
 
 
-def _after_clause(quote: Any, key: Sequence[str], style: str, inclusive: bool = False) -> str:
+def _after_clause(quote: Any, key: Sequence[str], style: str, inclusive: bool = False,
+                  prefix: str = "fillgate_k") -> str:
     """``(k1, k2) > (:fillgate_k0, :fillgate_k1)`` (``>=`` when ``inclusive``), spelled in
-    ``style`` (see Backend.keyset_style)."""
+    ``style`` (see Backend.keyset_style); the parameters are named ``prefix`` + position."""
     op = ">=" if inclusive else ">"
     cols = [quote(k) for k in key]
-    marks = [f":fillgate_k{i}" for i in range(len(key))]
+    marks = [f":{prefix}{i}" for i in range(len(key))]
     if len(key) == 1:
         return f"{cols[0]} {op} {marks[0]}"
     if style == "row":
@@ -298,6 +300,87 @@ def _read_page(
         twin = next(k for p, k in zip(previous, page_keys, strict=True) if p == k)
         raise _duplicate_key([twin])
     return rows, page_keys
+
+
+# --- partitions: key ranges of the source, for distributed runs --------------------------
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """The source rows whose key is ``>= lo`` and ``< hi`` (as the database compares keys);
+    None: unbounded on that side."""
+
+    lo: tuple[Any, ...] | None = None
+    hi: tuple[Any, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"lo": None if self.lo is None else list(self.lo), "hi": None if self.hi is None else list(self.hi)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> KeyRange:
+        lo, hi = data.get("lo"), data.get("hi")
+        return cls(None if lo is None else tuple(lo), None if hi is None else tuple(hi))
+
+
+def _bound_params(source: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The job's parameters the source binds; an unbound one is a JobError."""
+    wanted = set(text(source)._bindparams)
+    base = {k: v for k, v in (params or {}).items() if k in wanted}
+    unbound = wanted - set(base)
+    if unbound:
+        raise JobError(
+            f"the job's source uses :{', :'.join(sorted(unbound))} but the job has no such "
+            "parameter(s); declare them in params."
+        )
+    return base
+
+
+def partition_bounds(
+    conn: Connection, source: str, key: Sequence[str], partitions: int, params: Mapping[str, Any] | None = None,
+) -> list[KeyRange]:
+    """Split the source into at most ``partitions`` key ranges holding about as many rows each.
+
+    The database does the work in two statements (a COUNT, then the key of every ``step``-th
+    row by ROW_NUMBER over the key's order); only the boundary keys come back, never the
+    table. The first range is unbounded below and the last unbounded above, so together they
+    cover every key; each range holds at least one row when it was computed."""
+    quote = conn.dialect.identifier_preparer.quote
+    body = source.strip().rstrip(";")
+    bind = _bound_params(body, params)
+    total = conn.execute(text(f"SELECT COUNT(*) FROM ({body}) fillgate_src"), bind).scalar_one()
+    partitions = max(1, min(int(partitions), int(total)))
+    if partitions == 1:
+        return [KeyRange()]
+    step = -(-int(total) // partitions)  # ceil: rows per partition
+    cols = ", ".join(quote(k) for k in key)
+    stmt = text(
+        f"SELECT {cols} FROM (SELECT {cols}, ROW_NUMBER() OVER (ORDER BY {cols}) AS fillgate_rn "
+        f"FROM ({body}) fillgate_src) fillgate_keys WHERE (fillgate_rn - 1) % :fillgate_step = 0 "
+        f"AND fillgate_rn > 1 ORDER BY {cols}"
+    )
+    starts = [tuple(row) for row in conn.execute(stmt, {**bind, "fillgate_step": step})]
+    edges: list[tuple[Any, ...] | None] = [None, *starts, None]
+    return [KeyRange(lo, hi) for lo, hi in itertools.pairwise(edges)]
+
+
+def bounded_source(
+    dialect: Any, source: str, key: Sequence[str], bounds: KeyRange, params: Mapping[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The source restricted to the rows of ``bounds``, and the parameters it takes (the job's
+    and the bounds', named ``fillgate_lo0..`` and ``fillgate_hi0..``)."""
+    body = source.strip().rstrip(";")
+    given = dict(params or {})
+    if bounds.lo is None and bounds.hi is None:
+        return body, given
+    quote, style = dialect.identifier_preparer.quote, keyset_style(dialect)
+    where = []
+    if bounds.lo is not None:
+        where.append(_after_clause(quote, key, style, inclusive=True, prefix="fillgate_lo"))
+        given.update({f"fillgate_lo{i}": v for i, v in enumerate(bounds.lo)})
+    if bounds.hi is not None:
+        where.append(f"NOT ({_after_clause(quote, key, style, inclusive=True, prefix='fillgate_hi')})")
+        given.update({f"fillgate_hi{i}": v for i, v in enumerate(bounds.hi)})
+    return f"SELECT * FROM ({body}) fillgate_part WHERE {' AND '.join(where)}", given
 
 
 # --- writing ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from fillgate.backends import backend_for
+from fillgate.database import write_transaction
 from fillgate.errors import LockHeldError
 from fillgate.ledger import schema
 from fillgate.ledger.store import utcnow
@@ -52,9 +53,18 @@ class ApplyLock:
             conn.close()
             raise self._held_error()
         self._conn = conn
-        with self.engine.begin() as tx:  # the row only names the holder
-            tx.execute(delete(schema.locks).where(schema.locks.c.name == self.name))
-            tx.execute(insert(schema.locks).values(**self._row()))
+        try:
+            # The row only names the holder. READ COMMITTED: InnoDB then takes no gap lock for the
+            # DELETE of an absent row, so processes taking different locks at once (the
+            # partitions of a distributed run) do not deadlock on the index gap between them.
+            with self.engine.connect().execution_options(isolation_level="READ COMMITTED") as row, row.begin():
+                row.execute(delete(schema.locks).where(schema.locks.c.name == self.name))
+                row.execute(insert(schema.locks).values(**self._row()))
+        except BaseException:
+            self.backend.release_session_lock(conn, self.name)  # never hold a lock nothing will release
+            conn.close()
+            self._conn = None
+            raise
         return self
 
     def heartbeat(self, conn: Connection) -> None:
@@ -102,7 +112,9 @@ class ApplyLock:
             return
         except IntegrityError:
             pass
-        with self.engine.begin() as tx:
+        # reads, then writes: on SQLite the write lock is taken first, so that two processes
+        # taking over the same stale lock wait for each other instead of failing "database is locked"
+        with write_transaction(self.engine) as tx:
             row = tx.execute(select(locks).where(locks.c.name == self.name)).first()
             if row is not None and not _is_stale(row):
                 raise self._held_error(row)

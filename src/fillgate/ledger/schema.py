@@ -208,3 +208,25 @@ approvals = Table(
     UniqueConstraint("plan_sha256", "operator", name="uq_fillgate_approvals_plan_operator"),
     Index("ix_fillgate_approvals_plan", "plan_id"),
 )
+
+# One row per partition of a distributed run (a plan or an apply spread over Dask workers):
+# ``run_id`` is the run the user sees, ``child_run_id`` the partition's own plan or apply run.
+# A partition's apply batches update its row (status, checkpoint, counts) in the batch's own
+# transaction, so a partition re-run by the cluster continues exactly where it committed.
+partitions = Table(
+    "fillgate_partitions",
+    metadata,
+    Column("run_id", String(26), primary_key=True),
+    Column("part", Integer, primary_key=True, autoincrement=False),
+    Column("child_run_id", String(26)),
+    Column("lo", LongText),  # the key range, as JSON lists (NULL: unbounded)
+    Column("hi", LongText),
+    Column("plan_file", LongText),
+    Column("plan_sha256", Sha256),
+    Column("status", String(16), nullable=False),
+    Column("checkpoint", Integer, nullable=False),
+    Column("total", Integer),
+    Column("counts", LongText, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    Index("ix_fillgate_partitions_child", "child_run_id"),
+)

@@ -36,7 +36,7 @@ from fillgate.ledger.chain import AuditChain
 from fillgate.ledger.schema import VERSION_TABLE
 from fillgate.redact import mask_secrets
 from fillgate.runs import MESSAGE_LIMIT, WRITING_KINDS, RunKind, RunStatus, sources_of
-from fillgate.values import encode_key
+from fillgate.values import decode_key, encode_key
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -190,6 +190,26 @@ def _row_values(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _not_partition() -> list[Any]:
+    """The condition that leaves out the runs of a distributed run's partitions (the list shows
+    the distributed run itself, with their totals)."""
+    p, r = schema.partitions.c, schema.runs.c
+    # a partition's plan run is known by its parent (its row names it only once it planned)
+    return [~select(p.child_run_id).where(p.child_run_id == r.run_id).exists(),
+            ~((r.kind == RunKind.PLAN) & select(p.run_id).where(p.run_id == r.parent_run_id).exists())]
+
+
+def _partition_values(values: dict[str, Any]) -> dict[str, Any]:
+    values = dict(values)
+    if "counts" in values:
+        values["counts"] = json.dumps(values["counts"], sort_keys=True)
+    for side in ("lo", "hi"):
+        if side in values and values[side] is not None:
+            values[side] = encode_key(values[side])
+    values.setdefault("updated_at", utcnow())
+    return values
+
+
 class Ledger:
     """fillgate's tables in one target database."""
 
@@ -339,7 +359,7 @@ class Ledger:
         for name, value, allowed in (("kind", kind, RUN_KINDS), ("status", status, RUN_STATUSES)):
             if value is not None and value not in allowed:
                 raise UsageError(f"unknown run {name} {value!r}; use one of: {', '.join(allowed)}.")
-        stmt = select(schema.runs).order_by(schema.runs.c.run_id.desc()).limit(limit)
+        stmt = select(schema.runs).where(*_not_partition()).order_by(schema.runs.c.run_id.desc()).limit(limit)
         if kind:
             stmt = stmt.where(schema.runs.c.kind == kind)
         if status:
@@ -359,7 +379,7 @@ class Ledger:
                 raise UsageError(f"unknown run {name} {value!r}; use one of: {', '.join(allowed)}.")
         r = schema.runs.c
         where = [cond for cond, value in ((r.kind == kind, kind), (r.status == status, status),
-                                          (r.job == job, job)) if value]
+                                          (r.job == job, job)) if value] + _not_partition()
         with self.engine.connect() as conn:
             total = conn.execute(select(func.count()).select_from(schema.runs).where(*where)).scalar_one()
             rows = conn.execute(
@@ -649,3 +669,51 @@ class Ledger:
                 select(schema.runs).where(r.job == job, r.kind == RunKind.APPLY, r.status == RunStatus.SUCCEEDED)
                 .order_by(r.run_id.desc()).limit(limit)
             )]
+
+    # --- partitions of distributed runs --------------------------------------------------
+
+    def create_partitions(self, run_id: str, rows: Sequence[dict[str, Any]], conn: Connection | None = None) -> None:
+        """Record the partitions of distributed run ``run_id`` (each: part, lo, hi, and any of
+        child_run_id, plan_file, plan_sha256, total)."""
+        values = [_partition_values({"run_id": run_id, "status": "pending", "checkpoint": 0, "counts": {}, **row})
+                  for row in rows]
+        if conn is None:
+            with self.engine.begin() as own:
+                own.execute(insert(schema.partitions), values)
+        else:
+            conn.execute(insert(schema.partitions), values)
+
+    def update_partition(self, run_id: str, part: int, conn: Connection | None = None, **values: Any) -> int:
+        """Set columns of one partition's row (in the caller's transaction, if given); with
+        ``expect_child``, only while the row still names that child run (or none)."""
+        p = schema.partitions.c
+        expected = values.pop("expect_child", False)
+        stmt = update(schema.partitions).where(p.run_id == run_id, p.part == part)
+        if expected is not False:
+            stmt = stmt.where((p.child_run_id == expected) | p.child_run_id.is_(None))
+        return self._execute(stmt.values(**_partition_values(values)), conn)
+
+    def partitions(self, run_id: str, conn: Connection | None = None) -> list[dict[str, Any]]:
+        """The partitions of distributed run ``run_id``, in order (empty: not a distributed run)."""
+        p = schema.partitions.c
+        stmt = select(schema.partitions).where(p.run_id == run_id).order_by(p.part)
+        if conn is None:
+            with self.engine.connect() as own:
+                rows = own.execute(stmt).all()
+        else:
+            rows = conn.execute(stmt).all()
+        out = []
+        for row in rows:
+            item = dict(row._mapping)
+            item["counts"] = json.loads(item["counts"])
+            for side in ("lo", "hi"):
+                item[side] = None if item[side] is None else decode_key(item[side])
+            out.append(item)
+        return out
+
+    def partition_of(self, child_run_id: str) -> dict[str, Any] | None:
+        """The partition whose own run is ``child_run_id`` (its run_id is the distributed run)."""
+        p = schema.partitions.c
+        with self.engine.connect() as conn:
+            row = conn.execute(select(p.run_id, p.part).where(p.child_run_id == child_run_id)).first()
+        return None if row is None else {"run_id": row.run_id, "part": row.part}

@@ -337,6 +337,10 @@ class Dashboard:
         if not run.plan_path:
             raise WebError(f"plan run {run_id} was not saved to a file (it was made without -o), so there are "
                            "no changes to review; make the plan again with: fillgate plan JOB -o FILE", 404)
+        if run.args.get("distributed"):
+            raise WebError(f"plan run {run_id} is a distributed plan (a plan directory, {run.plan_path}); this page "
+                           f"reviews one plan file at a time: see its partitions with fillgate show {run_id}, and "
+                           "open a partition's plan file here by its path.", 404)
         status = self.plans.status(Path(run.plan_path))
         if status.reviewable and status.sha256 != run.plan_sha256:
             status = PlanStatus("refused", status.path,

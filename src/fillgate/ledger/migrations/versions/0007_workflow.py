@@ -11,7 +11,7 @@ from alembic import op
 from sqlalchemy.dialects import mysql
 
 revision = "0007_workflow"
-down_revision = "0004_batch_timeline"
+down_revision = "0006_partitions"
 branch_labels = None
 depends_on = None
 

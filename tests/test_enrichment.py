@@ -495,10 +495,14 @@ def test_events_file_follows_a_run_with_every_documented_field(
         _check_fields(event)
     assert [e["event"] for e in items] == [
         "run_started", "batch_done", "batch_done", "batch_done", "run_finished",  # the plan: pages of 5
+        "apply_checked",  # the apply's guards passed (no approvals, rehearsal or canary asked for here)
         "run_started", "batch_done", "batch_done", "batch_done", "run_finished",  # the apply: batches of 5
     ]
+    checked = items[5]
+    assert (checked["approvals"], checked["rehearsal"], checked["canary"]) == ([], None, None)
     plan_id = plan_lines(Path("e.plan"))[0]["plan_id"]
-    (plan_run, plan), (apply_run, apply) = by_run(items).items()
+    (plan_run, plan), (apply_run, apply) = by_run([e for e in items if e["event"] != "apply_checked"]).items()
+    assert checked["run_id"] == apply_run
     assert plan_run == plan_id and apply_run != plan_id
     assert plan[0]["kind"] == "plan" and apply[0]["kind"] == "apply"
     for started in (plan[0], apply[0]):

@@ -616,3 +616,39 @@ def test_no_query_makes_a_page_fail(sqlite_world: dict[str, Any], tmp_path: Path
         assert "Traceback" not in page.text
 
     check()
+
+
+def test_a_target_whose_url_uses_an_unset_variable_is_unavailable_and_the_others_are_served(
+    sqlite_db: TestDB, cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = sqlite_db
+    monkeypatch.delenv("FILLGATE_TRUST_UNSET_PW", raising=False)
+    cfg = db.config({
+        "staging": {},
+        "live": {"url": "postgresql://app:${FILLGATE_TRUST_UNSET_PW}@127.0.0.1/live?password=hunter2-secret"},
+    })
+    assert run_cli(cli, cfg, "init", "--target", "staging").exit_code == 0
+    served: dict[str, Any] = {}
+
+    def fake_run(app: Any, **options: Any) -> None:
+        served.update(options, app=app)
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    started = run_cli(cli, cfg, "serve", "--cache-dir", str(tmp_path / "cache"))
+    assert started.exit_code == 0, started.output
+    assert "serving staging, live" in started.stdout and served["app"] is not None
+
+    client, _ = _client(cfg, tmp_path)
+    page = client.get("/")
+    assert page.status_code == 200
+    live = page.text.split('data-target="live"')[1].split("</section>")[0]
+    assert "unavailable" in live and "FILLGATE_TRUST_UNSET_PW is not set" in live
+    assert "hunter2-secret" not in page.text and "password=***" in live
+    assert client.get("/t/staging/runs").status_code == 200
+    refused = client.get("/t/live/runs")
+    assert refused.status_code == 503 and "FILLGATE_TRUST_UNSET_PW is not set" in refused.text
+    assert "hunter2-secret" not in refused.text and "Traceback" not in refused.text
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and 'fillgate_target_up{target="live"} 0' in metrics.text

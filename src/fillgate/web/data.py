@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fillgate import commands
 from fillgate.config import Config, Target, load_config
 from fillgate.control import control_run, resume_run
-from fillgate.errors import FillgateError, NotInitializedError, StampMismatchError, UsageError
+from fillgate.errors import ConfigError, FillgateError, NotInitializedError, StampMismatchError, UsageError
 from fillgate.history import MAX_TEXT_KEY_PARTS, row_history
 from fillgate.interrupts import clear as clear_stop
 from fillgate.interrupts import request_stop
@@ -41,7 +41,7 @@ from fillgate.limits import Limits
 from fillgate.monitor import Monitor
 from fillgate.pipeline_run import stage_applies
 from fillgate.plan import verify_plan
-from fillgate.redact import mask_secrets
+from fillgate.redact import mask_secrets, redact_url
 from fillgate.revert import RevertPreview, preview_revert
 from fillgate.runs import RunKind, RunStatus, interrupted
 from fillgate.stamp import Connected, connect
@@ -124,7 +124,7 @@ class TargetView:
     environment: str
     protected: bool
     url: str  # password masked
-    state: str  # ok, refused, unreachable, uninitialised, error
+    state: str  # ok, refused, unreachable, uninitialised, unavailable (its url cannot be resolved), error
     message: str | None = None
     stamp: dict[str, str] = field(default_factory=dict)
     revision: str | None = None
@@ -142,7 +142,10 @@ class Dashboard:
         self.config: Config = load_config(config_path)
         names = list(target_names or self.config.targets)
         for name in names:
-            self.config.target(name)  # an unknown name fails now, naming the declared ones
+            if name not in self.config.targets:  # an unknown name fails now, naming the declared ones
+                self.config.target(name)
+        # A declared target whose url cannot be resolved (an unset ${VAR}, a missing driver) is
+        # served as "unavailable", saying why: it never stops the server or the other targets.
         self.names = names
         self.plans = PlanStore(cache_dir, _verify)
         self.runner = Runner()
@@ -156,7 +159,10 @@ class Dashboard:
 
     def connect(self, name: str) -> Connected:
         """The target, reached and its stamp checked (else a WebError saying why)."""
-        target = self.target(name)
+        try:
+            target = self.target(name)
+        except ConfigError as exc:  # its url cannot be resolved: the target is unavailable
+            raise WebError(f"target '{name}' is unavailable: {describe_error(exc)}", 503) from None
         try:
             return connect(target)
         except StampMismatchError as exc:
@@ -168,7 +174,12 @@ class Dashboard:
         return [self.target_view(name) for name in self.names]
 
     def target_view(self, name: str) -> TargetView:
-        target = self.target(name)
+        try:
+            target = self.target(name)
+        except ConfigError as exc:  # its url uses an unset ${VAR}, or its driver is not installed
+            spec = self.config.targets[name]
+            return TargetView(name, spec.environment, spec.protected, redact_url(spec.raw_url), "unavailable",
+                              describe_error(exc))
         view = TargetView(name, target.environment, target.protected, target.safe_url, "ok")
         try:
             conn = connect(target)

@@ -652,3 +652,52 @@ def test_a_target_whose_url_uses_an_unset_variable_is_unavailable_and_the_others
     assert "hunter2-secret" not in refused.text and "Traceback" not in refused.text
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and 'fillgate_target_up{target="live"} 0' in metrics.text
+
+
+def test_plan_page_shows_values_policies_and_counts_as_the_cli_does(db: TestDB, tmp_path: Path) -> None:
+    """Values as ``fillgate plan`` prints them (report.format_value: never a Python repr such as
+    Decimal('1.50') or datetime.datetime(...)), whole; policies and counts in words."""
+    import datetime as dt
+    import decimal
+
+    from fillgate import Job, Overwrite, Promote
+    from fillgate.report import format_value
+
+    long_text = "x" * 500 + "END"
+    db.execute("CREATE TABLE things (id INTEGER NOT NULL PRIMARY KEY, price NUMERIC(10, 2), at TIMESTAMP NULL, "
+               "name VARCHAR(1000))")
+    db.execute("INSERT INTO things (id) VALUES (1), (2), (3)")
+    names = {1: "42", 2: "", 3: long_text}
+
+    class Typed(Job):
+        name = "tests:Typed"
+        table = "things"
+        key = ("id",)
+        columns = {"price": Promote(unknown=[decimal.Decimal("1.5"), "n/a"]), "at": Overwrite(), "name": Overwrite()}
+        source = "SELECT * FROM things"
+
+        def compute(self, row: Any, ctx: Any) -> dict[str, Any]:
+            return {"price": decimal.Decimal("1.50"), "at": dt.datetime(2013, 1, 1, 5, 17), "name": names[row["id"]]}
+
+    target = db.target()
+    init_target(target)
+    result = make_plan(connect(target), Typed, out=tmp_path / "typed.plan")
+    assert result.header.changes == 9, result.counts
+    cfg = db.config()
+    client, board = _client(cfg, tmp_path)
+    url = f"/t/staging/plans/{result.run.run_id}"
+    client.get(url)
+    board.plans.wait()
+    page = client.get(url)
+    assert page.status_code == 200, page.text
+    text = html.unescape(page.text)
+    for repr_mark in ("Decimal(", "datetime.datetime(", "{'policy'", "\\u"):
+        assert repr_mark not in text
+    shown = {line["column"]: line["new"] for line in result.samples["change"]}
+    assert f'<td class="new"><span class="val">{format_value(shown["price"])}</span>' in text
+    assert format_value(shown["price"]) in ("1.50", "1.5")
+    assert '<td class="new"><span class="val">2013-01-01 05:17:00</span>' in text
+    assert "<span class=\"val\">'42'</span>" in text and "<span class=\"val\">''</span>" in text
+    assert long_text in text  # whole
+    assert "price: promote (unknown: 1.5, n/a)" in text and "at: overwrite" in text
+    assert "<th>rows scanned</th>" in text and "<th>row errors</th>" in text and "unexpected_index</th>" not in text

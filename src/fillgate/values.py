@@ -17,7 +17,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring
 from typing import Any
 
@@ -179,3 +179,88 @@ def key_candidates(raw: str) -> list[str]:
                 options.insert(0, float(part))
         readings = [[*prefix, option] for prefix in readings for option in options]
     return [encode_key(r) for r in readings]
+
+
+# --- values: one way to show them (the CLI, the dashboard, plan headers) ---------------------
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_WORDS = {"null", "true", "false", "nan", "infinity", "-infinity", "+infinity"}
+
+
+def _quoted(text: str) -> str:
+    """A SQL string literal: 'it''s'; with control characters, an escape string E'a\\nb'."""
+    if not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):
+        return "'" + text.replace("'", "''") + "'"
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
+    escaped = "".join({"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c) or
+                      (f"\\x{ord(c):02x}" if ord(c) < 32 or 127 <= ord(c) < 160 else c) for c in escaped)
+    return "E'" + escaped + "'"
+
+
+def _needs_quotes(text: str) -> bool:
+    """A string that would read as something else when shown bare: empty, NULL, a number, a
+    boolean, JSON, padded with spaces, holding control characters, or starting with a quote."""
+    return (
+        not text or text.strip() != text or text.lower() in _WORDS or bool(_NUMBER.match(text))
+        or text[0] in "'[{" or text.startswith(("\\x", "E'"))
+        or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+    )
+
+
+def format_value(value: Any) -> str:
+    """A column value as the database would show it, whole: NULL, 42, 1.20 (a Decimal keeps
+    its digits), 2013-01-01 05:17:00, \\x00ff (bytes), true; a string bare unless it would
+    read as something else (then quoted as a SQL literal: '42', 'NULL', '', ' padded')."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(value)
+    if isinstance(value, decimal.Decimal):
+        return format(value, "f") if value.is_finite() else str(value)
+    if isinstance(value, dt.datetime):
+        return value.isoformat(" ")
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\x" + bytes(value).hex()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, str):
+        return _quoted(value) if _needs_quotes(value) else value
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, ensure_ascii=False, default=format_value)
+    return str(value)
+
+
+def format_key(key: Sequence[Any]) -> str:
+    """A row key, each part as :func:`format_value` shows it; a part holding a comma is
+    quoted so that the parts stay apart."""
+    parts = []
+    for part in key:
+        text = format_value(part)
+        parts.append(_quoted(text) if "," in text and not text.startswith(("'", "E'")) else text)
+    return ", ".join(parts)
+
+
+def format_policy(described: Any) -> str:
+    """A column's policy as a plan header records it (``Policy.describe``), as text:
+    ``promote (unknown: 'unknown', 0)``. Anything else (a hand-edited header) is shown as JSON."""
+    if isinstance(described, Mapping) and isinstance(described.get("policy"), str):
+        extra = {k: v for k, v in described.items() if k != "policy"}
+        unknown = extra.pop("unknown", None)
+        parts = []
+        if isinstance(unknown, list) and all(isinstance(u, str) for u in unknown):
+            parts.append("unknown: " + ", ".join(unknown))
+        elif unknown is not None:
+            extra["unknown"] = unknown
+        parts += [f"{k}: {format_value(v)}" for k, v in extra.items()]
+        return str(described["policy"]) + (f" ({'; '.join(parts)})" if parts else "")
+    return json.dumps(described, ensure_ascii=False, default=str)

@@ -15,13 +15,10 @@ each action is recorded in the ledger with the operator who asked.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import decimal
 import json
 import logging
 import shlex
 import threading
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +43,7 @@ from fillgate.revert import RevertPreview, preview_revert
 from fillgate.runs import RunKind, RunStatus, interrupted
 from fillgate.stamp import Connected, connect
 from fillgate.throttle import Throttle
-from fillgate.values import key_candidates, loads
+from fillgate.values import format_key, format_value, key_candidates, loads
 from fillgate.web.planindex import KINDS, PAGE, PlanStatus, PlanStore
 
 log = logging.getLogger("fillgate.web")
@@ -84,18 +81,10 @@ def describe_error(exc: BaseException) -> str:
 
 
 def display(value: Any) -> str | None:
-    """A stored value as text, whole (None stays None: the page shows NULL)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat(" ") if isinstance(value, dt.datetime) else value.isoformat()
-    if isinstance(value, bytes | bytearray | memoryview):
-        return "0x" + bytes(value).hex()
-    if isinstance(value, int | float | decimal.Decimal | uuid.UUID):
-        return str(value)
-    return json.dumps(value, default=str, ensure_ascii=False)
+    """A stored value as text, whole and exactly as the CLI shows it (``report.format_value``:
+    1.50, 2013-01-01 05:17:00, \\x00ff, '42' for a string that reads as a number); None stays
+    None (the page shows NULL)."""
+    return None if value is None else format_value(value)
 
 
 def display_json(text: str) -> str | None:
@@ -104,10 +93,8 @@ def display_json(text: str) -> str | None:
 
 
 def key_text(key: Sequence[Any] | None) -> str:
-    """A row key as people type it: ``42``, or ``a, b`` for a composite key."""
-    if key is None:
-        return ""
-    return ", ".join("NULL" if k is None else display(k) or "" for k in key)
+    """A row key as the CLI shows it: ``42``, or ``a, b`` for a composite key."""
+    return "" if key is None else format_key(key)
 
 
 def key_query(key: Sequence[Any] | None) -> str:
@@ -600,6 +587,6 @@ def plan_line(number: int, raw: bytes) -> dict[str, Any]:
     if "new" in record:
         item["new"] = display(record["new"])
     for name in ("reason", "error_type", "message", "fingerprint"):
-        if name in record:
-            item[name] = display(record[name])
+        if name in record:  # prose, shown as written (a message's passwords masked)
+            item[name] = mask_secrets(record[name] if isinstance(record[name], str) else json.dumps(record[name]))
     return item

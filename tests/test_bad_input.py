@@ -347,3 +347,39 @@ def test_names_longer_than_the_ledger_keeps_are_refused(sqlite_db: TestDB, cli: 
     assert result.exit_code == 2, result.output
     assert "186 characters long" in result.stderr
     assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'plan'") == 0
+
+
+def test_numbers_past_what_a_database_or_timer_holds_are_usage_errors(db: TestDB, cli: CliRunner,
+                                                                       jobs_file: Path) -> None:
+    """`runs --limit 2**64` failed with an OverflowError (exit 1); `apply --batch-size 2**64`
+    recorded a failed apply run and then failed on islice; `--pause-between-batches` of years
+    overflowed the timer. Each is exit 2 before anything is recorded."""
+    cfg = ready(db, cli)
+    huge = str(2**64)
+    planned = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", str(db.tmp_path / "p.plan"))
+    assert planned.exit_code == 0, planned.output
+    before = people(db)
+    runs_before = db.scalar("SELECT count(*) FROM fillgate_runs")
+    for args in (("runs", "--limit", huge), ("plan", f"{jobs_file}:FillEmail", "--sample", huge),
+                 ("apply", str(db.tmp_path / "p.plan"), "--batch-size", huge),
+                 ("apply", str(db.tmp_path / "p.plan"), "--max-changes", huge),
+                 ("apply", str(db.tmp_path / "p.plan"), "--max-errors", huge),
+                 ("apply", str(db.tmp_path / "p.plan"), "--pause-between-batches", str(10**15))):
+        result = run_cli(cli, cfg, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Invalid value" in result.stderr and "Traceback" not in result.output
+    assert_nothing_written(db, before)
+    assert db.scalar("SELECT count(*) FROM fillgate_runs") == runs_before
+    limit = run_cli(cli, cfg, "runs", "--limit", str(2**63 - 1))
+    assert limit.exit_code == 0, limit.output
+
+
+def test_a_url_parameter_the_driver_cannot_use_is_a_config_error(tmp_path: Path, cli: CliRunner) -> None:
+    """PyMySQL raised AttributeError on an unknown charset: 'unexpected AttributeError ... a bug' (exit 1)."""
+    pytest.importorskip("pymysql")
+    cfg = tmp_path / "fillgate.toml"
+    cfg.write_text('[targets.a]\nurl = "mysql://root:s3cr3t-pw@127.0.0.1:1/x?charset=bogus"\n')
+    result = run_cli(cli, cfg, "runs")
+    assert result.exit_code == 2, result.output
+    assert "driver refused the url" in result.stderr and "charset" in result.stderr
+    assert "s3cr3t-pw" not in result.output and "bug" not in result.stderr

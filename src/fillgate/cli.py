@@ -135,22 +135,29 @@ err = Console(stderr=True, highlight=False)
 # per invocation: the --config given, the target resolved, the declared targets, --json anywhere
 _state: dict[str, Any] = {"config": None, "target": None, "targets": (), "json": False}
 
+COUNT_MAX = 2**63 - 1  # the largest count or size an option takes (a database's BIGINT, Python's sys.maxsize)
+PAUSE_MAX_MS = 86_400_000  # a day: sleeping longer overflows the platform's timer
+
 TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name from fillgate.toml.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 ConfirmOpt = Annotated[
     str | None, typer.Option("--confirm", help="Type the environment name to write to a protected target.")
 ]
 MaxChangesOpt = Annotated[
-    int | None, typer.Option("--max-changes", min=0,
+    int | None, typer.Option("--max-changes", min=0, max=COUNT_MAX,
                               help="Refuse a plan with more than N changes (default: the target's max_changes).")
 ]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Changes per transaction.")]
-MaxErrorsOpt = Annotated[int | None, typer.Option("--max-errors", min=0, help="Stop after more than N errors.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, max=COUNT_MAX, help="Changes per transaction.")]
+MaxErrorsOpt = Annotated[
+    int | None, typer.Option("--max-errors", min=0, max=COUNT_MAX, help="Stop after more than N errors.")
+]
 MaxRateOpt = Annotated[
     float | None,
     typer.Option("--max-error-rate", min=0.0, max=1.0, help="Stop when errors/rows exceeds R (after 100 rows)."),
 ]
-PauseOpt = Annotated[int, typer.Option("--pause-between-batches", min=0, help="Sleep MS milliseconds between batches.")]
+PauseOpt = Annotated[
+    int, typer.Option("--pause-between-batches", min=0, max=PAUSE_MAX_MS, help="Sleep MS milliseconds between batches.")
+]
 EventsOpt = Annotated[
     str | None, typer.Option("--events", help="Write run events as JSON lines to FILE ('-': stdout).")
 ]
@@ -282,7 +289,7 @@ def plan(
     param: ParamOpt = None,
     max_errors: MaxErrorsOpt = None,
     max_error_rate: MaxRateOpt = None,
-    sample: Annotated[int, typer.Option("--sample", min=0, help="Changes to show in the diff.")] = 10,
+    sample: Annotated[int, typer.Option("--sample", min=0, max=COUNT_MAX, help="Changes to show in the diff.")] = 10,
     events: EventsOpt = None,
     rate: RateOpt = None,
     max_replication_lag: LagOpt = None,
@@ -424,7 +431,7 @@ def run(
 @app.command()
 def runs(
     target: TargetOpt = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 20,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=COUNT_MAX)] = 20,
     kind: Annotated[
         str | None, typer.Option("--kind", help="init, stamp, plan, apply, revert or pipeline")
     ] = None,

@@ -383,3 +383,31 @@ def test_a_url_parameter_the_driver_cannot_use_is_a_config_error(tmp_path: Path,
     assert result.exit_code == 2, result.output
     assert "driver refused the url" in result.stderr and "charset" in result.stderr
     assert "s3cr3t-pw" not in result.output and "bug" not in result.stderr
+
+
+def test_a_plan_path_that_is_not_a_regular_file_is_refused_without_reading_it(sqlite_db: TestDB, cli: CliRunner,
+                                                                                tmp_path: Path) -> None:
+    """`fillgate apply /dev/zero` read its endless "first line" until memory ran out (and the
+    dashboard's /plan?path=/dev/zero did the same in a server thread); a FIFO blocked forever."""
+    import os
+
+    cfg = ready(sqlite_db, cli)
+    before = people(sqlite_db)
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo), str(tmp_path)):
+        result = run_cli(cli, cfg, "apply", path)
+        assert result.exit_code == 2, result.output
+        assert "is not a regular file" in result.stderr
+    huge = tmp_path / "huge.plan"
+    from fillgate import plan as plan_module
+
+    huge.write_text("x" * 100)
+    original = plan_module.MAX_HEADER
+    plan_module.MAX_HEADER = 50
+    try:
+        result = run_cli(cli, cfg, "apply", str(huge))
+    finally:
+        plan_module.MAX_HEADER = original
+    assert result.exit_code == 2 and "longer than any plan header" in result.stderr
+    assert_nothing_written(sqlite_db, before)

@@ -600,19 +600,25 @@ def test_no_query_makes_a_page_fail(sqlite_world: dict[str, Any], tmp_path: Path
     typed = st.one_of(st.text(max_size=40), st.integers().map(str), st.sampled_from(
         ["", "0", "-1", "1e3", "9" * 30, "[1]", "[", "[[]]", '["a", 1]', "people", "email", "apply", "change"]))
     pages = {"/t/staging/runs": ("page", "kind", "status", "job"), "/t/staging/history": ("table", "key", "column"),
-             plan_url: ("page", "kind", "column", "key")}
+             plan_url: ("page", "kind", "column", "key"), "/plan": ("path", "page", "kind", "key")}
 
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(url=st.sampled_from(sorted(pages)), values=st.lists(typed, min_size=4, max_size=4))
     @example(url="/t/staging/runs", values=["9" * 30, "", "", ""])  # past the database's integers
     @example(url=plan_url, values=["9" * 30, "", "", ""])
     @example(url="/t/staging/history", values=["\x00", "1", "\x00", ""])
+    @example(url="/plan", values=["a\x00b", "", "", ""])  # was a server error (ValueError: embedded null byte)
+    @example(url="/plan", values=["/dev/zero", "", "", ""])  # was read without end in a server thread
     def check(url: str, values: list[str]) -> None:
         params = {name: value for name, value in zip(pages[url], values, strict=False) if value}
         if url.endswith("/history"):
             params.setdefault("table", "people")
         page = client.get(url, params=params)
-        assert page.status_code in (200, 400), (url, params, page.text)
+        if url == "/plan" and params.get("path"):  # a file that is not there, or not a plan: refused (409)
+            board.plans.wait()
+            page = client.get(url, params=params)
+            assert page.status_code in (400, 409), (url, params, page.text)
+        assert page.status_code in (200, 400) or url == "/plan", (url, params, page.text)
         assert "Traceback" not in page.text
 
     check()

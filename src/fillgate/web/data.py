@@ -339,6 +339,8 @@ class Dashboard:
     def plan_file(self, path: str) -> PlanStatus:
         if not path.strip():
             raise WebError("give the path of a plan file (made by fillgate plan -o FILE).")
+        if "\x00" in path:
+            raise WebError("a file path cannot hold a NUL character; give the path of a plan file.")
         return self.plans.status(Path(path).expanduser())
 
     def plan_page(self, status: PlanStatus, page: int, kind: str | None, column: str | None,

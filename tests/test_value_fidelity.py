@@ -929,3 +929,28 @@ def test_apply_of_an_int_sqlite_cannot_bind_is_a_row_error(sqlite_db: TestDB) ->
     ((change, exc),) = outcome.errors
     assert change.key == (1,) and isinstance(exc, OverflowError)
     assert sqlite_db.rows("SELECT id, n FROM t ORDER BY id") == [(1, 0), (2, 5)]
+
+
+def test_mariadb_json_and_column_checks_are_checked_at_plan_time(db: TestDB, tmp_path: Path) -> None:
+    """MariaDB's JSON is LONGTEXT with CHECK (json_valid(col)); the plan's probe table lacked the
+    check, so 'not json' was planned, failed at apply ("CONSTRAINT `t.doc` failed": applied 0,
+    errors 1) and every re-plan proposed it again. Column-level checks now go into the probe."""
+    if db.backend != "mysql":
+        pytest.skip("MariaDB's column-level CHECK constraints")
+    db.execute("CREATE TABLE t (id INTEGER NOT NULL PRIMARY KEY, doc JSON NULL, n INTEGER NULL CHECK (n >= 0))")
+    db.execute("INSERT INTO t (id) VALUES (1), (2), (3), (4)")
+    proposed = {1: {"doc": '{"a": 1}', "n": 5}, 2: {"doc": "not json", "n": 1}, 3: {"doc": "[]", "n": -1},
+                4: {"doc": "null", "n": 0}}
+    job = _job("t", {"doc": Overwrite(), "n": Overwrite()}, lambda row, ctx: proposed[row["id"]])
+    conn = _connect(db)
+    planned = make_plan(conn, job, out=tmp_path / "t.plan")
+    assert planned.counts["errors"] == 2 and planned.counts["writes"] == 4, planned.counts
+    errors = {k: m for k, _, _, m in _errors(db, planned.run.run_id)}
+    assert len(errors) == 2, errors
+    messages = " | ".join(errors.values())
+    assert "cannot hold 'not json'" in messages and "cannot hold -1" in messages
+    applied = apply_plan(conn, tmp_path / "t.plan", Limits())
+    assert applied.counts["errors"] == 0 and applied.counts["applied"] == 4, applied.counts
+    assert db.rows("SELECT id, doc, n FROM t ORDER BY id") == [(1, '{"a": 1}', 5), (2, None, None), (3, None, None),
+                                                               (4, "null", 0)]
+    assert make_plan(conn, job).counts["writes"] == 0

@@ -369,3 +369,19 @@ def test_demo_never_overwrites_a_config_of_yours(tmp_path: Path, cli: CliRunner,
         assert command[-2:] == ["--config", str(tmp_path / "demo.fillgate.toml")]
         ran = run_cli(cli, None, *command[1:])
         assert ran.exit_code == 0, (command, ran.output)
+
+
+def test_a_sample_table_says_how_many_it_leaves_out(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
+    """The plan showed the first 5 row errors (or preserved fields, disagreements, unexpected
+    lookup indexes) under a title that read as the whole list; it now says "first 5 of N"."""
+    db = sqlite_db
+    db.create_people(12)
+    db.execute("UPDATE people SET name = 'boom' WHERE id <= 7")
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    planned = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail")
+    assert "row errors (nothing written for these rows): first 5 of 7" in planned.stdout, planned.stdout
+    db.execute("UPDATE people SET name = 'Fine' WHERE id <= 3")
+    few = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail")
+    assert "row errors (nothing written for these rows)\n" in few.stdout
+    assert "row errors (nothing written for these rows):" not in few.stdout

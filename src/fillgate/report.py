@@ -197,6 +197,11 @@ def apply_hint(result: PlanResult, confirm: str | None = None) -> str:
     return f"Apply it with: {command}" + (f" --confirm {confirm}" if confirm else "")
 
 
+def _sample_title(title: str, shown: Sequence[Any], count: int) -> str:
+    """A sample table's title, saying how many there are when it shows fewer (never a silent cut)."""
+    return title if len(shown) >= count else f"{title}: first {len(shown)} of {count}"
+
+
 def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step: bool = True,
                confirm: str | None = None) -> None:
     h = result.header
@@ -216,19 +221,25 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step
                  ("key", ("row", "green")),
                  ((_key(i["key"]), ", ".join(f"{c}={format_value(v)}" for c, v in i["values"].items()))
                   for i in inserts))
-    _print_table(console, "disagreements (not written)", ("key", "column", "stored", "proposed"), (
-        (_key(i["key"]), i["column"], format_value(i["old"]), format_value(i["new"]))
-        for i in result.samples.get("disagreement", [])[:5]
+    shown = {kind: result.samples.get(kind, [])[:5]
+             for kind in ("disagreement", "preserved", "unexpected_index", "error")}
+    _print_table(console, _sample_title("disagreements (not written)", shown["disagreement"],
+                                        result.counts.get("disagreements", 0)),
+                 ("key", "column", "stored", "proposed"), (
+        (_key(i["key"]), i["column"], format_value(i["old"]), format_value(i["new"])) for i in shown["disagreement"]
     ))
-    _print_table(console, "preserved by the guard", ("key", "column", "stored", Col("why", wrap=True)), (
-        (_key(i["key"]), i["column"], format_value(i["old"]), str(i.get("reason", "")))
-        for i in result.samples.get("preserved", [])[:5]
+    _print_table(console, _sample_title("preserved by the guard", shown["preserved"],
+                                        result.counts.get("preserved", 0)),
+                 ("key", "column", "stored", Col("why", wrap=True)), (
+        (_key(i["key"]), i["column"], format_value(i["old"]), str(i.get("reason", ""))) for i in shown["preserved"]
     ))
-    _print_table(console, "unexpected lookup index (never written)", ("key", Col("what", wrap=True)),
-                 ((_key(i["key"]), i["message"]) for i in result.samples.get("unexpected_index", [])[:5]))
-    _print_table(console, "row errors (nothing written for these rows)", ("key", "error", Col("message", wrap=True)), (
-        (_key(i["key"]), i["error_type"], mask_secrets(i["message"])) for i in result.samples.get("error", [])[:5]
-    ))
+    _print_table(console, _sample_title("unexpected lookup index (never written)", shown["unexpected_index"],
+                                        result.counts.get("unexpected_index", 0)),
+                 ("key", Col("what", wrap=True)), ((_key(i["key"]), i["message"]) for i in shown["unexpected_index"]))
+    _print_table(console, _sample_title("row errors (nothing written for these rows)", shown["error"],
+                                        result.counts.get("errors", 0)),
+                 ("key", "error", Col("message", wrap=True)),
+                 ((_key(i["key"]), i["error_type"], mask_secrets(i["message"])) for i in shown["error"]))
     if result.path:
         _line(console, f"Plan saved to [bold]{escape(str(result.path))}[/]")
         if next_step:
@@ -263,10 +274,12 @@ def print_apply(console: Console, result: ApplyResult) -> None:
         f"applied {c['applied']}, conflicts {c['conflicts']}, errors {c['errors']} "
         f"({run.checkpoint}/{run.total} changes processed)"
     )
-    _print_table(console, "conflicts (changed since the plan; left alone)", ("key", "column", "expected", "found"), (
+    conflicts = result.conflicts[:10]
+    _print_table(console, _sample_title("conflicts (changed since the plan; left alone)", conflicts,
+                                        len(result.conflicts)), ("key", "column", "expected", "found"), (
         (_key(i["key"]), i["column"], format_value(i["expected"]),
          format_value(i["found"]) if i["row_exists"] else "(row deleted)")
-        for i in result.conflicts[:10]
+        for i in conflicts
     ))
     if result.stopped == RunStatus.PAUSED:
         _line(console, f"Paused between batches. Continue with: fillgate resume {run.run_id}")
@@ -294,8 +307,10 @@ def print_preview(console: Console, preview: RevertPreview) -> None:
         f"{preview.revertible} of {preview.total} fields would be restored, "
         f"{preview.conflicts} changed since and would be left alone."
     )
-    _print_table(console, "would restore", ("key", "column", "now", "restored to"), (
-        (_key(i["key"]), i["column"], format_value(i["old"]), format_value(i["new"])) for i in preview.samples[:10]
+    samples = preview.samples[:10]
+    _print_table(console, _sample_title("would restore", samples, preview.revertible),
+                 ("key", "column", "now", "restored to"), (
+        (_key(i["key"]), i["column"], format_value(i["old"]), format_value(i["new"])) for i in samples
     ))
 
 

@@ -15,7 +15,9 @@ MASK = "***"
 
 # scheme://user:PASSWORD@host: the password runs to the last "@" before the query string, so
 # a password with a raw "@", ":" or "/" in it is masked whole (at worst, with the host).
-_USERINFO = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s'\"]*:)[^\s'\"]*?@(?=[^@\s'\"?#]*(?:[?#\s'\"]|$))")
+# A password may hold spaces and quotes too (a URL that does not parse is shown as written), so
+# it runs to the first "@" on the line that is followed by a host.
+_USERINFO = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s'\"]*:)[^\r\n]*?@(?=[^@\s'\"?#]+(?:[?#\s'\"]|$))")
 # password=..., pass=..., pwd=..., sslpassword=... in a query string or a key=value DSN
 _PARAM = re.compile(
     r"(?i)((?:^|(?<=[?&;\s,(]))(?:ssl)?(?:password|passwd|pass|pwd)\s*=\s*)"

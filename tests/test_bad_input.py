@@ -411,3 +411,72 @@ def test_a_plan_path_that_is_not_a_regular_file_is_refused_without_reading_it(sq
         plan_module.MAX_HEADER = original
     assert result.exit_code == 2 and "longer than any plan header" in result.stderr
     assert_nothing_written(sqlite_db, before)
+
+
+MISSHAPEN_JOBS = '''
+import sys
+
+from fillgate import Job, Overwrite
+
+
+class Base(Job):
+    table = "people"
+    key = ("id",)
+    columns = {"email": Overwrite()}
+    source = "SELECT id, name, email FROM people"
+
+    def compute(self, row, ctx):
+        return {"email": "x@example.com"}
+
+
+class KeyInt(Base):
+    key = 5
+
+
+class SourceInt(Base):
+    source = 42
+
+
+class TableList(Base):
+    table = ["people"]
+
+
+class BadSql(Base):
+    source = "SELEC id FROM people"
+
+
+class Exits(Base):
+    def compute(self, row, ctx):
+        sys.exit(3)
+'''
+
+
+@pytest.mark.parametrize("job, exit_code, message", [
+    ("KeyInt", 2, "key must be a column name or a tuple of column names, not 5"),  # was: unexpected TypeError, exit 1
+    ("SourceInt", 2, "source must be a SQL SELECT (a non-empty string), not 42"),  # was: unexpected AttributeError
+    ("TableList", 2, "has table = ['people'], not a table name"),  # was: "has no table"
+    ("BadSql", 2, "the job's source cannot be run (nothing was recorded)"),  # was: exit 1, "the database answered"
+    ("Exits", 1, "job code raised SystemExit(3)"),  # was: exit 3 (a guard's code), and not a word
+])
+def test_a_misshapen_job_is_one_clear_error(db: TestDB, cli: CliRunner, job: str, exit_code: int,
+                                            message: str) -> None:
+    cfg = ready(db, cli)
+    before = people(db)
+    jobs = db.tmp_path / "misshapen_jobs.py"
+    jobs.write_text(MISSHAPEN_JOBS)
+    result = run_cli(cli, cfg, "plan", f"{jobs}:{job}")
+    assert result.exit_code == exit_code, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    plans = db.rows("SELECT status FROM fillgate_runs WHERE kind = 'plan'")
+    assert plans == ([("failed",)] if job == "Exits" else [])  # a job that ran is recorded as failed
+    assert_nothing_written(db, before)
+
+
+def test_sys_exit_while_a_job_module_is_imported_is_a_load_error(sqlite_db: TestDB, cli: CliRunner) -> None:
+    """`sys.exit(4)` at import made fillgate exit 4 (verify's "tampered" code) without a word."""
+    cfg = ready(sqlite_db, cli)
+    jobs = sqlite_db.tmp_path / "exits_at_import.py"
+    jobs.write_text("import sys\nsys.exit(4)\n")
+    result = run_cli(cli, cfg, "plan", f"{jobs}:Anything")
+    assert result.exit_code == 2, result.output
+    assert "importing" in result.stderr and "SystemExit: 4" in result.stderr

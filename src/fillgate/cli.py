@@ -212,6 +212,11 @@ def _errors(as_json: bool = False) -> Iterator[None]:
         _fail(EXIT_ROW_PROBLEMS, type(exc).__name__,
               f"unexpected {type(exc).__name__}: {exc}. This is a bug in the job's code or in fillgate; "
               "FILLGATE_DEBUG=1 shows where it was raised.", as_json)
+    except (SystemExit, GeneratorExit) as exc:  # job code called sys.exit(): not fillgate's exit code
+        _fail(EXIT_ROW_PROBLEMS, type(exc).__name__,
+              f"job code raised {type(exc).__name__}({exc}) (sys.exit() or a generator's close) while fillgate "
+              "ran it; fillgate stopped, a run it had started is recorded as failed. Job code must raise an "
+              "exception, never exit.", as_json)
 
 
 def _fail(exit_code: int, kind: str, message: str, as_json: bool) -> None:

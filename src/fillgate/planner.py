@@ -14,8 +14,10 @@ from typing import Any, NoReturn
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from fillgate.backends import ColumnType, Unstorable, ValueChecker, backend_for, same_value
+from fillgate.backends.base import database_reason
 from fillgate.context import RunContext, activate
 from fillgate.counts import ANOMALY_OF_LINE, PLAN_COUNTS
 from fillgate.errors import ColumnTypeError, FillgateError, Interrupted, JobError
@@ -44,8 +46,11 @@ _DECISION_COUNT = {
 }
 
 
+TRACEBACK_FRAMES = 40  # the innermost frames a row error keeps (a RecursionError has a thousand)
+
+
 def format_traceback(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-TRACEBACK_FRAMES))[-8000:]
 
 
 @dataclass
@@ -507,8 +512,14 @@ def _check_source_selects_key(conn: Connected, job_cls: type[Job], params: Mappi
     wanted = set(probe._bindparams)  # the names the source binds
     if not wanted <= set(params):
         return  # keyset_pages names the unbound parameters
-    with conn.engine.connect() as reader:
-        selected = set(reader.execute(probe, {k: params[k] for k in wanted}).keys())
+    try:
+        with conn.engine.connect() as reader:
+            selected = set(reader.execute(probe, {k: params[k] for k in wanted}).keys())
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise
+        raise JobError(f"the job's source cannot be run (nothing was recorded): the database answered: "
+                       f"{database_reason(exc)}. Fix the job's source SELECT.") from None
     absent = [k for k in job_cls.paging_key() if k not in selected]
     if absent:
         raise JobError(

@@ -76,3 +76,45 @@ def test_a_password_in_a_job_error_is_never_kept(db: TestDB, cli: CliRunner, tmp
     assert SECRET not in kept  # ... without the password
     for output in outputs:
         assert SECRET not in output
+
+
+PARAM_JOB = f'''
+from fillgate import Job, Overwrite
+
+
+class WithService(Job):
+    table = "people"
+    key = ("id",)
+    columns = {{"email": Overwrite()}}
+    source = "SELECT id, name, email FROM people"
+    params = {{"service_url": str}}
+
+    def compute(self, row, ctx):
+        assert "{SECRET}" in self.args["service_url"]  # the job gets the value as given
+        return {{"email": row["name"].lower() + "@example.com"}}
+'''
+
+
+def test_a_password_in_a_job_parameter_is_never_kept(db: TestDB, cli: CliRunner, tmp_path: Path) -> None:
+    """`--param service_url=https://svc:PASSWORD@lookup/x` was kept in the plan header, the run's
+    arguments in the ledger, `show` (text and JSON) and the dashboard's run page."""
+    db.create_people(6)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    (tmp_path / "params_job.py").write_text(PARAM_JOB)
+    param = f"service_url=https://svc:{SECRET}@lookup.internal/x?password={SECRET}"
+    outputs = []
+    for args in (("plan", "params_job.py:WithService", "-p", param, "-o", "p.plan", "--events", "ev.jsonl"),
+                 ("run", "params_job.py:WithService", "-p", param, "--max-changes", "6", "--json")):
+        result = run_cli(cli, cfg, *args)
+        assert result.exit_code == 0, result.output
+        outputs.append(result.stdout + result.stderr)
+    plan_id = json.loads(Path("p.plan").read_text().splitlines()[0])["plan_id"]
+    for args in (("show", plan_id), ("show", plan_id, "--json"), ("runs", "--json")):
+        outputs.append(run_cli(cli, cfg, *args).stdout)
+    kept = _everything(db, tmp_path)
+    assert "https://svc:***@lookup.internal/x?password=***" in kept
+    assert SECRET not in kept
+    for output in outputs:
+        assert SECRET not in output
+    assert db.scalar("SELECT count(*) FROM people WHERE email LIKE '%@example.com'") == 6

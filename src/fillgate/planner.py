@@ -30,6 +30,7 @@ from fillgate.lookup import Lookup
 from fillgate.monitor import Monitor
 from fillgate.plan import LINE_KINDS, PlanHeader, PlanWriter
 from fillgate.policy import Decision, Failed
+from fillgate.redact import mask_params
 from fillgate.runs import RunKind, RunStatus
 from fillgate.sql import estimate_rows, existing_rows, keyset_pages, verify_table_and_key
 from fillgate.stamp import Connected
@@ -355,8 +356,8 @@ def make_plan(
         run_id=new_run_id(), kind=RunKind.PLAN, job=job_cls.job_name(), table_name=job_cls.table,
         target=conn.target.name, environment=conn.target.environment, operator=operator_name(),
         status=RunStatus.RUNNING, parent_run_id=pipeline_run_id, started_at=utcnow(),
-        args={"params": job.args, "key": list(job_cls.key_columns()), "columns": sorted(job_cls.policies()),
-              "out": str(out) if out else None},
+        args={"params": mask_params(job.args), "key": list(job_cls.key_columns()),
+              "columns": sorted(job_cls.policies()), "out": str(out) if out else None},
     ))
     planning = _Planning(conn, run, job, types, limits or Limits(), monitor or Monitor(), pipeline_run_id)
     return planning.plan(out)
@@ -459,7 +460,7 @@ class _Planning:
             health_checks=len(job_cls.health_checks), table=job_cls.table, key=list(job_cls.key_columns()),
             columns={c: p.describe() for c, p in self.planner.policies.items()}, target=conn.target.name,
             environment=conn.target.environment, database_id=conn.database_id, dialect=conn.engine.dialect.name,
-            created_at=utcnow().isoformat() + "Z", operator=run.operator, params=self.job.args,
+            created_at=utcnow().isoformat() + "Z", operator=run.operator, params=mask_params(self.job.args),
             counts=self.planner.counts,
         )
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy.engine import URL
 
@@ -52,3 +54,10 @@ def redact_url(url: URL | str, *, hide_path: bool = False) -> str:
             port = ""
         return f"{parts.scheme}://{parts.hostname or ''}{port}/…"
     return mask_secrets(text)
+
+
+def mask_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Job parameters as fillgate records them (plan header, the run's arguments): every text
+    value through :func:`mask_secrets` (a ``--param url=postgresql://app:pw@db/x`` is kept as
+    ``postgresql://app:***@db/x``). The job itself gets the values as given."""
+    return {name: mask_secrets(value) if isinstance(value, str) else value for name, value in params.items()}

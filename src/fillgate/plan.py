@@ -324,7 +324,7 @@ class _LineCheck:
                 self._bad(number, f"it inserts column(s) {extra!r} the plan's job does not declare")
         elif kind in ("change", "disagreement", "preserved"):
             column = record.get("column")
-            if column not in self.columns:
+            if not isinstance(column, str) or column not in self.columns:
                 self._bad(number, f"it names column {column!r}, which the plan's job does not declare "
                                   f"({', '.join(sorted(self.columns))})")
             if kind == "change" and ("old" not in record or "new" not in record):

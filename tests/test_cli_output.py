@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from fillgate import ApplyResult, PlanResult, report
 from fillgate.ledger import Run
+from fillgate.ledger.integrity import Finding, RunCheck, VerifyReport
 from fillgate.pipeline_run import PipelineResult, StageResult
 from fillgate.plan import PlanHeader
 from fillgate.revert import RevertPreview
@@ -151,13 +152,21 @@ OUTPUTS: dict[str, tuple[Callable[[Console], None], list[str]]] = {
         [OTHER_RUN, RUN_ID, str(BIG), "enrich-a-very-long-stage-name", f"fillgate show {OTHER_RUN}"]),
     "init": (lambda c: report.print_init(c, InitResult("staging", "staging", "d", True, True, "live", RUN_ID)),
              [RUN_ID]),
+    # verify printed its own rich tables: at 40 columns kind and status were cut ("k…", "sta…") and the
+    # rows column was dropped
+    "verify": (lambda c: report.print_verify(c, VerifyReport("staging", [
+        RunCheck(RUN_ID, "revert", "succeeded", "people", rows=BIG),
+        RunCheck(OTHER_RUN, "apply", "succeeded", "people", state="tampered", rows=BIG - 1,
+                 findings=[Finding("missing", f"1 row missing: key {LONG}", 17, 5),
+                           Finding("altered", "row 19 altered", 19, 7)]),
+    ])), [RUN_ID, OTHER_RUN, "revert", "succeeded", str(BIG), str(BIG - 1), LONG, "altered"]),
 }
 
 
-@pytest.mark.parametrize("width", [80, 200])
+@pytest.mark.parametrize("width", [40, 80, 200])
 @pytest.mark.parametrize("name", sorted(OUTPUTS))
 def test_nothing_is_cut(name: str, width: int) -> None:
-    """At 80 and 200 columns, on a console that is not a terminal (a pipe): every id, count
+    """At 40, 80 and 200 columns, on a console that is not a terminal (a pipe): every id, count
     and value is whole on one line, and nothing is cut with an ellipsis."""
     render, expected = OUTPUTS[name]
     console = Console(file=io.StringIO(), width=width, force_terminal=False, highlight=False)

@@ -105,8 +105,11 @@ def _line(console: Console, text: str | Text) -> None:
     console.print(text, soft_wrap=True)
 
 
+Cell = str | Text  # a cell's text (a Text keeps its styles: a verdict in red)
+
+
 def _print_table(
-    console: Console, title: str, columns: Sequence[str | tuple[str, str] | Col], rows: Iterable[Sequence[str]]
+    console: Console, title: str, columns: Sequence[str | tuple[str, str] | Col], rows: Iterable[Sequence[Cell]]
 ) -> None:
     """A titled table; nothing at all when there are no rows. When the table does not fit the
     console's width with every id, count and value whole, one block per row instead
@@ -115,7 +118,7 @@ def _print_table(
     if not rows:
         return
     cols = [c if isinstance(c, Col) else Col(c) if isinstance(c, str) else Col(*c) for c in columns]
-    natural = [max([_cell_width(c.name), *(_cell_width(r[i]) for r in rows)]) for i, c in enumerate(cols)]
+    natural = [max([_cell_width(c.name), *(_cell_width(_plain(r[i])) for r in rows)]) for i, c in enumerate(cols)]
     needed = sum(min(w, WRAP_MIN) if c.wrap else w for c, w in zip(cols, natural, strict=True))
     _line(console, Text(title, style="table.title"))
     if needed + 3 * len(cols) + 1 <= console.width:
@@ -124,13 +127,17 @@ def _print_table(
             t.add_column(c.name, style=c.style, no_wrap=not c.wrap, overflow="fold",
                          justify=c.justify)  # type: ignore[arg-type]
         for row in rows:
-            t.add_row(*(Text(cell) for cell in row))
+            t.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in row))
         console.print(t)
         return
     _print_records(console, [c.name for c in cols], rows, [c.style for c in cols])
 
 
-def _print_records(console: Console, labels: Sequence[str], rows: Sequence[Sequence[str]],
+def _plain(cell: Cell) -> str:
+    return cell.plain if isinstance(cell, Text) else cell
+
+
+def _print_records(console: Console, labels: Sequence[str], rows: Sequence[Sequence[Cell]],
                    styles: Sequence[str | None] | None = None, numbered: bool = True) -> None:
     """The vertical layout: one block per row, one ``label  value`` line per non-empty field."""
     pad = max(cell_len(label) for label in labels) + 2
@@ -138,10 +145,13 @@ def _print_records(console: Console, labels: Sequence[str], rows: Sequence[Seque
         if numbered:
             _line(console, Text(f"── {number} of {len(rows)} ──", style="dim"))
         for i, (label, value) in enumerate(zip(labels, row, strict=True)):
-            if value == "":
+            if _plain(value) == "":
                 continue
             line = Text(label.ljust(pad), style="bold")
-            line.append(value.replace("\n", "\n" + " " * pad), style=(styles[i] if styles else None) or "")
+            if isinstance(value, Text):
+                line.append_text(value)
+            else:
+                line.append(value.replace("\n", "\n" + " " * pad), style=(styles[i] if styles else None) or "")
             _line(console, line)
 
 
@@ -550,28 +560,18 @@ def print_verify(console: Console, result: VerifyReport) -> None:
     if not result.runs and not result.findings:
         console.print(f"Target '{escape(result.target)}' has no apply or revert runs: no audit rows to verify.")
         return
-    if result.runs:
-        t = Table(title=f"audit log of target {escape(result.target)}", title_justify="left")
-        t.add_column("run", no_wrap=True, min_width=26)
-        t.add_column("kind", no_wrap=True)
-        t.add_column("status", no_wrap=True)
-        t.add_column("rows", justify="right")
-        t.add_column("result", overflow="fold")
-        for check in result.runs:
-            t.add_row(check.run_id, check.kind, check.status, str(check.rows), _verdict(check))
-        console.print(t)
+    _print_table(console, f"audit log of target {result.target}",
+                 ("run", "kind", "status", Col("rows", justify="right"), Col("result", wrap=True)),
+                 ((check.run_id, check.kind, check.status, str(check.rows), Text.from_markup(_verdict(check)))
+                  for check in result.runs))
     for check in result.tampered:
         console.print(f"[bold red]run {check.run_id}[/] ({check.kind} on {escape(check.table or '')}): "
                       f"first difference: {escape(check.first.message if check.first else '')}", soft_wrap=True)
-        if len(check.findings) > 1:
-            found = Table(title=f"differences in run {check.run_id}", title_justify="left")
-            for name in ("kind", "position", "row id"):
-                found.add_column(name, no_wrap=True)
-            found.add_column("what", overflow="fold")  # a long key is folded, never cut
-            for f in check.findings:
-                found.add_row(f.kind, "" if f.seq is None else str(f.seq), "" if f.row_id is None else str(f.row_id),
-                              escape(f.message))
-            console.print(found)
+        if len(check.findings) > 1:  # a long key is wrapped, never cut
+            _print_table(console, f"differences in run {check.run_id}",
+                         ("kind", "position", "row id", Col("what", wrap=True)),
+                         ((f.kind, "" if f.seq is None else str(f.seq), "" if f.row_id is None else str(f.row_id),
+                           f.message) for f in check.findings))
         if check.more_findings:
             console.print(f"… and {check.more_findings} more differences (counted above).")
         if check.recorded_sha256 is not None:

@@ -20,7 +20,7 @@ from fillgate.backends import ColumnType, Unstorable, ValueChecker, backend_for,
 from fillgate.backends.base import database_reason
 from fillgate.context import RunContext, activate
 from fillgate.counts import ANOMALY_OF_LINE, PLAN_COUNTS
-from fillgate.errors import ColumnTypeError, FillgateError, Interrupted, JobError
+from fillgate.errors import ColumnTypeError, FillgateError, GuardRefused, Interrupted, JobError
 from fillgate.fingerprints import anomaly_fingerprint, error_fingerprint
 from fillgate.interrupts import interruptible, stop_requested
 from fillgate.job import Job
@@ -471,6 +471,9 @@ class _Planning:
         if isinstance(exc, KeyboardInterrupt):
             exc = Interrupted(f"plan {self.run.run_id} of {self.name} stopped: interrupted by Ctrl-C after "
                               f"{counts['rows']} rows; nothing was saved. Plan again.", self.run.run_id)
+        if isinstance(exc, GuardRefused):  # a refusal says what it recorded
+            exc = type(exc)(f"{exc} Recorded as failed plan run {self.run.run_id} (fillgate show "
+                            f"{self.run.run_id}); no plan file was saved and nothing was written to your tables.")
         message = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"
         self.conn.ledger.fail_run(self.run.run_id, message, counts=counts, details=self.monitor.details())
         self.monitor.run_finished(RunStatus.FAILED, counts, message)

@@ -954,3 +954,24 @@ def test_mariadb_json_and_column_checks_are_checked_at_plan_time(db: TestDB, tmp
     assert db.rows("SELECT id, doc, n FROM t ORDER BY id") == [(1, '{"a": 1}', 5), (2, None, None), (3, None, None),
                                                                (4, "null", 0)]
     assert make_plan(conn, job).counts["writes"] == 0
+
+
+def test_sqlite_json_column_takes_json_text_and_settles(sqlite_db: TestDB, tmp_path: Path) -> None:
+    """A column declared JSON on SQLite (SQLAlchemy's JSON type) has NUMERIC affinity: fillgate took
+    it for a number column and refused every text ("takes an int or a decimal.Decimal"), so a JSON
+    column could not be filled at all. It takes JSON text now; a text SQLite would turn into a
+    number ('42') is a row error."""
+    db = sqlite_db
+    db.execute("CREATE TABLE docs (id INTEGER NOT NULL PRIMARY KEY, doc JSON)")
+    db.execute("INSERT INTO docs (id) VALUES (1), (2), (3), (4)")
+    proposed = {1: '{"a": [1, 2]}', 2: "[1, 2]", 3: "42", 4: "null"}
+    job = _job("docs", {"doc": Overwrite()}, lambda row, ctx: {"doc": proposed[row["id"]]})
+    conn = _connect(db)
+    planned = make_plan(conn, job, out=tmp_path / "docs.plan")
+    assert (planned.counts["writes"], planned.counts["errors"]) == (3, 1), planned.counts
+    assert "would store 42 for '42'" in _errors(db, planned.run.run_id)[0][3]
+    applied = apply_plan(conn, tmp_path / "docs.plan", Limits())
+    assert applied.counts["applied"] == 3 and applied.counts["errors"] == 0
+    assert db.rows("SELECT id, doc, typeof(doc) FROM docs ORDER BY id") == [
+        (1, '{"a": [1, 2]}', "text"), (2, "[1, 2]", "text"), (3, None, "null"), (4, "null", "text")]
+    assert make_plan(conn, job).counts["writes"] == 0

@@ -53,6 +53,8 @@ def family_of(declared: str, strict: bool) -> tuple[str, str]:
     aff = affinity(declared)
     upper = declared.upper()
     if aff == "NUMERIC":
+        if "JSON" in upper:  # SQLAlchemy's JSON on SQLite: JSON text (a numeric-looking text is probed)
+            return "text", aff
         if "BOOL" in upper:
             return "bool", aff
         if "DATETIME" in upper or "TIMESTAMP" in upper:
@@ -188,7 +190,7 @@ class SQLiteBackend(Backend):
     def fast_path(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
         aff, family = ctype.details["affinity"], ctype.family
         low, high = INT64
-        if family == "text" or (family == "any" and aff in ("BLOB", "ANY")):
+        if (family == "text" and aff != "NUMERIC") or (family == "any" and aff in ("BLOB", "ANY")):
             return lambda v: v if type(v) is str and v.isascii() else PROBE
         if family == "integer" and aff == "INTEGER":
             return lambda v: v if type(v) is int and low <= v <= high else PROBE

@@ -43,7 +43,7 @@ from fillgate.revert import RevertPreview, preview_revert
 from fillgate.runs import RunKind, RunStatus, interrupted
 from fillgate.stamp import Connected, connect
 from fillgate.throttle import Throttle
-from fillgate.values import format_key, format_value, key_candidates, loads
+from fillgate.values import format_key, format_value, key_candidates, loads, split_key
 from fillgate.web.planindex import KINDS, PAGE, PlanStatus, PlanStore
 
 log = logging.getLogger("fillgate.web")
@@ -410,8 +410,8 @@ def _quote(text: str) -> str:
 def _plan_key_candidates(key: str) -> list[str]:
     """The encodings a key typed on the plan page may have (each numeric part doubles them,
     so a long key must come as a JSON list, as for ``fillgate history``)."""
-    if not key.strip().startswith("[") and len(key.split(",")) > MAX_TEXT_KEY_PARTS:
-        raise UsageError(f"key {key!r} has {len(key.split(','))} parts; give a key of more than "
+    if not key.strip().startswith("[") and len(split_key(key)) > MAX_TEXT_KEY_PARTS:
+        raise UsageError(f"key {key!r} has {len(split_key(key))} parts; give a key of more than "
                          f"{MAX_TEXT_KEY_PARTS} parts as a JSON list.")
     return key_candidates(key)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from conftest import TestDB, run_cli
@@ -118,3 +119,32 @@ def test_a_password_in_a_job_parameter_is_never_kept(db: TestDB, cli: CliRunner,
     for output in outputs:
         assert SECRET not in output
     assert db.scalar("SELECT count(*) FROM people WHERE email LIKE '%@example.com'") == 6
+
+
+def test_a_password_recorded_in_arguments_before_masking_is_not_shown(sqlite_db: TestDB, cli: CliRunner,
+                                                                       tmp_path: Path) -> None:
+    """Runs recorded before parameters were masked keep the password in the ledger: show, show
+    --json and the dashboard's run page mask it when they print the run's arguments."""
+    db = sqlite_db
+    db.create_people(4)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    (tmp_path / "params_job.py").write_text(PARAM_JOB)
+    result = run_cli(cli, cfg, "plan", "params_job.py:WithService", "-p", f"service_url=https://svc:{SECRET}@x/y")
+    assert result.exit_code == 0, result.output
+    run_id = db.scalar("SELECT run_id FROM fillgate_runs WHERE kind = 'plan'")
+    args = json.dumps({"params": {"service_url": f"https://svc:{SECRET}@x/y"}, "key": ["id"]})
+    db.execute("UPDATE fillgate_runs SET args = :a WHERE run_id = :r", {"a": args, "r": run_id})
+    for extra in ((), ("--json",)):
+        shown = run_cli(cli, cfg, "show", run_id, *extra)
+        assert shown.exit_code == 0 and "svc:***@x/y" in shown.stdout and SECRET not in shown.stdout
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from fillgate.web.app import Settings, create_app
+    from fillgate.web.data import Dashboard
+
+    board = Dashboard(cfg, None, tmp_path / "cache")
+    client = TestClient(create_app(Settings(cfg, None, tmp_path / "cache"), board), base_url="http://127.0.0.1")
+    page = client.get(f"/t/staging/runs/{run_id}")
+    assert page.status_code == 200 and SECRET not in page.text and "svc:***@x/y" in page.text

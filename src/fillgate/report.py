@@ -31,7 +31,7 @@ from fillgate.ledger import Run
 from fillgate.ledger.integrity import RunCheck, VerifyReport
 from fillgate.pipeline_run import PipelineResult
 from fillgate.planner import PlanResult
-from fillgate.redact import mask_secrets
+from fillgate.redact import mask_params, mask_secrets
 from fillgate.revert import RevertPreview
 from fillgate.runs import WRITING_KINDS, RunKind, RunStatus, interrupted, shown_status
 from fillgate.stamp import InitResult
@@ -336,6 +336,8 @@ def _run_json(run: Run) -> dict[str, Any]:
     data = run.to_json()
     if data.get("message"):
         data["message"] = mask_secrets(data["message"])
+    if isinstance(data.get("args"), dict) and isinstance(data["args"].get("params"), dict):  # a run recorded
+        data["args"] = {**data["args"], "params": mask_params(data["args"]["params"])}  # before params were masked
     gone = interrupted(run)
     if gone:  # recorded as running, but its process is gone
         data["interrupted"] = gone
@@ -411,7 +413,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]]) -
         ("progress", f"{run.checkpoint}/{run.total}" if run.kind != RunKind.PLAN and run.total is not None else None),
         ("created", _when(run.created_at)), ("finished", _when(run.finished_at)),
         ("duration", f"{duration:.2f}s" if duration is not None else None),
-        ("message", mask_secrets(run.message or "")), ("arguments", json.dumps(run.args, default=str)),
+        ("message", mask_secrets(run.message or "")), ("arguments", mask_secrets(json.dumps(run.args, default=str))),
     ) if value]
     _print_records(console, [label for label, _ in fields], [[value for _, value in fields]], numbered=False)
     _print_audit(console, run)

@@ -47,6 +47,7 @@ from starlette.types import ASGIApp
 from fillgate.counts import LABELS, PLAN_COUNTS
 from fillgate.errors import EXIT_REFUSED, FillgateError, RunNotFoundError
 from fillgate.ledger import Run
+from fillgate.redact import mask_secrets
 from fillgate.runs import WRITING_KINDS, RunKind, RunStatus, interrupted, shown_status
 from fillgate.values import format_policy
 from fillgate.web import data
@@ -128,7 +129,8 @@ def _fmt_seconds(value: float | None) -> str:
 def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
                       trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=_fmt_num, when=_fmt_when, seconds=_fmt_seconds, json_text=_json_text)
+    env.filters.update(num=_fmt_num, when=_fmt_when, seconds=_fmt_seconds, json_text=_json_text,
+                       mask=mask_secrets)
     env.globals.update(KINDS=KINDS, KIND_LABELS=data.KIND_LABELS, RUN_KINDS=data.RUN_KINDS,
                        RUN_STATUSES=data.RUN_STATUSES, Status=RunStatus, Kind=RunKind, WRITING=WRITING_KINDS,
                        key_text=data.key_text, key_query=data.key_query, display=data.display,

@@ -707,3 +707,23 @@ def test_plan_page_shows_values_policies_and_counts_as_the_cli_does(db: TestDB, 
     assert long_text in text  # whole
     assert "price: promote (unknown: 1.5, n/a)" in text and "at: overwrite" in text
     assert "<th>rows scanned</th>" in text and "<th>row errors</th>" in text and "unexpected_index</th>" not in text
+
+
+def test_a_refused_action_says_it_was_recorded_and_a_missing_run_gets_no_record(world: dict[str, Any],
+                                                                               tmp_path: Path) -> None:
+    """A refused pause, cancel, resume or revert is recorded among the run's actions (who asked for
+    what): the page now says so. A run that does not exist got an action row too (any id typed into
+    the address); now it gets a 404 and nothing is written."""
+    db = world["db"]
+    apply_id = world["apply"]["run_id"]
+    client, _ = _client(world["cfg"], tmp_path)
+    token = _csrf(client, f"/t/staging/runs/{apply_id}/revert")
+    before = db.scalar("SELECT count(*) FROM fillgate_actions")
+    paused = client.post(f"/t/staging/runs/{apply_id}/pause", data={"csrf": token})
+    assert paused.status_code == 400 and "only running or paused runs can be paused" in paused.text
+    assert "recorded among the run&#39;s actions" in paused.text
+    assert db.scalar("SELECT count(*) FROM fillgate_actions") == before + 1
+    for action in ("pause", "cancel", "resume", "revert"):
+        missing = client.post(f"/t/staging/runs/{'Z' * 300}/{action}", data={"csrf": token})
+        assert missing.status_code == 404, (action, missing.text)
+    assert db.scalar("SELECT count(*) FROM fillgate_actions") == before + 1

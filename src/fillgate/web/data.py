@@ -14,6 +14,7 @@ each action is recorded in the ledger with the operator who asked.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -29,7 +30,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from fillgate import commands
 from fillgate.config import Config, Target, load_config
 from fillgate.control import control_run, resume_run
-from fillgate.errors import ConfigError, FillgateError, NotInitializedError, StampMismatchError, UsageError
+from fillgate.errors import (
+    ConfigError,
+    FillgateError,
+    NotInitializedError,
+    RunNotFoundError,
+    StampMismatchError,
+    UsageError,
+)
 from fillgate.history import MAX_TEXT_KEY_PARTS, row_history
 from fillgate.interrupts import clear as clear_stop
 from fillgate.interrupts import request_stop
@@ -263,8 +271,7 @@ class Dashboard:
             with acting_as(operator):
                 run = control_run(conn, run_id, action)
         except FillgateError as exc:
-            conn.ledger.record_action(run_id, action, operator, f"refused: {exc}")
-            raise
+            raise _refused(conn, run_id, action, operator, exc) from None
         outcome = (f"asked the run to {action} after its current batch" if run.control
                    else f"run is now {run.status}")
         conn.ledger.record_action(run_id, action, operator, outcome)
@@ -316,8 +323,7 @@ class Dashboard:
             return self.runner.start(conn, work, operator, started,
                                      lambda exc: record(f"stopped: {describe_error(exc)}"))
         except FillgateError as exc:
-            conn.ledger.record_action(run_id, action, operator, f"refused: {exc}")
-            raise
+            raise _refused(conn, run_id, action, operator, exc) from None
 
     # --- plans ------------------------------------------------------------------------------
 
@@ -401,6 +407,18 @@ class Dashboard:
                 pass
             out.append(entry)
         return out
+
+
+def _refused(conn: Connected, run_id: str, action: str, operator: str, exc: FillgateError) -> FillgateError:
+    """A refused action, recorded among the run's actions (who asked for what): the message says
+    so. A run that does not exist gets no record (the ledger keeps actions of its runs only)."""
+    if isinstance(exc, RunNotFoundError):
+        return exc
+    conn.ledger.record_action(run_id, action, operator, f"refused: {exc}")
+    refused = copy.copy(exc)
+    refused.args = (f"{exc} (This refused request is recorded among the run's actions; nothing else was "
+                    "written.)",)
+    return refused
 
 
 def _quote(text: str) -> str:

@@ -394,3 +394,14 @@ def test_a_sample_table_says_how_many_it_leaves_out(sqlite_db: TestDB, cli: CliR
     few = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail")
     assert "row errors (nothing written for these rows)\n" in few.stdout
     assert "row errors (nothing written for these rows):" not in few.stdout
+
+
+def test_runs_with_a_filter_that_matches_nothing_does_not_say_there_are_none(sqlite_db: TestDB,
+                                                                              cli: CliRunner) -> None:
+    """`fillgate runs --job typo` answered "No runs yet." on a ledger full of runs."""
+    sqlite_db.create_people(3)
+    cfg = sqlite_db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    result = run_cli(cli, cfg, "runs", "--job", "jobs.py:Typo", "--kind", "apply")
+    assert result.exit_code == 0
+    assert "No runs match --kind apply, --job jobs.py:Typo" in result.stdout and "No runs yet" not in result.stdout

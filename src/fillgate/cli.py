@@ -447,7 +447,8 @@ def runs(
     """List recent runs, newest first."""
     with _errors(as_json):
         found = connect(_target(target)).ledger.list_runs(limit=limit, kind=kind, status=status, job=job)
-    _emit(as_json, lambda: report.runs_json(found), lambda: report.print_runs(out, found))
+    _emit(as_json, lambda: report.runs_json(found),
+          lambda: report.print_runs(out, found, {"kind": kind, "status": status, "job": job}))
 
 
 @app.command()

@@ -348,9 +348,14 @@ def runs_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return [_run_json(r) for r in runs]
 
 
-def print_runs(console: Console, runs: Sequence[Run]) -> None:
+def print_runs(console: Console, runs: Sequence[Run], filters: Mapping[str, str | None] | None = None) -> None:
     if not runs:
-        console.print("No runs yet.")
+        given = {name: value for name, value in (filters or {}).items() if value is not None}
+        if given:  # runs there may be, but none of these
+            shown = ", ".join(f"--{name} {quote(value)}" for name, value in given.items())
+            _line(console, escape(f"No runs match {shown} (fillgate runs lists them all)."))
+        else:
+            console.print("No runs yet.")
         return
     rows = []
     for r in runs:

@@ -975,3 +975,21 @@ def test_sqlite_json_column_takes_json_text_and_settles(sqlite_db: TestDB, tmp_p
     assert db.rows("SELECT id, doc, typeof(doc) FROM docs ORDER BY id") == [
         (1, '{"a": [1, 2]}', "text"), (2, "[1, 2]", "text"), (3, None, "null"), (4, "null", "text")]
     assert make_plan(conn, job).counts["writes"] == 0
+
+
+def test_postgresql_types_without_a_true_equality_are_refused_before_planning(db: TestDB) -> None:
+    """An xml column was planned, then every apply failed on it ("operator does not exist: xml =
+    unknown") and every re-plan proposed it again; a box's "=" compares areas, so a compare-and-set
+    could take another box of the same area for the planned one. Both are refused like json."""
+    if db.backend != "postgresql":
+        pytest.skip("PostgreSQL types")
+    from fillgate.errors import JobError
+
+    db.execute("CREATE TABLE shapes (id INTEGER NOT NULL PRIMARY KEY, x XML, b BOX, pts POINT[])")
+    db.execute("INSERT INTO shapes (id) VALUES (1)")
+    conn = _connect(db)
+    for column, value in (("x", "<a/>"), ("b", "(0,0),(1,1)"), ("pts", ["(1,2)"])):
+        job = _job("shapes", {column: Overwrite()}, lambda row, ctx, c=column, v=value: {c: v})
+        with pytest.raises(JobError, match="no equality operator"):
+            make_plan(conn, job)
+    assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'plan'") == 0

@@ -480,3 +480,34 @@ def test_sys_exit_while_a_job_module_is_imported_is_a_load_error(sqlite_db: Test
     result = run_cli(cli, cfg, "plan", f"{jobs}:Anything")
     assert result.exit_code == 2, result.output
     assert "importing" in result.stderr and "SystemExit: 4" in result.stderr
+
+
+def test_plan_output_that_is_not_a_file_or_folder_is_refused_before_recording(
+    sqlite_db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path,
+) -> None:
+    """`plan -o /dev/full` replaced the device node with the plan file (os.replace, as root); a
+    FIFO likewise. Now: exit 2, nothing recorded, the path untouched."""
+    import os
+    import stat
+
+    cfg = ready(sqlite_db, cli)
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    result = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", str(fifo))
+    assert result.exit_code == 2, result.output
+    assert "is not a regular file or a folder" in result.stderr and "Nothing was recorded" in result.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sqlite_db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'plan'") == 0
+
+
+def test_events_that_cannot_be_written_stop_the_run_with_a_clear_error(sqlite_db: TestDB, cli: CliRunner,
+                                                                       jobs_file: Path) -> None:
+    """`--events /dev/full` (a full disk) was "unexpected OSError ... a bug" (exit 1) and left the
+    plan run 'running'; now the error says what failed and the run is recorded as failed."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    cfg = ready(sqlite_db, cli)
+    result = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "--events", "/dev/full")
+    assert result.exit_code == 2, result.output
+    assert "cannot write events to /dev/full: No space left on device" in result.stderr
+    assert sqlite_db.rows("SELECT status FROM fillgate_runs WHERE kind = 'plan'") == [("failed",)]

@@ -116,10 +116,10 @@ class _Applying:
     def execute(self, changes: Iterable[Change]) -> ApplyResult:
         run, engine = self.run, self.conn.engine
         remaining = None if run.total is None else run.total - self.checkpoint
-        self.monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining,
-                                 throttle=self.limits.throttle(), heartbeat=self._heartbeat)
         status = RunStatus.SUCCEEDED
         try:
+            self.monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining,
+                                     throttle=self.limits.throttle(), heartbeat=self._heartbeat)
             for batch in _batches(changes, self.limits.batch_size):
                 with interruptible(), write_transaction(engine) as tx:
                     outcome, problems, control = self._write(tx, batch)

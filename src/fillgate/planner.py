@@ -20,7 +20,7 @@ from fillgate.backends import ColumnType, Unstorable, ValueChecker, backend_for,
 from fillgate.backends.base import database_reason
 from fillgate.context import RunContext, activate
 from fillgate.counts import ANOMALY_OF_LINE, PLAN_COUNTS
-from fillgate.errors import ColumnTypeError, FillgateError, GuardRefused, Interrupted, JobError
+from fillgate.errors import ColumnTypeError, FillgateError, GuardRefused, Interrupted, JobError, UsageError
 from fillgate.fingerprints import anomaly_fingerprint, error_fingerprint
 from fillgate.interrupts import interruptible, stop_requested
 from fillgate.job import Job
@@ -352,6 +352,7 @@ def make_plan(
     pipeline's run id as ``ctx.run_id``."""
     job = job_cls(params)
     types = _check_job(conn, job_cls, job.args)
+    _check_output(out)
     run = conn.ledger.create_run(Run(
         run_id=new_run_id(), kind=RunKind.PLAN, job=job_cls.job_name(), table_name=job_cls.table,
         target=conn.target.name, environment=conn.target.environment, operator=operator_name(),
@@ -392,12 +393,15 @@ class _Planning:
         plan_dir, plan_file = _plan_location(out)
         self.planner = planner = _Planner(run, job_cls, PlanWriter(plan_dir), self.monitor, self.checker)
         self.last_saved = dict(planner.counts)
-        self.monitor.run_started(
-            run.run_id, RunKind.PLAN, self.name, conn.target.name, conn.target.environment,
-            estimate_rows(conn.engine, job_cls.table),
-            throttle=self.limits.with_checks(job_cls.health_checks).throttle(),
-            heartbeat=lambda: conn.ledger.update_run(run.run_id, heartbeat_at=utcnow()),
-        )
+        try:
+            self.monitor.run_started(
+                run.run_id, RunKind.PLAN, self.name, conn.target.name, conn.target.environment,
+                estimate_rows(conn.engine, job_cls.table),
+                throttle=self.limits.with_checks(job_cls.health_checks).throttle(),
+                heartbeat=lambda: conn.ledger.update_run(run.run_id, heartbeat_at=utcnow()),
+            )
+        except BaseException as exc:  # the events cannot be written: the run is recorded as failed
+            self._fail(exc)
         lookup: Lookup | None = None
         try:
             with conn.engine.connect() as reader, activate(self.ctx):
@@ -530,6 +534,17 @@ def _check_source_selects_key(conn: Connected, job_cls: type[Job], params: Mappi
             f"the job's source does not select the key column(s) {', '.join(absent)} it is paged by; "
             f"add {', '.join(absent)} to the source's SELECT."
         )
+
+
+def _check_output(out: str | Path | None) -> None:
+    """``-o`` names a file or a folder: never a device, FIFO or socket (saving the plan there
+    would replace it: ``-o /dev/full`` replaced the device with the plan file)."""
+    if out is None:
+        return
+    path = Path(out).resolve()
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise UsageError(f"-o {out}: {path} exists and is not a regular file or a folder (a device, FIFO or "
+                         "socket); give a plan file path or a folder. Nothing was recorded.")
 
 
 def _plan_location(out: str | Path | None) -> tuple[Path | None, Path | None]:

@@ -511,3 +511,17 @@ def test_events_that_cannot_be_written_stop_the_run_with_a_clear_error(sqlite_db
     assert result.exit_code == 2, result.output
     assert "cannot write events to /dev/full: No space left on device" in result.stderr
     assert sqlite_db.rows("SELECT status FROM fillgate_runs WHERE kind = 'plan'") == [("failed",)]
+
+
+def test_a_sqlite_target_that_is_not_a_database_is_a_config_error(tmp_path: Path, cli: CliRunner) -> None:
+    """A target url naming a text file: "the database answered: file is not a database" (exit 1,
+    as if a statement had failed); now "cannot connect to target" (exit 2), the file untouched."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    cfg = tmp_path / "fillgate.toml"
+    cfg.write_text(f'[targets.a]\nurl = "sqlite:///{notes}"\n')
+    for command in (("init",), ("runs",)):
+        result = run_cli(cli, cfg, *command)
+        assert result.exit_code == 2, result.output
+        assert "cannot connect to target 'a'" in result.stderr and "file is not a database" in result.stderr
+    assert notes.read_text() == "not a database\n"

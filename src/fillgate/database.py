@@ -62,8 +62,8 @@ def check_reachable(target: Target, create: bool = False) -> Engine:
         )
     engine = engine_for(target)
     try:
-        with engine.connect():
-            pass
+        with engine.connect() as conn:
+            backend_for(target.dialect).check_connection(conn)
     except (OperationalError, DBAPIError) as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise ConfigError(

@@ -115,6 +115,9 @@ class SQLiteBackend(Backend):
 
     # --- statements ---------------------------------------------------------------------
 
+    def check_connection(self, conn: Connection) -> None:
+        conn.exec_driver_sql("PRAGMA schema_version")  # reads the header: "file is not a database" now
+
     def null_safe_equal(self, column: str, mark: str, exact: bool = False) -> str:
         return f"{column} IS {mark}"
 

@@ -595,7 +595,8 @@ def resume(
 @app.command()
 def demo(
     path: Annotated[
-        Path | None, typer.Option("--path", help="SQLite file to create (default: a new temporary file).")
+        Path | None, typer.Option("--path", help="SQLite file to create (default: a new temporary file); an "
+                                  "existing one only if an earlier demo made it.")
     ] = None,
     rows: Annotated[int, typer.Option("--rows", min=100, help="Customers to generate.")] = 5000,
 ) -> None:

@@ -525,3 +525,40 @@ def test_a_sqlite_target_that_is_not_a_database_is_a_config_error(tmp_path: Path
         assert result.exit_code == 2, result.output
         assert "cannot connect to target 'a'" in result.stderr and "file is not a database" in result.stderr
     assert notes.read_text() == "not a database\n"
+
+
+LINE_SEPARATOR_JOB = '''
+from fillgate import Job, FillMissing
+
+
+class Odd(Job):
+    name = "jobs:Odd\\u2028name\\x85"
+    table = "people"
+    key = ("id",)
+    columns = {"email": FillMissing()}
+    source = "SELECT id, name, email FROM people"
+
+    def compute(self, row, ctx):
+        return {"email": row["name"].lower() + "@example.com"}
+'''
+
+
+def test_verify_reads_every_events_file_fillgate_writes_and_refuses_endless_ones(sqlite_db: TestDB, cli: CliRunner,
+                                                                                  tmp_path: Path) -> None:
+    """`verify --events` split the file with str.splitlines(), so an event holding U+2028 or U+0085
+    (a job's name, a message) made fillgate's own events file "not a JSON line" (exit 2); `--events
+    /dev/zero` read forever; a line nested 100,000 deep was an unexpected RecursionError."""
+    cfg = ready(sqlite_db, cli)
+    (tmp_path / "odd_job.py").write_text(LINE_SEPARATOR_JOB)
+    ran = run_cli(cli, cfg, "run", f"{tmp_path / 'odd_job.py'}:Odd", "--max-changes", "100", "--events",
+                  str(tmp_path / "ev.jsonl"))
+    assert ran.exit_code == 0, ran.output
+    assert "\u2028" in (tmp_path / "ev.jsonl").read_text(encoding="utf-8")
+    verified = run_cli(cli, cfg, "verify", "--events", str(tmp_path / "ev.jsonl"))
+    assert verified.exit_code == 0, verified.output
+    assert "Checked 1 audit hash" in verified.stdout
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "\n")
+    for path, message in (("/dev/zero", "is not a regular file"), (str(tmp_path / "deep.jsonl"), "is not a JSON line")):
+        result = run_cli(cli, cfg, "verify", "--events", path)
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr

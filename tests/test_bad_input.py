@@ -347,3 +347,218 @@ def test_names_longer_than_the_ledger_keeps_are_refused(sqlite_db: TestDB, cli: 
     assert result.exit_code == 2, result.output
     assert "186 characters long" in result.stderr
     assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'plan'") == 0
+
+
+def test_numbers_past_what_a_database_or_timer_holds_are_usage_errors(db: TestDB, cli: CliRunner,
+                                                                       jobs_file: Path) -> None:
+    """`runs --limit 2**64` failed with an OverflowError (exit 1); `apply --batch-size 2**64`
+    recorded a failed apply run and then failed on islice; `--pause-between-batches` of years
+    overflowed the timer. Each is exit 2 before anything is recorded."""
+    cfg = ready(db, cli)
+    huge = str(2**64)
+    planned = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", str(db.tmp_path / "p.plan"))
+    assert planned.exit_code == 0, planned.output
+    before = people(db)
+    runs_before = db.scalar("SELECT count(*) FROM fillgate_runs")
+    for args in (("runs", "--limit", huge), ("plan", f"{jobs_file}:FillEmail", "--sample", huge),
+                 ("apply", str(db.tmp_path / "p.plan"), "--batch-size", huge),
+                 ("apply", str(db.tmp_path / "p.plan"), "--max-changes", huge),
+                 ("apply", str(db.tmp_path / "p.plan"), "--max-errors", huge),
+                 ("apply", str(db.tmp_path / "p.plan"), "--pause-between-batches", str(10**15))):
+        result = run_cli(cli, cfg, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Invalid value" in result.stderr and "Traceback" not in result.output
+    assert_nothing_written(db, before)
+    assert db.scalar("SELECT count(*) FROM fillgate_runs") == runs_before
+    limit = run_cli(cli, cfg, "runs", "--limit", str(2**63 - 1))
+    assert limit.exit_code == 0, limit.output
+
+
+def test_a_url_parameter_the_driver_cannot_use_is_a_config_error(tmp_path: Path, cli: CliRunner) -> None:
+    """PyMySQL raised AttributeError on an unknown charset: 'unexpected AttributeError ... a bug' (exit 1)."""
+    pytest.importorskip("pymysql")
+    cfg = tmp_path / "fillgate.toml"
+    cfg.write_text('[targets.a]\nurl = "mysql://root:s3cr3t-pw@127.0.0.1:1/x?charset=bogus"\n')
+    result = run_cli(cli, cfg, "runs")
+    assert result.exit_code == 2, result.output
+    assert "driver refused the url" in result.stderr and "charset" in result.stderr
+    assert "s3cr3t-pw" not in result.output and "bug" not in result.stderr
+
+
+def test_a_plan_path_that_is_not_a_regular_file_is_refused_without_reading_it(sqlite_db: TestDB, cli: CliRunner,
+                                                                                tmp_path: Path) -> None:
+    """`fillgate apply /dev/zero` read its endless "first line" until memory ran out (and the
+    dashboard's /plan?path=/dev/zero did the same in a server thread); a FIFO blocked forever."""
+    import os
+
+    cfg = ready(sqlite_db, cli)
+    before = people(sqlite_db)
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo), str(tmp_path)):
+        result = run_cli(cli, cfg, "apply", path)
+        assert result.exit_code == 2, result.output
+        assert "is not a regular file" in result.stderr
+    huge = tmp_path / "huge.plan"
+    from fillgate import plan as plan_module
+
+    huge.write_text("x" * 100)
+    original = plan_module.MAX_HEADER
+    plan_module.MAX_HEADER = 50
+    try:
+        result = run_cli(cli, cfg, "apply", str(huge))
+    finally:
+        plan_module.MAX_HEADER = original
+    assert result.exit_code == 2 and "longer than any plan header" in result.stderr
+    assert_nothing_written(sqlite_db, before)
+
+
+MISSHAPEN_JOBS = '''
+import sys
+
+from fillgate import Job, Overwrite
+
+
+class Base(Job):
+    table = "people"
+    key = ("id",)
+    columns = {"email": Overwrite()}
+    source = "SELECT id, name, email FROM people"
+
+    def compute(self, row, ctx):
+        return {"email": "x@example.com"}
+
+
+class KeyInt(Base):
+    key = 5
+
+
+class SourceInt(Base):
+    source = 42
+
+
+class TableList(Base):
+    table = ["people"]
+
+
+class BadSql(Base):
+    source = "SELEC id FROM people"
+
+
+class Exits(Base):
+    def compute(self, row, ctx):
+        sys.exit(3)
+'''
+
+
+@pytest.mark.parametrize("job, exit_code, message", [
+    ("KeyInt", 2, "key must be a column name or a tuple of column names, not 5"),  # was: unexpected TypeError, exit 1
+    ("SourceInt", 2, "source must be a SQL SELECT (a non-empty string), not 42"),  # was: unexpected AttributeError
+    ("TableList", 2, "has table = ['people'], not a table name"),  # was: "has no table"
+    ("BadSql", 2, "the job's source cannot be run (nothing was recorded)"),  # was: exit 1, "the database answered"
+    ("Exits", 1, "job code raised SystemExit(3)"),  # was: exit 3 (a guard's code), and not a word
+])
+def test_a_misshapen_job_is_one_clear_error(db: TestDB, cli: CliRunner, job: str, exit_code: int,
+                                            message: str) -> None:
+    cfg = ready(db, cli)
+    before = people(db)
+    jobs = db.tmp_path / "misshapen_jobs.py"
+    jobs.write_text(MISSHAPEN_JOBS)
+    result = run_cli(cli, cfg, "plan", f"{jobs}:{job}")
+    assert result.exit_code == exit_code, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    plans = db.rows("SELECT status FROM fillgate_runs WHERE kind = 'plan'")
+    assert plans == ([("failed",)] if job == "Exits" else [])  # a job that ran is recorded as failed
+    assert_nothing_written(db, before)
+
+
+def test_sys_exit_while_a_job_module_is_imported_is_a_load_error(sqlite_db: TestDB, cli: CliRunner) -> None:
+    """`sys.exit(4)` at import made fillgate exit 4 (verify's "tampered" code) without a word."""
+    cfg = ready(sqlite_db, cli)
+    jobs = sqlite_db.tmp_path / "exits_at_import.py"
+    jobs.write_text("import sys\nsys.exit(4)\n")
+    result = run_cli(cli, cfg, "plan", f"{jobs}:Anything")
+    assert result.exit_code == 2, result.output
+    assert "importing" in result.stderr and "SystemExit: 4" in result.stderr
+
+
+def test_plan_output_that_is_not_a_file_or_folder_is_refused_before_recording(
+    sqlite_db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path,
+) -> None:
+    """`plan -o /dev/full` replaced the device node with the plan file (os.replace, as root); a
+    FIFO likewise. Now: exit 2, nothing recorded, the path untouched."""
+    import os
+    import stat
+
+    cfg = ready(sqlite_db, cli)
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    result = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", str(fifo))
+    assert result.exit_code == 2, result.output
+    assert "is not a regular file or a folder" in result.stderr and "Nothing was recorded" in result.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sqlite_db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'plan'") == 0
+
+
+def test_events_that_cannot_be_written_stop_the_run_with_a_clear_error(sqlite_db: TestDB, cli: CliRunner,
+                                                                       jobs_file: Path) -> None:
+    """`--events /dev/full` (a full disk) was "unexpected OSError ... a bug" (exit 1) and left the
+    plan run 'running'; now the error says what failed and the run is recorded as failed."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    cfg = ready(sqlite_db, cli)
+    result = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "--events", "/dev/full")
+    assert result.exit_code == 2, result.output
+    assert "cannot write events to /dev/full: No space left on device" in result.stderr
+    assert sqlite_db.rows("SELECT status FROM fillgate_runs WHERE kind = 'plan'") == [("failed",)]
+
+
+def test_a_sqlite_target_that_is_not_a_database_is_a_config_error(tmp_path: Path, cli: CliRunner) -> None:
+    """A target url naming a text file: "the database answered: file is not a database" (exit 1,
+    as if a statement had failed); now "cannot connect to target" (exit 2), the file untouched."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    cfg = tmp_path / "fillgate.toml"
+    cfg.write_text(f'[targets.a]\nurl = "sqlite:///{notes}"\n')
+    for command in (("init",), ("runs",)):
+        result = run_cli(cli, cfg, *command)
+        assert result.exit_code == 2, result.output
+        assert "cannot connect to target 'a'" in result.stderr and "file is not a database" in result.stderr
+    assert notes.read_text() == "not a database\n"
+
+
+LINE_SEPARATOR_JOB = '''
+from fillgate import Job, FillMissing
+
+
+class Odd(Job):
+    name = "jobs:Odd\\u2028name\\x85"
+    table = "people"
+    key = ("id",)
+    columns = {"email": FillMissing()}
+    source = "SELECT id, name, email FROM people"
+
+    def compute(self, row, ctx):
+        return {"email": row["name"].lower() + "@example.com"}
+'''
+
+
+def test_verify_reads_every_events_file_fillgate_writes_and_refuses_endless_ones(sqlite_db: TestDB, cli: CliRunner,
+                                                                                  tmp_path: Path) -> None:
+    """`verify --events` split the file with str.splitlines(), so an event holding U+2028 or U+0085
+    (a job's name, a message) made fillgate's own events file "not a JSON line" (exit 2); `--events
+    /dev/zero` read forever; a line nested 100,000 deep was an unexpected RecursionError."""
+    cfg = ready(sqlite_db, cli)
+    (tmp_path / "odd_job.py").write_text(LINE_SEPARATOR_JOB)
+    ran = run_cli(cli, cfg, "run", f"{tmp_path / 'odd_job.py'}:Odd", "--max-changes", "100", "--events",
+                  str(tmp_path / "ev.jsonl"))
+    assert ran.exit_code == 0, ran.output
+    assert "\u2028" in (tmp_path / "ev.jsonl").read_text(encoding="utf-8")
+    verified = run_cli(cli, cfg, "verify", "--events", str(tmp_path / "ev.jsonl"))
+    assert verified.exit_code == 0, verified.output
+    assert "Checked 1 audit hash" in verified.stdout
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "\n")
+    for path, message in (("/dev/zero", "is not a regular file"), (str(tmp_path / "deep.jsonl"), "is not a JSON line")):
+        result = run_cli(cli, cfg, "verify", "--events", path)
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr

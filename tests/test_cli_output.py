@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from fillgate import ApplyResult, PlanResult, report
 from fillgate.ledger import Run
+from fillgate.ledger.integrity import Finding, RunCheck, VerifyReport
 from fillgate.pipeline_run import PipelineResult, StageResult
 from fillgate.plan import PlanHeader
 from fillgate.revert import RevertPreview
@@ -151,13 +152,21 @@ OUTPUTS: dict[str, tuple[Callable[[Console], None], list[str]]] = {
         [OTHER_RUN, RUN_ID, str(BIG), "enrich-a-very-long-stage-name", f"fillgate show {OTHER_RUN}"]),
     "init": (lambda c: report.print_init(c, InitResult("staging", "staging", "d", True, True, "live", RUN_ID)),
              [RUN_ID]),
+    # verify printed its own rich tables: at 40 columns kind and status were cut ("k…", "sta…") and the
+    # rows column was dropped
+    "verify": (lambda c: report.print_verify(c, VerifyReport("staging", [
+        RunCheck(RUN_ID, "revert", "succeeded", "people", rows=BIG),
+        RunCheck(OTHER_RUN, "apply", "succeeded", "people", state="tampered", rows=BIG - 1,
+                 findings=[Finding("missing", f"1 row missing: key {LONG}", 17, 5),
+                           Finding("altered", "row 19 altered", 19, 7)]),
+    ])), [RUN_ID, OTHER_RUN, "revert", "succeeded", str(BIG), str(BIG - 1), LONG, "altered"]),
 }
 
 
-@pytest.mark.parametrize("width", [80, 200])
+@pytest.mark.parametrize("width", [40, 80, 200])
 @pytest.mark.parametrize("name", sorted(OUTPUTS))
 def test_nothing_is_cut(name: str, width: int) -> None:
-    """At 80 and 200 columns, on a console that is not a terminal (a pipe): every id, count
+    """At 40, 80 and 200 columns, on a console that is not a terminal (a pipe): every id, count
     and value is whole on one line, and nothing is cut with an ellipsis."""
     render, expected = OUTPUTS[name]
     console = Console(file=io.StringIO(), width=width, force_terminal=False, highlight=False)
@@ -371,3 +380,30 @@ def test_demo_never_overwrites_a_config_of_yours(tmp_path: Path, cli: CliRunner,
         assert command[-2:] == ["--config", str(tmp_path / "demo.fillgate.toml")]
         ran = run_cli(cli, None, *command[1:])
         assert ran.exit_code == 0, (command, ran.output)
+
+
+def test_a_sample_table_says_how_many_it_leaves_out(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
+    """The plan showed the first 5 row errors (or preserved fields, disagreements, unexpected
+    lookup indexes) under a title that read as the whole list; it now says "first 5 of N"."""
+    db = sqlite_db
+    db.create_people(12)
+    db.execute("UPDATE people SET name = 'boom' WHERE id <= 7")
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    planned = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail")
+    assert "row errors (nothing written for these rows): first 5 of 7" in planned.stdout, planned.stdout
+    db.execute("UPDATE people SET name = 'Fine' WHERE id <= 3")
+    few = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail")
+    assert "row errors (nothing written for these rows)\n" in few.stdout
+    assert "row errors (nothing written for these rows):" not in few.stdout
+
+
+def test_runs_with_a_filter_that_matches_nothing_does_not_say_there_are_none(sqlite_db: TestDB,
+                                                                              cli: CliRunner) -> None:
+    """`fillgate runs --job typo` answered "No runs yet." on a ledger full of runs."""
+    sqlite_db.create_people(3)
+    cfg = sqlite_db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    result = run_cli(cli, cfg, "runs", "--job", "jobs.py:Typo", "--kind", "apply")
+    assert result.exit_code == 0
+    assert "No runs match --kind apply, --job jobs.py:Typo" in result.stdout and "No runs yet" not in result.stdout

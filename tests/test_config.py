@@ -424,3 +424,18 @@ def _has_meta(path: Path) -> bool:
         return sa.inspect(engine).has_table("fillgate_meta")
     finally:
         engine.dispose()
+
+
+def test_a_target_or_environment_name_longer_than_the_ledger_keeps_is_a_config_error(db: TestDB,
+                                                                                      cli: CliRunner) -> None:
+    """A target named with 140 characters was accepted, then the plan failed with "the database
+    answered: value too long for type character varying(128)" (exit 1) on PostgreSQL and MariaDB."""
+    db.create_people(2)
+    long = "t" * 140
+    for targets, message in (({long: {"environment": "staging"}}, "declares a target whose name is 140 characters"),
+                             ({"staging": {"environment": long}}, "environment is 140 characters long")):
+        cfg = db.config(targets)
+        result = run_cli(cli, cfg, "init")
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr and "at most 128" in result.stderr
+    assert "fillgate_runs" not in sa.inspect(db.engine).get_table_names()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -106,6 +106,36 @@ def test_mutated_plan_headers_are_refused(planned: tuple[TestDB, Path, str, str]
     result = run_cli(cli, cfg, "apply", str(path), "--max-changes", "100")
     _assert_one_error_line(result, (2, 3))
     assert _ledger_and_table(db) == before
+
+
+@FUZZ
+@given(data=st.data())
+@example(data=None)  # the two cases the fuzz found (a TypeError: exit 1, "unexpected ... a bug")
+def test_mutated_plan_bodies_are_refused(planned: tuple[TestDB, Path, str, str], cli: CliRunner,
+                                         data: st.DataObject | None) -> None:
+    """A body line whose field holds any JSON (the column a list, a key holding null) is refused
+    as a damaged plan (exit 2) whatever the header says, before anything is written."""
+    db, cfg, header, body = planned
+    lines = body.split("\n")[:-1]
+    if data is None:  # the two cases the fuzz found
+        cases = [(0, "column", []), (0, "key", [None])]
+    else:
+        cases = [(data.draw(st.integers(0, len(lines) - 1)),
+                  data.draw(st.sampled_from(["kind", "key", "column", "old", "new", "values"])),
+                  data.draw(json_values))]
+    for index, field, value in cases:
+        record = json.loads(lines[index])
+        record[field] = value
+        edited = [*lines[:index], json.dumps(record), *lines[index + 1:]]
+        head = json.loads(header)
+        if field == "key":
+            head["key"] = value if isinstance(value, list) and value else head["key"]
+        before = _ledger_and_table(db)
+        path = db.tmp_path / "fuzzed-body.plan"
+        path.write_text(json.dumps(head) + "\n" + "\n".join(edited) + "\n")
+        result = run_cli(cli, cfg, "apply", str(path), "--max-changes", "100")
+        _assert_one_error_line(result, (2, 3))
+        assert _ledger_and_table(db) == before
 
 
 @FUZZ

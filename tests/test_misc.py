@@ -262,3 +262,28 @@ def test_composite_key_paging_visits_every_row_once(db: TestDB, cli: CliRunner) 
     history = run_cli(cli, cfg, "history", "pairs", "10,-1", "--json")
     assert history.exit_code == 0, history.output
     assert [(e["old_value"], e["new_value"]) for e in json.loads(history.stdout)] == [(None, "10/-1")]
+
+
+def test_demo_never_deletes_a_file_that_is_not_an_earlier_demo(tmp_path: Path, cli: CliRunner) -> None:
+    """`fillgate demo --path FILE` deleted whatever FILE was (a database of yours, a text file; as
+    root even a device such as /dev/null) to create its own. It replaces only an earlier demo's."""
+    import os
+    import sqlite3
+
+    mine = tmp_path / "mine.db"
+    with sqlite3.connect(mine) as db:
+        db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")  # even with a customers table
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in (mine, notes, fifo):
+        before = path.stat()
+        result = run_cli(cli, None, "demo", "--path", str(path), "--rows", "100")
+        assert result.exit_code == 2, result.output
+        assert "is not a database an earlier fillgate demo made" in result.stderr
+        assert path.stat() == before
+    assert notes.read_text() == "keep me"
+    again = tmp_path / "demo" / "demo.db"
+    for _ in range(2):  # an earlier demo's database is replaced
+        assert run_cli(cli, None, "demo", "--path", str(again), "--rows", "100").exit_code == 0

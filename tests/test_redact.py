@@ -42,6 +42,34 @@ def test_mask_secrets(text: str, shown: str) -> None:
     assert shown in masked
 
 
+def test_a_password_with_spaces_or_quotes_is_masked_whole() -> None:
+    """A url that does not parse is shown as written: 'postgresql://app:my SECRET@db:notaport/db'
+    was printed with its password (the mask stopped at the space)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from sqlalchemy.engine import URL
+
+    assert mask_secrets(f"'postgresql://app:my {SECRET}@db:x/db' is not a database URL") == (
+        "'postgresql://app:***@db:x/db' is not a database URL")
+    assert mask_secrets(f"postgresql://app:it's \"{SECRET}@db/db") == "postgresql://app:***@db/db"
+
+    password = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\r\n"),
+                       min_size=1, max_size=20)
+
+    @settings(max_examples=400, deadline=None)
+    @given(pw=password, user=st.sampled_from(["app", "a.b"]), around=st.sampled_from(["", "'", '"', "("]))
+    def check(pw: str, user: str, around: str) -> None:
+        url = URL.create("postgresql", username=user, password=pw, host="db", database="db")
+        close = {"'": "'", '"': '"', "(": ")"}.get(around, "")
+        shown = mask_secrets(f"cannot connect {around}{url.render_as_string(hide_password=False)}{close}: no")
+        assert shown == f"cannot connect {around}{url.render_as_string(hide_password=True)}{close}: no"
+        if not {"?", "#", "@"} & set(pw):  # written raw, these would read as a query, fragment or host
+            raw = f"'postgresql://{user}:{pw}@db:notaport/db' is not a database URL"
+            assert mask_secrets(raw) == f"'postgresql://{user}:***@db:notaport/db' is not a database URL"
+
+    check()
+
+
 def test_mask_secrets_leaves_other_text_alone() -> None:
     for text in ("postgresql://app@db:5432/app", "bypass=1 compass=2", "sqlite:///a.db", "no password here",
                  "password authentication failed for user \"app\""):

@@ -101,3 +101,36 @@ def test_pipeline_refused_at_a_later_stage_says_what_was_applied(db: TestDB, cli
         assert f"plan run {plan_id}" in message
     assert db.scalar("SELECT count(*) FROM people WHERE kind IS NOT NULL") == 0
     assert db.scalar("SELECT count(*) FROM fillgate_changes") == WRITES
+
+
+def test_an_error_budget_refusal_midway_says_what_it_recorded(db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
+    """`plan --max-errors 0` recorded a failed plan run and said only "plan of X stopped: ... exceed
+    --max-errors 0"; an apply stopped by its error budget kept its committed batches without
+    saying so. Each refusal now says what it recorded."""
+    db.create_people(12)
+    db.execute("UPDATE people SET name = 'boom' WHERE id = 7")
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    planned = run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "--max-errors", "0", "-o", "p.plan")
+    assert planned.exit_code == 3, planned.output
+    run_id = db.scalar("SELECT run_id FROM fillgate_runs WHERE kind = 'plan'")
+    assert db.scalar("SELECT status FROM fillgate_runs WHERE kind = 'plan'") == "failed"
+    assert f"Recorded as failed plan run {run_id}" in planned.stderr and "no plan file was saved" in planned.stderr
+    assert not (db.tmp_path / "p.plan").exists()
+
+
+def test_an_apply_stopped_by_its_error_budget_says_its_batches_stay(sqlite_db: TestDB, cli: CliRunner,
+                                                                     jobs_file: Path) -> None:
+    db = sqlite_db
+    db.create_people(12)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    assert run_cli(cli, cfg, "plan", f"{jobs_file}:FillEmail", "-o", "p.plan").exit_code == 0
+    db.execute("CREATE TRIGGER no_nine BEFORE UPDATE ON people WHEN NEW.id = 9 BEGIN SELECT RAISE(ABORT, 'no'); END")
+    applied = run_cli(cli, cfg, "apply", "p.plan", "--max-errors", "0", "--batch-size", "2")
+    assert applied.exit_code == 3, applied.output
+    run_id, status = db.rows("SELECT run_id, status FROM fillgate_runs WHERE kind = 'apply'")[0]
+    written = db.scalar("SELECT count(*) FROM fillgate_changes WHERE run_id = :r", {"r": run_id})
+    assert status == "failed" and written > 0
+    assert f"The {written} changes of the batches committed before stay written and audited" in applied.stderr
+    assert f"fillgate revert {run_id}" in applied.stderr

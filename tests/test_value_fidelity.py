@@ -929,3 +929,67 @@ def test_apply_of_an_int_sqlite_cannot_bind_is_a_row_error(sqlite_db: TestDB) ->
     ((change, exc),) = outcome.errors
     assert change.key == (1,) and isinstance(exc, OverflowError)
     assert sqlite_db.rows("SELECT id, n FROM t ORDER BY id") == [(1, 0), (2, 5)]
+
+
+def test_mariadb_json_and_column_checks_are_checked_at_plan_time(db: TestDB, tmp_path: Path) -> None:
+    """MariaDB's JSON is LONGTEXT with CHECK (json_valid(col)); the plan's probe table lacked the
+    check, so 'not json' was planned, failed at apply ("CONSTRAINT `t.doc` failed": applied 0,
+    errors 1) and every re-plan proposed it again. Column-level checks now go into the probe."""
+    if db.backend != "mysql":
+        pytest.skip("MariaDB's column-level CHECK constraints")
+    db.execute("CREATE TABLE t (id INTEGER NOT NULL PRIMARY KEY, doc JSON NULL, n INTEGER NULL CHECK (n >= 0))")
+    db.execute("INSERT INTO t (id) VALUES (1), (2), (3), (4)")
+    proposed = {1: {"doc": '{"a": 1}', "n": 5}, 2: {"doc": "not json", "n": 1}, 3: {"doc": "[]", "n": -1},
+                4: {"doc": "null", "n": 0}}
+    job = _job("t", {"doc": Overwrite(), "n": Overwrite()}, lambda row, ctx: proposed[row["id"]])
+    conn = _connect(db)
+    planned = make_plan(conn, job, out=tmp_path / "t.plan")
+    assert planned.counts["errors"] == 2 and planned.counts["writes"] == 4, planned.counts
+    errors = {k: m for k, _, _, m in _errors(db, planned.run.run_id)}
+    assert len(errors) == 2, errors
+    messages = " | ".join(errors.values())
+    assert "cannot hold 'not json'" in messages and "cannot hold -1" in messages
+    applied = apply_plan(conn, tmp_path / "t.plan", Limits())
+    assert applied.counts["errors"] == 0 and applied.counts["applied"] == 4, applied.counts
+    assert db.rows("SELECT id, doc, n FROM t ORDER BY id") == [(1, '{"a": 1}', 5), (2, None, None), (3, None, None),
+                                                               (4, "null", 0)]
+    assert make_plan(conn, job).counts["writes"] == 0
+
+
+def test_sqlite_json_column_takes_json_text_and_settles(sqlite_db: TestDB, tmp_path: Path) -> None:
+    """A column declared JSON on SQLite (SQLAlchemy's JSON type) has NUMERIC affinity: fillgate took
+    it for a number column and refused every text ("takes an int or a decimal.Decimal"), so a JSON
+    column could not be filled at all. It takes JSON text now; a text SQLite would turn into a
+    number ('42') is a row error."""
+    db = sqlite_db
+    db.execute("CREATE TABLE docs (id INTEGER NOT NULL PRIMARY KEY, doc JSON)")
+    db.execute("INSERT INTO docs (id) VALUES (1), (2), (3), (4)")
+    proposed = {1: '{"a": [1, 2]}', 2: "[1, 2]", 3: "42", 4: "null"}
+    job = _job("docs", {"doc": Overwrite()}, lambda row, ctx: {"doc": proposed[row["id"]]})
+    conn = _connect(db)
+    planned = make_plan(conn, job, out=tmp_path / "docs.plan")
+    assert (planned.counts["writes"], planned.counts["errors"]) == (3, 1), planned.counts
+    assert "would store 42 for '42'" in _errors(db, planned.run.run_id)[0][3]
+    applied = apply_plan(conn, tmp_path / "docs.plan", Limits())
+    assert applied.counts["applied"] == 3 and applied.counts["errors"] == 0
+    assert db.rows("SELECT id, doc, typeof(doc) FROM docs ORDER BY id") == [
+        (1, '{"a": [1, 2]}', "text"), (2, "[1, 2]", "text"), (3, None, "null"), (4, "null", "text")]
+    assert make_plan(conn, job).counts["writes"] == 0
+
+
+def test_postgresql_types_without_a_true_equality_are_refused_before_planning(db: TestDB) -> None:
+    """An xml column was planned, then every apply failed on it ("operator does not exist: xml =
+    unknown") and every re-plan proposed it again; a box's "=" compares areas, so a compare-and-set
+    could take another box of the same area for the planned one. Both are refused like json."""
+    if db.backend != "postgresql":
+        pytest.skip("PostgreSQL types")
+    from fillgate.errors import JobError
+
+    db.execute("CREATE TABLE shapes (id INTEGER NOT NULL PRIMARY KEY, x XML, b BOX, pts POINT[])")
+    db.execute("INSERT INTO shapes (id) VALUES (1)")
+    conn = _connect(db)
+    for column, value in (("x", "<a/>"), ("b", "(0,0),(1,1)"), ("pts", ["(1,2)"])):
+        job = _job("shapes", {column: Overwrite()}, lambda row, ctx, c=column, v=value: {c: v})
+        with pytest.raises(JobError, match="no equality operator"):
+            make_plan(conn, job)
+    assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'plan'") == 0

@@ -284,3 +284,60 @@ def test_malformed_tags_are_value_errors() -> None:
     for text in ('{"$float":"x"}', '{"$decimal":"x"}', '{"$timedelta":"x"}', '{"$date":"x"}'):
         with pytest.raises(ValueError):
             loads(text)
+
+
+key_parts = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(key=st.lists(key_parts, min_size=1, max_size=4).map(tuple))
+def test_a_key_as_fillgate_shows_it_can_be_typed_back(key: tuple[Any, ...]) -> None:
+    """A key copied from fillgate's output (plan, history, dashboard: format_key) finds its row
+    when typed back (history, the dashboard's key search): the string key '42' is shown quoted,
+    and 'a,b' is one part, not two. Typed back, they used to match nothing."""
+    from fillgate.values import format_key
+
+    assert encode_key(list(key)) in key_candidates(format_key(key)), format_key(key)
+
+
+def test_typed_keys_still_read_as_before() -> None:
+    assert key_candidates("42") == [encode_key([42]), encode_key(["42"])]
+    assert encode_key(["a", "b"]) in key_candidates("a, b")
+    assert key_candidates("O'Brien") == [encode_key(["O'Brien"])]
+    assert key_candidates("'42'") == [encode_key(["42"])]
+    assert key_candidates("'a,b', 1")[0] == encode_key(["a,b", 1])
+
+
+json_anything = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(described=json_anything | st.fixed_dictionaries({"policy": st.text(max_size=8)}, optional={
+    "unknown": json_anything, "other": json_anything}))
+def test_a_policy_description_from_any_plan_header_is_shown_as_text(described: Any) -> None:
+    """The dashboard shows a plan header's column policies with format_policy; a hand-edited header
+    may hold anything there."""
+    from fillgate.values import format_policy
+
+    text = format_policy(described)
+    assert isinstance(text, str)
+    if isinstance(described, dict) and isinstance(described.get("policy"), str):
+        assert text.startswith(described["policy"])
+
+
+def test_a_policy_description_reads_as_the_cli_shows_values() -> None:
+    import decimal
+
+    from fillgate import FillMissing, Promote
+    from fillgate.values import format_policy
+
+    assert format_policy(Promote(unknown=[decimal.Decimal("1.5"), "n/a", "42"]).describe()) == (
+        "promote (unknown: '42', 1.5, n/a)")
+    assert format_policy(FillMissing().describe()) == "fill_missing"

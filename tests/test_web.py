@@ -600,19 +600,130 @@ def test_no_query_makes_a_page_fail(sqlite_world: dict[str, Any], tmp_path: Path
     typed = st.one_of(st.text(max_size=40), st.integers().map(str), st.sampled_from(
         ["", "0", "-1", "1e3", "9" * 30, "[1]", "[", "[[]]", '["a", 1]', "people", "email", "apply", "change"]))
     pages = {"/t/staging/runs": ("page", "kind", "status", "job"), "/t/staging/history": ("table", "key", "column"),
-             plan_url: ("page", "kind", "column", "key")}
+             plan_url: ("page", "kind", "column", "key"), "/plan": ("path", "page", "kind", "key")}
 
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(url=st.sampled_from(sorted(pages)), values=st.lists(typed, min_size=4, max_size=4))
     @example(url="/t/staging/runs", values=["9" * 30, "", "", ""])  # past the database's integers
     @example(url=plan_url, values=["9" * 30, "", "", ""])
     @example(url="/t/staging/history", values=["\x00", "1", "\x00", ""])
+    @example(url="/plan", values=["a\x00b", "", "", ""])  # was a server error (ValueError: embedded null byte)
+    @example(url="/plan", values=["/dev/zero", "", "", ""])  # was read without end in a server thread
     def check(url: str, values: list[str]) -> None:
         params = {name: value for name, value in zip(pages[url], values, strict=False) if value}
         if url.endswith("/history"):
             params.setdefault("table", "people")
         page = client.get(url, params=params)
-        assert page.status_code in (200, 400), (url, params, page.text)
+        if url == "/plan" and params.get("path"):  # a file that is not there, or not a plan: refused (409)
+            board.plans.wait()
+            page = client.get(url, params=params)
+            assert page.status_code in (400, 409), (url, params, page.text)
+        assert page.status_code in (200, 400) or url == "/plan", (url, params, page.text)
         assert "Traceback" not in page.text
 
     check()
+
+
+def test_a_target_whose_url_uses_an_unset_variable_is_unavailable_and_the_others_are_served(
+    sqlite_db: TestDB, cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db = sqlite_db
+    monkeypatch.delenv("FILLGATE_TRUST_UNSET_PW", raising=False)
+    cfg = db.config({
+        "staging": {},
+        "live": {"url": "postgresql://app:${FILLGATE_TRUST_UNSET_PW}@127.0.0.1/live?password=hunter2-secret"},
+    })
+    assert run_cli(cli, cfg, "init", "--target", "staging").exit_code == 0
+    served: dict[str, Any] = {}
+
+    def fake_run(app: Any, **options: Any) -> None:
+        served.update(options, app=app)
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    started = run_cli(cli, cfg, "serve", "--cache-dir", str(tmp_path / "cache"))
+    assert started.exit_code == 0, started.output
+    assert "serving staging, live" in started.stdout and served["app"] is not None
+
+    client, _ = _client(cfg, tmp_path)
+    page = client.get("/")
+    assert page.status_code == 200
+    live = page.text.split('data-target="live"')[1].split("</section>")[0]
+    assert "unavailable" in live and "FILLGATE_TRUST_UNSET_PW is not set" in live
+    assert "hunter2-secret" not in page.text and "password=***" in live
+    assert client.get("/t/staging/runs").status_code == 200
+    refused = client.get("/t/live/runs")
+    assert refused.status_code == 503 and "FILLGATE_TRUST_UNSET_PW is not set" in refused.text
+    assert "hunter2-secret" not in refused.text and "Traceback" not in refused.text
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and 'fillgate_target_up{target="live"} 0' in metrics.text
+
+
+def test_plan_page_shows_values_policies_and_counts_as_the_cli_does(db: TestDB, tmp_path: Path) -> None:
+    """Values as ``fillgate plan`` prints them (report.format_value: never a Python repr such as
+    Decimal('1.50') or datetime.datetime(...)), whole; policies and counts in words."""
+    import datetime as dt
+    import decimal
+
+    from fillgate import Job, Overwrite, Promote
+    from fillgate.report import format_value
+
+    long_text = "x" * 500 + "END"
+    db.execute("CREATE TABLE things (id INTEGER NOT NULL PRIMARY KEY, price NUMERIC(10, 2), at TIMESTAMP NULL, "
+               "name VARCHAR(1000))")
+    db.execute("INSERT INTO things (id) VALUES (1), (2), (3)")
+    names = {1: "42", 2: "", 3: long_text}
+
+    class Typed(Job):
+        name = "tests:Typed"
+        table = "things"
+        key = ("id",)
+        columns = {"price": Promote(unknown=[decimal.Decimal("1.5"), "n/a"]), "at": Overwrite(), "name": Overwrite()}
+        source = "SELECT * FROM things"
+
+        def compute(self, row: Any, ctx: Any) -> dict[str, Any]:
+            return {"price": decimal.Decimal("1.50"), "at": dt.datetime(2013, 1, 1, 5, 17), "name": names[row["id"]]}
+
+    target = db.target()
+    init_target(target)
+    result = make_plan(connect(target), Typed, out=tmp_path / "typed.plan")
+    assert result.header.changes == 9, result.counts
+    cfg = db.config()
+    client, board = _client(cfg, tmp_path)
+    url = f"/t/staging/plans/{result.run.run_id}"
+    client.get(url)
+    board.plans.wait()
+    page = client.get(url)
+    assert page.status_code == 200, page.text
+    text = html.unescape(page.text)
+    for repr_mark in ("Decimal(", "datetime.datetime(", "{'policy'", "\\u"):
+        assert repr_mark not in text
+    shown = {line["column"]: line["new"] for line in result.samples["change"]}
+    assert f'<td class="new"><span class="val">{format_value(shown["price"])}</span>' in text
+    assert format_value(shown["price"]) in ("1.50", "1.5")
+    assert '<td class="new"><span class="val">2013-01-01 05:17:00</span>' in text
+    assert "<span class=\"val\">'42'</span>" in text and "<span class=\"val\">''</span>" in text
+    assert long_text in text  # whole
+    assert "price: promote (unknown: 1.5, n/a)" in text and "at: overwrite" in text
+    assert "<th>rows scanned</th>" in text and "<th>row errors</th>" in text and "unexpected_index</th>" not in text
+
+
+def test_a_refused_action_says_it_was_recorded_and_a_missing_run_gets_no_record(world: dict[str, Any],
+                                                                               tmp_path: Path) -> None:
+    """A refused pause, cancel, resume or revert is recorded among the run's actions (who asked for
+    what): the page now says so. A run that does not exist got an action row too (any id typed into
+    the address); now it gets a 404 and nothing is written."""
+    db = world["db"]
+    apply_id = world["apply"]["run_id"]
+    client, _ = _client(world["cfg"], tmp_path)
+    token = _csrf(client, f"/t/staging/runs/{apply_id}/revert")
+    before = db.scalar("SELECT count(*) FROM fillgate_actions")
+    paused = client.post(f"/t/staging/runs/{apply_id}/pause", data={"csrf": token})
+    assert paused.status_code == 400 and "only running or paused runs can be paused" in paused.text
+    assert "recorded among the run&#39;s actions" in paused.text
+    assert db.scalar("SELECT count(*) FROM fillgate_actions") == before + 1
+    for action in ("pause", "cancel", "resume", "revert"):
+        missing = client.post(f"/t/staging/runs/{'Z' * 300}/{action}", data={"csrf": token})
+        assert missing.status_code == 404, (action, missing.text)
+    assert db.scalar("SELECT count(*) FROM fillgate_actions") == before + 1

@@ -151,11 +151,12 @@ class _Applying:
     def execute(self, changes: Iterable[Change]) -> ApplyResult:
         run = self.run
         remaining = None if run.total is None else run.total - self.checkpoint
-        self.monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining,
-                                 throttle=self.limits.throttle(), heartbeat=self._heartbeat, rate=self.planned_rate)
         status = RunStatus.SUCCEEDED
         source = Batches(changes)
         try:
+            self.monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining,
+                                     throttle=self.limits.throttle(), heartbeat=self._heartbeat,
+                                     rate=self.planned_rate)
             while True:
                 size = self._size()
                 batch, written, timed_out = self._next_batch(source)
@@ -341,6 +342,10 @@ class _Applying:
 
     def _failed(self, exc: BaseException) -> None:
         run, ledger = self.run, self.ledger
+        if isinstance(exc, GuardRefused):  # a refusal midway says what stays written
+            exc = type(exc)(f"{exc} The {self.counts['applied']} changes of the batches committed before stay "
+                            f"written and audited; the run is recorded as failed (fillgate show {run.run_id}; "
+                            f"undo them with fillgate revert {run.run_id}).")
         message = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"
         ledger.fail_run(run.run_id, message)
         # the chain of what the database committed (the batch in flight was rolled back)

@@ -136,18 +136,21 @@ err = Console(stderr=True, highlight=False)
 # per invocation: the --config given, the target resolved, the declared targets, --json anywhere
 _state: dict[str, Any] = {"config": None, "target": None, "targets": (), "json": False}
 
+COUNT_MAX = 2**63 - 1  # the largest count or size an option takes (a database's BIGINT, Python's sys.maxsize)
+PAUSE_MAX_MS = 86_400_000  # a day: sleeping longer overflows the platform's timer
+
 TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="Target name from fillgate.toml.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 ConfirmOpt = Annotated[
     str | None, typer.Option("--confirm", help="Type the environment name to write to a protected target.")
 ]
 MaxChangesOpt = Annotated[
-    int | None, typer.Option("--max-changes", min=0,
+    int | None, typer.Option("--max-changes", min=0, max=COUNT_MAX,
                               help="Refuse a plan with more than N changes (default: the target's max_changes).")
 ]
 BatchOpt = Annotated[
     int | None,
-    typer.Option("--batch-size", min=1,
+    typer.Option("--batch-size", min=1, max=COUNT_MAX,
                  help="Changes per transaction: the most with --chunk-time; given alone, every batch's size "
                       "(no adapting). Default 5000."),
 ]
@@ -168,13 +171,13 @@ BatchTimeoutOpt = Annotated[
 ]
 MaxLoadOpt = Annotated[
     int | None,
-    typer.Option("--max-load", min=0,
+    typer.Option("--max-load", min=0, max=COUNT_MAX,
                  help="Hold while the database's load is above N (MariaDB/MySQL Threads_running, PostgreSQL "
                       "active sessions)."),
 ]
 CriticalLoadOpt = Annotated[
     int | None,
-    typer.Option("--critical-load", min=0,
+    typer.Option("--critical-load", min=0, max=COUNT_MAX,
                  help="Stop when the load is above N: the run pauses at a batch boundary (exit 3)."),
 ]
 VacuumOpt = Annotated[
@@ -186,12 +189,16 @@ TxnAgeOpt = Annotated[
                  help="Hold while another session's transaction open longer than S seconds holds a lock on "
                       "the table (PostgreSQL; MariaDB/MySQL: any InnoDB transaction holding locks)."),
 ]
-MaxErrorsOpt = Annotated[int | None, typer.Option("--max-errors", min=0, help="Stop after more than N errors.")]
+MaxErrorsOpt = Annotated[
+    int | None, typer.Option("--max-errors", min=0, max=COUNT_MAX, help="Stop after more than N errors.")
+]
 MaxRateOpt = Annotated[
     float | None,
     typer.Option("--max-error-rate", min=0.0, max=1.0, help="Stop when errors/rows exceeds R (after 100 rows)."),
 ]
-PauseOpt = Annotated[int, typer.Option("--pause-between-batches", min=0, help="Sleep MS milliseconds between batches.")]
+PauseOpt = Annotated[
+    int, typer.Option("--pause-between-batches", min=0, max=PAUSE_MAX_MS, help="Sleep MS milliseconds between batches.")
+]
 EventsOpt = Annotated[
     str | None, typer.Option("--events", help="Write run events as JSON lines to FILE ('-': stdout).")
 ]
@@ -262,6 +269,11 @@ def _errors(as_json: bool = False) -> Iterator[None]:
         _fail(EXIT_ROW_PROBLEMS, type(exc).__name__,
               f"unexpected {type(exc).__name__}: {exc}. This is a bug in the job's code or in fillgate; "
               "FILLGATE_DEBUG=1 shows where it was raised.", as_json)
+    except (SystemExit, GeneratorExit) as exc:  # job code called sys.exit(): not fillgate's exit code
+        _fail(EXIT_ROW_PROBLEMS, type(exc).__name__,
+              f"job code raised {type(exc).__name__}({exc}) (sys.exit() or a generator's close) while fillgate "
+              "ran it; fillgate stopped, a run it had started is recorded as failed. Job code must raise an "
+              "exception, never exit.", as_json)
 
 
 def _fail(exit_code: int, kind: str, message: str, as_json: bool) -> None:
@@ -339,7 +351,7 @@ def plan(
     param: ParamOpt = None,
     max_errors: MaxErrorsOpt = None,
     max_error_rate: MaxRateOpt = None,
-    sample: Annotated[int, typer.Option("--sample", min=0, help="Changes to show in the diff.")] = 10,
+    sample: Annotated[int, typer.Option("--sample", min=0, max=COUNT_MAX, help="Changes to show in the diff.")] = 10,
     events: EventsOpt = None,
     rate: RateOpt = None,
     max_replication_lag: LagOpt = None,
@@ -590,7 +602,7 @@ def approve(
 @app.command()
 def runs(
     target: TargetOpt = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 20,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=COUNT_MAX)] = 20,
     kind: Annotated[
         str | None, typer.Option("--kind", help="init, stamp, plan, apply, revert or pipeline")
     ] = None,
@@ -601,7 +613,8 @@ def runs(
     """List recent runs, newest first."""
     with _errors(as_json):
         found = connect(_target(target)).ledger.list_runs(limit=limit, kind=kind, status=status, job=job)
-    _emit(as_json, lambda: report.runs_json(found), lambda: report.print_runs(out, found))
+    _emit(as_json, lambda: report.runs_json(found),
+          lambda: report.print_runs(out, found, {"kind": kind, "status": status, "job": job}))
 
 
 ShowFormat = Annotated[
@@ -806,7 +819,8 @@ def resume(
 @app.command()
 def demo(
     path: Annotated[
-        Path | None, typer.Option("--path", help="SQLite file to create (default: a new temporary file).")
+        Path | None, typer.Option("--path", help="SQLite file to create (default: a new temporary file); an "
+                                  "existing one only if an earlier demo made it.")
     ] = None,
     rows: Annotated[int, typer.Option("--rows", min=100, help="Customers to generate.")] = 5000,
 ) -> None:

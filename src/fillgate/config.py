@@ -35,7 +35,7 @@ _TOP_SCHEMA = {
 }
 _TARGET_SCHEMA = {
     "url": Field(str, rule=non_empty),
-    "environment": Field(str, required=False, rule=non_empty),
+    "environment": Field(str, required=False, rule=lambda v: non_empty(v) or _fits(v)),
     "protected": Field(bool, required=False),
     "max_changes": Field(int, required=False, rule=non_negative),
     "approvals": Field(int, required=False, rule=non_negative),
@@ -45,7 +45,13 @@ _TARGET_SCHEMA = {
     "replicas": Field(list, required=False, items=str),
 }
 
-# Drivers fillgate uses when a URL names only the database kind.
+NAME_LIMIT = 128  # the ledger keeps target and environment names in columns of 128 characters
+
+
+def _fits(name: str) -> str | None:
+    return (f"is {len(name)} characters long; fillgate's ledger keeps at most {NAME_LIMIT}"
+            if len(name) > NAME_LIMIT else None)
+
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,8 @@ def _target_spec(name: str, table: Any, protected_envs: tuple[str, ...], source:
     where = f"target '{name}' in {source}"
     if not name.strip():
         raise ConfigError(f"{source} declares a target with an empty name; name it [targets.NAME].")
+    if _fits(name):
+        raise ConfigError(f"{source} declares a target whose name {_fits(name)}; give it a shorter name.")
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table like [targets.{name}] with a url, not {kind_of(table)}.")
     _unknown_keys(table, _TARGET_SCHEMA, where)

@@ -94,17 +94,18 @@ def check_reachable(target: Target, create: bool = False) -> Engine:
         )
     engine = engine_for(target)
     try:
-        with engine.connect():
-            pass
+        with engine.connect() as conn:
+            backend_for(target.dialect).check_connection(conn)
     except (OperationalError, DBAPIError) as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         raise ConfigError(
             f"cannot connect to target '{target.name}' ({target.safe_url}): {mask_secrets(reason)}"
         ) from None
-    except (TypeError, ValueError) as exc:  # the driver refused a query parameter of the url
+    except Exception as exc:  # the driver failed on the url itself (a query parameter it cannot use)
+        params = ", ".join(sorted(target.url.query)) or "none"
         raise ConfigError(
-            f"cannot connect to target '{target.name}' ({target.safe_url}): the driver refused the url's "
-            f"parameters: {mask_secrets(str(exc))}"
+            f"cannot connect to target '{target.name}' ({target.safe_url}): the driver refused the url "
+            f"(its parameters: {params}): {type(exc).__name__}: {mask_secrets(str(exc))}"
         ) from None
     return engine
 

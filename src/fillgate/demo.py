@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import tempfile
@@ -19,7 +20,7 @@ from fillgate import report
 from fillgate.applier import ApplyResult, apply_plan
 from fillgate.config import load_config
 from fillgate.context import RunContext
-from fillgate.errors import GuardRefused
+from fillgate.errors import GuardRefused, UsageError
 from fillgate.job import Job
 from fillgate.limits import Limits
 from fillgate.planner import PlanResult, make_plan
@@ -102,11 +103,31 @@ def _step(console: Console, number: int, title: str, command: str) -> None:
     console.print(f"[dim]$ {escape(command)}[/]", soft_wrap=True)
 
 
+def _check_replaceable(path: Path) -> None:
+    """The demo replaces a database an earlier demo made there (stamped 'demo', with its customers
+    table), never anything else: a file of yours at ``--path`` is refused, untouched."""
+    refusal = UsageError(
+        f"demo --path {path}: that path exists and is not a database an earlier fillgate demo made; the "
+        "demo creates a new SQLite file there and will not delete yours. Give a new path (or delete it yourself)."
+    )
+    if path.is_symlink() or not path.is_file():
+        raise refusal
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            stamped = db.execute("SELECT value FROM fillgate_meta WHERE name = 'environment'").fetchone()
+            db.execute("SELECT count(*) FROM customers").fetchone()
+    except sqlite3.Error:
+        raise refusal from None
+    if stamped is None or stamped[0] != "demo":
+        raise refusal
+
+
 def run_demo(console: Console, path: Path | None = None, rows: int = 5000) -> Path:
     started = time.perf_counter()
     if path is None:
         path = Path(tempfile.mkdtemp(prefix="fillgate-demo-")) / "demo.db"
-    if path.exists():
+    if path.exists() or path.is_symlink():
+        _check_replaceable(path)
         path.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
     create_demo_database(path, rows)

@@ -97,6 +97,7 @@ NaN and infinities as null.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import heapq
 import itertools
@@ -171,6 +172,7 @@ class EventWriter:
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._lock = threading.Lock()
         self._owned = False
+        self._where = "-" if str(target) == "-" else str(target) if isinstance(target, str | Path) else "the stream"
         self._stream: TextIO | None
         if target is None:
             self._stream = None
@@ -202,8 +204,12 @@ class EventWriter:
         record = {"event": event, "ts": utc_timestamp(self._clock()), **fields}
         line = _encoder.encode(_clean(record))
         with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except OSError as exc:  # a full disk, a closed pipe: say so (the run stops, recorded as failed)
+                self._stream = None  # no further event (the run's end is recorded in the ledger)
+                raise UsageError(f"cannot write events to {self._where}: {exc.strerror or exc}.") from None
             self.count += 1
 
     # --- the documented events, with their fields spelled out ------------------------------
@@ -243,7 +249,8 @@ class EventWriter:
         with self._lock:
             stream, self._stream = self._stream, None
         if stream is not None and self._owned:
-            stream.close()
+            with contextlib.suppress(OSError):  # what could not be written was reported when it was written
+                stream.close()
 
     def __enter__(self) -> EventWriter:
         return self

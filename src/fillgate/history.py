@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fillgate.errors import UsageError
 from fillgate.stamp import Connected
-from fillgate.values import decode_key, key_candidates
+from fillgate.values import decode_key, key_candidates, split_key
 
 MAX_TEXT_KEY_PARTS = 12  # every numeric part doubles the encodings to look up (number or text)
 
@@ -30,7 +30,7 @@ def _key_parts(raw: str) -> int:
         except (ValueError, RecursionError):
             raise UsageError(f"key {raw!r} starts with '[' but is not a JSON list.") from None
         return len(parsed) if isinstance(parsed, list) else 0
-    return len(text.split(","))
+    return len(split_key(text))
 
 
 def _candidates(raw: str) -> list[str]:

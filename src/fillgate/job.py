@@ -233,13 +233,33 @@ def _check_length(spec: str, what: str, name: str) -> None:
         )
 
 
+def _names(value: Any) -> bool:
+    """A column name, or a list or tuple of them."""
+    return isinstance(value, str) or (isinstance(value, list | tuple) and all(isinstance(v, str) for v in value))
+
+
+def _check_shapes(cls: Any, spec: str) -> None:
+    """The attributes the others are read through: key and source_key names, source a SQL string."""
+    if not _names(cls.key):
+        raise JobError(f"job {spec}: key must be a column name or a tuple of column names, not {cls.key!r}.")
+    if cls.source_key is not None and not _names(cls.source_key):
+        raise JobError(f"job {spec}: source_key must be a column name or a tuple of column names, "
+                       f"not {cls.source_key!r}.")
+    if cls.source is not None and (not isinstance(cls.source, str) or not cls.source.strip()):
+        raise JobError(f"job {spec}: source must be a SQL SELECT (a non-empty string), not {cls.source!r}.")
+    if isinstance(cls.page_size, bool):
+        raise JobError(f"job {spec}: page_size must be a positive integer.")
+
+
 def validate_job_class(cls: Any, spec: str) -> type[Job]:
     """Check that ``cls`` is a complete Job subclass; explain what is missing."""
     if not (isinstance(cls, type) and issubclass(cls, Job)) or cls is Job:
         raise JobError(f"{spec} is not a fillgate Job subclass.")
     table = getattr(cls, "table", None)
     if not isinstance(table, str) or not table:
-        raise JobError(f"job {spec} has no table; set table = \"name\".")
+        shown = "has no table" if table is None or table == "" else f"has table = {table!r}, not a table name"
+        raise JobError(f"job {spec} {shown}; set table = \"name\".")
+    _check_shapes(cls, spec)
     _check_length(spec, "job", cls.job_name())
     _check_length(spec, "table", table)
     for column in (*cls.key_columns(), *(cls.columns if isinstance(cls.columns, Mapping) else ())):

@@ -44,7 +44,7 @@ def load_runnable(spec: str) -> type[Any]:
         sys.modules[module_name] = module
         try:
             module_spec.loader.exec_module(module)
-        except Exception as exc:
+        except (Exception, SystemExit, GeneratorExit) as exc:  # sys.exit() at import is a failed import too
             sys.modules.pop(module_name, None)
             raise JobError(
                 f"cannot load job {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}"
@@ -54,7 +54,7 @@ def load_runnable(spec: str) -> type[Any]:
             module = importlib.import_module(module_part)
         except ModuleNotFoundError as exc:
             raise JobError(f"cannot load job {spec!r}: no module named {exc.name!r}.") from exc
-        except Exception as exc:
+        except (Exception, SystemExit, GeneratorExit) as exc:
             raise JobError(
                 f"cannot load job {spec!r}: importing {module_part} failed: "
                 f"{type(exc).__name__}: {exc}"

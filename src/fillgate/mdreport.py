@@ -20,10 +20,9 @@ from fillgate.commands import RunDescription
 from fillgate.ledger import Run
 from fillgate.plan import iter_records
 from fillgate.redact import mask_secrets
-from fillgate.report import format_key
 from fillgate.runs import WRITING_KINDS, RunKind, shown_status
 from fillgate.stamp import Connected
-from fillgate.values import decode_key, format_value, loads
+from fillgate.values import decode_key, format_key, format_value, loads
 
 SAMPLE = 10
 

@@ -23,6 +23,7 @@ from fillgate.limits import Limits
 from fillgate.monitor import Monitor
 from fillgate.pipeline import Pipeline
 from fillgate.planner import PlanResult, make_plan
+from fillgate.redact import mask_params
 from fillgate.revert import revert_run
 from fillgate.runs import RunKind, RunStatus
 from fillgate.stamp import Connected, check_write_allowed
@@ -85,7 +86,7 @@ def run_pipeline(
     run = conn.ledger.create_run(Run(
         run_id=new_run_id(), kind=RunKind.PIPELINE, job=pipeline.job_name(), target=conn.target.name,
         environment=conn.target.environment, operator=operator_name(), status=RunStatus.RUNNING,
-        args={"params": dict(params or {}), "stages": [s.job_name() for s in pipeline.stages], "apply": apply},
+        args={"params": mask_params(params or {}), "stages": [s.job_name() for s in pipeline.stages], "apply": apply},
         started_at=utcnow(),
     ))
     result = PipelineResult(run=run)

@@ -248,15 +248,23 @@ class PlanWriter:
         self._body_path.unlink(missing_ok=True)
 
 
+MAX_HEADER = 64 * 1024 * 1024  # a header line longer than this is not a plan's (read no further)
+
+
 def read_header(path: str | Path) -> PlanHeader:
     path = Path(path)
     try:
+        if path.exists() and not path.is_file():  # a device (/dev/zero), a FIFO: never read to the end
+            raise PlanFileError(f"plan file {path} is not a regular file; give a file made by fillgate plan -o.")
         with path.open(encoding="utf-8") as fh:
-            first = fh.readline()
+            first = fh.readline(MAX_HEADER + 1)
     except FileNotFoundError:
         raise PlanFileError(f"plan file {path} does not exist.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PlanFileError(f"cannot read plan file {path}: {exc}.") from None
+    if len(first) > MAX_HEADER:
+        raise PlanFileError(f"{path} is not a fillgate plan: its first line is longer than any plan header "
+                            f"({MAX_HEADER:,} characters).")
     if not first.strip():
         raise PlanFileError(f"{path} is empty; it is not a fillgate plan.")
     return PlanHeader.from_line(first, path)
@@ -330,7 +338,7 @@ class _LineCheck:
                 self._bad(number, f"it inserts column(s) {extra!r} the plan's job does not declare")
         elif kind in ("change", "disagreement", "preserved"):
             column = record.get("column")
-            if column not in self.columns:
+            if not isinstance(column, str) or column not in self.columns:
                 self._bad(number, f"it names column {column!r}, which the plan's job does not declare "
                                   f"({', '.join(sorted(self.columns))})")
             if kind == "change" and ("old" not in record or "new" not in record):

@@ -14,11 +14,13 @@ from typing import Any, NoReturn
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from fillgate.backends import ColumnType, Unstorable, ValueChecker, backend_for, same_value
+from fillgate.backends.base import database_reason
 from fillgate.context import RunContext, activate
 from fillgate.counts import ANOMALY_OF_LINE, PLAN_COUNTS
-from fillgate.errors import ColumnTypeError, FillgateError, Interrupted, JobError
+from fillgate.errors import ColumnTypeError, FillgateError, GuardRefused, Interrupted, JobError, UsageError
 from fillgate.estimate import TRIAL_SIZE, Estimate, trial_estimate
 from fillgate.fingerprints import anomaly_fingerprint, error_fingerprint
 from fillgate.interrupts import interruptible, stop_requested
@@ -29,6 +31,7 @@ from fillgate.lookup import Lookup
 from fillgate.monitor import Monitor
 from fillgate.plan import LINE_KINDS, PlanHeader, PlanWriter
 from fillgate.policy import Decision, Failed
+from fillgate.redact import mask_params
 from fillgate.runs import RunKind, RunStatus
 from fillgate.sql import KeyRange, bounded_source, estimate_rows, existing_rows, keyset_pages, verify_table_and_key
 from fillgate.stamp import Connected
@@ -45,8 +48,11 @@ _DECISION_COUNT = {
 }
 
 
+TRACEBACK_FRAMES = 40  # the innermost frames a row error keeps (a RecursionError has a thousand)
+
+
 def format_traceback(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-TRACEBACK_FRAMES))[-8000:]
 
 
 @dataclass
@@ -354,13 +360,14 @@ def make_plan(
     plan, whose plan run is ``parent_run_id``)."""
     job = job_cls(params)
     types = check_job(conn, job_cls, job.args)
+    _check_output(out)
     run = conn.ledger.create_run(Run(
         run_id=new_run_id(), kind=RunKind.PLAN, job=job_cls.job_name(), table_name=job_cls.table,
         target=conn.target.name, environment=conn.target.environment, operator=operator_name(),
         status=RunStatus.RUNNING, parent_run_id=parent_run_id or pipeline_run_id, started_at=utcnow(),
-        args={"params": job.args, "key": list(job_cls.key_columns()), "columns": sorted(job_cls.policies()),
-              "out": str(out) if out else None, "job_fingerprint": job_cls.code_fingerprint(),
-              **({"partition": bounds.to_json()} if bounds else {})},
+        args={"params": mask_params(job.args), "key": list(job_cls.key_columns()),
+              "columns": sorted(job_cls.policies()), "out": str(out) if out else None,
+              "job_fingerprint": job_cls.code_fingerprint(), **({"partition": bounds.to_json()} if bounds else {})},
     ))
     planning = _Planning(conn, run, job, types, limits or Limits(), monitor or Monitor(), pipeline_run_id)
     planning.trial = estimate
@@ -400,12 +407,15 @@ class _Planning:
         plan_dir, plan_file = _plan_location(out)
         self.planner = planner = _Planner(run, job_cls, PlanWriter(plan_dir), self.monitor, self.checker)
         self.last_saved = dict(planner.counts)
-        self.monitor.run_started(
-            run.run_id, RunKind.PLAN, self.name, conn.target.name, conn.target.environment,
-            estimate_rows(conn.engine, job_cls.table),
-            throttle=self.limits.with_checks(job_cls.health_checks).throttle(),
-            heartbeat=lambda: conn.ledger.update_run(run.run_id, heartbeat_at=utcnow()),
-        )
+        try:
+            self.monitor.run_started(
+                run.run_id, RunKind.PLAN, self.name, conn.target.name, conn.target.environment,
+                estimate_rows(conn.engine, job_cls.table),
+                throttle=self.limits.with_checks(job_cls.health_checks).throttle(),
+                heartbeat=lambda: conn.ledger.update_run(run.run_id, heartbeat_at=utcnow()),
+            )
+        except BaseException as exc:  # the events cannot be written: the run is recorded as failed
+            self._fail(exc)
         lookup: Lookup | None = None
         try:
             with conn.engine.connect() as reader, activate(self.ctx):
@@ -479,7 +489,7 @@ class _Planning:
             health_checks=len(job_cls.health_checks), table=job_cls.table, key=list(job_cls.key_columns()),
             columns={c: p.describe() for c, p in self.planner.policies.items()}, target=conn.target.name,
             environment=conn.target.environment, database_id=conn.database_id, dialect=conn.engine.dialect.name,
-            created_at=utcnow().isoformat() + "Z", operator=run.operator, params=self.job.args,
+            created_at=utcnow().isoformat() + "Z", operator=run.operator, params=mask_params(self.job.args),
             counts=self.planner.counts,
         )
 
@@ -490,6 +500,9 @@ class _Planning:
         if isinstance(exc, KeyboardInterrupt):
             exc = Interrupted(f"plan {self.run.run_id} of {self.name} stopped: interrupted by Ctrl-C after "
                               f"{counts['rows']} rows; nothing was saved. Plan again.", self.run.run_id)
+        if isinstance(exc, GuardRefused):  # a refusal says what it recorded
+            exc = type(exc)(f"{exc} Recorded as failed plan run {self.run.run_id} (fillgate show "
+                            f"{self.run.run_id}); no plan file was saved and nothing was written to your tables.")
         message = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"
         self.conn.ledger.fail_run(self.run.run_id, message, counts=counts, details=self.monitor.details())
         self.monitor.run_finished(RunStatus.FAILED, counts, message)
@@ -535,14 +548,31 @@ def _check_source_selects_key(conn: Connected, job_cls: type[Job], params: Mappi
     wanted = set(probe._bindparams)  # the names the source binds
     if not wanted <= set(params):
         return  # keyset_pages names the unbound parameters
-    with conn.engine.connect() as reader:
-        selected = set(reader.execute(probe, {k: params[k] for k in wanted}).keys())
+    try:
+        with conn.engine.connect() as reader:
+            selected = set(reader.execute(probe, {k: params[k] for k in wanted}).keys())
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise
+        raise JobError(f"the job's source cannot be run (nothing was recorded): the database answered: "
+                       f"{database_reason(exc)}. Fix the job's source SELECT.") from None
     absent = [k for k in job_cls.paging_key() if k not in selected]
     if absent:
         raise JobError(
             f"the job's source does not select the key column(s) {', '.join(absent)} it is paged by; "
             f"add {', '.join(absent)} to the source's SELECT."
         )
+
+
+def _check_output(out: str | Path | None) -> None:
+    """``-o`` names a file or a folder: never a device, FIFO or socket (saving the plan there
+    would replace it: ``-o /dev/full`` replaced the device with the plan file)."""
+    if out is None:
+        return
+    path = Path(out).resolve()
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise UsageError(f"-o {out}: {path} exists and is not a regular file or a folder (a device, FIFO or "
+                         "socket); give a plan file path or a folder. Nothing was recorded.")
 
 
 def _plan_location(out: str | Path | None) -> tuple[Path | None, Path | None]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from fillgate.values import format_value
+
 
 class Decision(StrEnum):
     WRITE = "write"
@@ -75,7 +77,7 @@ class Policy:
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"policy": self.name}
         if self.unknown:
-            out["unknown"] = sorted(map(repr, self.unknown))
+            out["unknown"] = sorted(map(format_value, self.unknown))  # as fillgate shows values
         return out
 
     def __repr__(self) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy.engine import URL
 
@@ -15,7 +17,9 @@ MASK = "***"
 
 # scheme://user:PASSWORD@host: the password runs to the last "@" before the query string, so
 # a password with a raw "@", ":" or "/" in it is masked whole (at worst, with the host).
-_USERINFO = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s'\"]*:)[^\s'\"]*?@(?=[^@\s'\"?#]*(?:[?#\s'\"]|$))")
+# A password may hold spaces and quotes too (a URL that does not parse is shown as written), so
+# it runs to the first "@" on the line that is followed by a host.
+_USERINFO = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s'\"]*:)[^\r\n]*?@(?=[^@\s'\"?#]+(?:[?#\s'\"]|$))")
 # password=..., pass=..., pwd=..., sslpassword=... in a query string or a key=value DSN
 _PARAM = re.compile(
     r"(?i)((?:^|(?<=[?&;\s,(]))(?:ssl)?(?:password|passwd|pass|pwd)\s*=\s*)"
@@ -50,3 +54,10 @@ def redact_url(url: URL | str, *, hide_path: bool = False) -> str:
             port = ""
         return f"{parts.scheme}://{parts.hostname or ''}{port}/…"
     return mask_secrets(text)
+
+
+def mask_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Job parameters as fillgate records them (plan header, the run's arguments): every text
+    value through :func:`mask_secrets` (a ``--param url=postgresql://app:pw@db/x`` is kept as
+    ``postgresql://app:***@db/x``). The job itself gets the values as given."""
+    return {name: mask_secrets(value) if isinstance(value, str) else value for name, value in params.items()}

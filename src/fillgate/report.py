@@ -33,11 +33,11 @@ from fillgate.ledger import Run
 from fillgate.ledger.integrity import RunCheck, VerifyReport
 from fillgate.pipeline_run import PipelineResult
 from fillgate.planner import PlanResult
-from fillgate.redact import mask_secrets
+from fillgate.redact import mask_params, mask_secrets
 from fillgate.revert import RevertPreview
 from fillgate.runs import WRITING_KINDS, RunKind, RunStatus, interrupted, shown_status
 from fillgate.stamp import InitResult
-from fillgate.values import decode_key, format_value, loads, quoted
+from fillgate.values import decode_key, format_key, format_value, loads
 
 
 def to_json(data: Any) -> str:
@@ -50,15 +50,6 @@ def to_json(data: Any) -> str:
 
     return json.dumps(data, default=default, indent=2, sort_keys=False)
 
-
-def format_key(key: Sequence[Any]) -> str:
-    """A row key, each part as :func:`format_value` shows it; a part holding a comma is
-    quoted so that the parts stay apart."""
-    parts = []
-    for part in key:
-        text = format_value(part)
-        parts.append(quoted(text) if "," in text and not text.startswith(("'", "E'")) else text)
-    return ", ".join(parts)
 
 
 def _short(value: Any, width: int = 40) -> str:
@@ -115,8 +106,11 @@ def _line(console: Console, text: str | Text) -> None:
     console.print(text, soft_wrap=True)
 
 
+Cell = str | Text  # a cell's text (a Text keeps its styles: a verdict in red)
+
+
 def _print_table(
-    console: Console, title: str, columns: Sequence[str | tuple[str, str] | Col], rows: Iterable[Sequence[str]]
+    console: Console, title: str, columns: Sequence[str | tuple[str, str] | Col], rows: Iterable[Sequence[Cell]]
 ) -> None:
     """A titled table; nothing at all when there are no rows. When the table does not fit the
     console's width with every id, count and value whole, one block per row instead
@@ -125,7 +119,7 @@ def _print_table(
     if not rows:
         return
     cols = [c if isinstance(c, Col) else Col(c) if isinstance(c, str) else Col(*c) for c in columns]
-    natural = [max([_cell_width(c.name), *(_cell_width(r[i]) for r in rows)]) for i, c in enumerate(cols)]
+    natural = [max([_cell_width(c.name), *(_cell_width(_plain(r[i])) for r in rows)]) for i, c in enumerate(cols)]
     needed = sum(min(w, WRAP_MIN) if c.wrap else w for c, w in zip(cols, natural, strict=True))
     _line(console, Text(title, style="table.title"))
     if needed + 3 * len(cols) + 1 <= console.width:
@@ -134,13 +128,17 @@ def _print_table(
             t.add_column(c.name, style=c.style, no_wrap=not c.wrap, overflow="fold",
                          justify=c.justify)  # type: ignore[arg-type]
         for row in rows:
-            t.add_row(*(Text(cell) for cell in row))
+            t.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in row))
         console.print(t)
         return
     _print_records(console, [c.name for c in cols], rows, [c.style for c in cols])
 
 
-def _print_records(console: Console, labels: Sequence[str], rows: Sequence[Sequence[str]],
+def _plain(cell: Cell) -> str:
+    return cell.plain if isinstance(cell, Text) else cell
+
+
+def _print_records(console: Console, labels: Sequence[str], rows: Sequence[Sequence[Cell]],
                    styles: Sequence[str | None] | None = None, numbered: bool = True) -> None:
     """The vertical layout: one block per row, one ``label  value`` line per non-empty field."""
     pad = max(cell_len(label) for label in labels) + 2
@@ -148,10 +146,13 @@ def _print_records(console: Console, labels: Sequence[str], rows: Sequence[Seque
         if numbered:
             _line(console, Text(f"── {number} of {len(rows)} ──", style="dim"))
         for i, (label, value) in enumerate(zip(labels, row, strict=True)):
-            if value == "":
+            if _plain(value) == "":
                 continue
             line = Text(label.ljust(pad), style="bold")
-            line.append(value.replace("\n", "\n" + " " * pad), style=(styles[i] if styles else None) or "")
+            if isinstance(value, Text):
+                line.append_text(value)
+            else:
+                line.append(value.replace("\n", "\n" + " " * pad), style=(styles[i] if styles else None) or "")
             _line(console, line)
 
 
@@ -226,6 +227,11 @@ def apply_hint(result: PlanResult, confirm: str | None = None) -> str:
     return f"Apply it with: {command}" + (f" --confirm {confirm}" if confirm else "")
 
 
+def _sample_title(title: str, shown: Sequence[Any], count: int) -> str:
+    """A sample table's title, saying how many there are when it shows fewer (never a silent cut)."""
+    return title if len(shown) >= count else f"{title}: first {len(shown)} of {count}"
+
+
 def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step: bool = True,
                confirm: str | None = None) -> None:
     h = result.header
@@ -245,19 +251,25 @@ def print_plan(console: Console, result: PlanResult, sample: int = 10, next_step
                  ("key", ("row", "green")),
                  ((_key(i["key"]), ", ".join(f"{c}={format_value(v)}" for c, v in i["values"].items()))
                   for i in inserts))
-    _print_table(console, "disagreements (not written)", ("key", "column", "stored", "proposed"), (
-        (_key(i["key"]), i["column"], format_value(i["old"]), format_value(i["new"]))
-        for i in result.samples.get("disagreement", [])[:5]
+    shown = {kind: result.samples.get(kind, [])[:5]
+             for kind in ("disagreement", "preserved", "unexpected_index", "error")}
+    _print_table(console, _sample_title("disagreements (not written)", shown["disagreement"],
+                                        result.counts.get("disagreements", 0)),
+                 ("key", "column", "stored", "proposed"), (
+        (_key(i["key"]), i["column"], format_value(i["old"]), format_value(i["new"])) for i in shown["disagreement"]
     ))
-    _print_table(console, "preserved by the guard", ("key", "column", "stored", Col("why", wrap=True)), (
-        (_key(i["key"]), i["column"], format_value(i["old"]), str(i.get("reason", "")))
-        for i in result.samples.get("preserved", [])[:5]
+    _print_table(console, _sample_title("preserved by the guard", shown["preserved"],
+                                        result.counts.get("preserved", 0)),
+                 ("key", "column", "stored", Col("why", wrap=True)), (
+        (_key(i["key"]), i["column"], format_value(i["old"]), str(i.get("reason", ""))) for i in shown["preserved"]
     ))
-    _print_table(console, "unexpected lookup index (never written)", ("key", Col("what", wrap=True)),
-                 ((_key(i["key"]), i["message"]) for i in result.samples.get("unexpected_index", [])[:5]))
-    _print_table(console, "row errors (nothing written for these rows)", ("key", "error", Col("message", wrap=True)), (
-        (_key(i["key"]), i["error_type"], mask_secrets(i["message"])) for i in result.samples.get("error", [])[:5]
-    ))
+    _print_table(console, _sample_title("unexpected lookup index (never written)", shown["unexpected_index"],
+                                        result.counts.get("unexpected_index", 0)),
+                 ("key", Col("what", wrap=True)), ((_key(i["key"]), i["message"]) for i in shown["unexpected_index"]))
+    _print_table(console, _sample_title("row errors (nothing written for these rows)", shown["error"],
+                                        result.counts.get("errors", 0)),
+                 ("key", "error", Col("message", wrap=True)),
+                 ((_key(i["key"]), i["error_type"], mask_secrets(i["message"])) for i in shown["error"]))
     if result.estimate is not None and result.estimate.changes:
         _line(console, escape(estimate_line(result.estimate)))
     if result.path:
@@ -322,10 +334,12 @@ def print_apply(console: Console, result: ApplyResult) -> None:
         f"applied {c['applied']}, conflicts {c['conflicts']}, errors {c['errors']} "
         f"({run.checkpoint}/{run.total} changes processed)"
     )
-    _print_table(console, "conflicts (changed since the plan; left alone)", ("key", "column", "expected", "found"), (
+    conflicts = result.conflicts[:10]
+    _print_table(console, _sample_title("conflicts (changed since the plan; left alone)", conflicts,
+                                        len(result.conflicts)), ("key", "column", "expected", "found"), (
         (_key(i["key"]), i["column"], format_value(i["expected"]),
          format_value(i["found"]) if i["row_exists"] else "(row deleted)")
-        for i in result.conflicts[:10]
+        for i in conflicts
     ))
     if result.stopped == RunStatus.PAUSED:
         _line(console, f"Paused between batches. Continue with: fillgate resume {run.run_id}")
@@ -355,8 +369,10 @@ def print_preview(console: Console, preview: RevertPreview) -> None:
         f"{preview.revertible} of {preview.total} fields would be restored, "
         f"{preview.conflicts} changed since and would be left alone."
     )
-    _print_table(console, "would restore", ("key", "column", "now", "restored to"), (
-        (_key(i["key"]), i["column"], format_value(i["old"]), format_value(i["new"])) for i in preview.samples[:10]
+    samples = preview.samples[:10]
+    _print_table(console, _sample_title("would restore", samples, preview.revertible),
+                 ("key", "column", "now", "restored to"), (
+        (_key(i["key"]), i["column"], format_value(i["old"]), format_value(i["new"])) for i in samples
     ))
 
 
@@ -372,6 +388,8 @@ def _run_json(run: Run) -> dict[str, Any]:
     data = run.to_json()
     if data.get("message"):
         data["message"] = mask_secrets(data["message"])
+    if isinstance(data.get("args"), dict) and isinstance(data["args"].get("params"), dict):  # a run recorded
+        data["args"] = {**data["args"], "params": mask_params(data["args"]["params"])}  # before params were masked
     gone = interrupted(run)
     if gone:  # recorded as running, but its process is gone
         data["interrupted"] = gone
@@ -382,9 +400,14 @@ def runs_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
     return [_run_json(r) for r in runs]
 
 
-def print_runs(console: Console, runs: Sequence[Run]) -> None:
+def print_runs(console: Console, runs: Sequence[Run], filters: Mapping[str, str | None] | None = None) -> None:
     if not runs:
-        console.print("No runs yet.")
+        given = {name: value for name, value in (filters or {}).items() if value is not None}
+        if given:  # runs there may be, but none of these
+            shown = ", ".join(f"--{name} {quote(value)}" for name, value in given.items())
+            _line(console, escape(f"No runs match {shown} (fillgate runs lists them all)."))
+        else:
+            console.print("No runs yet.")
         return
     rows = []
     for r in runs:
@@ -477,7 +500,7 @@ def print_show(console: Console, run: Run, error_groups: list[dict[str, Any]],
         ("progress", f"{run.checkpoint}/{run.total}" if run.kind != RunKind.PLAN and run.total is not None else None),
         ("created", _when(run.created_at)), ("finished", _when(run.finished_at)),
         ("duration", f"{duration:.2f}s" if duration is not None else None),
-        ("message", mask_secrets(run.message or "")), ("arguments", json.dumps(run.args, default=str)),
+        ("message", mask_secrets(run.message or "")), ("arguments", mask_secrets(json.dumps(run.args, default=str))),
         ("apply estimate", _recorded_estimate(run)),
     ) if value]
     _print_records(console, [label for label, _ in fields], [[value for _, value in fields]], numbered=False)
@@ -687,28 +710,18 @@ def print_verify(console: Console, result: VerifyReport) -> None:
     if not result.runs and not result.findings:
         console.print(f"Target '{escape(result.target)}' has no apply or revert runs: no audit rows to verify.")
         return
-    if result.runs:
-        t = Table(title=f"audit log of target {escape(result.target)}", title_justify="left")
-        t.add_column("run", no_wrap=True, min_width=26)
-        t.add_column("kind", no_wrap=True)
-        t.add_column("status", no_wrap=True)
-        t.add_column("rows", justify="right")
-        t.add_column("result", overflow="fold")
-        for check in result.runs:
-            t.add_row(check.run_id, check.kind, check.status, str(check.rows), _verdict(check))
-        console.print(t)
+    _print_table(console, f"audit log of target {result.target}",
+                 ("run", "kind", "status", Col("rows", justify="right"), Col("result", wrap=True)),
+                 ((check.run_id, check.kind, check.status, str(check.rows), Text.from_markup(_verdict(check)))
+                  for check in result.runs))
     for check in result.tampered:
         console.print(f"[bold red]run {check.run_id}[/] ({check.kind} on {escape(check.table or '')}): "
                       f"first difference: {escape(check.first.message if check.first else '')}", soft_wrap=True)
-        if len(check.findings) > 1:
-            found = Table(title=f"differences in run {check.run_id}", title_justify="left")
-            for name in ("kind", "position", "row id"):
-                found.add_column(name, no_wrap=True)
-            found.add_column("what", overflow="fold")  # a long key is folded, never cut
-            for f in check.findings:
-                found.add_row(f.kind, "" if f.seq is None else str(f.seq), "" if f.row_id is None else str(f.row_id),
-                              escape(f.message))
-            console.print(found)
+        if len(check.findings) > 1:  # a long key is wrapped, never cut
+            _print_table(console, f"differences in run {check.run_id}",
+                         ("kind", "position", "row id", Col("what", wrap=True)),
+                         ((f.kind, "" if f.seq is None else str(f.seq), "" if f.row_id is None else str(f.row_id),
+                           f.message) for f in check.findings))
         if check.more_findings:
             console.print(f"… and {check.more_findings} more differences (counted above).")
         if check.recorded_sha256 is not None:

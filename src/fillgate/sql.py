@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -13,7 +14,7 @@ from sqlalchemy import column as sa_column
 from sqlalchemy import inspect, select, text, tuple_
 from sqlalchemy import table as sa_table
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SAWarning
 from sqlalchemy.sql.elements import TextClause
 
 from fillgate.backends import ColumnType, backend_for, same_value
@@ -128,7 +129,9 @@ def verify_table_and_key(
     insp = inspect(engine)
     if not insp.has_table(name, schema=schema or None):
         raise JobError(f"table {table!r} does not exist in the target database.")
-    cols = {c["name"].lower(): c for c in insp.get_columns(name, schema=schema or None)}
+    with warnings.catch_warnings():  # "Did not recognize type 'xml'": fillgate reads types itself
+        warnings.simplefilter("ignore", SAWarning)
+        cols = {c["name"].lower(): c for c in insp.get_columns(name, schema=schema or None)}
     missing = [c for c in (*key, *columns) if c.lower() not in cols]
     if missing:
         raise JobError(

@@ -91,9 +91,9 @@ def validate(data: Mapping[str, Any], schema: Mapping[str, Field], where: str,
             problem = f"must be {spec.describe()}, not {kind_of(value)}"
         elif spec.items is not None:
             members = value if isinstance(value, list) else list(value.values())
-            bad = next((m for m in members if not _is(m, spec.items)), None)
-            if bad is not None or (isinstance(value, dict) and not all(isinstance(k, str) for k in value)):
-                problem = f"must be {spec.describe()}, but holds {kind_of(bad)}"
+            bad = [m for m in members if not _is(m, spec.items)]  # a list: the bad member may be None
+            if bad or (isinstance(value, dict) and not all(isinstance(k, str) for k in value)):
+                problem = f"must be {spec.describe()}, but holds {kind_of(bad[0]) if bad else 'a key that is not text'}"
         if problem is None and _bad_text(value):
             problem = "holds text that is not valid Unicode (a lone surrogate)"
         if problem is None and spec.rule is not None:

@@ -170,18 +170,77 @@ def key_candidates(raw: str) -> list[str]:
             raise UsageError(f"key {raw!r} must be a non-empty JSON list.")
         return [encode_key(parsed)]
     readings: list[list[Any]] = [[]]
-    for part in (p.strip() for p in raw.split(",")):
+    for part, quoted in split_key(raw):
         options: list[Any] = [part]
-        try:
-            options.insert(0, int(part))
-        except ValueError:
-            with contextlib.suppress(ValueError):
-                options.insert(0, float(part))
+        if not quoted:
+            try:
+                options.insert(0, int(part))
+            except ValueError:
+                with contextlib.suppress(ValueError):
+                    options.insert(0, float(part))
         readings = [[*prefix, option] for prefix in readings for option in options]
     return [encode_key(r) for r in readings]
 
 
-# --- one way to show a value ------------------------------------------------------------------
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'"}
+
+
+def _quoted_part(raw: str, start: int) -> tuple[str, int] | None:
+    """The text of a quoted key part at ``start`` (``'it''s'``, or ``E'a\\nb'`` with escapes, as
+    :func:`format_key` writes them) and where it ends; None when it is not one (no closing quote)."""
+    escaped = raw.startswith("E'", start)
+    i = start + (2 if escaped else 1)
+    out: list[str] = []
+    while i < len(raw):
+        c = raw[i]
+        if escaped and c == "\\" and i + 1 < len(raw):
+            nxt = raw[i + 1]
+            if nxt == "x" and i + 3 < len(raw):
+                with contextlib.suppress(ValueError):
+                    out.append(chr(int(raw[i + 2:i + 4], 16)))
+                    i += 4
+                    continue
+            out.append(_ESCAPES.get(nxt, nxt))
+            i += 2
+        elif c == "'" and not escaped and raw.startswith("''", i):
+            out.append("'")
+            i += 2
+        elif c == "'":
+            return "".join(out), i + 1
+        else:
+            out.append(c)
+            i += 1
+    return None
+
+
+def split_key(raw: str) -> list[tuple[str, bool]]:
+    """The parts of a typed key ``42, 'a,b', E'x\\ty'``: (text, quoted). A part quoted as
+    :func:`format_key` shows it (a SQL literal, which may hold commas) is text; a bare part may
+    also be a number. A quote that does not close is part of a bare part (``O'Brien``)."""
+    parts: list[tuple[str, bool]] = []
+    i, n = 0, len(raw)
+    while True:
+        while i < n and raw[i] == " ":
+            i += 1
+        found = _quoted_part(raw, i) if raw.startswith(("'", "E'"), i) else None
+        if found is not None:
+            after = found[1]
+            while after < n and raw[after] == " ":
+                after += 1
+            if after == n or raw[after] == ",":
+                parts.append((found[0], True))
+                if after == n:
+                    return parts
+                i = after + 1
+                continue
+        end = raw.find(",", i)
+        parts.append((raw[i:n if end < 0 else end].strip(), False))
+        if end < 0:
+            return parts
+        i = end + 1
+
+
+# --- values: one way to show them (the CLI, the dashboard, plan headers) ---------------------
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _WORDS = {"null", "true", "false", "nan", "infinity", "-infinity", "+infinity"}
@@ -244,3 +303,29 @@ def in_words(value: Any) -> str:
     """A value inside a sentence (an error or conflict message): as :func:`format_value` shows
     it, a string always quoted as a SQL literal so that it reads apart from the words around it."""
     return quoted(value) if isinstance(value, str) else format_value(value)
+
+
+def format_key(key: Sequence[Any]) -> str:
+    """A row key, each part as :func:`format_value` shows it; a part holding a comma is
+    quoted so that the parts stay apart."""
+    parts = []
+    for part in key:
+        text = format_value(part)
+        parts.append(quoted(text) if "," in text and not text.startswith(("'", "E'")) else text)
+    return ", ".join(parts)
+
+
+def format_policy(described: Any) -> str:
+    """A column's policy as a plan header records it (``Policy.describe``), as text:
+    ``promote (unknown: 'unknown', 0)``. Anything else (a hand-edited header) is shown as JSON."""
+    if isinstance(described, Mapping) and isinstance(described.get("policy"), str):
+        extra = {k: v for k, v in described.items() if k != "policy"}
+        unknown = extra.pop("unknown", None)
+        parts = []
+        if isinstance(unknown, list) and all(isinstance(u, str) for u in unknown):
+            parts.append("unknown: " + ", ".join(unknown))
+        elif unknown is not None:
+            extra["unknown"] = unknown
+        parts += [f"{k}: {format_value(v)}" for k, v in extra.items()]
+        return str(described["policy"]) + (f" ({'; '.join(parts)})" if parts else "")
+    return json.dumps(described, ensure_ascii=False, default=str)

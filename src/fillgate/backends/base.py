@@ -203,6 +203,9 @@ class Backend:
         """The file of a file database that does not exist yet (connecting would create it)."""
         return None
 
+    def check_connection(self, conn: Connection) -> None:
+        """After connecting: fail now if the database cannot be used (a file that is not one)."""
+
     # --- the apply lock -----------------------------------------------------------------
 
     def try_session_lock(self, conn: Connection, name: str) -> bool | None:

@@ -161,11 +161,14 @@ class MySQLBackend(Backend):
             "ORDER BY ordinal_position",
             (schema or None, name),
         ).all()
+        checks: dict[str, list[str]] = {}
+        for checked, clause in _column_checks(conn, schema, name):
+            checks.setdefault(checked, []).append(clause)
         out: dict[str, ColumnType] = {}
         for column, data_type, column_type, charset, collation, nullable in rows:
             data_type = str(data_type).lower()
             details: dict[str, Any] = {"column_type": column_type, "charset": charset, "collation": collation,
-                                       "data_type": data_type, "sql_mode": sql_mode}
+                                       "data_type": data_type, "sql_mode": sql_mode, "checks": checks.get(column, [])}
             size = _SIZE.search(str(column_type))
             if size is not None:
                 details["size"] = (int(size.group(1)), int(size.group(2)) if size.group(2) else None)
@@ -187,7 +190,7 @@ class MySQLBackend(Backend):
             return PROBE
         low, high = limits
         if low <= value <= high:
-            return value
+            return PROBE if ctype.details.get("checks") else value
         return Unstorable(f"{ctype.describe()} cannot hold {value}: out of range ({low} to {high}).")
 
     def fast_path(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
@@ -195,6 +198,8 @@ class MySQLBackend(Backend):
         by its precision and scale; DATETIME and DATE in range with the fractions the column
         keeps. Everything else is probed."""
         d = ctype.details
+        if d.get("checks"):  # a CHECK constraint decides too: probe every value
+            return None
         limits = d.get("range")
         if limits is not None:
             low, high = limits
@@ -235,6 +240,21 @@ class MySQLBackend(Backend):
         return session.probe(ctype, values)
 
 
+def _column_checks(conn: Connection, schema: str, table: str) -> list[tuple[str, str]]:
+    """MariaDB's column-level CHECK constraints of ``table`` (its JSON columns are LONGTEXT with
+    ``CHECK (json_valid(col))``): (column, clause). Probes carry them, so a value they refuse is a
+    plan row error, not an apply error. MySQL has no column-level checks: none."""
+    try:
+        rows = conn.exec_driver_sql(
+            "SELECT constraint_name, check_clause FROM information_schema.check_constraints "
+            "WHERE constraint_schema = COALESCE(%s, DATABASE()) AND table_name = %s AND level = 'Column'",
+            (schema or None, table),
+        ).all()
+    except DBAPIError:  # MySQL: no LEVEL column (its checks are table-level)
+        return []
+    return [(str(column), str(clause)) for column, clause in rows]
+
+
 class _Probe(ProbeSession):
     """One connection with one ``TEMPORARY`` InnoDB table per probed column; every probe's
     rows are rolled back, and the tables are dropped at the end (or die with the session)."""
@@ -250,11 +270,12 @@ class _Probe(ProbeSession):
             name = f"{self.prefix}_{len(self.tables)}"
             d = ctype.details
             charset = f" CHARACTER SET {d['charset']} COLLATE {d['collation']}" if d.get("charset") else ""
+            checks = "".join(f" CHECK ({clause})" for clause in d.get("checks", ()))
             try:
                 column = self.conn.dialect.identifier_preparer.quote(ctype.column)
                 self.conn.exec_driver_sql(  # the column keeps its name: the server's messages name it
                     f"CREATE TEMPORARY TABLE {name} (fillgate_n INT NOT NULL, {column} {d['column_type']}{charset} "
-                    "NULL) ENGINE=InnoDB"
+                    f"NULL{checks}) ENGINE=InnoDB"
                 )
                 self.conn.commit()
             except DBAPIError as exc:

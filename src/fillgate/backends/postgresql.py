@@ -48,6 +48,10 @@ FROM cols c JOIN pg_type t ON t.oid = c.tid JOIN pg_namespace n ON n.oid = t.typ
 ORDER BY c.attnum, c.depth DESC
 """
 
+# types with no equality operator (xml, json arrays), or one that compares something else (a box's
+# "=" compares areas): IS NOT DISTINCT FROM cannot tell whether a stored value is the planned one
+_NO_EQUALITY = frozenset({"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
+
 _FAMILIES = {
     "int2": "integer", "int4": "integer", "int8": "integer",
     "numeric": "numeric", "float4": "float", "float8": "float", "bool": "bool",
@@ -200,9 +204,14 @@ class PostgreSQLBackend(Backend):
         return out
 
     def unsupported(self, ctype: ColumnType) -> str | None:
-        if ctype.details.get("typname") == "json":
+        typname = str(ctype.details.get("typname", ""))
+        if typname == "json":
             return (f"{ctype.describe()} is of type json, which has no equality operator, so fillgate cannot "
                     "compare-and-set it. Use jsonb.")
+        if typname.lstrip("_") in _NO_EQUALITY:
+            return (f"{ctype.describe()} is of type {typname.lstrip('_')}, which has no equality operator (or one "
+                    "that compares areas), so fillgate cannot compare-and-set it (an apply would fail, or miss a "
+                    "change made since the plan). Write it with a column of another type.")
         return None
 
     def accept(self, ctype: ColumnType, value: Any) -> Any:

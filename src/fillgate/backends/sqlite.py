@@ -54,6 +54,8 @@ def family_of(declared: str, strict: bool) -> tuple[str, str]:
     aff = affinity(declared)
     upper = declared.upper()
     if aff == "NUMERIC":
+        if "JSON" in upper:  # SQLAlchemy's JSON on SQLite: JSON text (a numeric-looking text is probed)
+            return "text", aff
         if "BOOL" in upper:
             return "bool", aff
         if "DATETIME" in upper or "TIMESTAMP" in upper:
@@ -113,6 +115,9 @@ class SQLiteBackend(Backend):
         return None if path.exists() else path
 
     # --- statements ---------------------------------------------------------------------
+
+    def check_connection(self, conn: Connection) -> None:
+        conn.exec_driver_sql("PRAGMA schema_version")  # reads the header: "file is not a database" now
 
     def null_safe_equal(self, column: str, mark: str, exact: bool = False) -> str:
         return f"{column} IS {mark}"
@@ -207,7 +212,7 @@ class SQLiteBackend(Backend):
     def fast_path(self, ctype: ColumnType) -> Callable[[Any], Any] | None:
         aff, family = ctype.details["affinity"], ctype.family
         low, high = INT64
-        if family == "text" or (family == "any" and aff in ("BLOB", "ANY")):
+        if (family == "text" and aff != "NUMERIC") or (family == "any" and aff in ("BLOB", "ANY")):
             return lambda v: v if type(v) is str and v.isascii() else PROBE
         if family == "integer" and aff == "INTEGER":
             return lambda v: v if type(v) is int and low <= v <= high else PROBE

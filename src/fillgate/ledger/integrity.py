@@ -80,18 +80,21 @@ def read_anchors(paths: Iterable[str | Path], target: str) -> Anchors:
     for raw in paths:
         path = Path(raw)
         anchors.files.append(str(path))
+        if path.exists() and not path.is_file():  # a device (/dev/zero), a FIFO: never read to the end
+            raise UsageError(f"events file {path} is not a regular file; give a file written by --events.")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise UsageError(f"cannot read events file {path}: {reason}.") from None
-        for number, line in enumerate(text.splitlines(), 1):
+        # split on "\n" only: a value may hold "\x85" or "\u2028", which str.splitlines() also splits on
+        for number, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
                 event = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise UsageError(
                     f"{where} is not a JSON line; an events file holds one JSON object per line "
                     "(as written by --events). Remove or repair that line."

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import math
 import secrets
@@ -43,9 +44,12 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
+from fillgate.counts import LABELS, PLAN_COUNTS
 from fillgate.errors import EXIT_REFUSED, FillgateError, RunNotFoundError
 from fillgate.ledger import Run
+from fillgate.redact import mask_secrets
 from fillgate.runs import WRITING_KINDS, RunKind, RunStatus, interrupted, shown_status
+from fillgate.values import format_policy
 from fillgate.web import data
 from fillgate.web.metrics import render_metrics
 from fillgate.web.planindex import KINDS, PAGE, PlanStatus
@@ -99,6 +103,17 @@ def _fmt_when(value: object) -> str:
     return "" if value is None else str(value)
 
 
+def _plan_counts(counts: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """A plan header's counts as ``fillgate plan`` lists them: its labels, in its order."""
+    names = [n for n in PLAN_COUNTS if n in counts] + [n for n in counts if n not in PLAN_COUNTS]
+    return [(n, LABELS.get(n, n), counts[n]) for n in names]
+
+
+def _json_text(value: object, indent: int | None = None) -> str:
+    """JSON as a person reads it (unicode as itself; the template escapes it for HTML)."""
+    return json.dumps(value, ensure_ascii=False, default=str, indent=indent)
+
+
 def _fmt_seconds(value: float | None) -> str:
     if value is None or math.isnan(value):
         return ""
@@ -115,10 +130,12 @@ def _fmt_seconds(value: float | None) -> str:
 def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True),
                       trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=_fmt_num, when=_fmt_when, seconds=_fmt_seconds)
+    env.filters.update(num=_fmt_num, when=_fmt_when, seconds=_fmt_seconds, json_text=_json_text,
+                       mask=mask_secrets)
     env.globals.update(KINDS=KINDS, KIND_LABELS=data.KIND_LABELS, RUN_KINDS=data.RUN_KINDS,
                        RUN_STATUSES=data.RUN_STATUSES, Status=RunStatus, Kind=RunKind, WRITING=WRITING_KINDS,
                        key_text=data.key_text, key_query=data.key_query, display=data.display,
+                       policy_text=format_policy, plan_counts=_plan_counts,
                        why_interrupted=interrupted, shown_status=shown_status, urlencode=urlencode)
     return env
 

@@ -15,14 +15,12 @@ each action is recorded in the ledger with the operator who asked.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
-import datetime as dt
-import decimal
 import json
 import logging
 import shlex
 import threading
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from fillgate import commands
 from fillgate.config import Config, Target, load_config
 from fillgate.control import control_run, resume_run
-from fillgate.errors import FillgateError, NotInitializedError, StampMismatchError, UsageError
+from fillgate.errors import (
+    ConfigError,
+    FillgateError,
+    NotInitializedError,
+    RunNotFoundError,
+    StampMismatchError,
+    UsageError,
+)
 from fillgate.history import MAX_TEXT_KEY_PARTS, row_history
 from fillgate.interrupts import clear as clear_stop
 from fillgate.interrupts import request_stop
@@ -42,12 +47,12 @@ from fillgate.limits import Limits
 from fillgate.monitor import Monitor
 from fillgate.pipeline_run import stage_applies
 from fillgate.plan import verify_plan
-from fillgate.redact import mask_secrets
+from fillgate.redact import mask_secrets, redact_url
 from fillgate.revert import RevertPreview, preview_revert
 from fillgate.runs import RunKind, RunStatus, interrupted
 from fillgate.stamp import Connected, connect
 from fillgate.throttle import Throttle
-from fillgate.values import key_candidates, loads
+from fillgate.values import format_key, format_value, key_candidates, loads, split_key
 from fillgate.web.planindex import KINDS, PAGE, PlanStatus, PlanStore
 
 log = logging.getLogger("fillgate.web")
@@ -85,18 +90,10 @@ def describe_error(exc: BaseException) -> str:
 
 
 def display(value: Any) -> str | None:
-    """A stored value as text, whole (None stays None: the page shows NULL)."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dt.datetime | dt.date | dt.time):
-        return value.isoformat(" ") if isinstance(value, dt.datetime) else value.isoformat()
-    if isinstance(value, bytes | bytearray | memoryview):
-        return "0x" + bytes(value).hex()
-    if isinstance(value, int | float | decimal.Decimal | uuid.UUID):
-        return str(value)
-    return json.dumps(value, default=str, ensure_ascii=False)
+    """A stored value as text, whole and exactly as the CLI shows it (``report.format_value``:
+    1.50, 2013-01-01 05:17:00, \\x00ff, '42' for a string that reads as a number); None stays
+    None (the page shows NULL)."""
+    return None if value is None else format_value(value)
 
 
 def display_json(text: str) -> str | None:
@@ -105,10 +102,8 @@ def display_json(text: str) -> str | None:
 
 
 def key_text(key: Sequence[Any] | None) -> str:
-    """A row key as people type it: ``42``, or ``a, b`` for a composite key."""
-    if key is None:
-        return ""
-    return ", ".join("NULL" if k is None else display(k) or "" for k in key)
+    """A row key as the CLI shows it: ``42``, or ``a, b`` for a composite key."""
+    return "" if key is None else format_key(key)
 
 
 def key_query(key: Sequence[Any] | None) -> str:
@@ -125,7 +120,7 @@ class TargetView:
     environment: str
     protected: bool
     url: str  # password masked
-    state: str  # ok, refused, unreachable, uninitialised, error
+    state: str  # ok, refused, unreachable, uninitialised, unavailable (its url cannot be resolved), error
     message: str | None = None
     stamp: dict[str, str] = field(default_factory=dict)
     revision: str | None = None
@@ -143,7 +138,10 @@ class Dashboard:
         self.config: Config = load_config(config_path)
         names = list(target_names or self.config.targets)
         for name in names:
-            self.config.target(name)  # an unknown name fails now, naming the declared ones
+            if name not in self.config.targets:  # an unknown name fails now, naming the declared ones
+                self.config.target(name)
+        # A declared target whose url cannot be resolved (an unset ${VAR}, a missing driver) is
+        # served as "unavailable", saying why: it never stops the server or the other targets.
         self.names = names
         self.plans = PlanStore(cache_dir, _verify)
         self.runner = Runner()
@@ -157,7 +155,10 @@ class Dashboard:
 
     def connect(self, name: str) -> Connected:
         """The target, reached and its stamp checked (else a WebError saying why)."""
-        target = self.target(name)
+        try:
+            target = self.target(name)
+        except ConfigError as exc:  # its url cannot be resolved: the target is unavailable
+            raise WebError(f"target '{name}' is unavailable: {describe_error(exc)}", 503) from None
         try:
             return connect(target)
         except StampMismatchError as exc:
@@ -169,7 +170,12 @@ class Dashboard:
         return [self.target_view(name) for name in self.names]
 
     def target_view(self, name: str) -> TargetView:
-        target = self.target(name)
+        try:
+            target = self.target(name)
+        except ConfigError as exc:  # its url uses an unset ${VAR}, or its driver is not installed
+            spec = self.config.targets[name]
+            return TargetView(name, spec.environment, spec.protected, redact_url(spec.raw_url), "unavailable",
+                              describe_error(exc))
         view = TargetView(name, target.environment, target.protected, target.safe_url, "ok")
         try:
             conn = connect(target)
@@ -271,8 +277,7 @@ class Dashboard:
             with acting_as(operator):
                 run = control_run(conn, run_id, action)
         except FillgateError as exc:
-            conn.ledger.record_action(run_id, action, operator, f"refused: {exc}")
-            raise
+            raise _refused(conn, run_id, action, operator, exc) from None
         outcome = (f"asked the run to {action} after its current batch" if run.control
                    else f"run is now {run.status}")
         conn.ledger.record_action(run_id, action, operator, outcome)
@@ -324,8 +329,7 @@ class Dashboard:
             return self.runner.start(conn, work, operator, started,
                                      lambda exc: record(f"stopped: {describe_error(exc)}"))
         except FillgateError as exc:
-            conn.ledger.record_action(run_id, action, operator, f"refused: {exc}")
-            raise
+            raise _refused(conn, run_id, action, operator, exc) from None
 
     # --- plans ------------------------------------------------------------------------------
 
@@ -351,6 +355,8 @@ class Dashboard:
     def plan_file(self, path: str) -> PlanStatus:
         if not path.strip():
             raise WebError("give the path of a plan file (made by fillgate plan -o FILE).")
+        if "\x00" in path:
+            raise WebError("a file path cannot hold a NUL character; give the path of a plan file.")
         return self.plans.status(Path(path).expanduser())
 
     def plan_page(self, status: PlanStatus, page: int, kind: str | None, column: str | None,
@@ -434,6 +440,18 @@ class Dashboard:
         return out
 
 
+def _refused(conn: Connected, run_id: str, action: str, operator: str, exc: FillgateError) -> FillgateError:
+    """A refused action, recorded among the run's actions (who asked for what): the message says
+    so. A run that does not exist gets no record (the ledger keeps actions of its runs only)."""
+    if isinstance(exc, RunNotFoundError):
+        return exc
+    conn.ledger.record_action(run_id, action, operator, f"refused: {exc}")
+    refused = copy.copy(exc)
+    refused.args = (f"{exc} (This refused request is recorded among the run's actions; nothing else was "
+                    "written.)",)
+    return refused
+
+
 def _quote(text: str) -> str:
     return shlex.quote(text)
 
@@ -441,8 +459,8 @@ def _quote(text: str) -> str:
 def _plan_key_candidates(key: str) -> list[str]:
     """The encodings a key typed on the plan page may have (each numeric part doubles them,
     so a long key must come as a JSON list, as for ``fillgate history``)."""
-    if not key.strip().startswith("[") and len(key.split(",")) > MAX_TEXT_KEY_PARTS:
-        raise UsageError(f"key {key!r} has {len(key.split(','))} parts; give a key of more than "
+    if not key.strip().startswith("[") and len(split_key(key)) > MAX_TEXT_KEY_PARTS:
+        raise UsageError(f"key {key!r} has {len(split_key(key))} parts; give a key of more than "
                          f"{MAX_TEXT_KEY_PARTS} parts as a JSON list.")
     return key_candidates(key)
 
@@ -633,6 +651,6 @@ def plan_line(number: int, raw: bytes) -> dict[str, Any]:
     if "new" in record:
         item["new"] = display(record["new"])
     for name in ("reason", "error_type", "message", "fingerprint"):
-        if name in record:
-            item[name] = display(record[name])
+        if name in record:  # prose, shown as written (a message's passwords masked)
+            item[name] = mask_secrets(record[name] if isinstance(record[name], str) else json.dumps(record[name]))
     return item

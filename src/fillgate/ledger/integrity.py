@@ -275,11 +275,12 @@ def _check_batch(ledger: Ledger, walk: _Walk, batch: Any, rows: list[AuditRow]) 
                                    "evidence (no position, no chain hash): they were not written by this run",
                           head.id, rows=len(rows)))
         return
-    if type(batch.first_seq) is not int or not isinstance(batch.chain_sha256, str) or batch.n_changes != len(rows):
-        check.add(Finding("altered", f"{_describe(head)}: its batch's position {batch.first_seq!r}, row count "
-                                     f"{batch.n_changes!r} or chain hash is not what fillgate writes", head.id))
+    if type(batch.first_seq) is not int or not isinstance(batch.chain_sha256, str):
+        check.add(Finding("altered", f"{_describe(head)}: its batch's position {batch.first_seq!r} or chain hash "
+                                     "is not what fillgate writes", head.id))
         return
-    last_seq = batch.first_seq + len(rows) - 1
+    claimed = batch.n_changes if type(batch.n_changes) is int and batch.n_changes > 0 else len(rows)
+    last_seq = batch.first_seq + claimed - 1
     if batch.first_seq < walk.expected:
         check.add(Finding("added", f"{_describe(head)} claims position {batch.first_seq}, which an earlier row "
                                    "of the run holds", head.id, batch.first_seq, len(rows)))
@@ -291,14 +292,33 @@ def _check_batch(ledger: Ledger, walk: _Walk, batch: Any, rows: list[AuditRow]) 
         walk.recorded, walk.run = run.audit_rows or 0, run
         check.status, check.recorded_rows, check.recorded_sha256 = run.status, run.audit_rows, run.audit_sha256
     if last_seq > walk.recorded:
-        check.add(Finding("added", f"{_describe(head)} claims position {last_seq if len(rows) == 1 else batch.first_seq}"
-                                   f"{'' if len(rows) == 1 else f'-{last_seq}'}, beyond the {walk.recorded} rows the "
+        span = str(batch.first_seq) if claimed == 1 else f"{batch.first_seq}-{last_seq}"
+        check.add(Finding("added", f"{_describe(head)} claims position {span}, beyond the {walk.recorded} rows the "
                                    "run recorded", head.id, batch.first_seq, len(rows)))
         return
-    if batch.first_seq > walk.expected:
+    after_gap = batch.first_seq > walk.expected
+    if after_gap:
         check.add(_missing(walk.expected, batch.first_seq - 1, walk.last_id, head.id))
-    _check_rows(walk, rows)
+    if claimed != len(rows):
+        check.add(Finding("altered", f"{_describe(head)}: its batch says it holds {batch.n_changes!r} changes "
+                                     f"(positions {batch.first_seq}-{last_seq}) and holds {len(rows)}",
+                          head.id, batch.first_seq, len(rows)))
+        _follow_rows(walk, rows)
+        walk.stored = batch.chain_sha256
+    else:
+        # after a gap the chain value before the batch is gone: the batch's own is taken as it is
+        (_follow_rows if after_gap else _check_rows)(walk, rows)
     walk.expected, walk.last_id = last_seq + 1, rows[-1].id
+
+
+def _follow_rows(walk: _Walk, rows: list[AuditRow]) -> None:
+    """Rows whose stored chain values cannot be checked: recompute the pure chain only."""
+    for row in rows:
+        walk.pure = row_link(walk.pure, row)
+        if row.seq in walk.wanted:
+            walk.seen[row.seq] = walk.pure
+        if row.chain_sha256 is not None:
+            walk.stored = row.chain_sha256
 
 
 def _check_rows(walk: _Walk, rows: list[AuditRow]) -> None:
@@ -311,7 +331,7 @@ def _check_rows(walk: _Walk, rows: list[AuditRow]) -> None:
         computed = row_link(computed, row)
         walk.pure = row_link(walk.pure, row)
         if row.seq in walk.wanted:
-            walk.seen[row.seq] = walk.pure  # type: ignore[index]
+            walk.seen[row.seq] = walk.pure
         if row.chain_sha256 is None:
             continue
         if computed != row.chain_sha256:
@@ -365,6 +385,7 @@ def _check_predating(ledger: Ledger, run: Run, check: RunCheck, anchors: Sequenc
                    func.coalesce(func.sum(case((b.chain_sha256.is_not(None), b.n_changes), else_=0)), 0))
             .where(b.run_id == run.run_id)
         ).one()
+    total, chained = int(total), int(chained)  # MariaDB sums as DECIMAL
     check.rows = total
     check.state = "predates"
     if chained:
@@ -438,8 +459,8 @@ def _orphans(ledger: Ledger) -> list[Finding]:
             .group_by(b.run_id)
             .order_by(func.min(b.id))
         ).all()
-    return [Finding("orphan", f"{row.n} audit row{'s' if row.n != 1 else ''} (first: row id {row.first}) "
+    return [Finding("orphan", f"{int(row.n)} audit row{'s' if row.n != 1 else ''} (first: row id {row.first}) "
                               f"name{'s' if row.n == 1 else ''} run {row.run_id}, which is not an apply or revert "
-                              "run of this ledger", row.first, rows=row.n)
+                              "run of this ledger", int(row.first), rows=int(row.n))
             for row in rows]
 

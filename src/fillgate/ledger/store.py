@@ -505,11 +505,13 @@ class Ledger:
         number = conn.execute(
             select(func.coalesce(func.max(b.batch), 0)).where(b.run_id == run_id)
         ).scalar_one() + 1
-        batch_id = conn.execute(insert(schema.audit_batches).values(
+        inserted = conn.execute(insert(schema.audit_batches).values(
             run_id=run_id, batch=number, table_name=table, source=source, changed_at=when, first_seq=first_seq,
             n_changes=len(items), column_names=_dump(sorted({item[1] for item in items})),
             changes=_dump(items), chain_sha256=None if chain is None else chain.sha256,
-        )).inserted_primary_key[0]
+        )).inserted_primary_key
+        assert inserted is not None
+        batch_id = inserted[0]
         hashes = sorted({key_hash(table, item[0]) for item in items})
         self.backend.append_rows(conn, "fillgate_audit_keys", ("key_hash", "batch_id"),
                                  [(h, batch_id) for h in hashes])
@@ -586,7 +588,9 @@ class Ledger:
         with self.engine.connect() as conn:
             for names in conn.execute(select(b.column_names).where(b.table_name == table).distinct()).scalars():
                 columns.update(_load_list(names))
-            first = conn.execute(select(schema.audit_batches).where(b.table_name == table).order_by(b.id).limit(1)).first()
+            first = conn.execute(
+                select(schema.audit_batches).where(b.table_name == table).order_by(b.id).limit(1)
+            ).first()
         key = next((row.row_key for row in unpack(first)), None) if first is not None else None
         return sorted(columns), key
 

@@ -53,6 +53,7 @@ TABLE_DDL = (
 )
 APPLY_TARGET = 2.0  # apply phase <= 2x the baseline
 RUN_TARGET = 3.0  # plan + apply + audit <= 3x the baseline
+HISTORY_TARGET_MS = 50
 FLAT_TOLERANCE = 0.10  # "flat" memory: peak RSS grows by at most 10% from the smallest to the largest N
 
 
@@ -276,24 +277,34 @@ def child_audited(spec: dict[str, Any]) -> dict[str, Any]:
 
     expected, size = missing_count(spec["rows"]), spec["batch_size"]
     init_target(Target("bench", parse_url(spec["url"], "bench"), "bench"))  # the ledger tables
+    from fillgate.ledger.store import key_hash
+
     run_id, stamp = "01BENCHAUDITEDSCRIPT000000", time.strftime("%Y-%m-%d %H:%M:%S")
-    columns = "run_id, table_name, row_key, column_name, op, old_value, new_value, source, changed_at"
+    columns = "run_id, batch, table_name, source, changed_at, n_changes, column_names, changes"
+
+    def packed(number: int, batch: list[tuple[int, str]]) -> tuple[Any, ...]:
+        entries = [[f"[{id_}]", "email", "update", "null", json.dumps(email)] for id_, email in batch]
+        return (run_id, number, "people", "bench", stamp, len(batch), '["email"]',
+                json.dumps(entries, separators=(",", ":")))
+
+    def keys(batch_id: int, batch: list[tuple[int, str]]) -> list[tuple[int, int]]:
+        return sorted((key_hash("people", f"[{id_}]"), batch_id) for id_, _ in batch)
+
     if spec["backend"] == "sqlite":
         t0, c0 = time.perf_counter(), time.process_time()
         con = sqlite3.connect(spec["path"], isolation_level=None)
         rows = con.execute("SELECT id, name FROM people WHERE email IS NULL").fetchall()
         updated = 0
-        for start in range(0, len(rows), size):
+        for number, start in enumerate(range(0, len(rows), size), 1):
             batch = [(id_, email_for(name)) for id_, name in rows[start:start + size]]
             con.execute("BEGIN IMMEDIATE")
             cur = con.executemany("UPDATE people SET email = ? WHERE id = ? AND email IS NULL",
                                   [(email, id_) for id_, email in batch])
             check(cur.rowcount == len(batch), "audited script: a compare-and-set missed")
-            con.executemany(
-                f"INSERT INTO fillgate_changes ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, "people", f"[{id_}]", "email", "update", "null", json.dumps(email), "bench", stamp)
-                 for id_, email in batch],
-            )
+            cur = con.execute(f"INSERT INTO fillgate_audit_batches ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                              packed(number, batch))
+            con.executemany("INSERT INTO fillgate_audit_keys (key_hash, batch_id) VALUES (?, ?)",
+                            keys(cur.lastrowid or 0, batch))
             con.execute("COMMIT")
             updated += len(batch)
     else:
@@ -304,21 +315,23 @@ def child_audited(spec: dict[str, Any]) -> dict[str, Any]:
         rows = con.execute("SELECT id, name FROM people WHERE email IS NULL").fetchall()
         con.commit()
         updated = 0
-        for start in range(0, len(rows), size):
+        for number, start in enumerate(range(0, len(rows), size), 1):
             batch = [(id_, email_for(name)) for id_, name in rows[start:start + size]]
             with con.cursor() as cur:
                 cur.executemany("UPDATE people SET email = %s WHERE id = %s AND email IS NULL",
                                 [(email, id_) for id_, email in batch])
-                with cur.copy(f"COPY fillgate_changes ({columns}) FROM STDIN") as copy:
-                    for id_, email in batch:
-                        copy.write_row((run_id, "people", f"[{id_}]", "email", "update", "null",
-                                        json.dumps(email), "bench", stamp))
+                batch_id = cur.execute(f"INSERT INTO fillgate_audit_batches ({columns}) VALUES "
+                                       "(%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id", packed(number, batch)
+                                       ).fetchone()[0]
+                with cur.copy("COPY fillgate_audit_keys (key_hash, batch_id) FROM STDIN") as copy:
+                    for row in keys(batch_id, batch):
+                        copy.write_row(row)
             con.commit()
             updated += len(batch)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     rss = maxrss_kib()
     check(updated == expected, f"audited script updated {updated} rows, expected {expected}")
-    audit = con.execute("SELECT count(*) FROM fillgate_changes").fetchone()[0]
+    audit = con.execute("SELECT sum(n_changes) FROM fillgate_audit_batches").fetchone()[0]
     check(audit == expected, f"audited script wrote {audit} audit rows, expected {expected}")
     nulls = con.execute("SELECT count(*) FROM people WHERE email IS NULL").fetchone()[0]
     check(nulls == 0, f"audited script left {nulls} NULL emails")
@@ -389,6 +402,8 @@ def child_fillgate(spec: dict[str, Any]) -> dict[str, Any]:
     check(result.clean and result.counts["applied"] == expected,
           f"apply counts {result.counts}, expected {expected} applied and nothing else")
     run_id = result.run.run_id
+    from sqlalchemy import text as text_
+
     with conn.engine.connect() as db:
         def one(sql: str, **params: Any) -> Any:
             from sqlalchemy import text
@@ -405,14 +420,11 @@ def child_fillgate(spec: dict[str, Any]) -> dict[str, Any]:
               f"fillgate_changes has {audit[0]} rows ({audit[1]} keys) for the run, expected {expected}")
         total = one("SELECT count(*) FROM fillgate_changes")[0]
         check(total == expected, f"fillgate_changes holds {total} rows in all, expected {expected}")
-        matching = one(
-            # every audit row (all belong to this run, checked above) names a row that now holds
-            # its new value; CROSS JOIN makes SQLite look each one up by ix_fillgate_changes_row
-            "SELECT count(*) FROM people p CROSS JOIN fillgate_changes c "
-            "WHERE c.table_name = 'people' AND c.row_key = '[' || p.id || ']' AND c.column_name = 'email' "
-            "AND c.old_value = 'null' AND c.new_value = '\"' || p.email || '\"'"
-        )[0]
-        check(matching == expected, f"only {matching} of {expected} audit rows match the row they changed")
+        emails = dict(db.execute(text_("SELECT id, email FROM people")).all())
+    matching = sum(1 for row in conn.ledger.iter_changes(run_id)
+                   if row.table_name == "people" and row.column_name == "email" and row.old_value == "null"
+                   and row.new_value == json.dumps(emails[json.loads(row.row_key)[0]]))
+    check(matching == expected, f"only {matching} of {expected} audit rows match the row they changed")
     conn.engine.dispose()
 
     out: dict[str, Any] = {
@@ -440,6 +452,93 @@ def child_fillgate(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def build_history_ledger(path: Path, changes: int, rows: int, batch_size: int, log: Any) -> None:
+    """A SQLite ledger holding ``changes`` audited changes, built with bulk inserts: runs of
+    ``rows`` changes each (one per row of ``people``, so every row is changed once per run), in
+    packed batches of ``batch_size``, each with its row-index entries, as fillgate writes them."""
+    from sqlalchemy import create_engine
+
+    from fillgate.ledger import Ledger
+    from fillgate.ledger.store import key_hash
+
+    path.unlink(missing_ok=True)
+    engine = create_engine(f"sqlite:///{path}")
+    Ledger(engine).upgrade()
+    engine.dispose()
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode = OFF")
+    con.execute("PRAGMA synchronous = OFF")
+    con.execute("PRAGMA cache_size = -1000000")
+    hashes = {i: key_hash("people", f"[{i}]") for i in range(1, rows + 1)}
+    runs = max(1, changes // rows)
+    batch_id = 0
+    for run in range(runs):
+        run_id = f"01BENCHHISTORY{run:012d}"
+        con.execute("BEGIN")
+        con.execute("INSERT INTO fillgate_runs (run_id, kind, job, table_name, target, environment, operator, args, "
+                    "status, counts, checkpoint, created_at) VALUES (?, 'apply', 'bench:FillEmail', 'people', 'bench', "
+                    "'bench', 'bench', '{}', 'succeeded', '{}', ?, '2026-01-01 00:00:00')", (run_id, rows))
+        entries_of_run = []
+        for number, start in enumerate(range(1, rows + 1, batch_size), 1):
+            keys = range(start, min(start + batch_size, rows + 1))
+            entries = json.dumps([[f"[{i}]", "email", "update", json.dumps(f"v{run}-{i}"),
+                                   json.dumps(f"v{run + 1}-{i}")] for i in keys], separators=(",", ":"))
+            batch_id += 1
+            con.execute("INSERT INTO fillgate_audit_batches (id, run_id, batch, table_name, source, changed_at, "
+                        "first_seq, n_changes, column_names, changes, chain_sha256) VALUES (?, ?, ?, 'people', "
+                        "'bench:FillEmail', '2026-01-01 00:00:00.000000', ?, ?, '[\"email\"]', ?, ?)",
+                        (batch_id, run_id, number, start, len(keys), entries, "0" * 64))
+            entries_of_run.extend((hashes[i], batch_id) for i in keys)
+        entries_of_run.sort()
+        con.executemany("INSERT INTO fillgate_audit_keys (key_hash, batch_id) VALUES (?, ?)", entries_of_run)
+        con.execute("COMMIT")
+        log(f"  history ledger: run {run + 1}/{runs} written ({(run + 1) * rows:,} changes)")
+    con.execute("ANALYZE")
+    con.close()
+
+
+def child_history(spec: dict[str, Any]) -> dict[str, Any]:
+    """``fillgate history people KEY`` through the library (``row_history``: the table's audited
+    shape, then the row's changes) on the big ledger: the first call and the median of more."""
+    import random
+
+    from sqlalchemy import create_engine
+
+    from fillgate.ledger import Ledger
+
+    engine = create_engine(f"sqlite:///{spec['path']}")
+    ledger = Ledger(engine)
+    rng = random.Random(1)
+    keys = [rng.randint(1, spec["rows"]) for _ in range(21)]
+    times = []
+    for key in keys:
+        t0 = time.perf_counter()
+        ledger.audited_key("people")
+        entries = ledger.history("people", [f"[{key}]"])
+        times.append(time.perf_counter() - t0)
+        check(len(entries) == spec["runs"], f"history of {key}: {len(entries)} changes, expected {spec['runs']}")
+        check(entries[-1]["new_value"] == json.dumps(f"v{spec['runs']}-{key}"), f"history of {key}: wrong value")
+    return {"first_ms": times[0] * 1000, "median_ms": statistics.median(times[1:]) * 1000,
+            "max_ms": max(times[1:]) * 1000}
+
+
+def measure_history(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    rows = min(args.history_changes, 1_000_000)
+    path = workdir / "history.db"
+    args.log(f"[history] building a ledger of {args.history_changes:,} packed changes ({rows:,} rows)")
+    t0 = time.perf_counter()
+    build_history_ledger(path, args.history_changes, rows, args.batch_size, args.log)
+    built = time.perf_counter() - t0
+    runs = max(1, args.history_changes // rows)
+    try:
+        got = run_child("history", {"path": str(path), "rows": rows, "runs": runs})
+        got.update(changes=runs * rows, rows=rows, runs=runs, build_seconds=built,
+                   ledger_mib=path.stat().st_size / 2**20)
+    finally:
+        path.unlink(missing_ok=True)
+    return got
+
+
 def run_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)],
@@ -454,7 +553,8 @@ def run_child(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_main(kind: str, raw: str) -> None:
     spec = json.loads(raw)
-    result = {"baseline": child_baseline, "audited": child_audited, "fillgate": child_fillgate}[kind](spec)
+    result = {"baseline": child_baseline, "audited": child_audited, "fillgate": child_fillgate,
+              "history": child_history}[kind](spec)
     print(RESULT_MARK + json.dumps(result), flush=True)
 
 
@@ -642,7 +742,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Time a fillgate backfill (plan + apply + audit) against a plain executemany UPDATE.",
     )
-    parser.add_argument("--backend", choices=("sqlite", "postgresql", "all"), default="sqlite")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql", "all", "none"), default="sqlite",
+                        help="none: no backfill measurement (with --history-changes: only that)")
     parser.add_argument("--rows", type=int, action="append", metavar="N",
                         help="table size; repeat for several sizes (default: 20000, a quick run)")
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per size; medians are reported")
@@ -657,6 +758,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR",
                         help="after the timed runs, profile one more fillgate run per size with cProfile; "
                              "writes DIR/<backend>-<rows>-{plan,apply}.prof and .txt summaries")
+    parser.add_argument("--history-changes", type=int, default=0, metavar="N",
+                        help="also build a SQLite ledger of N packed audited changes (runs of up to 1M rows each) "
+                             "and time `fillgate history` of one row on it (target: under 50 ms)")
     parser.add_argument("--json", metavar="PATH", help="also write every sample and median to PATH")
     parser.add_argument("--fail-on-target", action="store_true",
                         help="exit 1 if a target (apply <= 2x, run <= 3x, flat memory) is missed")
@@ -666,7 +770,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.rows = sorted(set(args.rows or [20000]))
     if min(args.rows) < 2 or args.repeat < 1:
         parser.error("--rows must be at least 2 and --repeat at least 1")
-    args.backends = ["sqlite", "postgresql"] if args.backend == "all" else [args.backend]
+    args.backends = {"all": ["sqlite", "postgresql"], "none": []}.get(args.backend, [args.backend])
     if "postgresql" in args.backends and not args.postgres_url:
         parser.error("--backend postgresql needs --postgres-url URL (or FILLGATE_TEST_POSTGRES_URL)")
     args.log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -690,18 +794,29 @@ def main(argv: list[str] | None = None) -> int:
           f"repeat={args.repeat}")
     print(f"{'machine:':<22}{load()} (at start)")
     results = []
+    history = None
     started = time.perf_counter()
     try:
         for backend in backends:
             for n in args.rows:
                 results.append(measure(backend, n, args, workdir))
+        if args.history_changes:
+            history = measure_history(args, workdir)
     except BenchFailure as exc:
         print(f"\nBENCH FAILED: {exc}", file=sys.stderr)
         return 2
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    ok = report(results, args)
+    ok = report(results, args) if results else True
+    if history is not None:
+        met = history["median_ms"] < HISTORY_TARGET_MS and history["max_ms"] < HISTORY_TARGET_MS
+        ok &= met
+        print(f"\nhistory of one row on a SQLite ledger of {history['changes']:,} packed changes ({history['runs']} "
+              f"runs x {history['rows']:,} rows, {history['ledger_mib']:.0f} MiB, built in "
+              f"{history['build_seconds']:.0f}s): first call {history['first_ms']:.1f} ms, median of 20 "
+              f"{history['median_ms']:.1f} ms, max {history['max_ms']:.1f} ms")
+        print(f"history < {HISTORY_TARGET_MS} ms: {'PASS' if met else 'FAIL'}")
     print(f"\n{load()} (at end); wall time {time.perf_counter() - started:.1f}s")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "log"},

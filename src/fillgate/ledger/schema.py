@@ -109,7 +109,7 @@ audit_batches = Table(
     Column("changes", LongText, nullable=False),
     Column("chain_sha256", Sha256),
     Index("ix_fillgate_audit_batches_run", "run_id", "batch"),
-    Index("ix_fillgate_audit_batches_table", "table_name"),
+    Index("ix_fillgate_audit_batches_table", "table_name", "id"),
 )
 
 # The row index of the audit log: for every batch, one entry per distinct row it changed,

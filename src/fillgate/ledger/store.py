@@ -204,6 +204,37 @@ def key_hash(table: str, row_key: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+_DECODER = json.JSONDecoder()
+_ENTRY_START = '["['  # where an entry begins: a row key's JSON text always starts with "["
+
+
+def find_rows(batch: Any, keys: Sequence[str]) -> list[AuditRow]:
+    """The rows of one packed batch whose key is one of ``keys``, without decoding the others.
+
+    In the batch's JSON text an entry begins with ``["[`` and nowhere else (inside a JSON
+    string a quote is escaped), and its key is written as ``json.dumps`` writes it; so each
+    entry of a key is found with ``str.find``, decoded alone, and its place in the batch is
+    the number of entry beginnings before it. A batch whose text is not what fillgate writes
+    is decoded in full (``unpack``) instead."""
+    text = batch.changes
+    if not isinstance(text, str) or not text.startswith("[" + _ENTRY_START):
+        return [row for row in unpack(batch) if row.row_key in keys]
+    base, first, last = batch.id * schema.ID_FACTOR, batch.first_seq, batch.n_changes - 1
+    found: list[AuditRow] = []
+    for key in keys:
+        needle = "[" + json.dumps(key, ensure_ascii=False) + ","
+        at = text.find(needle)
+        while at >= 0:
+            entry = _DECODER.raw_decode(text, at)[0]
+            i = text.count(_ENTRY_START, 0, at)
+            chain = entry[5] if len(entry) > 5 else (batch.chain_sha256 if i == last else None)
+            found.append(AuditRow(base + i + 1, batch.run_id, batch.table_name, entry[0], entry[1], entry[2],
+                                  entry[3], entry[4], batch.source, batch.changed_at,
+                                  None if first is None else first + i, chain))
+            at = text.find(needle, at + len(needle))
+    return found
+
+
 class AuditRow(NamedTuple):
     """One row of ``fillgate_changes``: one changed field of a packed batch."""
 
@@ -555,8 +586,8 @@ class Ledger:
     ) -> list[dict[str, Any]]:
         """Every recorded change of one row (``row_keys``: the encodings it may have), oldest
         first; with ``limit``, only the first ``limit`` of them. The row index names the few
-        batches that changed the row; only those are read and unpacked."""
-        keys = set(row_keys)
+        batches that changed the row; only their entries for the row are decoded."""
+        keys = list(dict.fromkeys(row_keys))
         b, k, r = schema.audit_batches.c, schema.audit_keys.c, schema.runs.c
         hashes = sorted({key_hash(table, key) for key in keys})
         with self.engine.connect() as conn:
@@ -569,30 +600,45 @@ class Ledger:
             ).all()
         out: list[dict[str, Any]] = []
         for batch in batches:
-            for row in unpack(batch):
-                if row.row_key in keys and (column is None or row.column_name == column):
+            for row in find_rows(batch, keys):
+                if column is None or row.column_name == column:
                     out.append({"id": row.id, "run_id": row.run_id, "column_name": row.column_name, "op": row.op,
                                 "old_value": row.old_value, "new_value": row.new_value, "source": row.source,
                                 "changed_at": row.changed_at, "kind": batch.kind, "job": batch.job,
                                 "operator": batch.operator, "status": batch.status})
-                    if limit is not None and len(out) >= limit:
-                        return out
-        return out
+        out.sort(key=lambda e: e["id"])
+        return out if limit is None else out[:limit]
 
-    def audited_shape(self, table: str) -> tuple[list[str], str | None]:
-        """The columns the audit log holds changes of in ``table``, and one row key it
-        recorded there (``([], None)``: fillgate never changed that table). Reads the batches'
-        column lists (one row per batch, by the table's index), not the changes."""
+    def audited_key(self, table: str) -> str | None:
+        """One row key the audit log recorded in ``table`` (None: fillgate never changed it):
+        the first entry of the table's first batch, found by the table's index."""
+        b = schema.audit_batches.c
+        with self.engine.connect() as conn:
+            text = conn.execute(
+                select(b.changes).where(b.table_name == table).order_by(b.id).limit(1)
+            ).scalar()
+        if text is None:
+            return None
+        try:
+            entry = _DECODER.raw_decode(text, 1)[0]
+        except (TypeError, ValueError):
+            return None
+        return entry[0] if isinstance(entry, list) and entry and isinstance(entry[0], str) else None
+
+    def audited_columns(self, table: str) -> list[str]:
+        """The columns the audit log holds changes of in ``table`` (the batches' column lists,
+        one row per batch: never the changes themselves)."""
         b = schema.audit_batches.c
         columns: set[str] = set()
         with self.engine.connect() as conn:
             for names in conn.execute(select(b.column_names).where(b.table_name == table).distinct()).scalars():
-                columns.update(_load_list(names))
-            first = conn.execute(
-                select(schema.audit_batches).where(b.table_name == table).order_by(b.id).limit(1)
-            ).first()
-        key = next((row.row_key for row in unpack(first)), None) if first is not None else None
-        return sorted(columns), key
+                columns.update(c for c in _load_list(names) if isinstance(c, str))
+        return sorted(columns)
+
+    def audited_shape(self, table: str) -> tuple[list[str], str | None]:
+        """The columns the audit log holds changes of in ``table``, and one row key it
+        recorded there (``([], None)``: fillgate never changed that table)."""
+        return self.audited_columns(table), self.audited_key(table)
 
     # --- errors --------------------------------------------------------------------------
 

@@ -204,7 +204,7 @@ def _create_tables() -> tuple[sa.Table, sa.Table]:
         mysql_engine="InnoDB",
     )
     op.create_index("ix_fillgate_audit_batches_run", PACKED, ["run_id", "batch"])
-    op.create_index("ix_fillgate_audit_batches_table", PACKED, ["table_name"])
+    op.create_index("ix_fillgate_audit_batches_table", PACKED, ["table_name", "id"])
     keys = op.create_table(
         "fillgate_audit_keys",
         sa.Column("key_hash", sa.BigInteger, primary_key=True, autoincrement=False),

@@ -343,12 +343,14 @@ def check_plan_not_applied(conn: Connected, header: PlanHeader) -> None:
 
 
 def apply_plan(
-    conn: Connected, path: str | Path, limits: Limits | None = None, monitor: Monitor | None = None
+    conn: Connected, path: str | Path, limits: Limits | None = None, monitor: Monitor | None = None,
+    written_sha256: str | None = None,
 ) -> ApplyResult:
-    """Write exactly the reviewed plan, audited, after every check passes."""
+    """Write exactly the reviewed plan, audited, after every check passes. ``written_sha256``:
+    see ``verify_plan`` (``run_job`` passes the hash its own plan writer computed)."""
     limits = limits or Limits()
     path = Path(path).resolve()
-    header, sha256 = verify_plan(path)
+    header, sha256 = verify_plan(path, written_sha256)
     check_plan_matches(conn, header, path)
     check_plan_unmodified(conn, header, path, sha256)
     check_write_allowed(conn.target, limits.confirm)
@@ -397,7 +399,7 @@ def run_job(
         on_planned(planned)
     assert planned.path is not None  # out is never None here
     try:
-        return planned, apply_plan(conn, planned.path, limits, monitor)
+        return planned, apply_plan(conn, planned.path, limits, monitor, planned.file_sha256)
     except GateExceededError:
         changes = planned.header.changes
         confirm = f" --confirm {conn.target.environment}" if conn.target.protected else ""

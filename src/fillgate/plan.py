@@ -36,7 +36,7 @@ from fillgate.validate import (
     one_of,
     validate,
 )
-from fillgate.values import dumps, encode_key, loads
+from fillgate.values import dumps, encode_key, loads, scan_change_line
 
 PLAN_FORMAT = 1
 LINE_KINDS = ("change", "insert", "disagreement", "preserved", "error", "unexpected_index")
@@ -256,13 +256,21 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_plan(path: str | Path) -> tuple[PlanHeader, str]:
+def verify_plan(path: str | Path, written_sha256: str | None = None) -> tuple[PlanHeader, str]:
     """Read the header and check the body against it: line count, SHA-256, and every line a
     well-formed finding about the header's table, with a key of the header's key columns and
     only the header's declared columns (an insert: key and declared columns). Returns the
-    header and the SHA-256 of the whole file, both from one read."""
+    header and the SHA-256 of the whole file, both from one read.
+
+    ``written_sha256``: the SHA-256 this very process computed while writing the file (``fillgate
+    run``). A file that still hashes to it holds byte for byte the lines this process wrote, so
+    they are not decoded and checked one by one; a file that does not is checked in full."""
     path = Path(path)
     header = read_header(path)
+    if written_sha256 is not None:
+        found = _hashes(path)
+        if found[2] == written_sha256 and found[0] == header.lines and found[1] == header.body_sha256:
+            return header, written_sha256
     body, whole = hashlib.sha256(), hashlib.sha256()
     lines = 0
     check = _LineCheck(header, path)
@@ -287,6 +295,20 @@ def verify_plan(path: str | Path) -> tuple[PlanHeader, str]:
     if problem is not None:
         raise problem
     return header, whole.hexdigest()
+
+
+def _hashes(path: Path) -> tuple[int, str, str]:
+    """The body's line count and SHA-256, and the whole file's SHA-256 (one read, in chunks)."""
+    body, whole = hashlib.sha256(), hashlib.sha256()
+    with path.open("rb") as fh:
+        first = fh.readline()
+        whole.update(first)
+        lines = 0
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            body.update(chunk)
+            whole.update(chunk)
+            lines += chunk.count(b"\n")
+    return lines, body.hexdigest(), whole.hexdigest()
 
 
 class _LineCheck:
@@ -337,12 +359,21 @@ def _decode_record(path: Path, number: int, line: str) -> dict[str, Any]:
 
 
 def iter_changes(path: str | Path, skip: int = 0) -> Iterator[Change]:
-    """The plan's changes in order, after the first ``skip`` of them (a checkpoint)."""
+    """The plan's changes in order, after the first ``skip`` of them (a checkpoint). A change
+    line comes with the JSON text of its key and values as the file holds them (the audit log
+    stores that text: nothing is encoded twice)."""
     path = Path(path)
     seen = 0
     with path.open(encoding="utf-8") as fh:
         fh.readline()
         for number, line in enumerate(fh, start=2):
+            scanned = scan_change_line(line)
+            if scanned is not None:
+                seen += 1
+                if seen > skip:
+                    key, column, old, new, key_text, old_text, new_text = scanned
+                    yield Change(key, column, old, new, "update", key_text, old_text, new_text)
+                continue
             record = _decode_record(path, number, line)
             if record["kind"] not in APPLIED_KINDS:
                 continue

@@ -55,6 +55,10 @@ class PlanResult:
     path: Path | None
     counts: dict[str, int]
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # the SHA-256 of the plan file as this process wrote it (computed while writing, never read
+    # back from the ledger or the file): ``run`` applies the file without checking its lines
+    # again when it still hashes to this
+    file_sha256: str | None = None
 
 
 def _compute_page(job: Job, rows: list[dict[str, Any]], keys: list[tuple[Any, ...]], ctx: RunContext,
@@ -479,7 +483,7 @@ class _Planning:
                           finished_at=utcnow(), details=self.monitor.details())
         self.monitor.run_finished(RunStatus.PLANNED, counts)
         return PlanResult(header=header, run=ledger.get_run(run.run_id), path=path, counts=counts,
-                          samples=self.planner.samples)
+                          samples=self.planner.samples, file_sha256=self.planner.writer.file_sha256)
 
 
 def _written_column_types(conn: Connected, job_cls: type[Job]) -> dict[str, ColumnType]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -9,17 +10,12 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
-from fillgate import commands, report
-from fillgate.applier import ApplyResult, apply_plan
-from fillgate.config import Config, Target, load_config
-from fillgate.control import control_run, resume_run
 from fillgate.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -31,20 +27,50 @@ from fillgate.errors import (
     RunNotFoundError,
     UsageError,
 )
-from fillgate.events import EventWriter
-from fillgate.history import row_history
 from fillgate.interrupts import stop_on_signals
 from fillgate.job import parse_param_options
-from fillgate.ledger.integrity import read_anchors, verify_ledger
-from fillgate.limits import Limits
-from fillgate.loader import load_runnable
-from fillgate.monitor import Monitor
-from fillgate.pipeline_run import PipelineResult
-from fillgate.planner import PlanResult
-from fillgate.report import RichProgress
-from fillgate.revert import preview_revert
-from fillgate.stamp import Connected, check_write_allowed, connect, init_target
 from fillgate.validate import has_surrogate
+
+# The modules below import SQLAlchemy, Alembic and the rest of fillgate: loaded by the command
+# that needs them, so that `fillgate --help` and a usage error start fast.
+if TYPE_CHECKING:
+    from fillgate import applier, commands, control, loader, pipeline_run, report, stamp
+    from fillgate import config as config_mod
+    from fillgate import events as events_mod
+    from fillgate import history as history_mod
+    from fillgate import limits as limits_mod
+    from fillgate import monitor as monitor_mod
+    from fillgate import revert as revert_mod
+    from fillgate.applier import ApplyResult
+    from fillgate.config import Config, Target
+    from fillgate.ledger import integrity
+    from fillgate.limits import Limits
+    from fillgate.monitor import Monitor
+    from fillgate.planner import PlanResult
+    from fillgate.stamp import Connected
+else:
+    class _Lazy:
+        """A module imported on first use."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(importlib.import_module(self._name), attr)
+
+    applier, commands, control, loader, pipeline_run, report, stamp = (
+        _Lazy(f"fillgate.{name}") for name in
+        ("applier", "commands", "control", "loader", "pipeline_run", "report", "stamp"))
+    config_mod, events_mod, history_mod, limits_mod, monitor_mod, revert_mod = (
+        _Lazy(f"fillgate.{name}") for name in ("config", "events", "history", "limits", "monitor", "revert"))
+    integrity = _Lazy("fillgate.ledger.integrity")
+
+
+def _database_error(exc: BaseException) -> bool:
+    """An error SQLAlchemy raised (it is loaded whenever one can have been raised)."""
+    errors = sys.modules.get("sqlalchemy.exc")
+    return errors is not None and isinstance(exc, errors.SQLAlchemyError)
+
 
 # Click's usage errors (a bad option, a missing argument) derive from this class; found through
 # typer's own BadParameter so that it works whether typer vendors click or uses it.
@@ -198,10 +224,10 @@ def _errors(as_json: bool = False) -> Iterator[None]:
         _fail(EXIT_INTERRUPTED, "Interrupted", "stopped by Ctrl-C before anything was written.", as_json)
     except FillgateError as exc:
         _fail(exc.exit_code, type(exc).__name__, str(exc), as_json)
-    except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        _fail(EXIT_ROW_PROBLEMS, "DatabaseError", f"the database answered: {reason}", as_json)
     except Exception as exc:  # a bug (in fillgate or in job code): still one line, never a traceback
+        if _database_error(exc):
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            _fail(EXIT_ROW_PROBLEMS, "DatabaseError", f"the database answered: {reason}", as_json)
         _fail(EXIT_ROW_PROBLEMS, type(exc).__name__,
               f"unexpected {type(exc).__name__}: {exc}. This is a bug in the job's code or in fillgate; "
               "FILLGATE_DEBUG=1 shows where it was raised.", as_json)
@@ -233,7 +259,7 @@ def _run_not_found(exc: RunNotFoundError) -> str:
 
 
 def _config() -> Config:
-    config = load_config(_state["config"])
+    config = config_mod.load_config(_state["config"])
     _state["targets"] = tuple(sorted(config.targets))
     return config
 
@@ -268,7 +294,7 @@ def init(
 ) -> None:
     """Create the ledger tables and stamp the database with the target's environment."""
     with _errors(as_json):
-        result = init_target(_target(target), force_stamp=force_stamp, confirm=confirm)
+        result = stamp.init_target(_target(target), force_stamp=force_stamp, confirm=confirm)
     _emit(as_json, lambda: report.init_json(result), lambda: report.print_init(out, result))
 
 
@@ -292,15 +318,15 @@ def plan(
 ) -> None:
     """Dry run: compute every change and show it. Writes nothing to your tables."""
     with _errors(as_json):
-        runnable = load_runnable(job)
-        conn = connect(_target(target))
+        runnable = loader.load_runnable(job)
+        conn = stamp.connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_errors=max_errors, max_error_rate=max_error_rate)
         with _monitor(events, as_json) as monitor:
             result = commands.plan(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
                                    monitor=monitor)
     human = _human(events)
-    if isinstance(result, PipelineResult):
+    if isinstance(result, pipeline_run.PipelineResult):
         _emit(as_json, lambda: report.pipeline_json(result), lambda: report.print_pipeline(human, result))
         raise typer.Exit(EXIT_OK if result.clean else EXIT_ROW_PROBLEMS)
     confirm = conn.target.environment if conn.target.protected else None
@@ -318,8 +344,8 @@ def _limits(
     **values: Any,
 ) -> Limits:
     """Gates and pacing from the command line (see ``Limits.for_target``)."""
-    return Limits.for_target(conn, hold_while=hold_while or (), max_replication_lag=max_replication_lag, rate=rate,
-                             max_hold_s=max_hold, **values)
+    return limits_mod.Limits.for_target(conn, hold_while=hold_while or (), max_replication_lag=max_replication_lag,
+                                        rate=rate, max_hold_s=max_hold, **values)
 
 
 @contextmanager
@@ -331,13 +357,14 @@ def _monitor(events: str | None, as_json: bool) -> Iterator[Monitor]:
             "--events - and --json both write to stdout. Write the events to a file "
             "(--events run.jsonl), or drop --json (with --events -, people's output goes to stderr)."
         )
-    progress = RichProgress(err) if err.is_terminal and not as_json else None
+    progress = report.RichProgress(err) if err.is_terminal and not as_json else None
 
     def stopping(reason: str) -> None:
         err.print(f"[bold yellow]{reason}[/]: stopping after the current batch "
                   "(press Ctrl-C again to stop at once; that batch is then rolled back).")
 
-    with stop_on_signals(stopping, linger=True), Monitor(events=EventWriter(events), progress=progress) as monitor:
+    writer = events_mod.EventWriter(events)
+    with stop_on_signals(stopping, linger=True), monitor_mod.Monitor(events=writer, progress=progress) as monitor:
         yield monitor
 
 
@@ -371,7 +398,7 @@ def apply(
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
         with _monitor(events, as_json) as monitor:
-            result = apply_plan(conn, plan_file, limits, monitor)
+            result = applier.apply_plan(conn, plan_file, limits, monitor)
     _finish_apply(result, as_json, _human(events))
 
 
@@ -398,9 +425,9 @@ def run(
 ) -> None:
     """Plan, gate and apply in one go."""
     with _errors(as_json):
-        runnable = load_runnable(job)
-        conn = connect(_target(target))
-        check_write_allowed(conn.target, confirm)
+        runnable = loader.load_runnable(job)
+        conn = stamp.connect(_target(target))
+        stamp.check_write_allowed(conn.target, confirm)
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          max_changes=max_changes, confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
@@ -434,7 +461,7 @@ def runs(
 ) -> None:
     """List recent runs, newest first."""
     with _errors(as_json):
-        found = connect(_target(target)).ledger.list_runs(limit=limit, kind=kind, status=status, job=job)
+        found = stamp.connect(_target(target)).ledger.list_runs(limit=limit, kind=kind, status=status, job=job)
     _emit(as_json, lambda: report.runs_json(found), lambda: report.print_runs(out, found))
 
 
@@ -443,7 +470,7 @@ def show(run_id: Annotated[str, typer.Argument(metavar="RUN")], target: TargetOp
          as_json: JsonOpt = False) -> None:
     """Show one run: status, counts, timing, errors grouped by fingerprint."""
     with _errors(as_json):
-        found = commands.describe(connect(_target(target)), run_id)
+        found = commands.describe(stamp.connect(_target(target)), run_id)
     _emit(as_json, lambda: report.show_json(found.run, found.error_groups),
           lambda: report.print_show(out, found.run, found.error_groups))
 
@@ -458,7 +485,7 @@ def history(
 ) -> None:
     """Which runs changed this row, when, and from what to what."""
     with _errors(as_json):
-        entries = row_history(connect(_target(target)), table, key, column)
+        entries = history_mod.row_history(stamp.connect(_target(target)), table, key, column)
     _emit(as_json, lambda: report.history_json(entries), lambda: report.print_history(out, table, key, entries))
 
 
@@ -479,9 +506,9 @@ def verify(
 ) -> None:
     """Check the audit log against its tamper evidence (exit 0: it matches; 4: it does not)."""
     with _errors():
-        conn = connect(_target(target))
-        anchors = read_anchors(events or [], conn.target.name)
-        result = verify_ledger(conn.ledger, run_ids, anchors, conn.target.name)
+        conn = stamp.connect(_target(target))
+        anchors = integrity.read_anchors(events or [], conn.target.name)
+        result = integrity.verify_ledger(conn.ledger, run_ids, anchors, conn.target.name)
     _emit(as_json, lambda: report.verify_json(result), lambda: report.print_verify(out, result))
     raise typer.Exit(EXIT_OK if result.ok else EXIT_TAMPERED)
 
@@ -503,9 +530,9 @@ def revert(
 ) -> None:
     """Undo a run from its audit log, as a new audited run; rows changed since are left alone."""
     with _errors(as_json):
-        conn = connect(_target(target))
+        conn = stamp.connect(_target(target))
         if dry_run:
-            preview = preview_revert(conn, run_id)
+            preview = revert_mod.preview_revert(conn, run_id)
         else:
             limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                              confirm=confirm, batch_size=batch_size, pause_ms=pause_between_batches)
@@ -527,8 +554,8 @@ def revert(
 
 def _control(run_id: str, target: str | None, action: str, as_json: bool) -> None:
     with _errors(as_json):
-        conn: Connected = connect(_target(target))
-        found = control_run(conn, run_id, action)
+        conn: Connected = stamp.connect(_target(target))
+        found = control.control_run(conn, run_id, action)
     if as_json:
         sys.stdout.write(json.dumps({"run_id": found.run_id, "status": found.status,
                                      "control": found.control}) + "\n")
@@ -570,12 +597,12 @@ def resume(
 ) -> None:
     """Continue a paused, failed or interrupted run from its checkpoint (exactly once)."""
     with _errors(as_json):
-        conn = connect(_target(target))
+        conn = stamp.connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          confirm=confirm, batch_size=batch_size, max_errors=max_errors,
                          max_error_rate=max_error_rate, pause_ms=pause_between_batches)
         with _monitor(events, as_json) as monitor:
-            result = resume_run(conn, run_id, limits, monitor)
+            result = control.resume_run(conn, run_id, limits, monitor)
     _finish_apply(result, as_json, _human(events))
 
 

@@ -130,7 +130,7 @@ class SQLiteBackend(Backend):
         return value.isoformat(" ")  # the text SQLite keeps for a DATETIME
 
     def update_group(self, conn: Connection, sql: Any, column: str, group: Sequence[Any],
-                     binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any]] | None:
+                     binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any] | None] | None:
         """``UPDATE t SET col = new FROM json_each(?) AS j WHERE t.key = key AND t.col IS old``,
         the group's ``[key..., new, old]`` as ONE JSON array: one statement for the group.
 
@@ -167,7 +167,7 @@ class SQLiteBackend(Backend):
                      f"WHERE {match} AND {t}.{q(column)} IS {at(n + 1)}")
         text = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
         matched = conn.exec_driver_sql(statement, (text,)).rowcount
-        return matched, []
+        return matched, None
 
     # --- values -------------------------------------------------------------------------
 

@@ -421,6 +421,10 @@ def run(
     max_replication_lag: LagOpt = None,
     hold_while: HoldWhileOpt = None,
     max_hold: MaxHoldOpt = None,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="Apply each page's changes as they are planned (no gate may apply: with --max-changes "
+                         "or the target's max_changes the plan is made first). Faster; a run stopped before its "
+                         "plan is complete cannot be resumed, only run again or reverted.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan, gate and apply in one go."""
@@ -438,7 +442,7 @@ def run(
 
         with _monitor(events, as_json) as monitor:
             done = commands.run(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
-                                monitor=monitor, on_planned=show_plan)
+                                monitor=monitor, on_planned=show_plan, stream=stream)
     if done.pipeline is not None:
         staged = done.pipeline
         _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(_human(events), staged))

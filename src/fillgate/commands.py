@@ -61,13 +61,15 @@ class RunResult:
 def run(
     conn: Connected, runnable: Runnable, params: Mapping[str, Any] | None = None, *,
     out: str = ".fillgate/plans/", limits: Limits | None = None, monitor: Monitor | None = None,
-    on_planned: Callable[[PlanResult], None] | None = None,
+    on_planned: Callable[[PlanResult], None] | None = None, stream: bool = False,
 ) -> RunResult:
     """``fillgate run``: plan, gate and apply a job (``on_planned`` sees the plan before anything
-    is written), or every stage of a pipeline in turn."""
+    is written; with ``stream``, after: see ``applier.stream_job``), or every stage of a pipeline
+    in turn."""
     if issubclass(runnable, Pipeline):
         return RunResult(pipeline=run_pipeline(conn, runnable, params, out=out, limits=limits, monitor=monitor))
-    planned, applied = run_job(conn, runnable, params, out=out, limits=limits, monitor=monitor, on_planned=on_planned)
+    planned, applied = run_job(conn, runnable, params, out=out, limits=limits, monitor=monitor, on_planned=on_planned,
+                               stream=stream)
     return RunResult(plan=planned, apply=applied)
 
 

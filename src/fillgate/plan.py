@@ -126,6 +126,9 @@ def header_schema() -> dict[str, Field]:
     return schema
 
 
+_EXACT = frozenset({str, int, bool, type(None)})  # types JSON gives back as the very same value
+
+
 class PlanWriter:
     """Streams findings to a body file, then writes header + body atomically."""
 
@@ -138,6 +141,7 @@ class PlanWriter:
         self.file_sha256: str | None = None  # set by finish
         self.lines = 0
         self.changes = 0
+        self.collected: list[Change] | None = None  # see collect()
 
     def _flush(self) -> None:
         if self._pending:
@@ -152,13 +156,31 @@ class PlanWriter:
         if len(self._pending) >= 1000:
             self._flush()
 
+    def collect(self) -> None:
+        """From now on also keep every change written, as the apply would read it back from
+        the file (see :meth:`take`): ``fillgate run --stream`` applies them as they are planned."""
+        self.collected = []
+
+    def take(self) -> list[Change]:
+        """The changes written since the last call (``collect`` must have been called)."""
+        taken, self.collected = self.collected or [], []
+        return taken
+
     def change(self, key: tuple[Any, ...], column: str, old: Any, new: Any) -> None:
         # the hot path of a plan: the line is put together directly (same JSON as _write)
         pending = self._pending
-        pending.append(f'{{"kind":"change","key":{encode_key(key)},"column":{dumps(column)},'
-                       f'"old":{dumps(old)},"new":{dumps(new)}}}\n')
+        key_text, old_text, new_text = encode_key(key), dumps(old), dumps(new)
+        pending.append(f'{{"kind":"change","key":{key_text},"column":{dumps(column)},'
+                       f'"old":{old_text},"new":{new_text}}}\n')
         self.lines += 1
         self.changes += 1
+        if self.collected is not None:
+            # exactly what iter_changes would give back from the file: a value JSON gives back
+            # as another type or value (a tuple, a str subclass) is taken from its text
+            self.collected.append(Change(
+                tuple(loads(key_text)) if not all(type(k) in _EXACT for k in key) else key, column,
+                old if type(old) in _EXACT else loads(old_text), new if type(new) in _EXACT else loads(new_text),
+                "update", key_text, old_text, new_text))
         if len(pending) >= 1000:
             self._flush()
 
@@ -166,6 +188,8 @@ class PlanWriter:
         """A row that must exist and does not: inserted at apply (if its key is still free)."""
         self._write({"kind": "insert", "key": list(key), "values": values})
         self.changes += 1
+        if self.collected is not None:
+            self.collected.append(Change(tuple(loads(encode_key(key))), "*", None, loads(dumps(values)), "insert"))
 
     def disagreement(self, key: tuple[Any, ...], column: str, old: Any, new: Any) -> None:
         self._write({"kind": "disagreement", "key": list(key), "column": column, "old": old, "new": new})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -29,7 +29,7 @@ from fillgate.monitor import Monitor
 from fillgate.plan import LINE_KINDS, PlanHeader, PlanWriter
 from fillgate.policy import Decision, Failed
 from fillgate.runs import RunKind, RunStatus
-from fillgate.sql import estimate_rows, existing_rows, keyset_pages, verify_table_and_key
+from fillgate.sql import Change, estimate_rows, existing_rows, keyset_pages, verify_table_and_key
 from fillgate.stamp import Connected
 from fillgate.values import encode_key
 
@@ -343,11 +343,13 @@ def make_plan(
     limits: Limits | None = None,
     monitor: Monitor | None = None,
     pipeline_run_id: str | None = None,
+    on_page: Callable[[Run, list[Change]], None] | None = None,
 ) -> PlanResult:
     """Dry run: read the source, compute, diff. Writes nothing to the user's tables; records
     the plan as a run and, with ``out``, saves the plan file (a folder gets ``<plan id>.plan``).
     Within a pipeline, the plan run is a child of ``pipeline_run_id`` and job code sees the
-    pipeline's run id as ``ctx.run_id``."""
+    pipeline's run id as ``ctx.run_id``. ``on_page`` (``fillgate run --stream``) is handed the
+    changes of every page as it is planned, with no read transaction open."""
     job = job_cls(params)
     types = _check_job(conn, job_cls, job.args)
     run = conn.ledger.create_run(Run(
@@ -358,6 +360,7 @@ def make_plan(
               "out": str(out) if out else None},
     ))
     planning = _Planning(conn, run, job, types, limits or Limits(), monitor or Monitor(), pipeline_run_id)
+    planning.on_page = on_page
     return planning.plan(out)
 
 
@@ -384,11 +387,14 @@ class _Planning:
                               params=job.args, engine=conn.engine, stage_run_id=run.run_id)
         self.saved = time.monotonic()
         self.last_saved: dict[str, int] = {}
+        self.on_page: Callable[[Run, list[Change]], None] | None = None
 
     def plan(self, out: str | Path | None) -> PlanResult:
         conn, run, job_cls = self.conn, self.run, type(self.job)
         plan_dir, plan_file = _plan_location(out)
         self.planner = planner = _Planner(run, job_cls, PlanWriter(plan_dir), self.monitor, self.checker)
+        if self.on_page is not None:
+            planner.writer.collect()
         self.last_saved = dict(planner.counts)
         self.monitor.run_started(
             run.run_id, RunKind.PLAN, self.name, conn.target.name, conn.target.environment,
@@ -432,6 +438,9 @@ class _Planning:
                     self._save_progress(tx)
             monitor.batch_done(planner.page_counts, counts["rows"], self.conn.engine, planner.examples())
             self.limits.check_errors(counts["errors"], counts["rows"], f"plan of {self.name}")
+            if self.on_page is not None:
+                reader.rollback()
+                self.on_page(self.run, planner.writer.take())
             reason = stop_requested()
             if reason is not None:
                 raise Interrupted(f"plan {self.run.run_id} of {self.name} stopped: {reason} after "

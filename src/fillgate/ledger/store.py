@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import getpass
 import hashlib
 import json
 import os
+import re
 import socket
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import case, func, insert, inspect, select, update
+from sqlalchemy import case, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from ulid import ULID
 
@@ -32,7 +30,26 @@ from fillgate.redact import mask_secrets
 from fillgate.runs import MESSAGE_LIMIT, WRITING_KINDS, RunKind, RunStatus, sources_of
 from fillgate.values import encode_key
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+_REVISION = re.compile(r'^(down_revision|revision) = (?:"([^"]*)"|None)', re.MULTILINE)
+
+
+@functools.cache
+def _revisions() -> tuple[frozenset[str], str | None]:
+    """Every ledger revision and the head, read from the migration files' ``revision`` and
+    ``down_revision`` lines (without importing Alembic: every command checks the ledger's
+    revision, and Alembic costs a CLI start more than the check)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        for name, value in _REVISION.findall(path.read_text(encoding="utf-8")):
+            if value:
+                (revisions if name == "revision" else parents).add(value)
+    heads = revisions - parents
+    return frozenset(revisions), (next(iter(heads)) if len(heads) == 1 else None)
 
 RUN_STATUSES = tuple(RunStatus)
 RUN_KINDS = tuple(RunKind)
@@ -277,6 +294,8 @@ class Ledger:
     # --- schema and stamp ----------------------------------------------------------------
 
     def _alembic_config(self, connection: Connection) -> AlembicConfig:
+        from alembic.config import Config as AlembicConfig
+
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.attributes["connection"] = connection
@@ -286,18 +305,21 @@ class Ledger:
         with self.engine.connect() as conn:
             if not inspect(conn).has_table(VERSION_TABLE):
                 return None
-            return MigrationContext.configure(
-                conn, opts={"version_table": VERSION_TABLE}
-            ).get_current_revision()
+            found = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
+        if len(found) > 1:
+            raise NotInitializedError(f"the fillgate ledger records {len(found)} schema revisions "
+                                      f"({', '.join(sorted(found))}); it was changed by hand.")
+        return found[0] if found else None
 
     def head_revision(self) -> str | None:
-        with self.engine.connect() as conn:
-            return ScriptDirectory.from_config(self._alembic_config(conn)).get_current_head()
+        return _revisions()[1]
 
     def upgrade(self) -> bool:
         """Create or upgrade the ledger tables; True if anything changed."""
         if self.current_revision() == self.head_revision():
             return False
+        from alembic import command
+
         with self.engine.begin() as conn:
             command.upgrade(self._alembic_config(conn), "head")
         return True
@@ -328,8 +350,7 @@ class Ledger:
             )
         current, head = self.current_revision(), self.head_revision()
         if current != head:
-            known = {s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
-            if current in known:
+            if current in _revisions()[0]:
                 raise NotInitializedError(
                     f"the fillgate ledger of target '{target_name}' is at schema revision {current}, older "
                     f"than this fillgate's {head}; upgrade it (it keeps every row) with: "

@@ -4,10 +4,10 @@ untouched log untouched and names what an owner who bypassed the guards changed.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import random
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from fillgate.errors import UsageError
 from fillgate.ledger import Ledger
 from fillgate.ledger import schema as ledger_schema
-from fillgate.ledger.chain import row_link, start
+from fillgate.ledger.chain import AuditChain
 from fillgate.ledger.integrity import check_run, read_anchors
 from fillgate.values import dumps
 
@@ -31,12 +31,16 @@ from conftest import TestDB, current_apply, finish_apply, kill_when, run_cli, st
 CHANGES_COLUMNS = ("id, run_id, table_name, row_key, column_name, op, old_value, new_value, source, changed_at, "
                    "seq, chain_sha256")
 ERRORS_COLUMNS = "id, run_id, phase, row_key, column_name, error_type, message, fingerprint, traceback, created_at"
+PACKED_COLUMNS = ("id, run_id, batch, table_name, source, changed_at, first_seq, n_changes, column_names, changes, "
+                  "chain_sha256")
+APPEND_ONLY = ("fillgate_audit_batches", "fillgate_errors")
 
 
-def _contents(db: TestDB) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """Everything the two append-only tables hold."""
-    return (db.rows(f"SELECT {CHANGES_COLUMNS} FROM fillgate_changes ORDER BY id"),
-            db.rows(f"SELECT {ERRORS_COLUMNS} FROM fillgate_errors ORDER BY id"))
+def _contents(db: TestDB) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Everything the two append-only tables hold (the audit log packed, and as its view shows it)."""
+    return (db.rows(f"SELECT {PACKED_COLUMNS} FROM fillgate_audit_batches ORDER BY id"),
+            db.rows(f"SELECT {ERRORS_COLUMNS} FROM fillgate_errors ORDER BY id"),
+            db.rows(f"SELECT {CHANGES_COLUMNS} FROM fillgate_changes ORDER BY id"))
 
 
 def _setup(db: TestDB, cli: CliRunner, n: int = 10) -> Path:
@@ -63,10 +67,22 @@ def _verify(cli: CliRunner, cfg: Path, *args: str) -> tuple[int, dict[str, Any]]
 def _bypass_guards(db: TestDB) -> None:
     """What the owner of the tables can do: drop or disable the triggers."""
     if db.backend == "postgresql":
-        db.execute("ALTER TABLE fillgate_changes DISABLE TRIGGER fillgate_changes_no_modify")
+        db.execute("ALTER TABLE fillgate_audit_batches DISABLE TRIGGER fillgate_audit_batches_no_modify")
     else:
-        db.execute("DROP TRIGGER fillgate_changes_no_update")
-        db.execute("DROP TRIGGER fillgate_changes_no_delete")
+        db.execute("DROP TRIGGER fillgate_audit_batches_no_update")
+        db.execute("DROP TRIGGER fillgate_audit_batches_no_delete")
+
+
+def _batches(db: TestDB, run_id: str) -> list[Any]:
+    """The run's packed audit rows: (id, first_seq, n_changes, changes, chain_sha256)."""
+    return db.rows("SELECT id, first_seq, n_changes, changes, chain_sha256 FROM fillgate_audit_batches "
+                   "WHERE run_id = :r ORDER BY id", {"r": run_id})
+
+
+def _rewrite_batch(db: TestDB, batch_id: int, **values: Any) -> None:
+    """What an owner who bypassed the guards can do: rewrite a packed row."""
+    assign = ", ".join(f"{name} = :{name}" for name in values)
+    db.execute(f"UPDATE fillgate_audit_batches SET {assign} WHERE id = :i", {**values, "i": batch_id})
 
 
 # --- 1. every rewrite path the database can stop is stopped ---------------------------------------
@@ -74,11 +90,10 @@ def _bypass_guards(db: TestDB) -> None:
 
 def _rewrites(db: TestDB, table: str, row_id: int) -> list[tuple[str, str]]:
     """(statement, what the refusal says) for every way to rewrite ``table`` on this backend."""
-    if table == "fillgate_changes":
-        columns = "id, run_id, table_name, row_key, column_name, op, old_value, new_value, source, changed_at"
-        values = f"{row_id}, 'FORGED', 'people', '[2]', 'email', 'update', 'null', '\"forged\"', 'x', " \
-                 "'2020-01-01 00:00:00'"
-        assign = "new_value = '\"forged\"'"
+    if table == "fillgate_audit_batches":
+        columns = "id, run_id, batch, table_name, source, changed_at, n_changes, column_names, changes"
+        values = f"{row_id}, 'FORGED', 1, 'people', 'x', '2020-01-01 00:00:00', 0, '[]', '[]'"
+        assign = "changes = '[]'"
     else:
         columns = "id, run_id, phase, error_type, message, fingerprint, created_at"
         values = f"{row_id}, 'FORGED', 'plan', 'X', 'forged', 'f', '2020-01-01 00:00:00'"
@@ -121,17 +136,30 @@ def _rewrites(db: TestDB, table: str, row_id: int) -> list[tuple[str, str]]:
     return out
 
 
+def _view_rewrites(row_id: int) -> list[str]:
+    """Writes through the view: no database takes them (it unpacks a JSON array)."""
+    return [f"UPDATE fillgate_changes SET new_value = '\"forged\"' WHERE id = {row_id}",
+            f"DELETE FROM fillgate_changes WHERE id = {row_id}", "DELETE FROM fillgate_changes",
+            "INSERT INTO fillgate_changes (run_id, table_name, row_key, column_name, op, old_value, new_value, source, "
+            "changed_at) VALUES ('FORGED', 'people', '[2]', 'email', 'update', 'null', 'null', 'x', "
+            "'2020-01-01 00:00:00')"]
+
+
 def test_every_rewrite_path_is_refused_by_the_database(db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
     cfg = _setup(db, cli)
-    run_id = _apply(cli, cfg, jobs_file)
+    run_id = _apply(cli, cfg, jobs_file, "--batch-size", "1")
     before = _contents(db)
-    assert len(before[0]) == 3 and len(before[1]) == 2  # 3 emails filled, 2 compute errors
-    for table, rows in zip(("fillgate_changes", "fillgate_errors"), before, strict=True):
+    # 3 emails filled (one batch each), 2 compute errors
+    assert len(before[0]) == 3 and len(before[1]) == 2 and len(before[2]) == 3
+    for table, rows in zip(APPEND_ONLY, before, strict=False):
         for statement, refusal in _rewrites(db, table, rows[0][0]):
             with pytest.raises(sa.exc.DBAPIError, match=refusal):
                 db.execute(statement)
+    for statement in _view_rewrites(before[2][0][0]):
+        with pytest.raises(sa.exc.DBAPIError):
+            db.execute(statement)
     if db.backend == "postgresql":  # a superuser's replica mode does not silence the triggers
-        for statement in ("DELETE FROM fillgate_changes", "TRUNCATE fillgate_errors"):
+        for statement in ("DELETE FROM fillgate_audit_batches", "TRUNCATE fillgate_errors"):
             with pytest.raises(sa.exc.DBAPIError, match="append-only"), db.engine.begin() as conn:
                 conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
                 conn.exec_driver_sql(statement)
@@ -139,7 +167,7 @@ def test_every_rewrite_path_is_refused_by_the_database(db: TestDB, cli: CliRunne
     # appending still works: a revert adds its own rows, and the log verifies
     assert run_cli(cli, cfg, "revert", run_id).exit_code == 0
     after = _contents(db)
-    assert after[0][:3] == before[0] and len(after[0]) == 6
+    assert after[0][:3] == before[0] and len(after[2]) == 6 and after[2][:3] == before[2]
     assert _verify(cli, cfg)[0] == 0
 
 
@@ -338,44 +366,69 @@ def _chained_run(db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path) ->
     return cfg, run_id, rows
 
 
-def test_verify_names_a_deleted_row(db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path) -> None:
+def test_verify_names_a_deleted_batch(db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path) -> None:
     cfg, run_id, rows = _chained_run(db, cli, jobs_file, tmp_path)
     _bypass_guards(db)
-    db.execute("DELETE FROM fillgate_changes WHERE id = :i", {"i": rows[3][0]})  # position 4
+    batches = _batches(db, run_id)
+    db.execute("DELETE FROM fillgate_audit_batches WHERE id = :i", {"i": batches[1][0]})  # positions 4-6
     done = run_cli(cli, cfg, "verify")
     assert done.exit_code == 4, done.output
-    assert f"run {run_id}" in done.stdout and "1 row missing: position 4 of the run" in done.stdout
-    assert f"after row id {rows[2][0]} and before row id {rows[4][0]}" in done.stdout
+    assert f"run {run_id}" in done.stdout and "3 rows missing: positions 4-6 of the run" in done.stdout
+    assert f"after row id {rows[2][0]} and before row id {rows[6][0]}" in done.stdout
     check = _tampered(_verify(cli, cfg, run_id)[1], run_id)
-    assert (check["missing"], check["added"], check["altered"]) == (1, 0, 0)
+    assert (check["missing"], check["added"], check["altered"]) == (3, 0, 0)
     assert check["findings"][0]["kind"] == "missing" and check["findings"][0]["seq"] == 4
-    assert check["rows"] == 9 and check["recorded_rows"] == 10
+    assert check["rows"] == 7 and check["recorded_rows"] == 10
+
+
+def test_verify_names_a_row_removed_from_its_batch(db: TestDB, cli: CliRunner, jobs_file: Path,
+                                                   tmp_path: Path) -> None:
+    cfg, run_id, _ = _chained_run(db, cli, jobs_file, tmp_path)
+    _bypass_guards(db)
+    batch_id, _, _, changes, _ = _batches(db, run_id)[1]
+    entries = json.loads(changes)
+    del entries[0]  # position 4
+    _rewrite_batch(db, batch_id, changes=json.dumps(entries))
+    check = _tampered(_verify(cli, cfg, run_id)[1], run_id)
+    assert [f["kind"] for f in check["findings"]] == ["altered"]  # the batch's row count no longer agrees
+    _rewrite_batch(db, batch_id, n_changes=2)  # and with the count made to agree, the chain does not
+    check = _tampered(_verify(cli, cfg, run_id)[1], run_id)
+    kinds = [(f["kind"], f["seq"]) for f in check["findings"]]
+    assert kinds[0] == ("altered", 4) and ("missing", 6) in kinds and check["rows"] == 9
 
 
 def test_verify_names_an_altered_value(db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path) -> None:
     cfg, run_id, rows = _chained_run(db, cli, jobs_file, tmp_path)
     _bypass_guards(db)
-    db.execute("UPDATE fillgate_changes SET new_value = '\"attacker@evil.org\"' WHERE id = :i", {"i": rows[6][0]})
+    batches = _batches(db, run_id)
+    entries = json.loads(batches[2][3])  # positions 7-9
+    entries[0][4] = '"attacker@evil.org"'
+    _rewrite_batch(db, batches[2][0], changes=json.dumps(entries))
+    assert db.scalar("SELECT new_value FROM fillgate_changes WHERE id = :i", {"i": rows[6][0]}) == \
+        '"attacker@evil.org"'
     code, report = _verify(cli, cfg)
     assert code == 4
     check = _tampered(report, run_id)
-    assert (check["missing"], check["added"], check["altered"]) == (0, 0, 1)
-    assert [(f["kind"], f["row_id"], f["seq"]) for f in check["findings"]] == [("altered", rows[6][0], 7)]
+    # the batch keeps one chain value: the finding names the batch's rows (positions 7-9)
+    assert (check["missing"], check["added"], check["altered"]) == (0, 0, 3)
+    assert [(f["kind"], f["row_id"], f["seq"], f["rows"]) for f in check["findings"]] == [
+        ("altered", rows[6][0], 7, 3)]
     # changing only the time of a change is caught too
-    db.execute("UPDATE fillgate_changes SET changed_at = '2001-02-03 04:05:06' WHERE id = :i", {"i": rows[1][0]})
+    _rewrite_batch(db, batches[0][0], changed_at=dt.datetime(2001, 2, 3, 4, 5, 6))
     check = _tampered(_verify(cli, cfg)[1], run_id)
-    assert [(f["kind"], f["seq"]) for f in check["findings"]] == [("altered", 2), ("altered", 7)]
+    assert [(f["kind"], f["seq"]) for f in check["findings"]] == [("altered", 1), ("altered", 7)]
 
 
 def test_verify_names_added_rows_and_orphans(db: TestDB, cli: CliRunner, jobs_file: Path, tmp_path: Path) -> None:
-    cfg, run_id, rows = _chained_run(db, cli, jobs_file, tmp_path)
-    copy = ("INSERT INTO fillgate_changes (run_id, table_name, row_key, column_name, op, old_value, new_value, "
-            "source, changed_at, seq, chain_sha256) SELECT {run}, table_name, row_key, column_name, op, old_value, "
-            "new_value, source, changed_at, {seq}, chain_sha256 FROM fillgate_changes WHERE id = :i")
-    # appending needs no bypass: a copy of position 2, a row without evidence, a row of no run
-    db.execute(copy.format(run="run_id", seq="seq"), {"i": rows[1][0]})
-    db.execute(copy.format(run="run_id", seq="NULL"), {"i": rows[2][0]})
-    db.execute(copy.format(run="'01NOSUCHRUN000000000000000'", seq="seq"), {"i": rows[2][0]})
+    cfg, run_id, _ = _chained_run(db, cli, jobs_file, tmp_path)
+    copy = ("INSERT INTO fillgate_audit_batches (run_id, batch, table_name, source, changed_at, first_seq, n_changes, "
+            "column_names, changes, chain_sha256) SELECT {run}, batch, table_name, source, changed_at, {seq}, "
+            "n_changes, column_names, changes, chain_sha256 FROM fillgate_audit_batches WHERE id = :i")
+    last = _batches(db, run_id)[-1][0]  # position 10, alone in its batch
+    # appending needs no bypass: a copy of position 10, a row without evidence, a row of no run
+    db.execute(copy.format(run="run_id", seq="first_seq"), {"i": last})
+    db.execute(copy.format(run="run_id", seq="NULL"), {"i": last})
+    db.execute(copy.format(run="'01NOSUCHRUN000000000000000'", seq="first_seq"), {"i": last})
     added = [r[0] for r in db.rows("SELECT id FROM fillgate_changes ORDER BY id")][-3:]
     done = run_cli(cli, cfg, "verify")
     assert done.exit_code == 4, done.output
@@ -384,7 +437,7 @@ def test_verify_names_added_rows_and_orphans(db: TestDB, cli: CliRunner, jobs_fi
     check = _tampered(report, run_id)
     assert (check["missing"], check["added"], check["altered"]) == (0, 2, 0)
     assert [(f["kind"], f["row_id"]) for f in check["findings"]] == [("added", added[0]), ("added", added[1])]
-    assert "claims position 2, which an earlier row of the run holds" in check["findings"][0]["message"]
+    assert "claims position 10, which an earlier row of the run holds" in check["findings"][0]["message"]
     assert [(f["kind"], f["row_id"]) for f in report["findings"]] == [("orphan", added[2])]
 
 
@@ -404,18 +457,23 @@ def test_a_rechained_log_passes_verify_but_not_the_events_it_sent(
 ) -> None:
     """An owner who deletes a row and recomputes the chain fools the database; the chain head
     in the run_finished event they could not rewrite catches it."""
-    cfg, run_id, rows = _chained_run(db, cli, jobs_file, tmp_path)
+    cfg, run_id, _ = _chained_run(db, cli, jobs_file, tmp_path)
     _bypass_guards(db)
-    db.execute("DELETE FROM fillgate_changes WHERE id = :i", {"i": rows[4][0]})
     with db.engine.begin() as conn:
-        c = ledger_schema.changes.c
-        kept = conn.execute(sa.select(ledger_schema.changes).where(c.run_id == run_id).order_by(c.id)).all()
-        chain = start(run_id)
-        for seq, row in enumerate(kept, 1):
-            chain = row_link(chain, SimpleNamespace(**{**row._mapping, "seq": seq}))
-            conn.execute(sa.update(ledger_schema.changes).where(c.id == row.id).values(seq=seq, chain_sha256=chain))
+        b = ledger_schema.audit_batches.c
+        batches = conn.execute(sa.select(ledger_schema.audit_batches).where(b.run_id == run_id).order_by(b.id)).all()
+        chain = AuditChain.start(run_id)
+        for number, batch in enumerate(batches):
+            entries = json.loads(batch.changes)
+            if number == 1:
+                del entries[1]  # position 5
+            first = chain.rows + 1
+            chain = chain.follow(run_id, batch.table_name, batch.source, batch.changed_at, entries)
+            conn.execute(sa.update(ledger_schema.audit_batches).where(b.id == batch.id).values(
+                changes=json.dumps(entries), n_changes=len(entries), first_seq=first, chain_sha256=chain.sha256))
+        chain_head = chain.sha256
         conn.execute(sa.update(ledger_schema.runs).where(ledger_schema.runs.c.run_id == run_id).values(
-            audit_rows=9, audit_sha256=chain, counts=json.dumps({"applied": 9, "conflicts": 0, "converted": 0,
+            audit_rows=9, audit_sha256=chain_head, counts=json.dumps({"applied": 9, "conflicts": 0, "converted": 0,
                                                                 "errors": 0})))
     assert _verify(cli, cfg)[0] == 0  # what the database alone can tell
     done = run_cli(cli, cfg, "verify", "--events", str(tmp_path / "events.jsonl"))
@@ -430,7 +488,7 @@ def test_a_run_lost_from_the_ledger_is_named_by_its_events(
 ) -> None:
     cfg, run_id, _ = _chained_run(db, cli, jobs_file, tmp_path)
     _bypass_guards(db)
-    db.execute("DELETE FROM fillgate_changes WHERE run_id = :r", {"r": run_id})
+    db.execute("DELETE FROM fillgate_audit_batches WHERE run_id = :r", {"r": run_id})
     db.execute("DELETE FROM fillgate_runs WHERE run_id = :r", {"r": run_id})
     assert _verify(cli, cfg)[0] == 0
     code, report = _verify(cli, cfg, "--events", str(tmp_path / "events.jsonl"))
@@ -444,15 +502,19 @@ def test_verify_reports_garbled_rows_and_a_dropped_table_without_a_traceback(
     """SQLite stores any value in any column: a tampered row may hold what fillgate never writes."""
     cfg, run_id, rows = _chained_run(sqlite_db, cli, jobs_file, tmp_path)
     _bypass_guards(sqlite_db)
-    sqlite_db.execute("UPDATE fillgate_changes SET seq = 'two' WHERE id = :i", {"i": rows[1][0]})
+    batches = _batches(sqlite_db, run_id)
+    _rewrite_batch(sqlite_db, batches[0][0], first_seq="two")
     check = _tampered(_verify(cli, cfg)[1], run_id)
-    assert [(f["kind"], f["row_id"]) for f in check["findings"]][:1] == [("altered", rows[1][0])]
-    sqlite_db.execute("UPDATE fillgate_changes SET changed_at = 'yesterday' WHERE id = :i", {"i": rows[5][0]})
+    assert [(f["kind"], f["row_id"]) for f in check["findings"]][:1] == [("altered", rows[0][0])]
+    _rewrite_batch(sqlite_db, batches[1][0], changes="[[1, 2")
+    check = _tampered(_verify(cli, cfg)[1], run_id)
+    assert any("cannot be read back as fillgate wrote it" in f["message"] for f in check["findings"]), check
+    _rewrite_batch(sqlite_db, batches[2][0], changed_at="yesterday")
     check = _tampered(_verify(cli, cfg)[1], run_id)
     assert "cannot be read back as fillgate wrote them" in check["findings"][0]["message"]
-    sqlite_db.execute("DROP TABLE fillgate_changes")
+    sqlite_db.execute("DROP TABLE fillgate_audit_batches")
     done = run_cli(cli, cfg, "verify")
-    assert done.exit_code == 4 and "fillgate_changes does not exist" in done.stdout, done.output
+    assert done.exit_code == 4 and "fillgate_audit_batches does not exist" in done.stdout, done.output
 
 
 def test_mariadb_truncate_after_disabling_foreign_key_checks_is_detected(
@@ -463,7 +525,7 @@ def test_mariadb_truncate_after_disabling_foreign_key_checks_is_detected(
     cfg, run_id, _ = _chained_run(db, cli, jobs_file, tmp_path)
     with db.engine.begin() as conn:
         conn.exec_driver_sql("SET foreign_key_checks = 0")
-        conn.exec_driver_sql("TRUNCATE fillgate_changes")
+        conn.exec_driver_sql("TRUNCATE fillgate_audit_batches")
         conn.exec_driver_sql("SET foreign_key_checks = 1")
     check = _tampered(_verify(cli, cfg)[1], run_id)
     assert check["missing"] == 10 and check["findings"][0]["message"].startswith("10 rows missing: positions 1-10")
@@ -524,7 +586,7 @@ def test_a_ledger_from_before_tamper_evidence_is_upgraded_keeping_every_row(
     db: TestDB, cli: CliRunner, jobs_file: Path
 ) -> None:
     ids = _legacy_ledger(db)
-    old_columns = CHANGES_COLUMNS.rsplit(", seq", 1)[0]
+    old_columns = CHANGES_COLUMNS.rsplit(", seq", 1)[0].removeprefix("id, ")  # ids change in revision 0005
     before = (db.rows(f"SELECT {old_columns} FROM fillgate_changes ORDER BY id"),
               db.rows(f"SELECT {ERRORS_COLUMNS} FROM fillgate_errors ORDER BY id"),
               db.rows("SELECT run_id, kind, status, args, counts, checkpoint FROM fillgate_runs ORDER BY run_id"))
@@ -555,7 +617,7 @@ def test_a_ledger_from_before_tamper_evidence_is_upgraded_keeping_every_row(
     assert "no tamper evidence (the run predates it)" in shown.stdout
     # the upgraded ledger refuses rewrites like a new one
     rows = _contents(db)
-    for table, contents in zip(("fillgate_changes", "fillgate_errors"), rows, strict=True):
+    for table, contents in zip(APPEND_ONLY, rows, strict=False):
         for statement, refusal in _rewrites(db, table, contents[0][0]):
             with pytest.raises(sa.exc.DBAPIError, match=refusal):
                 db.execute(statement)
@@ -592,21 +654,14 @@ def _assert_schema_matches(db: TestDB) -> None:
             found = {i["name"]: i["column_names"] for i in inspector.get_indexes(table.name)
                      if i["name"].startswith("ix_")}  # not the ones MariaDB adds for foreign keys
             assert found == declared, table.name
+        assert "fillgate_changes" in inspector.get_view_names()
         if db.backend == "postgresql":
-            kind = conn.exec_driver_sql(
-                "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam "
-                "WHERE c.relname = 'ix_fillgate_changes_row'").scalar()
-            assert kind == "hash"
             triggers = conn.exec_driver_sql(
                 "SELECT tgrelid::regclass::text, tgname, tgenabled FROM pg_trigger WHERE NOT tgisinternal "
                 "ORDER BY 1, 2").all()
             expected = [(t, f"{t}_{n}", "A") for t in ledger_schema.APPEND_ONLY_TABLES
                         for n in ("no_modify", "no_truncate")]
         elif db.backend == "mysql":
-            sub_part = conn.exec_driver_sql(
-                "SELECT sub_part FROM information_schema.statistics WHERE table_schema = DATABASE() "
-                "AND index_name = 'ix_fillgate_changes_row'").scalar()
-            assert sub_part == 255
             triggers = conn.exec_driver_sql(
                 "SELECT event_object_table, trigger_name, action_timing FROM information_schema.triggers "
                 "WHERE trigger_schema = DATABASE() ORDER BY 1, 2").all()
@@ -679,3 +734,61 @@ def test_reading_anchors_never_fails_with_anything_but_a_usage_error(tmp_path: P
         for listed in anchors.by_run.values():
             assert all(a.rows >= 0 and len(a.sha256) == 64 for a in listed)
 
+
+
+# --- 8. a ledger at revision 0004 (one audit row per field) is packed, keeping every row ----------
+
+
+def test_a_0004_ledger_is_packed_keeping_every_audit_row_and_still_verifies(
+    db: TestDB, cli: CliRunner, jobs_file: Path
+) -> None:
+    ledger = Ledger(db.engine)
+    with db.engine.begin() as conn:
+        command.upgrade(ledger._alembic_config(conn), "0004_batch_timeline")
+    db.create_people(6, with_email_every=7)
+    db.execute("INSERT INTO fillgate_meta (name, value) VALUES ('environment', 'staging'), "
+               "('database_id', '01LEGACYDB0000000000000000'), ('stamped_at', '2026-01-02T03:04:05Z'), "
+               "('stamped_by', 'old@host')")
+    run_id = "01JCCCCCCCCCCCCCCCCCCCCCCC"
+    chain = AuditChain.start(run_id)
+    rows: list[dict[str, Any]] = []
+    for number, keys in enumerate(([1, 2, 3], [4, 5]), 1):  # two batches of one run
+        when = dt.datetime(2026, 1, 2, 3, 4, number, 123456)
+        items = [(f"[{i}]", "email", "update", "null", dumps(f"pérson{i}@exämple.com 🎉")) for i in keys]
+        chain, links = chain.extend(run_id, "people", "jobs:FillEmail", when, items)
+        rows += [{"key": k, "col": c, "op": o, "old": old, "new": new, "when": when, "seq": seq, "chain": link}
+                 for (k, c, o, old, new), (seq, link) in zip(items, links, strict=True)]
+    db.execute(
+        "INSERT INTO fillgate_runs (run_id, kind, job, table_name, target, environment, operator, args, status, "
+        "counts, checkpoint, total, created_at, started_at, finished_at, host, pid, audit_rows, audit_sha256) VALUES "
+        "(:r, 'apply', 'jobs:FillEmail', 'people', 'staging', 'staging', 'old@host', :args, 'succeeded', :counts, "
+        "5, 5, :when, :when, :when, 'host', 1, 5, :sha)",
+        {"r": run_id, "args": json.dumps({"key": ["id"], "source": "jobs:FillEmail"}),
+         "counts": json.dumps({"applied": 5, "conflicts": 0, "errors": 0}), "when": rows[0]["when"],
+         "sha": chain.sha256})
+    db.execute(
+        "INSERT INTO fillgate_changes (run_id, table_name, row_key, column_name, op, old_value, new_value, source, "
+        "changed_at, seq, chain_sha256) VALUES (:r, 'people', :key, :col, :op, :old, :new, 'jobs:FillEmail', :when, "
+        ":seq, :chain)", [{**row, "r": run_id} for row in rows])
+    columns = CHANGES_COLUMNS.removeprefix("id, ")
+    before = db.rows(f"SELECT {columns} FROM fillgate_changes ORDER BY id")
+    assert len(before) == 5
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    assert db.scalar("SELECT version_num FROM fillgate_alembic_version") == ledger.head_revision()
+    assert db.rows(f"SELECT {columns} FROM fillgate_changes ORDER BY id") == before
+    assert db.scalar("SELECT count(*) FROM fillgate_audit_batches") == 2
+    code, report = _verify(cli, cfg)
+    assert code == 0 and [(r["run_id"], r["state"], r["rows"]) for r in report["runs"]] == [(run_id, "ok", 5)]
+    history = run_cli(cli, cfg, "history", "people", "4", "--json")
+    assert history.exit_code == 0, history.output
+    assert [e["new_value"] for e in json.loads(history.stdout)] == ["pérson4@exämple.com 🎉"]
+    _assert_schema_matches(db)
+    # a changed value of a moved row is named exactly: each moved row kept its own chain value
+    _bypass_guards(db)
+    batch_id, _, _, changes, _ = _batches(db, run_id)[0]
+    entries = json.loads(changes)
+    entries[1][4] = '"attacker@evil.org"'
+    _rewrite_batch(db, batch_id, changes=json.dumps(entries))
+    check = _tampered(_verify(cli, cfg)[1], run_id)
+    assert [(f["kind"], f["seq"], f["rows"]) for f in check["findings"]] == [("altered", 2, 1)]

@@ -728,6 +728,7 @@ def test_progress_bar_only_on_a_terminal_and_never_with_json(
     db: TestDB, cli: CliRunner, svc: LookupService, enrich: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import fillgate.cli
+    import fillgate.report
 
     cfg = setup(db, cli, n=6)
     args = ("run", f"{enrich}:EnrichEmail", "-p", f"url={svc.url}", "--batch-size", "2")
@@ -738,7 +739,7 @@ def test_progress_bar_only_on_a_terminal_and_never_with_json(
             super().__init__(console)
             made.append(self)
 
-    monkeypatch.setattr(fillgate.cli, "RichProgress", Recorded)
+    monkeypatch.setattr(fillgate.report, "RichProgress", Recorded)  # the CLI takes it from there when it runs
     # CliRunner's output is not a terminal: no bar.
     done = run_cli(cli, cfg, *args, "-o", "a.plan")
     assert done.exit_code == 0, done.output

@@ -189,18 +189,28 @@ def test_audit_log_is_append_only(db: TestDB, cli: CliRunner, jobs_file: Path) -
     assert run_cli(cli, cfg, "run", f"{jobs_file}:FillEmail").exit_code == 0
     before = db.rows("SELECT * FROM fillgate_changes ORDER BY id")
     assert len(before) == 5
-    attempts = [
+    packed = db.rows("SELECT * FROM fillgate_audit_batches ORDER BY id")
+    # the view takes no writes at all; the table under it refuses them
+    for statement in (
         "UPDATE fillgate_changes SET new_value = '\"forged\"' WHERE id = (SELECT min_id FROM "
         "(SELECT min(id) AS min_id FROM fillgate_changes) m)",
         "UPDATE fillgate_changes SET source = 'nobody'",
         "DELETE FROM fillgate_changes WHERE row_key = '[1]'",
         "DELETE FROM fillgate_changes",
+    ):
+        with pytest.raises(sa.exc.DBAPIError):
+            db.execute(statement)
+    attempts = [
+        "UPDATE fillgate_audit_batches SET changes = '[]'",
+        "UPDATE fillgate_audit_batches SET source = 'nobody'",
+        "DELETE FROM fillgate_audit_batches",
     ]
     if db.backend == "postgresql":
-        attempts.append("TRUNCATE fillgate_changes")
+        attempts.append("TRUNCATE fillgate_audit_batches")
     for statement in attempts:
         with pytest.raises(sa.exc.DBAPIError, match="append-only"):
             db.execute(statement)
+    assert db.rows("SELECT * FROM fillgate_audit_batches ORDER BY id") == packed
     assert db.rows("SELECT * FROM fillgate_changes ORDER BY id") == before
     # appending still works: a revert adds its own rows
     run_id = db.scalar("SELECT run_id FROM fillgate_runs WHERE kind = 'apply'")

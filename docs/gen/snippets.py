@@ -155,9 +155,9 @@ def tour(work: Path) -> dict[str, str]:
     s["tour-audit-rows.txt"] = shop.run(
         "sqlite3 -header demo.db \"SELECT id, run_id, table_name, row_key, column_name, op, old_value, new_value, "
         f"source, seq FROM fillgate_changes WHERE run_id = '{again_run}' ORDER BY id LIMIT 3\"").transcript()
-    # tampering: the owner of the file drops a trigger and deletes an audit row
-    tamper = ("sqlite3 demo.db \"DROP TRIGGER fillgate_changes_no_delete; "
-              f"DELETE FROM fillgate_changes WHERE run_id = '{revert_run}' AND row_key = '[12]'\"")
+    # tampering: the owner of the file drops a trigger and deletes a run's packed audit batch
+    tamper = ("sqlite3 demo.db \"DROP TRIGGER fillgate_audit_batches_no_delete; "
+              f"DELETE FROM fillgate_audit_batches WHERE run_id = '{revert_run}'\"")
     shop.run(tamper)
     s["tour-tamper.txt"] = join(
         f"$ {tamper}",

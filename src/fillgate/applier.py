@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
@@ -43,7 +43,7 @@ from fillgate.monitor import Monitor
 from fillgate.pacing import Batches, BatchSizer, batch_timeout
 from fillgate.plan import PlanHeader, iter_changes, verify_plan
 from fillgate.planner import SAMPLE, PlanResult, make_plan
-from fillgate.runs import RunKind, RunStatus
+from fillgate.runs import MESSAGE_LIMIT, RunKind, RunStatus
 from fillgate.sql import BatchOutcome, Change, TableSQL, apply_changes
 from fillgate.stamp import Connected, check_write_allowed
 from fillgate.values import dumps, encode_key, in_words
@@ -149,34 +149,47 @@ class _Applying:
         return self.sizer.size
 
     def execute(self, changes: Iterable[Change]) -> ApplyResult:
+        try:
+            self.started()
+        except BaseException as exc:  # e.g. an events file that cannot be written: the run is failed
+            self._failed(exc)
+        return self.finished(self.feed(Batches(changes)))
+
+    def started(self) -> None:
         run = self.run
         remaining = None if run.total is None else run.total - self.checkpoint
-        status = RunStatus.SUCCEEDED
-        source = Batches(changes)
+        self.monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining,
+                                 throttle=self.limits.throttle(), heartbeat=self._heartbeat, rate=self.planned_rate)
+
+    def feed(self, source: Batches[Change]) -> RunStatus | None:
+        """Write the changes of ``source`` in batches (sized by the pacing), one transaction
+        each; the status the run stopped in (a pause or cancel request, Ctrl-C between
+        batches), or None when every change was written. A failure or a Ctrl-C inside a batch
+        records the run (failed, paused) and raises."""
         try:
-            self.monitor.run_started(run.run_id, run.kind, run.job or "", run.target, run.environment, remaining,
-                                     throttle=self.limits.throttle(), heartbeat=self._heartbeat,
-                                     rate=self.planned_rate)
             while True:
                 size = self._size()
                 batch, written, timed_out = self._next_batch(source)
                 if not batch:
-                    break
+                    return None
                 self._report(batch, written[0], written[1], size if not timed_out else len(batch), timed_out)
                 stopped = self._stop(written[2])
                 if stopped is not None:
-                    status = stopped
-                    break
+                    return stopped
         except KeyboardInterrupt:
             self._interrupted()
         except CriticalLoadError as exc:
             self._critical(exc)
         except BaseException as exc:
             self._failed(exc)
-        if status is RunStatus.SUCCEEDED:
-            self.ledger.transition(run.run_id, status, finished_at=utcnow(), control=None, message=None)
+        return None
+
+    def finished(self, stopped: RunStatus | None) -> ApplyResult:
+        status = stopped or RunStatus.SUCCEEDED
+        if stopped is None:
+            self.ledger.transition(self.run.run_id, status, finished_at=utcnow(), control=None, message=None)
         self.monitor.run_finished(status, self.counts, audit=self.audit)
-        self.result.run = self.ledger.get_run(run.run_id)
+        self.result.run = self.ledger.get_run(self.run.run_id)
         return self.result
 
     def _next_batch(self, source: Batches[Change]) -> tuple[list[Change], _Written, int]:
@@ -316,7 +329,7 @@ class _Applying:
         self.result.stopped = "interrupted"
         return RunStatus.PAUSED
 
-    def _interrupted(self) -> None:
+    def _interrupted(self) -> NoReturn:
         """A second Ctrl-C inside a batch: the database rolled that batch back, and every batch
         before it is committed with its checkpoint, so the run is paused, resumable."""
         run, ledger = self.run, self.ledger
@@ -326,7 +339,7 @@ class _Applying:
         self.monitor.run_finished(RunStatus.PAUSED, committed.counts, message, audit=committed.audit)
         raise Interrupted(f"{run.kind} run {run.run_id} was {message}.", run.run_id) from None
 
-    def _critical(self, exc: CriticalLoadError) -> None:
+    def _critical(self, exc: CriticalLoadError) -> NoReturn:
         """``--critical-load``: after a committed batch the load was too high; the run pauses
         there (resumable) and writes nothing more."""
         run, ledger = self.run, self.ledger
@@ -340,7 +353,7 @@ class _Applying:
             f"down: fillgate resume {run.run_id}"
         ) from None
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException) -> NoReturn:
         run, ledger = self.run, self.ledger
         if isinstance(exc, GuardRefused):  # a refusal midway says what stays written
             exc = type(exc)(f"{exc} The {self.counts['applied']} changes of the batches committed before stay "
@@ -478,15 +491,16 @@ def check_plan_not_applied(conn: Connected, header: PlanHeader) -> None:
 
 
 def apply_plan(
-    conn: Connected, path: str | Path, limits: Limits | None = None, monitor: Monitor | None = None, *,
-    canary: int | None = None, verify_sql: str | None = None,
+    conn: Connected, path: str | Path, limits: Limits | None = None, monitor: Monitor | None = None,
+    written_sha256: str | None = None, *, canary: int | None = None, verify_sql: str | None = None,
 ) -> ApplyResult:
-    """Write exactly the reviewed plan, audited, after every check passes. With ``canary``,
-    write that many changes spread over the plan first, then pause and verify them
+    """Write exactly the reviewed plan, audited, after every check passes. ``written_sha256``:
+    see ``verify_plan`` (``run_job`` passes the hash its own plan writer computed). With
+    ``canary``, write that many changes spread over the plan first, then pause and verify them
     (``verify_sql``: a query that must return no rows; see fillgate.canary)."""
     limits = limits or Limits()
     path = Path(path).resolve()
-    header, sha256 = verify_plan(path)
+    header, sha256 = verify_plan(path, written_sha256)
     check_plan_matches(conn, header, path)
     check_plan_unmodified(conn, header, path, sha256)
     check_write_allowed(conn.target, limits.confirm)
@@ -552,23 +566,30 @@ def run_job(
     limits: Limits | None = None,
     monitor: Monitor | None = None,
     on_planned: Callable[[PlanResult], None] | None = None,
+    stream: bool = False,
 ) -> tuple[PlanResult, ApplyResult]:
     """Plan, gate and apply in one go (``fillgate run``). The plan is saved under ``out`` so
     the apply can be resumed; ``on_planned`` sees it before anything is written.
 
     A guard that refuses after planning (``--max-changes``, a held lock, ...) writes nothing
     to the user's tables, and its message says what the plan left behind: the plan run and
-    the plan file, which can be reviewed and applied later."""
+    the plan file, which can be reviewed and applied later.
+
+    ``stream`` (``fillgate run --stream``): when no change gate applies, apply each page's
+    changes as they are planned, batch by batch, while the plan file is written beside them
+    (see :func:`stream_job`); with a gate the plan is made first, as without ``stream``."""
     limits = limits or Limits()
     check_write_allowed(conn.target, limits.confirm)
     gate = limits.change_gate(conn.target)  # a protected target without a gate: refused before planning
     check_run_allowed(conn, job_cls, params, limits)
+    if stream and gate is None:
+        return stream_job(conn, job_cls, params, out=out, limits=limits, monitor=monitor, on_planned=on_planned)
     planned = make_plan(conn, job_cls, params, out=out, limits=limits, monitor=monitor)
     if on_planned is not None:
         on_planned(planned)
     assert planned.path is not None  # out is never None here
     try:
-        return planned, apply_plan(conn, planned.path, limits, monitor)
+        return planned, apply_plan(conn, planned.path, limits, monitor, planned.file_sha256)
     except GateExceededError:
         changes = planned.header.changes
         confirm = f" --confirm {conn.target.environment}" if conn.target.protected else ""
@@ -583,3 +604,123 @@ def run_job(
             f"{exc} The plan was recorded as plan run {planned.run.run_id} and saved to {planned.path}; "
             "nothing was written to your tables."
         ) from None
+
+
+# --- fillgate run --stream: apply while planning ----------------------------------------------
+
+
+class StreamStopped(Exception):
+    """The streamed apply stopped between batches (a pause or cancel request, Ctrl-C)."""
+
+
+class _Stream:
+    """The apply side of a streamed run: its run, lock and the changes not yet in a batch."""
+
+    def __init__(self, conn: Connected, limits: Limits, monitor: Monitor) -> None:
+        self.conn, self.limits, self.monitor = conn, limits, monitor
+        self.applying: _Applying | None = None
+        self.lock: ApplyLock | None = None
+        self.pending: list[Change] = []
+
+    def start(self, plan_run: Run) -> _Applying:
+        if self.applying is None:
+            run = new_writing_run(
+                self.conn, RunKind.APPLY, job=plan_run.job, table_name=plan_run.table_name, plan_id=plan_run.run_id,
+                parent_run_id=plan_run.run_id, total=None,
+                args={"key": plan_run.args["key"], "source": plan_run.job, "batch_size": self.limits.batch_size,
+                      "max_changes": None, "streamed": True},
+            )
+            self.lock = start_writing_run(self.conn, run)
+            self.applying = _Applying(self.conn, run, self.limits, self.lock, self.monitor)
+            self.applying.started()
+        return self.applying
+
+    def page(self, plan_run: Run, changes: list[Change]) -> None:
+        """One planned page: write every full batch now."""
+        applying = self.start(plan_run)
+        self.pending.extend(changes)
+        size = self.limits.batch_size
+        full = len(self.pending) // size * size
+        if not full:
+            return
+        ready = self.pending[:full]
+        del self.pending[:full]
+        stopped = applying.feed(Batches(ready))
+        if stopped is not None:
+            applied = applying.counts["applied"]
+            raise StreamStopped(
+                f"apply run {applying.run.run_id}, which applied this plan's changes as they were planned, "
+                f"stopped ({stopped}) after {applied} changes; the plan is incomplete"
+            )
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def stream_job(
+    conn: Connected, job_cls: type[Job], params: Mapping[str, Any] | None = None, *,
+    out: str | Path = ".fillgate/plans/", limits: Limits | None = None, monitor: Monitor | None = None,
+    on_planned: Callable[[PlanResult], None] | None = None,
+) -> tuple[PlanResult, ApplyResult]:
+    """``fillgate run --stream`` without a change gate: each planned page's changes go
+    straight into the apply, batch by batch, and the plan file is written beside them, so
+    nothing is read back. The apply run records the plan's id, file and SHA-256 once the plan
+    is complete. The trade-offs (docs/performance.md): a run stopped before its plan was
+    complete (Ctrl-C, a pause, a crash) cannot be resumed, only run again or reverted; the
+    plan run's own events and progress are not reported (the apply's are)."""
+    limits = limits or Limits()
+    stream = _Stream(conn, limits, monitor or Monitor())
+    try:
+        try:
+            planned = make_plan(conn, job_cls, params, out=out, limits=limits, on_page=stream.page)
+        except StreamStopped as exc:
+            _stream_stopped(conn, stream, str(exc))
+        except (KeyboardInterrupt, Interrupted) as exc:
+            _stream_stopped(conn, stream, f"stopped while planning: {exc}")
+        except BaseException as exc:
+            _plan_failed(conn, stream, exc)
+            raise
+        applying = stream.start(planned.run)
+        stopped = applying.feed(Batches(stream.pending))
+        if stopped is not None:
+            _stream_stopped(conn, stream, f"stopped ({stopped}) after the last page was planned")
+        conn.ledger.update_run(applying.run.run_id, total=planned.header.changes, plan_sha256=planned.file_sha256,
+                               plan_path=str(planned.path) if planned.path else None)
+        result = applying.finished(None)
+    finally:
+        stream.release()
+    if on_planned is not None:
+        on_planned(planned)
+    return planned, result
+
+
+def _stream_stopped(conn: Connected, stream: _Stream, why: str) -> NoReturn:
+    """A streamed run stopped (Ctrl-C, a pause or cancel request) before its plan was
+    complete, so it cannot be resumed: recorded as cancelled (every batch it wrote is audited
+    and can be reverted); the plan run was recorded as failed by the planner."""
+    applying = stream.applying
+    if applying is None:
+        raise Interrupted(f"{why}. Nothing was written.")
+    run_id = applying.run.run_id
+    message = (f"{why}. Its plan is incomplete, so it cannot be resumed: run the job again to plan and apply "
+               f"what is still to do, or revert what it applied with: fillgate revert {run_id}")
+    _cancel_streamed(conn, applying, message)
+    raise Interrupted(f"apply run {run_id}: {message}", run_id)
+
+
+def _plan_failed(conn: Connected, stream: _Stream, exc: BaseException) -> None:
+    """The plan of a streamed run failed (its own error, or the apply's): the apply run, if
+    still running, is cancelled; a failed apply stays failed (and cannot be resumed)."""
+    if stream.applying is not None:
+        reason = str(exc) if isinstance(exc, FillgateError) else f"{type(exc).__name__}: {exc}"
+        _cancel_streamed(conn, stream.applying, f"its plan failed ({reason}), so it cannot be resumed; every "
+                                                "batch it wrote is audited and can be reverted")
+
+
+def _cancel_streamed(conn: Connected, applying: _Applying, message: str) -> None:
+    run_id = applying.run.run_id
+    if conn.ledger.get_run(run_id).status in (RunStatus.RUNNING, RunStatus.PAUSED):
+        conn.ledger.transition(run_id, RunStatus.CANCELLED, finished_at=utcnow(), control=None,
+                               message=message[:MESSAGE_LIMIT])
+        applying.finished(RunStatus.CANCELLED)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -9,17 +10,12 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from sqlalchemy.exc import SQLAlchemyError
 from typer.core import TyperGroup
 
-from fillgate import commands, report
-from fillgate.applier import ApplyResult
-from fillgate.config import Config, Target, load_config
-from fillgate.distributed import Cluster
 from fillgate.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -31,21 +27,53 @@ from fillgate.errors import (
     RunNotFoundError,
     UsageError,
 )
-from fillgate.events import EventWriter
-from fillgate.history import row_history
 from fillgate.interrupts import stop_on_signals
 from fillgate.job import parse_param_options
-from fillgate.ledger.integrity import read_anchors, verify_ledger
-from fillgate.limits import Limits
-from fillgate.loader import load_runnable
-from fillgate.monitor import Monitor
-from fillgate.pipeline_run import PipelineResult
-from fillgate.plan import read_header
-from fillgate.planner import PlanResult
-from fillgate.report import HoldLines, RichProgress
-from fillgate.revert import preview_revert
-from fillgate.stamp import Connected, check_write_allowed, connect, init_target
 from fillgate.validate import has_surrogate
+
+# The modules below import SQLAlchemy, Alembic and the rest of fillgate: loaded by the command
+# that needs them, so that `fillgate --help` and a usage error start fast.
+if TYPE_CHECKING:
+    from fillgate import applier, commands, control, distributed, loader, pipeline_run, report, stamp
+    from fillgate import config as config_mod
+    from fillgate import events as events_mod
+    from fillgate import history as history_mod
+    from fillgate import limits as limits_mod
+    from fillgate import monitor as monitor_mod
+    from fillgate import plan as plan_mod
+    from fillgate import revert as revert_mod
+    from fillgate.applier import ApplyResult
+    from fillgate.config import Config, Target
+    from fillgate.ledger import integrity
+    from fillgate.limits import Limits
+    from fillgate.monitor import Monitor
+    from fillgate.planner import PlanResult
+    from fillgate.report import HoldLines, RichProgress
+    from fillgate.stamp import Connected
+else:
+    class _Lazy:
+        """A module imported on first use."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(importlib.import_module(self._name), attr)
+
+    applier, commands, control, loader, pipeline_run, report, stamp = (
+        _Lazy(f"fillgate.{name}") for name in
+        ("applier", "commands", "control", "loader", "pipeline_run", "report", "stamp"))
+    config_mod, events_mod, history_mod, limits_mod, monitor_mod, revert_mod = (
+        _Lazy(f"fillgate.{name}") for name in ("config", "events", "history", "limits", "monitor", "revert"))
+    integrity = _Lazy("fillgate.ledger.integrity")
+    distributed, plan_mod = _Lazy("fillgate.distributed"), _Lazy("fillgate.plan")
+
+
+def _database_error(exc: BaseException) -> bool:
+    """An error SQLAlchemy raised (it is loaded whenever one can have been raised)."""
+    errors = sys.modules.get("sqlalchemy.exc")
+    return errors is not None and isinstance(exc, errors.SQLAlchemyError)
+
 
 # Click's usage errors (a bad option, a missing argument) derive from this class; found through
 # typer's own BadParameter so that it works whether typer vendors click or uses it.
@@ -262,10 +290,10 @@ def _errors(as_json: bool = False) -> Iterator[None]:
         _fail(EXIT_INTERRUPTED, "Interrupted", "stopped by Ctrl-C before anything was written.", as_json)
     except FillgateError as exc:
         _fail(exc.exit_code, type(exc).__name__, str(exc), as_json)
-    except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        _fail(EXIT_ROW_PROBLEMS, "DatabaseError", f"the database answered: {reason}", as_json)
     except Exception as exc:  # a bug (in fillgate or in job code): still one line, never a traceback
+        if _database_error(exc):
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            _fail(EXIT_ROW_PROBLEMS, "DatabaseError", f"the database answered: {reason}", as_json)
         _fail(EXIT_ROW_PROBLEMS, type(exc).__name__,
               f"unexpected {type(exc).__name__}: {exc}. This is a bug in the job's code or in fillgate; "
               "FILLGATE_DEBUG=1 shows where it was raised.", as_json)
@@ -302,7 +330,7 @@ def _run_not_found(exc: RunNotFoundError) -> str:
 
 
 def _config() -> Config:
-    config = load_config(_state["config"])
+    config = config_mod.load_config(_state["config"])
     _state["targets"] = tuple(sorted(config.targets))
     return config
 
@@ -337,7 +365,7 @@ def init(
 ) -> None:
     """Create the ledger tables and stamp the database with the target's environment."""
     with _errors(as_json):
-        result = init_target(_target(target), force_stamp=force_stamp, confirm=confirm)
+        result = stamp.init_target(_target(target), force_stamp=force_stamp, confirm=confirm)
     _emit(as_json, lambda: report.init_json(result), lambda: report.print_init(out, result))
 
 
@@ -376,9 +404,9 @@ def plan(
     With --workers, --scheduler or --partitions: a distributed plan, one plan directory
     (a manifest and a plan file per partition) that apply verifies and gates as one plan."""
     with _errors(as_json):
-        runnable = load_runnable(job)
-        cluster = Cluster.from_options(workers, scheduler, partitions)
-        conn = connect(_target(target))
+        runnable = loader.load_runnable(job)
+        cluster = distributed.Cluster.from_options(workers, scheduler, partitions)
+        conn = stamp.connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold, table=_table_of(runnable),
                          health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),
                          max_errors=max_errors, max_error_rate=max_error_rate)
@@ -386,7 +414,7 @@ def plan(
             result = commands.plan(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
                                    monitor=monitor, estimate=estimate, cluster=cluster)
     human = _human(events)
-    if isinstance(result, PipelineResult):
+    if isinstance(result, pipeline_run.PipelineResult):
         _emit(as_json, lambda: report.pipeline_json(result), lambda: report.print_pipeline(human, result))
         raise typer.Exit(EXIT_OK if result.clean else EXIT_ROW_PROBLEMS)
     confirm = conn.target.environment if conn.target.protected else None
@@ -407,8 +435,8 @@ def _limits(
     **values: Any,
 ) -> Limits:
     """Gates and pacing from the command line (see ``Limits.for_target``)."""
-    return Limits.for_target(conn, hold_while=hold_while or (), max_replication_lag=max_replication_lag, rate=rate,
-                             max_hold_s=max_hold, table=table, **(health or {}), **values)
+    return limits_mod.Limits.for_target(conn, hold_while=hold_while or (), max_replication_lag=max_replication_lag,
+                                        rate=rate, max_hold_s=max_hold, table=table, **(health or {}), **values)
 
 
 def _health(max_load: int | None, critical_load: int | None, hold_during_vacuum: bool,
@@ -451,13 +479,14 @@ def _monitor(events: str | None, as_json: bool) -> Iterator[Monitor]:
         )
     progress: RichProgress | HoldLines | None = None
     if not as_json:
-        progress = RichProgress(err) if err.is_terminal else HoldLines(err)
+        progress = report.RichProgress(err) if err.is_terminal else report.HoldLines(err)
 
     def stopping(reason: str) -> None:
         err.print(f"[bold yellow]{reason}[/]: stopping after the current batch "
                   "(press Ctrl-C again to stop at once; that batch is then rolled back).")
 
-    with stop_on_signals(stopping, linger=True), Monitor(events=EventWriter(events), progress=progress) as monitor:
+    writer = events_mod.EventWriter(events)
+    with stop_on_signals(stopping, linger=True), monitor_mod.Monitor(events=writer, progress=progress) as monitor:
         yield monitor
 
 
@@ -506,7 +535,7 @@ def apply(
     A distributed plan (a plan directory) is applied on --workers N or the --scheduler's
     cluster, partition by partition; without either, in this process."""
     with _errors(as_json):
-        cluster = Cluster.from_options(workers, scheduler)
+        cluster = distributed.Cluster.from_options(workers, scheduler)
         conn = commands.target_of_plan(_config(), plan_file, target)
         _state["target"] = conn.target
         if verify_sql is not None and canary is None:
@@ -553,14 +582,18 @@ def run(
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
     partitions: PartitionsOpt = None,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="Apply each page's changes as they are planned (no gate may apply: with --max-changes "
+                         "or the target's max_changes the plan is made first). Faster; a run stopped before its "
+                         "plan is complete cannot be resumed, only run again or reverted.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan, gate and apply in one go (distributed on a Dask cluster with --workers or --scheduler)."""
     with _errors(as_json):
-        runnable = load_runnable(job)
-        cluster = Cluster.from_options(workers, scheduler, partitions)
-        conn = connect(_target(target))
-        check_write_allowed(conn.target, confirm)
+        runnable = loader.load_runnable(job)
+        cluster = distributed.Cluster.from_options(workers, scheduler, partitions)
+        conn = stamp.connect(_target(target))
+        stamp.check_write_allowed(conn.target, confirm)
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold, table=_table_of(runnable),
                          health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),
                          max_changes=max_changes, confirm=confirm, max_errors=max_errors,
@@ -574,7 +607,7 @@ def run(
 
         with _monitor(events, as_json) as monitor:
             done = commands.run(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
-                                monitor=monitor, on_planned=show_plan, cluster=cluster)
+                                monitor=monitor, on_planned=show_plan, cluster=cluster, stream=stream)
     if done.pipeline is not None:
         staged = done.pipeline
         _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(_human(events), staged))
@@ -612,7 +645,7 @@ def runs(
 ) -> None:
     """List recent runs, newest first."""
     with _errors(as_json):
-        found = connect(_target(target)).ledger.list_runs(limit=limit, kind=kind, status=status, job=job)
+        found = stamp.connect(_target(target)).ledger.list_runs(limit=limit, kind=kind, status=status, job=job)
     _emit(as_json, lambda: report.runs_json(found),
           lambda: report.print_runs(out, found, {"kind": kind, "status": status, "job": job}))
 
@@ -633,9 +666,9 @@ def show(run_id: Annotated[str, typer.Argument(metavar="RUN", help="A run id, or
         if plan_file is not None:
             conn = commands.target_of_plan(_config(), plan_file, target)
             _state["target"] = conn.target
-            found = commands.describe(conn, read_header(plan_file).plan_id)
+            found = commands.describe(conn, plan_mod.read_header(plan_file).plan_id)
         else:
-            conn = connect(_target(target))
+            conn = stamp.connect(_target(target))
             found = commands.describe(conn, run_id)
         if shown == "markdown":
             from fillgate.mdreport import run_markdown
@@ -669,7 +702,7 @@ def history(
 ) -> None:
     """Which runs changed this row, when, and from what to what."""
     with _errors(as_json):
-        entries = row_history(connect(_target(target)), table, key, column)
+        entries = history_mod.row_history(stamp.connect(_target(target)), table, key, column)
     _emit(as_json, lambda: report.history_json(entries), lambda: report.print_history(out, table, key, entries))
 
 
@@ -690,9 +723,9 @@ def verify(
 ) -> None:
     """Check the audit log against its tamper evidence (exit 0: it matches; 4: it does not)."""
     with _errors():
-        conn = connect(_target(target))
-        anchors = read_anchors(events or [], conn.target.name)
-        result = verify_ledger(conn.ledger, run_ids, anchors, conn.target.name)
+        conn = stamp.connect(_target(target))
+        anchors = integrity.read_anchors(events or [], conn.target.name)
+        result = integrity.verify_ledger(conn.ledger, run_ids, anchors, conn.target.name)
     _emit(as_json, lambda: report.verify_json(result), lambda: report.print_verify(out, result))
     raise typer.Exit(EXIT_OK if result.ok else EXIT_TAMPERED)
 
@@ -721,9 +754,9 @@ def revert(
 ) -> None:
     """Undo a run from its audit log, as a new audited run; rows changed since are left alone."""
     with _errors(as_json):
-        conn = connect(_target(target))
+        conn = stamp.connect(_target(target))
         if dry_run:
-            preview = preview_revert(conn, run_id)
+            preview = revert_mod.preview_revert(conn, run_id)
         else:
             limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                              table=conn.ledger.get_run(run_id).table_name,
@@ -748,7 +781,7 @@ def revert(
 
 def _control(run_id: str, target: str | None, action: str, as_json: bool) -> None:
     with _errors(as_json):
-        conn: Connected = connect(_target(target))
+        conn: Connected = stamp.connect(_target(target))
         found = commands.control(conn, run_id, action)
     if as_json:
         sys.stdout.write(json.dumps({"run_id": found.run_id, "status": found.status,
@@ -803,8 +836,8 @@ def resume(
     A distributed run re-dispatches its unfinished partitions, on --workers N or the
     --scheduler's cluster (default: the cluster it was started with)."""
     with _errors(as_json):
-        cluster = Cluster.from_options(workers, scheduler)
-        conn = connect(_target(target))
+        cluster = distributed.Cluster.from_options(workers, scheduler)
+        conn = stamp.connect(_target(target))
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          table=conn.ledger.get_run(run_id).table_name,
                          health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),

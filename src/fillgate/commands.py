@@ -90,16 +90,19 @@ def run(
     conn: Connected, runnable: Runnable, params: Mapping[str, Any] | None = None, *,
     out: str = ".fillgate/plans/", limits: Limits | None = None, monitor: Monitor | None = None,
     on_planned: Callable[[PlanResult], None] | None = None, cluster: Cluster | None = None,
+    stream: bool = False,
 ) -> RunResult:
     """``fillgate run``: plan, gate and apply a job (``on_planned`` sees the plan before anything
-    is written), or every stage of a pipeline in turn; with a ``cluster``, distributed."""
+    is written; with ``stream``, after: see ``applier.stream_job``), or every stage of a pipeline
+    in turn; with a ``cluster``, distributed."""
     if cluster is not None and cluster.wanted:
         planned, applied = run_distributed(conn, _job_only(runnable), params, out=out, limits=limits,
                                            monitor=monitor, cluster=cluster, on_planned=on_planned)
         return RunResult(plan=planned, apply=applied)
     if issubclass(runnable, Pipeline):
         return RunResult(pipeline=run_pipeline(conn, runnable, params, out=out, limits=limits, monitor=monitor))
-    planned, applied = run_job(conn, runnable, params, out=out, limits=limits, monitor=monitor, on_planned=on_planned)
+    planned, applied = run_job(conn, runnable, params, out=out, limits=limits, monitor=monitor, on_planned=on_planned,
+                               stream=stream)
     return RunResult(plan=planned, apply=applied)
 
 

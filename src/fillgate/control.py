@@ -41,6 +41,13 @@ def check_resumable(run: Run) -> None:
         raise RunStateError(
             f"run {run.run_id} was cancelled; it cannot be resumed. Make a new plan instead."
         )
+    if run.args.get("streamed") and not run.plan_sha256:
+        raise RunStateError(
+            f"run {run.run_id} applied its changes as they were planned (fillgate run --stream) and stopped "
+            "before its plan was complete, so it cannot be resumed. Cancel it (fillgate cancel "
+            f"{run.run_id}), then run the job again to plan and apply what is still to do, or revert what it "
+            f"applied (fillgate revert {run.run_id})."
+        )
 
 
 def _remaining(conn: Connected, run: Run, limits: Limits) -> tuple[Iterable[Change], Limits]:

@@ -62,13 +62,14 @@ def row_history(conn: Connected, table: str, key: str, column: str | None = None
     if parts == 0:
         raise UsageError(f"key {key!r} must be a non-empty JSON list.")
     exists, columns, primary = _table_shape(conn, table)
-    audited_columns, sample_key = conn.ledger.audited_shape(table)
+    sample_key = conn.ledger.audited_key(table)
     if not exists and sample_key is None:
         raise UsageError(
             f"table '{table}' is not in the database of target '{conn.target.name}' and fillgate never "
             "changed it. Check the spelling (names are case-sensitive on some databases)."
         )
-    if column is not None and column not in columns and column not in audited_columns:
+    if column is not None and column not in columns and column not in (
+            audited_columns := conn.ledger.audited_columns(table)):
         known = ", ".join(columns or audited_columns)
         raise UsageError(f"column '{column}' is not a column of {table} (its columns: {known}).")
     arities = {len(primary)} if primary else set()

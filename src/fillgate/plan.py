@@ -36,7 +36,7 @@ from fillgate.validate import (
     one_of,
     validate,
 )
-from fillgate.values import dumps, encode_key, loads
+from fillgate.values import dumps, encode_key, loads, scan_change_line
 
 PLAN_FORMAT = 1
 LINE_KINDS = ("change", "insert", "disagreement", "preserved", "error", "unexpected_index")
@@ -126,6 +126,9 @@ def header_schema() -> dict[str, Field]:
     return schema
 
 
+_EXACT = frozenset({str, int, bool, type(None)})  # types JSON gives back as the very same value
+
+
 class PlanWriter:
     """Streams findings to a body file, then writes header + body atomically."""
 
@@ -138,6 +141,7 @@ class PlanWriter:
         self.file_sha256: str | None = None  # set by finish
         self.lines = 0
         self.changes = 0
+        self.collected: list[Change] | None = None  # see collect()
 
     def _flush(self) -> None:
         if self._pending:
@@ -152,13 +156,31 @@ class PlanWriter:
         if len(self._pending) >= 1000:
             self._flush()
 
+    def collect(self) -> None:
+        """From now on also keep every change written, as the apply would read it back from
+        the file (see :meth:`take`): ``fillgate run --stream`` applies them as they are planned."""
+        self.collected = []
+
+    def take(self) -> list[Change]:
+        """The changes written since the last call (``collect`` must have been called)."""
+        taken, self.collected = self.collected or [], []
+        return taken
+
     def change(self, key: tuple[Any, ...], column: str, old: Any, new: Any) -> None:
         # the hot path of a plan: the line is put together directly (same JSON as _write)
         pending = self._pending
-        pending.append(f'{{"kind":"change","key":{encode_key(key)},"column":{dumps(column)},'
-                       f'"old":{dumps(old)},"new":{dumps(new)}}}\n')
+        key_text, old_text, new_text = encode_key(key), dumps(old), dumps(new)
+        pending.append(f'{{"kind":"change","key":{key_text},"column":{dumps(column)},'
+                       f'"old":{old_text},"new":{new_text}}}\n')
         self.lines += 1
         self.changes += 1
+        if self.collected is not None:
+            # exactly what iter_changes would give back from the file: a value JSON gives back
+            # as another type or value (a tuple, a str subclass) is taken from its text
+            self.collected.append(Change(
+                tuple(loads(key_text)) if not all(type(k) in _EXACT for k in key) else key, column,
+                old if type(old) in _EXACT else loads(old_text), new if type(new) in _EXACT else loads(new_text),
+                "update", key_text, old_text, new_text))
         if len(pending) >= 1000:
             self._flush()
 
@@ -166,6 +188,8 @@ class PlanWriter:
         """A row that must exist and does not: inserted at apply (if its key is still free)."""
         self._write({"kind": "insert", "key": list(key), "values": values})
         self.changes += 1
+        if self.collected is not None:
+            self.collected.append(Change(tuple(loads(encode_key(key))), "*", None, loads(dumps(values)), "insert"))
 
     def disagreement(self, key: tuple[Any, ...], column: str, old: Any, new: Any) -> None:
         self._write({"kind": "disagreement", "key": list(key), "column": column, "old": old, "new": new})
@@ -278,13 +302,21 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_plan(path: str | Path) -> tuple[PlanHeader, str]:
+def verify_plan(path: str | Path, written_sha256: str | None = None) -> tuple[PlanHeader, str]:
     """Read the header and check the body against it: line count, SHA-256, and every line a
     well-formed finding about the header's table, with a key of the header's key columns and
     only the header's declared columns (an insert: key and declared columns). Returns the
-    header and the SHA-256 of the whole file, both from one read."""
+    header and the SHA-256 of the whole file, both from one read.
+
+    ``written_sha256``: the SHA-256 this very process computed while writing the file (``fillgate
+    run``). A file that still hashes to it holds byte for byte the lines this process wrote, so
+    they are not decoded and checked one by one; a file that does not is checked in full."""
     path = Path(path)
     header = read_header(path)
+    if written_sha256 is not None:
+        found = _hashes(path)
+        if found[2] == written_sha256 and found[0] == header.lines and found[1] == header.body_sha256:
+            return header, written_sha256
     body, whole = hashlib.sha256(), hashlib.sha256()
     lines = 0
     check = _LineCheck(header, path)
@@ -309,6 +341,20 @@ def verify_plan(path: str | Path) -> tuple[PlanHeader, str]:
     if problem is not None:
         raise problem
     return header, whole.hexdigest()
+
+
+def _hashes(path: Path) -> tuple[int, str, str]:
+    """The body's line count and SHA-256, and the whole file's SHA-256 (one read, in chunks)."""
+    body, whole = hashlib.sha256(), hashlib.sha256()
+    with path.open("rb") as fh:
+        first = fh.readline()
+        whole.update(first)
+        lines = 0
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            body.update(chunk)
+            whole.update(chunk)
+            lines += chunk.count(b"\n")
+    return lines, body.hexdigest(), whole.hexdigest()
 
 
 class _LineCheck:
@@ -359,12 +405,21 @@ def _decode_record(path: Path, number: int, line: str) -> dict[str, Any]:
 
 
 def iter_changes(path: str | Path, skip: int = 0) -> Iterator[Change]:
-    """The plan's changes in order, after the first ``skip`` of them (a checkpoint)."""
+    """The plan's changes in order, after the first ``skip`` of them (a checkpoint). A change
+    line comes with the JSON text of its key and values as the file holds them (the audit log
+    stores that text: nothing is encoded twice)."""
     path = Path(path)
     seen = 0
     with path.open(encoding="utf-8") as fh:
         fh.readline()
         for number, line in enumerate(fh, start=2):
+            scanned = scan_change_line(line)
+            if scanned is not None:
+                seen += 1
+                if seen > skip:
+                    key, column, old, new, key_text, old_text, new_text = scanned
+                    yield Change(key, column, old, new, "update", key_text, old_text, new_text)
+                continue
             record = _decode_record(path, number, line)
             if record["kind"] not in APPLIED_KINDS:
                 continue

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -33,7 +33,15 @@ from fillgate.plan import LINE_KINDS, PlanHeader, PlanWriter
 from fillgate.policy import Decision, Failed
 from fillgate.redact import mask_params
 from fillgate.runs import RunKind, RunStatus
-from fillgate.sql import KeyRange, bounded_source, estimate_rows, existing_rows, keyset_pages, verify_table_and_key
+from fillgate.sql import (
+    Change,
+    KeyRange,
+    bounded_source,
+    estimate_rows,
+    existing_rows,
+    keyset_pages,
+    verify_table_and_key,
+)
 from fillgate.stamp import Connected
 from fillgate.values import encode_key
 
@@ -63,6 +71,10 @@ class PlanResult:
     counts: dict[str, int]
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     estimate: Estimate | None = None  # the apply's estimated duration (plan with estimate=True)
+    # the SHA-256 of the plan file as this process wrote it (computed while writing, never read
+    # back from the ledger or the file): ``run`` applies the file without checking its lines
+    # again when it still hashes to this
+    file_sha256: str | None = None
 
 
 def _compute_page(job: Job, rows: list[dict[str, Any]], keys: list[tuple[Any, ...]], ctx: RunContext,
@@ -350,6 +362,7 @@ def make_plan(
     estimate: bool = False,
     bounds: KeyRange | None = None,
     parent_run_id: str | None = None,
+    on_page: Callable[[Run, list[Change]], None] | None = None,
 ) -> PlanResult:
     """Dry run: read the source, compute, diff. Writes nothing to the user's tables; records
     the plan as a run and, with ``out``, saves the plan file (a folder gets ``<plan id>.plan``).
@@ -357,7 +370,8 @@ def make_plan(
     pipeline's run id as ``ctx.run_id``. With ``estimate``, a trial batch of the plan's first
     updates is timed and rolled back (``fillgate.estimate``) to estimate the apply's duration.
     ``bounds``: plan only the source rows in that key range (one partition of a distributed
-    plan, whose plan run is ``parent_run_id``)."""
+    plan, whose plan run is ``parent_run_id``). ``on_page`` (``fillgate run --stream``) is
+    handed the changes of every page as it is planned, with no read transaction open."""
     job = job_cls(params)
     types = check_job(conn, job_cls, job.args)
     _check_output(out)
@@ -372,6 +386,7 @@ def make_plan(
     planning = _Planning(conn, run, job, types, limits or Limits(), monitor or Monitor(), pipeline_run_id)
     planning.trial = estimate
     planning.bounds = bounds or KeyRange()
+    planning.on_page = on_page
     return planning.plan(out)
 
 
@@ -401,11 +416,14 @@ class _Planning:
         self.trial = False
         self.estimate: Estimate | None = None
         self.bounds = KeyRange()  # the key range planned (a partition), or every row
+        self.on_page: Callable[[Run, list[Change]], None] | None = None
 
     def plan(self, out: str | Path | None) -> PlanResult:
         conn, run, job_cls = self.conn, self.run, type(self.job)
         plan_dir, plan_file = _plan_location(out)
         self.planner = planner = _Planner(run, job_cls, PlanWriter(plan_dir), self.monitor, self.checker)
+        if self.on_page is not None:
+            planner.writer.collect()
         self.last_saved = dict(planner.counts)
         try:
             self.monitor.run_started(
@@ -456,6 +474,9 @@ class _Planning:
                     self._save_progress(tx)
             monitor.batch_done(planner.page_counts, counts["rows"], self.conn.engine, planner.examples())
             self.limits.check_errors(counts["errors"], counts["rows"], f"plan of {self.name}")
+            if self.on_page is not None:
+                reader.rollback()
+                self.on_page(self.run, planner.writer.take())
             reason = stop_requested()
             if reason is not None:
                 raise Interrupted(f"plan {self.run.run_id} of {self.name} stopped: {reason} after "
@@ -520,7 +541,8 @@ class _Planning:
                           finished_at=utcnow(), details=details)
         self.monitor.run_finished(RunStatus.PLANNED, counts)
         return PlanResult(header=header, run=ledger.get_run(run.run_id), path=path, counts=counts,
-                          samples=self.planner.samples, estimate=self.estimate)
+                          samples=self.planner.samples, estimate=self.estimate,
+                          file_sha256=self.planner.writer.file_sha256)
 
 
 def _written_column_types(conn: Connected, job_cls: type[Job]) -> dict[str, ColumnType]:

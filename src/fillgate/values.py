@@ -139,6 +139,34 @@ def loads(text: str) -> Any:
     return value
 
 
+_CHANGE_PARTS = ('{"kind":"change","key":', ',"column":', ',"old":', ',"new":')
+
+
+def scan_change_line(line: str) -> tuple[Any, ...] | None:
+    """A plan's change line as ``PlanWriter.change`` writes it, ``{"kind":"change","key":K,
+    "column":C,"old":O,"new":N}``, decoded in one scan: ``(key, column, old, new, key_text,
+    old_text, new_text)``, each text exactly as the line holds it (what the audit log stores:
+    nothing is encoded again). None for any other line (decode it with ``loads``)."""
+    decoder = _decoder if '"$' in line else _plain_decoder
+    scan = decoder.scan_once  # type: ignore[attr-defined]  # set by JSONDecoder.__init__
+    out: list[Any] = []
+    spans: list[str] = []
+    at = 0
+    try:
+        for part in _CHANGE_PARTS:
+            if not line.startswith(part, at):
+                return None
+            start = at + len(part)
+            value, at = scan(line, start)
+            out.append(value)
+            spans.append(line[start:at])
+    except (StopIteration, ValueError):
+        return None
+    if line[at:].rstrip("\r\n") != "}" or type(out[0]) is not list or type(out[1]) is not str:
+        return None
+    return (tuple(out[0]), out[1], out[2], out[3], spans[0], spans[2], spans[3])
+
+
 def encode_key(key: Sequence[Any]) -> str:
     """The canonical text of a row key, as stored in plans and the audit log."""
     if len(key) == 1:

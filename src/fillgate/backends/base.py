@@ -240,11 +240,12 @@ class Backend:
         return None
 
     def update_group(self, conn: Connection, sql: Any, column: str, group: Sequence[Any],
-                     binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any]] | None:
+                     binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any] | None] | None:
         """Compare-and-set a whole group of updates of ``column`` in one statement: how many
         rows matched, and what each row of the group holds afterwards (None where it did not
-        match); or None when this backend has no such statement (the group then runs as one
-        executemany)."""
+        match; the whole list None: not known, the caller reads it back where the backend reads
+        back); or None when this backend has no such statement for this group (the group then
+        runs as one executemany)."""
         return None
 
     def append_rows(self, conn: Connection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import math
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from sqlalchemy import text
@@ -85,6 +85,43 @@ class MySQLBackend(Backend):
 
     def compares_text_by_collation(self) -> bool:
         return True
+
+    def update_group(self, conn: Connection, sql: Any, column: str, group: Sequence[Any],
+                     binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any] | None] | None:
+        """``UPDATE t JOIN (SELECT k, new, old UNION ALL ...) AS j ON t.key = j.k SET t.col =
+        j.new WHERE t.col <=> j.old``: one statement (one round trip) for the group, where
+        PyMySQL's executemany sends one UPDATE per row. bench/bench_backfill.py measured it
+        about 20x faster than executemany on MariaDB 10.11 (JSON_TABLE about the same, but it
+        needs each value's SQL type spelled out).
+
+        The derived table's columns take one type across the group's rows, so only groups whose
+        keys and values are each all text or all integers (or NULL) go this way, and at most
+        4 MB of values (the statement must fit in max_allowed_packet); what each row holds
+        afterwards is read back by the caller, as for executemany."""
+        if binders:
+            return None
+        rows = [(*change.key, change.new, change.old) for change in group]
+        size = 0
+        for position in range(len(rows[0]) if rows else 0):
+            kinds = {type(row[position]) for row in rows} - {type(None)}
+            if len(kinds) > 1 or not kinds <= {int, str}:
+                return None
+            if str in kinds:
+                size += sum(len(row[position]) for row in rows if row[position] is not None)
+        if not rows or size > 4_000_000:
+            return None
+        q, t = sql.quote, sql.q_table
+        names = [f"fillgate_k{i}" for i in range(len(sql.key))]
+        first = ", ".join(f"%s AS {n}" for n in (*names, "fillgate_new", "fillgate_old"))
+        later = ", ".join(["%s"] * (len(names) + 2))
+        derived = " UNION ALL ".join([f"SELECT {first}", *[f"SELECT {later}"] * (len(rows) - 1)])
+        match = " AND ".join(f"t.{q(k)} = j.{n}" for k, n in zip(sql.key, names, strict=True))
+        exact = all(row[-1] is None or type(row[-1]) is str for row in rows)
+        same = self.null_safe_equal(f"t.{q(column)}", "j.fillgate_old", exact)
+        statement = (f"UPDATE {t} AS t JOIN ({derived}) AS j ON {match} SET t.{q(column)} = j.fillgate_new "
+                     f"WHERE {same}")
+        matched = conn.exec_driver_sql(statement, tuple(value for row in rows for value in row)).rowcount
+        return matched, None
 
     def estimate_rows(self, conn: Connection, table: str) -> int | None:
         schema, _, name = table.rpartition(".")

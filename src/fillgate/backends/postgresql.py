@@ -131,7 +131,7 @@ class PostgreSQLBackend(Backend):
                 for pid, user, state, age in rows]
 
     def update_group(self, conn: Connection, sql: Any, column: str, group: Sequence[Any],
-                     binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any]] | None:
+                     binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any] | None] | None:
         """``UPDATE t SET col = u.new FROM unnest(keys, news, olds) WITH ORDINALITY u WHERE
         t.key = u.key AND t.col IS NOT DISTINCT FROM u.old RETURNING u.n, t.col``: one round
         trip for the group; what each row now holds comes back with its position.

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -151,6 +152,46 @@ class SQLiteBackend(Backend):
     def is_timeout(self, exc: BaseException) -> bool:
         orig = getattr(exc, "orig", None) or exc
         return type(orig).__name__ == "OperationalError" and str(orig) == "interrupted"
+
+    def update_group(self, conn: Connection, sql: Any, column: str, group: Sequence[Any],
+                     binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any] | None] | None:
+        """``UPDATE t SET col = new FROM json_each(?) AS j WHERE t.key = key AND t.col IS old``,
+        the group's ``[key..., new, old]`` as ONE JSON array: one statement for the group.
+
+        Only groups whose keys and values are all text, 64-bit integers or NULL go this way:
+        those are what JSON carries exactly and ``json_extract`` hands back with the very type
+        and value a bound parameter has (no affinity either way, so comparisons and stored
+        values are those of the row-by-row statement). Anything else (floats, blobs) runs as
+        one executemany. How many rows matched is the statement's row count; when it is not
+        the whole group, the caller redoes the group row by row to tell each conflict."""
+        if binders:
+            return None
+        low, high = INT64
+        rows = []
+        for change in group:
+            values = (*change.key, change.new, change.old)
+            for value in values:
+                kind = type(value)
+                if not (value is None or kind is str or (kind is int and low <= value <= high)):
+                    return None
+            rows.append(values)
+        version = getattr(conn.dialect.dbapi, "sqlite_version_info", (0,))
+        if version < (3, 33):  # UPDATE ... FROM
+            return None
+        if version >= (3, 38):
+            def at(i: int) -> str:
+                return f"j.value ->> {i}"  # as json_extract, parsed once less
+        else:
+            def at(i: int) -> str:
+                return f"json_extract(j.value, '$[{i}]')"
+        q, t = sql.quote, sql.q_table
+        n = len(sql.key)
+        match = " AND ".join(f"{t}.{q(k)} = {at(i)}" for i, k in enumerate(sql.key))
+        statement = (f"UPDATE {t} SET {q(column)} = {at(n)} FROM json_each(?) AS j "
+                     f"WHERE {match} AND {t}.{q(column)} IS {at(n + 1)}")
+        text = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
+        matched = conn.exec_driver_sql(statement, (text,)).rowcount
+        return matched, None
 
     # --- values -------------------------------------------------------------------------
 

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import case, func, inspect, select
 
 from fillgate.errors import RunStateError, UsageError
 from fillgate.ledger import schema
 from fillgate.ledger.chain import row_link, start
-from fillgate.ledger.store import Ledger, Run
+from fillgate.ledger.schema import ID_FACTOR
+from fillgate.ledger.store import AuditRow, Ledger, Run, unpack
 from fillgate.runs import WRITING_KINDS
 
 MAX_FINDINGS = 20
@@ -213,60 +214,135 @@ def _describe(row: Any) -> str:
     return f"row id {row.id} (key {row.row_key}, column {row.column_name})"
 
 
+def _describe_span(rows: Sequence[AuditRow]) -> str:
+    if len(rows) == 1:
+        return f"{_describe(rows[0])} at position {rows[0].seq}"
+    return (f"rows id {rows[0].id}-{rows[-1].id} (positions {rows[0].seq}-{rows[-1].seq}, one batch; the batch "
+            "keeps one chain value, so which of them is not known)")
+
+
+@dataclass
+class _Walk:
+    """Where the check of one run's chain is: the next position expected, the chain value as
+    stored (each batch's) and as recomputed from the rows (``pure``), and the values at the
+    positions anchors name."""
+
+    check: RunCheck
+    run: Run
+    recorded: int
+    wanted: set[int]
+    stored: str
+    pure: str
+    seen: dict[int, str]
+    expected: int = 1
+    last_id: int | None = None
+    reread: bool = False
+
+
 def check_run(ledger: Ledger, run: Run, anchors: Sequence[Anchor] = (), since: str | None = None) -> RunCheck:
-    """Recompute one run's chain from ``fillgate_changes`` and compare. A run still writing is
-    checked up to the batches committed when its rows were read (a row past the run's record
-    makes verify read the record again)."""
+    """Recompute one run's chain from its packed audit batches and compare. A run still
+    writing is checked up to the batches committed when its rows were read (a batch past the
+    run's record makes verify read the record again)."""
     check = RunCheck(run.run_id, run.kind, run.status, run.table_name, recorded_rows=run.audit_rows,
                      recorded_sha256=run.audit_sha256)
-    recorded = run.audit_rows
-    if recorded is None or run.audit_sha256 is None:
+    if run.audit_rows is None or run.audit_sha256 is None:
         return _check_predating(ledger, run, check, anchors, since)
-    wanted = {a.rows for a in anchors}
-    seen: dict[int, str] = {0: start(run.run_id)}
-    stored = pure = seen[0]
-    expected, last_id, reread = 1, None, False
-    for row in ledger.iter_changes(run.run_id):
-        check.rows += 1
-        if row.seq is None or row.chain_sha256 is None:
-            check.add(Finding("added", f"{_describe(row)} carries no tamper evidence (no seq, no chain hash): "
-                                       "it was not written by this run", row.id))
+    first = start(run.run_id)
+    walk = _Walk(check, run, run.audit_rows, {a.rows for a in anchors}, first, first, {0: first})
+    for batch in ledger.iter_batches(run.run_id):
+        try:
+            rows = list(unpack(batch))
+        except (ValueError, TypeError) as exc:
+            check.add(Finding("altered", f"audit batch {batch.batch} (id {batch.id}) of the run cannot be read back "
+                                         f"as fillgate wrote it: {exc}", batch.id * ID_FACTOR + 1,
+                              batch.first_seq if type(batch.first_seq) is int else None))
             continue
-        if type(row.seq) is not int or not isinstance(row.chain_sha256, str):
-            check.add(Finding("altered", f"{_describe(row)}: its position {row.seq!r} or chain hash is not what "
-                                         "fillgate writes", row.id))
-            continue
-        if row.seq < expected:
-            check.add(Finding("added", f"{_describe(row)} claims position {row.seq}, which an earlier row "
-                                       "of the run holds", row.id, row.seq))
-            continue
-        if row.seq > recorded and not reread:
-            # a live run commits its rows and its record together: read the record again (once
-            # per batch it committed since)
-            run = ledger.get_run(run.run_id)
-            reread = run.audit_rows == recorded
-            recorded = run.audit_rows or 0
-            check.status, check.recorded_rows, check.recorded_sha256 = run.status, run.audit_rows, run.audit_sha256
-        if row.seq > recorded:
-            check.add(Finding("added", f"{_describe(row)} claims position {row.seq}, beyond the {recorded} "
-                                       "rows the run recorded", row.id, row.seq))
-            continue
-        if row.seq > expected:
-            check.add(_missing(expected, row.seq - 1, last_id, row.id))
-        elif row_link(stored, row) != row.chain_sha256:
-            check.add(Finding("altered", f"{_describe(row)} at position {row.seq} differs from what the run "
-                                         "wrote (a value, the key, the time or its chain hash was changed)",
-                              row.id, row.seq))
-        pure = row_link(pure, row)
-        if row.seq in wanted:
-            seen[row.seq] = pure
-        stored, expected, last_id = row.chain_sha256, row.seq + 1, row.id
-    if expected <= recorded:
-        check.add(_missing(expected, recorded, last_id, None))
-    check.computed_sha256 = pure
-    _check_record(check, run, recorded, pure)
-    _check_anchors(check, anchors, seen)
+        _check_batch(ledger, walk, batch, rows)
+    if walk.expected <= walk.recorded:
+        check.add(_missing(walk.expected, walk.recorded, walk.last_id, None))
+    check.computed_sha256 = walk.pure
+    _check_record(check, walk.run, walk.recorded, walk.pure)
+    _check_anchors(check, anchors, walk.seen)
     return check
+
+
+def _check_batch(ledger: Ledger, walk: _Walk, batch: Any, rows: list[AuditRow]) -> None:
+    """One packed batch against the chain: its place in the run, then its rows."""
+    check = walk.check
+    check.rows += len(rows)
+    if not rows:
+        return
+    head = rows[0]
+    if batch.first_seq is None or batch.chain_sha256 is None:
+        check.add(Finding("added", f"{_describe(head)} and the rest of its batch ({len(rows)} rows) carry no tamper "
+                                   "evidence (no position, no chain hash): they were not written by this run",
+                          head.id, rows=len(rows)))
+        return
+    if type(batch.first_seq) is not int or not isinstance(batch.chain_sha256, str):
+        check.add(Finding("altered", f"{_describe(head)}: its batch's position {batch.first_seq!r} or chain hash "
+                                     "is not what fillgate writes", head.id))
+        return
+    claimed = batch.n_changes if type(batch.n_changes) is int and batch.n_changes > 0 else len(rows)
+    last_seq = batch.first_seq + claimed - 1
+    if batch.first_seq < walk.expected:
+        check.add(Finding("added", f"{_describe(head)} claims position {batch.first_seq}, which an earlier row "
+                                   "of the run holds", head.id, batch.first_seq, len(rows)))
+        return
+    if last_seq > walk.recorded and not walk.reread:
+        # a live run commits its batch and its record together: read the record again (once)
+        run = ledger.get_run(walk.run.run_id)
+        walk.reread = run.audit_rows == walk.recorded
+        walk.recorded, walk.run = run.audit_rows or 0, run
+        check.status, check.recorded_rows, check.recorded_sha256 = run.status, run.audit_rows, run.audit_sha256
+    if last_seq > walk.recorded:
+        span = str(batch.first_seq) if claimed == 1 else f"{batch.first_seq}-{last_seq}"
+        check.add(Finding("added", f"{_describe(head)} claims position {span}, beyond the {walk.recorded} rows the "
+                                   "run recorded", head.id, batch.first_seq, len(rows)))
+        return
+    after_gap = batch.first_seq > walk.expected
+    if after_gap:
+        check.add(_missing(walk.expected, batch.first_seq - 1, walk.last_id, head.id))
+    if claimed != len(rows):
+        check.add(Finding("altered", f"{_describe(head)}: its batch says it holds {batch.n_changes!r} changes "
+                                     f"(positions {batch.first_seq}-{last_seq}) and holds {len(rows)}",
+                          head.id, batch.first_seq, len(rows)))
+        _follow_rows(walk, rows)
+        walk.stored = batch.chain_sha256
+    else:
+        # after a gap the chain value before the batch is gone: the batch's own is taken as it is
+        (_follow_rows if after_gap else _check_rows)(walk, rows)
+    walk.expected, walk.last_id = last_seq + 1, rows[-1].id
+
+
+def _follow_rows(walk: _Walk, rows: list[AuditRow]) -> None:
+    """Rows whose stored chain values cannot be checked: recompute the pure chain only."""
+    for row in rows:
+        walk.pure = row_link(walk.pure, row)
+        if row.seq in walk.wanted:
+            walk.seen[row.seq] = walk.pure
+        if row.chain_sha256 is not None:
+            walk.stored = row.chain_sha256
+
+
+def _check_rows(walk: _Walk, rows: list[AuditRow]) -> None:
+    """The rows of one batch against the chain values stored with them (the batch's, after
+    its last row; a row moved from before revision 0005 also has its own)."""
+    span: list[AuditRow] = []
+    computed = walk.stored
+    for row in rows:
+        span.append(row)
+        computed = row_link(computed, row)
+        walk.pure = row_link(walk.pure, row)
+        if row.seq in walk.wanted:
+            walk.seen[row.seq] = walk.pure
+        if row.chain_sha256 is None:
+            continue
+        if computed != row.chain_sha256:
+            walk.check.add(Finding("altered", f"{_describe_span(span)} differs from what the run wrote (a value, "
+                                              "the key, the time or its chain hash was changed)",
+                                   span[0].id, span[0].seq, len(span)))
+        computed = walk.stored = row.chain_sha256
+        span = []
 
 
 def _check_record(check: RunCheck, run: Run, recorded: int, computed: str) -> None:
@@ -307,11 +383,14 @@ def _missing(first: int, last: int, after: int | None, before: int | None) -> Fi
 def _check_predating(ledger: Ledger, run: Run, check: RunCheck, anchors: Sequence[Anchor],
                      since: str | None) -> RunCheck:
     """A run without tamper evidence: fine if it predates the ledger's tamper evidence."""
-    c = schema.changes.c
+    b = schema.audit_batches.c
     with ledger.engine.connect() as conn:
         total, chained = conn.execute(
-            select(func.count(), func.count(c.chain_sha256)).where(c.run_id == run.run_id)
+            select(func.coalesce(func.sum(b.n_changes), 0),
+                   func.coalesce(func.sum(case((b.chain_sha256.is_not(None), b.n_changes), else_=0)), 0))
+            .where(b.run_id == run.run_id)
         ).one()
+    total, chained = int(total), int(chained)  # MariaDB sums as DECIMAL
     check.rows = total
     check.state = "predates"
     if chained:
@@ -350,8 +429,8 @@ def verify_ledger(ledger: Ledger, run_ids: Sequence[str] | None = None, anchors:
         runs = [ledger.get_run(run_id) for run_id in ids]
     report = VerifyReport(target, [], anchors=anchors, whole_ledger=whole)
     with ledger.engine.connect() as conn:
-        if not inspect(conn).has_table(schema.changes.name):
-            report.findings.append(Finding("table_missing", f"the audit log table {schema.changes.name} does not "
+        if not inspect(conn).has_table(schema.audit_batches.name):
+            report.findings.append(Finding("table_missing", f"the audit log table {schema.audit_batches.name} does not "
                                                             "exist: it was dropped"))
             return report
     for run in runs:
@@ -375,18 +454,18 @@ def verify_ledger(ledger: Ledger, run_ids: Sequence[str] | None = None, anchors:
 
 def _orphans(ledger: Ledger) -> list[Finding]:
     """Audit rows whose run is not an apply or revert run of this ledger."""
-    c = schema.changes.c
+    b = schema.audit_batches.c
     r = schema.runs.c
     writing = select(r.run_id).where(r.kind.in_(WRITING_KINDS))
     with ledger.engine.connect() as conn:
         rows = conn.execute(
-            select(c.run_id, func.count().label("n"), func.min(c.id).label("first"))
-            .where(c.run_id.not_in(writing))
-            .group_by(c.run_id)
-            .order_by(func.min(c.id))
+            select(b.run_id, func.sum(b.n_changes).label("n"), (func.min(b.id) * ID_FACTOR + 1).label("first"))
+            .where(b.run_id.not_in(writing))
+            .group_by(b.run_id)
+            .order_by(func.min(b.id))
         ).all()
-    return [Finding("orphan", f"{row.n} audit row{'s' if row.n != 1 else ''} (first: row id {row.first}) "
+    return [Finding("orphan", f"{int(row.n)} audit row{'s' if row.n != 1 else ''} (first: row id {row.first}) "
                               f"name{'s' if row.n == 1 else ''} run {row.run_id}, which is not an apply or revert "
-                              "run of this ledger", row.first, rows=row.n)
+                              "run of this ledger", int(row.first), rows=int(row.n))
             for row in rows]
 

@@ -4,7 +4,8 @@ The Alembic migrations under ``migrations/versions`` create exactly these (a tes
 the migrated schema with this module on every backend); a schema change is a new migration
 plus the same change here.
 
-``fillgate_changes`` and ``fillgate_errors`` are append-only: the migrations add triggers (and
+``fillgate_audit_batches`` (the audit log, read as the view ``fillgate_changes``) and
+``fillgate_errors`` are append-only: the migrations add triggers (and
 on MariaDB/MySQL the guard table, whose foreign keys make InnoDB refuse TRUNCATE) so the
 database itself refuses to rewrite them; see README "What the audit log guarantees".
 """
@@ -85,10 +86,54 @@ runs = Table(
     Index("ix_fillgate_runs_job", "job", "run_id"),
 )
 
-changes = Table(
-    "fillgate_changes",
+# The audit log: one row per committed batch of an apply or revert run, written in the batch's
+# transaction. ``changes`` is a JSON array of ``[row_key, column, op, old, new]``, each of them
+# the JSON text fillgate_changes shows (the key and the values in the tagged-JSON encoding of
+# fillgate.values), as JSON strings; rows migrated from before revision 0005 may carry a sixth
+# element, their own chain value. ``first_seq``/``n_changes``: the positions of the batch's changes in
+# its run's audit record (``first_seq`` .. ``first_seq + n_changes - 1``); ``chain_sha256``: the run's
+# hash chain after the batch's last change (fillgate.ledger.chain); ``column_names``: the distinct
+# columns the batch changed, comma-separated (what history needs to know about a table without
+# unpacking). NULL ``first_seq``/``chain_sha256``: rows written before revision 0003.
+audit_batches = Table(
+    "fillgate_audit_batches",
     metadata,
     Column("id", Serial, primary_key=True, autoincrement=True),
+    Column("run_id", String(26), nullable=False),
+    Column("batch", Integer, nullable=False),
+    Column("table_name", String(128), nullable=False),
+    Column("source", String(255), nullable=False),
+    Column("changed_at", Timestamp, nullable=False),
+    Column("first_seq", Integer),
+    Column("n_changes", Integer, nullable=False),
+    Column("column_names", LongText, nullable=False),
+    Column("changes", LongText, nullable=False),
+    Column("chain_sha256", Sha256),
+    Index("ix_fillgate_audit_batches_run", "run_id", "batch"),
+    Index("ix_fillgate_audit_batches_table", "table_name", "id"),
+)
+
+# The row index of the audit log: for every batch, one entry per distinct row it changed,
+# ``key_hash`` the first 8 bytes of SHA-256 over ``table_name NUL row_key`` as a signed 64-bit
+# integer (fillgate.ledger.store.key_hash). ``fillgate history`` finds a row's batches here.
+audit_keys = Table(
+    "fillgate_audit_keys",
+    metadata,
+    Column("key_hash", BigInteger, primary_key=True, autoincrement=False),
+    Column("batch_id", BigInteger, primary_key=True, autoincrement=False),
+    sqlite_with_rowid=False,  # one b-tree: the entries are the primary key
+)
+
+# ``fillgate_changes``: a VIEW unpacking fillgate_audit_batches, one row per changed field, as
+# the table of the same name held them before revision 0005 (``id``: the batch's id times
+# ID_FACTOR plus the change's place in its batch, 1, 2, ...). Declared apart from ``metadata``
+# (the tables the migrations create) so that queries can name its columns.
+ID_FACTOR = 1_000_000
+views = MetaData()
+changes = Table(
+    "fillgate_changes",
+    views,
+    Column("id", BigInteger, primary_key=True),
     Column("run_id", String(26), nullable=False),
     Column("table_name", String(128), nullable=False),
     Column("row_key", LongText, nullable=False),
@@ -98,14 +143,8 @@ changes = Table(
     Column("new_value", LongText, nullable=False),
     Column("source", String(255), nullable=False),
     Column("changed_at", Timestamp, nullable=False),
-    # the row's place in its run's audit record (1, 2, ...) and the run's hash chain up to and
-    # including it (fillgate.ledger.integrity); NULL on rows of runs started before revision 0003
     Column("seq", Integer),
     Column("chain_sha256", Sha256),
-    Index("ix_fillgate_changes_run", "run_id"),
-    # keys of any length: a hash index on PostgreSQL (a btree entry holds at most 2704 bytes),
-    # a prefix index on MariaDB/MySQL; history filters the table name on the few rows found
-    Index("ix_fillgate_changes_row", "row_key", postgresql_using="hash", mysql_length=255),
 )
 
 errors = Table(
@@ -136,7 +175,7 @@ locks = Table(
     Column("heartbeat_at", Timestamp, nullable=False),
 )
 
-APPEND_ONLY_TABLES = ("fillgate_changes", "fillgate_errors")
+APPEND_ONLY_TABLES = ("fillgate_audit_batches", "fillgate_errors")
 """Tables no statement may rewrite: UPDATE, DELETE, TRUNCATE and REPLACE are refused."""
 
 # The names of the guard's foreign keys: InnoDB's refusal to TRUNCATE names the constraint.
@@ -150,7 +189,8 @@ audit_guard = Table(
     # is what stops TRUNCATE of the append-only tables. (PostgreSQL has TRUNCATE triggers;
     # SQLite has no TRUNCATE.)
     Column("id", Integer, primary_key=True),
-    Column("change_id", BigInteger, ForeignKey("fillgate_changes.id", name=GUARD_NAMES["fillgate_changes"])),
+    Column("batch_id", BigInteger,
+           ForeignKey("fillgate_audit_batches.id", name=GUARD_NAMES["fillgate_audit_batches"])),
     Column("error_id", BigInteger, ForeignKey("fillgate_errors.id", name=GUARD_NAMES["fillgate_errors"])),
 )
 GUARD_DIALECTS = ("mysql", "mariadb")

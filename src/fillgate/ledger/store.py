@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import getpass
+import hashlib
 import json
 import os
+import re
 import socket
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import case, func, insert, inspect, select, update
+from sqlalchemy import case, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from ulid import ULID
 
@@ -38,7 +37,27 @@ from fillgate.redact import mask_secrets
 from fillgate.runs import MESSAGE_LIMIT, WRITING_KINDS, RunKind, RunStatus, sources_of
 from fillgate.values import decode_key, encode_key
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+_REVISION = re.compile(r'^(down_revision|revision) = (?:"([^"]*)"|None)', re.MULTILINE)
+
+
+@functools.cache
+def _revisions() -> tuple[frozenset[str], str | None]:
+    """Every ledger revision and the head, read from the migration files' ``revision`` and
+    ``down_revision`` lines (without importing Alembic: every command checks the ledger's
+    revision, and Alembic costs a CLI start more than the check)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        for name, value in _REVISION.findall(path.read_text(encoding="utf-8")):
+            if value:
+                (revisions if name == "revision" else parents).add(value)
+    heads = revisions - parents
+    return frozenset(revisions), (next(iter(heads)) if len(heads) == 1 else None)
+
 
 RUN_STATUSES = tuple(RunStatus)
 RUN_KINDS = tuple(RunKind)
@@ -210,6 +229,89 @@ def _partition_values(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _dump(value: Any) -> str:
+    """The JSON text of a packed batch (non-ASCII kept as is, no spaces)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _load_list(text: Any) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return []
+    return value if isinstance(value, list) else []
+
+
+def key_hash(table: str, row_key: str) -> int:
+    """A row's entry in ``fillgate_audit_keys``: the first 8 bytes of SHA-256 over the table's
+    name, a NUL and the row key's JSON text, as a signed 64-bit integer."""
+    digest = hashlib.sha256(f"{table}\0{row_key}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+_DECODER = json.JSONDecoder()
+_ENTRY_START = '["['  # where an entry begins: a row key's JSON text always starts with "["
+
+
+def find_rows(batch: Any, keys: Sequence[str]) -> list[AuditRow]:
+    """The rows of one packed batch whose key is one of ``keys``, without decoding the others.
+
+    In the batch's JSON text an entry begins with ``["[`` and nowhere else (inside a JSON
+    string a quote is escaped), and its key is written as ``json.dumps`` writes it; so each
+    entry of a key is found with ``str.find``, decoded alone, and its place in the batch is
+    the number of entry beginnings before it. A batch whose text is not what fillgate writes
+    is decoded in full (``unpack``) instead."""
+    text = batch.changes
+    if not isinstance(text, str) or not text.startswith("[" + _ENTRY_START):
+        return [row for row in unpack(batch) if row.row_key in keys]
+    base, first, last = batch.id * schema.ID_FACTOR, batch.first_seq, batch.n_changes - 1
+    found: list[AuditRow] = []
+    for key in keys:
+        needle = "[" + json.dumps(key, ensure_ascii=False) + ","
+        at = text.find(needle)
+        while at >= 0:
+            entry = _DECODER.raw_decode(text, at)[0]
+            i = text.count(_ENTRY_START, 0, at)
+            chain = entry[5] if len(entry) > 5 else (batch.chain_sha256 if i == last else None)
+            found.append(AuditRow(base + i + 1, batch.run_id, batch.table_name, entry[0], entry[1], entry[2],
+                                  entry[3], entry[4], batch.source, batch.changed_at,
+                                  None if first is None else first + i, chain))
+            at = text.find(needle, at + len(needle))
+    return found
+
+
+class AuditRow(NamedTuple):
+    """One row of ``fillgate_changes``: one changed field of a packed batch."""
+
+    id: int
+    run_id: str
+    table_name: str
+    row_key: str
+    column_name: str
+    op: str
+    old_value: str
+    new_value: str
+    source: str
+    changed_at: dt.datetime
+    seq: int | None
+    chain_sha256: str | None
+
+
+def unpack(batch: Any) -> Iterator[AuditRow]:
+    """The rows of one packed batch (a ``fillgate_audit_batches`` row), as the view shows them.
+    Raises ValueError when its changes are not the JSON array fillgate writes."""
+    entries = json.loads(batch.changes)
+    if not isinstance(entries, list):
+        raise ValueError("not a JSON array")
+    base, first, last = batch.id * schema.ID_FACTOR, batch.first_seq, len(entries) - 1
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, list) or len(entry) < 5:
+            raise ValueError(f"entry {i + 1} is not a list of at least 5 strings")
+        chain = entry[5] if len(entry) > 5 else (batch.chain_sha256 if i == last else None)
+        yield AuditRow(base + i + 1, batch.run_id, batch.table_name, entry[0], entry[1], entry[2], entry[3],
+                       entry[4], batch.source, batch.changed_at, None if first is None else first + i, chain)
+
+
 class Ledger:
     """fillgate's tables in one target database."""
 
@@ -220,6 +322,8 @@ class Ledger:
     # --- schema and stamp ----------------------------------------------------------------
 
     def _alembic_config(self, connection: Connection) -> AlembicConfig:
+        from alembic.config import Config as AlembicConfig
+
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.attributes["connection"] = connection
@@ -229,18 +333,21 @@ class Ledger:
         with self.engine.connect() as conn:
             if not inspect(conn).has_table(VERSION_TABLE):
                 return None
-            return MigrationContext.configure(
-                conn, opts={"version_table": VERSION_TABLE}
-            ).get_current_revision()
+            found = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
+        if len(found) > 1:
+            raise NotInitializedError(f"the fillgate ledger records {len(found)} schema revisions "
+                                      f"({', '.join(sorted(found))}); it was changed by hand.")
+        return found[0] if found else None
 
     def head_revision(self) -> str | None:
-        with self.engine.connect() as conn:
-            return ScriptDirectory.from_config(self._alembic_config(conn)).get_current_head()
+        return _revisions()[1]
 
     def upgrade(self) -> bool:
         """Create or upgrade the ledger tables; True if anything changed."""
         if self.current_revision() == self.head_revision():
             return False
+        from alembic import command
+
         with self.engine.begin() as conn:
             command.upgrade(self._alembic_config(conn), "head")
         return True
@@ -271,8 +378,7 @@ class Ledger:
             )
         current, head = self.current_revision(), self.head_revision()
         if current != head:
-            known = {s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
-            if current in known:
+            if current in _revisions()[0]:
                 raise NotInitializedError(
                     f"the fillgate ledger of target '{target_name}' is at schema revision {current}, older "
                     f"than this fillgate's {head}; upgrade it (it keeps every row) with: "
@@ -461,28 +567,34 @@ class Ledger:
         self, conn: Connection, run_id: str, table: str, source: str, when: dt.datetime,
         items: Sequence[tuple[str, str, str, str, str]], chain: AuditChain | None = None,
     ) -> AuditChain | None:
-        """Append the audit rows of one batch, in the caller's transaction. ``items``:
+        """Append the audit of one batch, in the caller's transaction: ONE packed row of
+        ``fillgate_audit_batches`` and the batch's entries in the row index. ``items``:
         (row_key, column, op, old, new), every value already its JSON text.
 
-        ``chain`` is how far the run's hash chain got; the rows get their place in it and the
-        chain after them is returned, for the caller to record with the run in the same
+        ``chain`` is how far the run's hash chain got; the batch gets its positions in it and
+        the chain after it is returned, for the caller to record with the run in the same
         transaction (``update_run(..., audit=chain)``). A run without a chain (started before
-        ledger revision 0003) writes rows without one."""
+        ledger revision 0003) writes batches without one."""
         if not items:
             return chain
-        links: list[tuple[int | None, str | None]]
-        if chain is None:
-            links = [(None, None)] * len(items)
-        else:
-            chain, chained = chain.extend(run_id, table, source, when, items)
-            links = list(chained)
-        columns = ("run_id", "table_name", "row_key", "column_name", "op", "old_value", "new_value", "source",
-                   "changed_at", "seq", "chain_sha256")
-        stamp = self.backend.ledger_time(when)
-        self.backend.append_rows(conn, "fillgate_changes", columns, [
-            (run_id, table, key, column, op, old, new, source, stamp, seq, link)
-            for (key, column, op, old, new), (seq, link) in zip(items, links, strict=True)
-        ])
+        first_seq: int | None = None
+        if chain is not None:
+            first_seq = chain.rows + 1
+            chain = chain.follow(run_id, table, source, when, items)
+        b = schema.audit_batches.c
+        number = conn.execute(
+            select(func.coalesce(func.max(b.batch), 0)).where(b.run_id == run_id)
+        ).scalar_one() + 1
+        inserted = conn.execute(insert(schema.audit_batches).values(
+            run_id=run_id, batch=number, table_name=table, source=source, changed_at=when, first_seq=first_seq,
+            n_changes=len(items), column_names=_dump(sorted({item[1] for item in items})),
+            changes=_dump(items), chain_sha256=None if chain is None else chain.sha256,
+        )).inserted_primary_key
+        assert inserted is not None
+        batch_id = inserted[0]
+        hashes = sorted({key_hash(table, item[0]) for item in items})
+        self.backend.append_rows(conn, "fillgate_audit_keys", ("key_hash", "batch_id"),
+                                 [(h, batch_id) for h in hashes])
         return chain
 
     def insert_errors(self, conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
@@ -490,17 +602,14 @@ class Ledger:
         if rows:
             conn.execute(insert(schema.errors), rows)
 
-    def iter_changes(self, run_id: str, batch: int = 5000) -> Iterator[Any]:
-        """The audit rows of a run, in the order they were written."""
-        c = schema.changes.c
+    def iter_batches(self, run_id: str, chunk: int = 20) -> Iterator[Any]:
+        """The packed audit rows of a run (``fillgate_audit_batches``), in the order they were written."""
+        b = schema.audit_batches.c
         last = 0
         with self.engine.connect() as conn:
             while True:
                 rows = conn.execute(
-                    select(schema.changes)
-                    .where(c.run_id == run_id, c.id > last)
-                    .order_by(c.id)
-                    .limit(batch)
+                    select(schema.audit_batches).where(b.run_id == run_id, b.id > last).order_by(b.id).limit(chunk)
                 ).all()
                 conn.rollback()  # hold no read lock while the caller writes (SQLite)
                 if not rows:
@@ -508,45 +617,77 @@ class Ledger:
                 yield from rows
                 last = rows[-1].id
 
+    def iter_changes(self, run_id: str) -> Iterator[AuditRow]:
+        """The audit rows of a run (one per changed field, as ``fillgate_changes`` shows them),
+        in the order they were written."""
+        for batch in self.iter_batches(run_id):
+            yield from unpack(batch)
+
     def count_changes(self, run_id: str) -> int:
+        b = schema.audit_batches.c
         with self.engine.connect() as conn:
-            return conn.execute(
-                select(func.count()).select_from(schema.changes).where(schema.changes.c.run_id == run_id)
-            ).scalar_one()
+            return int(conn.execute(
+                select(func.coalesce(func.sum(b.n_changes), 0)).where(b.run_id == run_id)
+            ).scalar_one())
 
     def history(
         self, table: str, row_keys: Sequence[str], column: str | None = None, limit: int | None = None,
     ) -> list[dict[str, Any]]:
         """Every recorded change of one row (``row_keys``: the encodings it may have), oldest
-        first; with ``limit``, only the first ``limit`` of them."""
-        c = schema.changes.c
-        r = schema.runs.c
-        stmt = (
-            select(
-                c.id, c.run_id, c.column_name, c.op, c.old_value, c.new_value, c.source,
-                c.changed_at, r.kind, r.job, r.operator, r.status,
-            )
-            .select_from(schema.changes.outerjoin(schema.runs, r.run_id == c.run_id))
-            .where(c.table_name == table, c.row_key.in_(list(row_keys)))
-            .order_by(c.id)
-        )
-        if column:
-            stmt = stmt.where(c.column_name == column)
-        if limit is not None:
-            stmt = stmt.limit(limit)
+        first; with ``limit``, only the first ``limit`` of them. The row index names the few
+        batches that changed the row; only their entries for the row are decoded."""
+        keys = list(dict.fromkeys(row_keys))
+        b, k, r = schema.audit_batches.c, schema.audit_keys.c, schema.runs.c
+        hashes = sorted({key_hash(table, key) for key in keys})
         with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(stmt)]
+            batch_ids = select(k.batch_id).where(k.key_hash.in_(hashes))
+            batches = conn.execute(
+                select(schema.audit_batches, r.kind, r.job, r.operator, r.status)
+                .select_from(schema.audit_batches.outerjoin(schema.runs, r.run_id == b.run_id))
+                .where(b.id.in_(batch_ids), b.table_name == table)
+                .order_by(b.id)
+            ).all()
+        out: list[dict[str, Any]] = []
+        for batch in batches:
+            for row in find_rows(batch, keys):
+                if column is None or row.column_name == column:
+                    out.append({"id": row.id, "run_id": row.run_id, "column_name": row.column_name, "op": row.op,
+                                "old_value": row.old_value, "new_value": row.new_value, "source": row.source,
+                                "changed_at": row.changed_at, "kind": batch.kind, "job": batch.job,
+                                "operator": batch.operator, "status": batch.status})
+        out.sort(key=lambda e: e["id"])
+        return out if limit is None else out[:limit]
+
+    def audited_key(self, table: str) -> str | None:
+        """One row key the audit log recorded in ``table`` (None: fillgate never changed it):
+        the first entry of the table's first batch, found by the table's index."""
+        b = schema.audit_batches.c
+        with self.engine.connect() as conn:
+            text = conn.execute(
+                select(b.changes).where(b.table_name == table).order_by(b.id).limit(1)
+            ).scalar()
+        if text is None:
+            return None
+        try:
+            entry = _DECODER.raw_decode(text, 1)[0]
+        except (TypeError, ValueError):
+            return None
+        return entry[0] if isinstance(entry, list) and entry and isinstance(entry[0], str) else None
+
+    def audited_columns(self, table: str) -> list[str]:
+        """The columns the audit log holds changes of in ``table`` (the batches' column lists,
+        one row per batch: never the changes themselves)."""
+        b = schema.audit_batches.c
+        columns: set[str] = set()
+        with self.engine.connect() as conn:
+            for names in conn.execute(select(b.column_names).where(b.table_name == table).distinct()).scalars():
+                columns.update(c for c in _load_list(names) if isinstance(c, str))
+        return sorted(columns)
 
     def audited_shape(self, table: str) -> tuple[list[str], str | None]:
         """The columns the audit log holds changes of in ``table``, and one row key it
         recorded there (``([], None)``: fillgate never changed that table)."""
-        c = schema.changes.c
-        with self.engine.connect() as conn:
-            columns = conn.execute(
-                select(c.column_name).where(c.table_name == table).group_by(c.column_name)
-            ).scalars().all()
-            key = conn.execute(select(c.row_key).where(c.table_name == table).limit(1)).scalar()
-        return sorted(columns), key
+        return self.audited_columns(table), self.audited_key(table)
 
     # --- errors --------------------------------------------------------------------------
 

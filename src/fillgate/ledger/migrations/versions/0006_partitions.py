@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import mysql
 
 revision = "0006_partitions"
-down_revision = "0004_batch_timeline"
+down_revision = "0005_packed_audit"
 branch_labels = None
 depends_on = None
 

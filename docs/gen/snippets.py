@@ -448,6 +448,10 @@ def normalise(text: str, work: Path | str = WORK) -> str:
     text = re.sub(r'\[\{"key":\[\d+\],"ms":.*', "<SLOWEST>", text)
     # the rows of a 'slowest rows' table: their times and so their order change from run to run
     text = re.sub(r"(slowest rows[^\n]*\n(?:[┏┃┡][^\n]*\n)*)(?:│[^\n]*\n)+", r"\1<SLOWEST ROWS>\n", text)
+    # how often a hold is re-checked (and so reported) during a timed hold depends on the machine
+    text = re.sub(r"(held: [^\n]*\n)(?:held: [^\n]*\n)+", r"\1", text)
+    held = r'\{"event": ?"run_held", ?"batch": ?'
+    text = re.sub(rf"({held}(\d+),[^\n]*\n)(?:{held}\2,[^\n]*\n)+", r"\1", text)
     text = re.sub(r"[━─═]+", "─", text)
     text = re.sub(r"\s+", " ", text)
     return text.strip()

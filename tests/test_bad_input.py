@@ -395,10 +395,12 @@ def test_a_plan_path_that_is_not_a_regular_file_is_refused_without_reading_it(sq
     before = people(sqlite_db)
     fifo = tmp_path / "plan.fifo"
     os.mkfifo(fifo)
-    for path in ("/dev/zero", str(fifo), str(tmp_path)):
+    for path in ("/dev/zero", str(fifo)):
         result = run_cli(cli, cfg, "apply", path)
         assert result.exit_code == 2, result.output
         assert "is not a regular file" in result.stderr
+    result = run_cli(cli, cfg, "apply", str(tmp_path))  # a folder is read as a distributed plan's
+    assert result.exit_code == 2 and "is not a distributed plan: it has no manifest.json" in result.stderr
     huge = tmp_path / "huge.plan"
     from fillgate import plan as plan_module
 

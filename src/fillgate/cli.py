@@ -552,6 +552,12 @@ def apply(
     _finish_apply(result, as_json, _human(events))
 
 
+StreamOpt = Annotated[bool, typer.Option(
+    "--stream", help="Apply each page's changes as they are planned (no gate may apply: with --max-changes "
+                     "or the target's max_changes the plan is made first). Faster; a run stopped before its "
+                     "plan is complete cannot be resumed, only run again or reverted.")]
+
+
 @app.command()
 def run(
     job: Annotated[str, typer.Argument(help="path/to/file.py:ClassName or package.module:ClassName")],
@@ -582,10 +588,7 @@ def run(
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
     partitions: PartitionsOpt = None,
-    stream: Annotated[bool, typer.Option(
-        "--stream", help="Apply each page's changes as they are planned (no gate may apply: with --max-changes "
-                         "or the target's max_changes the plan is made first). Faster; a run stopped before its "
-                         "plan is complete cannot be resumed, only run again or reverted.")] = False,
+    stream: StreamOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Plan, gate and apply in one go (distributed on a Dask cluster with --workers or --scheduler)."""
@@ -608,6 +611,11 @@ def run(
         with _monitor(events, as_json) as monitor:
             done = commands.run(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
                                 monitor=monitor, on_planned=show_plan, cluster=cluster, stream=stream)
+    _finish_run(done, as_json, events)
+
+
+def _finish_run(done: commands.RunResult, as_json: bool, events: str | None) -> None:
+    """``fillgate run``'s result: a pipeline's stages, or the job's apply (and its plan's errors)."""
     if done.pipeline is not None:
         staged = done.pipeline
         _emit(as_json, lambda: report.pipeline_json(staged), lambda: report.print_pipeline(_human(events), staged))

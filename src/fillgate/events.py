@@ -110,6 +110,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fillgate.errors import UsageError
+from fillgate.redact import mask_secrets
 
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "run_started": ("run_id", "kind", "job", "target", "environment", "total_estimate"),
@@ -202,7 +203,7 @@ class EventWriter:
         if "ts" in fields:
             raise UsageError("event field 'ts' is set by the writer; use another name.")
         record = {"event": event, "ts": utc_timestamp(self._clock()), **fields}
-        line = _encoder.encode(_clean(record))
+        line = mask_secrets(_encoder.encode(_clean(record)))  # a password in a message never reaches the file
         with self._lock:
             try:
                 self._stream.write(line + "\n")

@@ -315,6 +315,7 @@ def test_history_questions_that_make_no_sense(db: TestDB, cli: CliRunner) -> Non
         (["visits", "[1"], "starts with '[' but is not a JSON list"),
         (["visits", "[]"], "must be a non-empty JSON list"),
         (["visits", '[{"$date": 5}, "x"]'], "holds a value fillgate cannot read"),
+        (["visits", "abc,2024-01-01"], "key 'abc,2024-01-01': part 1 of visits's key is a whole number"),
     ]
     for args, message in cases:
         result = run_cli(cli, cfg, "history", *args)

@@ -9,6 +9,7 @@ wrong number of parts is a usage error naming the problem.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import inspect
@@ -87,4 +88,21 @@ def row_history(conn: Connected, table: str, key: str, column: str | None = None
     if not key.strip().startswith("[") and parts > MAX_TEXT_KEY_PARTS:
         raise UsageError(f"key {key!r} has {parts} parts; give a key of more than {MAX_TEXT_KEY_PARTS} "
                          "parts as a JSON list.")
-    return conn.ledger.history(table, _candidates(key), column)
+    candidates = _candidates(key)
+    if sample_key is not None:
+        _check_part_types(key, table, decode_key(sample_key), [decode_key(c) for c in candidates])
+    return conn.ledger.history(table, candidates, column)
+
+
+def _check_part_types(key: str, table: str, sample: Sequence[Any], readings: Sequence[Sequence[Any]]) -> None:
+    """A key whose part can only be text where fillgate recorded whole numbers (``abc`` for an
+    integer id) names no row that could ever have changed: a usage error, not "no changes"."""
+    for i, recorded in enumerate(sample):
+        if type(recorded) is not int:
+            continue
+        if not any(len(r) == len(sample) and type(r[i]) is int for r in readings):
+            where = f"part {i + 1} of " if len(sample) > 1 else ""
+            raise UsageError(
+                f"key {key!r}: {where}{table}'s key is a whole number (fillgate recorded keys such as "
+                f"{recorded}), and this is not one. Check the key."
+            )

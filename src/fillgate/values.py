@@ -294,6 +294,18 @@ def _needs_quotes(text: str) -> bool:
     )
 
 
+def _interval(value: dt.timedelta) -> str:
+    """A timedelta as PostgreSQL shows an interval: ``400 days 00:00:05``, ``-01:30:00``,
+    ``1 day 00:00:00.250000`` (not Python's ``400 days, 0:00:05``)."""
+    micros = abs(value) // dt.timedelta(microseconds=1)
+    days, rest = divmod(micros, 86_400_000_000)
+    seconds, fraction = divmod(rest, 1_000_000)
+    clock = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    clock += f".{fraction:06d}" if fraction else ""
+    sign = "-" if value < dt.timedelta(0) else ""
+    return f"{sign}{days} day{'s' if days != 1 else ''} {clock}" if days else f"{sign}{clock}"
+
+
 def format_value(value: Any) -> str:
     """A column value as the database would show it, whole: NULL, 42, 1.20 (a Decimal keeps
     its digits), 2013-01-01 05:17:00, \\x00ff (bytes), true; a string bare unless it would
@@ -316,6 +328,8 @@ def format_value(value: Any) -> str:
         return value.isoformat(" ")
     if isinstance(value, dt.date | dt.time):
         return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return _interval(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return "\\x" + bytes(value).hex()
     if isinstance(value, uuid.UUID):

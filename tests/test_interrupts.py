@@ -189,3 +189,34 @@ def test_a_run_whose_process_died_is_not_shown_running(db: TestDB, cli: CliRunne
     assert run_cli(cli, cfg, "resume", run_id).exit_code == 0
     assert "interrupted" not in run_cli(cli, cfg, "show", run_id).stdout
     _audit_matches_table(db)
+
+
+@pytest.mark.unit
+def test_ctrl_c_while_a_command_still_imports_says_so_without_importing_more(
+        monkeypatch: pytest.MonkeyPatch, cli: CliRunner, tmp_path: Path) -> None:
+    """The CLI imports its heavy modules in the command that needs them: a Ctrl-C landing in
+    such an import must be reported without importing anything more (a module whose import was
+    cut short cannot be imported again safely: that printed a traceback)."""
+    from fillgate import cli as cli_module
+
+    class NoMoreImports:
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"imported {name} after a Ctrl-C")
+
+    class CtrlC:
+        def __getattr__(self, name: str) -> object:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "loader", CtrlC())
+    monkeypatch.setattr(cli_module, "report", NoMoreImports())
+    (tmp_path / "fillgate.toml").write_text('[targets.t]\nurl = "sqlite:///t.db"\n')
+    for extra in ([], ["--json"]):
+        result = run_cli(cli, tmp_path / "fillgate.toml", "run", "jobs.py:Job", *extra)
+        assert result.exit_code == 130, result.output
+        assert result.stderr.startswith("interrupted: stopped by Ctrl-C before anything was written.")
+        assert "Traceback" not in result.output
+        if extra:
+            assert json.loads(result.stdout)["error"] == {
+                "type": "Interrupted", "exit_code": 130,
+                "message": "stopped by Ctrl-C before anything was written."}
+    assert not (tmp_path / "t.db").exists()

@@ -287,7 +287,7 @@ def _errors(as_json: bool = False) -> Iterator[None]:
             message += f" Continue it with: fillgate resume {exc.run_id}"
         _fail(EXIT_INTERRUPTED, "Interrupted", message, as_json)
     except KeyboardInterrupt:
-        _fail(EXIT_INTERRUPTED, "Interrupted", "stopped by Ctrl-C before anything was written.", as_json)
+        _interrupted_early(as_json)
     except FillgateError as exc:
         _fail(exc.exit_code, type(exc).__name__, str(exc), as_json)
     except Exception as exc:  # a bug (in fillgate or in job code): still one line, never a traceback
@@ -302,6 +302,18 @@ def _errors(as_json: bool = False) -> Iterator[None]:
               f"job code raised {type(exc).__name__}({exc}) (sys.exit() or a generator's close) while fillgate "
               "ran it; fillgate stopped, a run it had started is recorded as failed. Job code must raise an "
               "exception, never exit.", as_json)
+
+
+def _interrupted_early(as_json: bool) -> None:
+    """Ctrl-C before the command wrote anything (often while it still imports the modules it
+    needs): said without importing anything more, since an import cut short by the signal
+    cannot be retried safely in this process."""
+    message = "stopped by Ctrl-C before anything was written."
+    err.print(f"[bold yellow]interrupted:[/] {message}", soft_wrap=True)
+    if as_json or _state["json"]:
+        error = {"type": "Interrupted", "exit_code": EXIT_INTERRUPTED, "message": message}
+        sys.stdout.write(json.dumps({"error": error}) + "\n")
+    raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def _fail(exit_code: int, kind: str, message: str, as_json: bool) -> None:

@@ -18,9 +18,11 @@ Length prefixes make the text unambiguous whatever the fields hold. The fields a
 ``fillgate_changes`` stores (the key and the values are their JSON text); ``seq`` is written in
 decimal and ``changed_at`` (naive UTC) as ``YYYY-MM-DDTHH:MM:SS.ffffff``: every backend keeps
 microseconds, so the text read back is the text written. The row's ``id`` is not covered: the
-database assigns it. Each row stores its ``seq`` and ``chain_sha256``; the run stores
-``audit_rows`` (the last ``seq``) and ``audit_sha256`` (the last chain value, or ``start`` for
-a run that wrote nothing), written in the same transaction as the rows.
+database assigns it. Each packed batch (``fillgate_audit_batches``) stores the ``seq`` of its
+first row and the chain value after its last (rows moved from a ledger older than revision
+0005 keep their own chain value in their entry); the run stores ``audit_rows`` (the last
+``seq``) and ``audit_sha256`` (the last chain value, or ``start`` for a run that wrote
+nothing), written in the same transaction as the rows.
 """
 
 from __future__ import annotations

@@ -6,21 +6,7 @@ the audit rows of a run without also recomputing the run's hash chain, and they 
 a chain head that has left the database (the ``run_finished`` event, shipped to a log they do
 not control). ``fillgate verify`` recomputes every chain and says exactly what differs.
 
-The chain of a run (apply or revert), SHA-256 in lowercase hex throughout:
-
-    start     = sha256("fillgate-audit-v1\n" + run_id)
-    chain[i]  = sha256(chain[i-1] + canonical(row i))        for i = 1, 2, ... (its ``seq``)
-
-where ``canonical(row)`` concatenates, for each of ``run_id, table_name, source, changed_at,
-seq, row_key, column_name, op, old_value, new_value`` in this order, the field's length in
-characters, a colon and the field (``7:[12345]``), and the hash is taken over the UTF-8 bytes.
-Length prefixes make the text unambiguous whatever the fields hold. The fields are the text
-``fillgate_changes`` stores (the key and the values are their JSON text); ``seq`` is written in
-decimal and ``changed_at`` (naive UTC) as ``YYYY-MM-DDTHH:MM:SS.ffffff``: every backend keeps
-microseconds, so the text read back is the text written. The row's ``id`` is not covered: the
-database assigns it. Each row stores its ``seq`` and ``chain_sha256``; the run stores
-``audit_rows`` (the last ``seq``) and ``audit_sha256`` (the last chain value, or ``start`` for
-a run that wrote nothing), written in the same transaction as the rows.
+How the chain of a run is computed is defined once, in ``chain.py``.
 """
 
 from __future__ import annotations

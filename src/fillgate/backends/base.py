@@ -255,6 +255,16 @@ class Backend:
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))})", list(rows)
         )
 
+    def append_new_rows(self, conn: Connection, table: str, columns: Sequence[str],
+                        rows: Sequence[Sequence[Any]]) -> None:
+        """Append rows to one of fillgate's own tables, in the caller's transaction, skipping
+        each row whose primary key the table holds already (another session wrote it)."""
+        mark = placeholder(conn.dialect)
+        conn.exec_driver_sql(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join([mark] * len(columns))}) "
+            "ON CONFLICT DO NOTHING", list(rows)
+        )
+
     def ledger_time(self, value: dt.datetime) -> Any:
         """A naive UTC timestamp as the ledger's timestamp columns are given it."""
         return value

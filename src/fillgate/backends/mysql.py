@@ -86,6 +86,13 @@ class MySQLBackend(Backend):
     def compares_text_by_collation(self) -> bool:
         return True
 
+    def append_new_rows(self, conn: Connection, table: str, columns: Sequence[str],
+                        rows: Sequence[Sequence[Any]]) -> None:
+        conn.exec_driver_sql(  # fillgate's own integer rows: IGNORE skips only the duplicate keys
+            f"INSERT IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})",
+            list(rows),
+        )
+
     def update_group(self, conn: Connection, sql: Any, column: str, group: Sequence[Any],
                      binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any] | None] | None:
         """``UPDATE t JOIN (SELECT k, new, old UNION ALL ...) AS j ON t.key = j.k SET t.col =

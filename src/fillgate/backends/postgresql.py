@@ -177,6 +177,16 @@ class PostgreSQLBackend(Backend):
             for row in rows:
                 copy.write_row(row)
 
+    def append_new_rows(self, conn: Connection, table: str, columns: Sequence[str],
+                        rows: Sequence[Sequence[Any]]) -> None:
+        # COPY into a temporary table, then one INSERT that skips the keys already there
+        staging = f"fillgate_new_{table}"
+        names = ", ".join(columns)
+        conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {staging} (LIKE {table}) ON COMMIT DROP")
+        self.append_rows(conn, staging, columns, rows)
+        conn.exec_driver_sql(f"INSERT INTO {table} ({names}) SELECT {names} FROM {staging} ON CONFLICT DO NOTHING")
+        conn.exec_driver_sql(f"DROP TABLE {staging}")
+
     def column_types(self, conn: Connection, table: str) -> dict[str, ColumnType]:
         q = conn.dialect.identifier_preparer.quote
         q_table = ".".join(q(part) for part in table.split("."))

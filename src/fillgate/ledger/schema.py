@@ -113,15 +113,26 @@ audit_batches = Table(
     Index("ix_fillgate_audit_batches_table", "table_name", "id"),
 )
 
-# The row index of the audit log: for every batch, one entry per distinct row it changed,
-# ``key_hash`` the first 8 bytes of SHA-256 over ``table_name NUL row_key`` as a signed 64-bit
-# integer (fillgate.ledger.store.key_hash). ``fillgate history`` finds a row's batches here.
+# The row index of the audit log: for every indexed batch, one entry per distinct row it
+# changed, ``key_hash`` the first 8 bytes of SHA-256 over ``table_name NUL row_key`` as a signed
+# 64-bit integer (fillgate.ledger.store.key_hash). ``fillgate history`` finds a row's batches
+# here. Built lazily (since revision 0008): an apply writes only its packed batches; the index
+# catches up on the batches it does not cover yet when a history is asked for
+# (``Ledger.index_audit``), and history reads those not yet covered directly.
 audit_keys = Table(
     "fillgate_audit_keys",
     metadata,
     Column("key_hash", BigInteger, primary_key=True, autoincrement=False),
     Column("batch_id", BigInteger, primary_key=True, autoincrement=False),
     sqlite_with_rowid=False,  # one b-tree: the entries are the primary key
+)
+
+# The batches the row index covers: one row per batch of fillgate_audit_batches whose entries
+# are in fillgate_audit_keys (written in the same transaction as those entries).
+audit_indexed = Table(
+    "fillgate_audit_indexed",
+    metadata,
+    Column("batch_id", BigInteger, primary_key=True, autoincrement=False),
 )
 
 # ``fillgate_changes``: a VIEW unpacking fillgate_audit_batches, one row per changed field, as

@@ -2,7 +2,7 @@
 plan file, by the plan's SHA-256.
 
 Revision ID: 0007_workflow
-Revises: 0004_batch_timeline
+Revises: 0006_partitions
 Create Date: 2026-11-29
 """
 

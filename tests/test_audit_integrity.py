@@ -462,15 +462,15 @@ def test_a_rechained_log_passes_verify_but_not_the_events_it_sent(
     with db.engine.begin() as conn:
         b = ledger_schema.audit_batches.c
         batches = conn.execute(sa.select(ledger_schema.audit_batches).where(b.run_id == run_id).order_by(b.id)).all()
-        chain = AuditChain.start(run_id)
+        chain = AuditChain.start(run_id, version=2)  # the run's chain links whole batches
         for number, batch in enumerate(batches):
             entries = json.loads(batch.changes)
             if number == 1:
                 del entries[1]  # position 5
-            first = chain.rows + 1
-            chain = chain.follow(run_id, batch.table_name, batch.source, batch.changed_at, entries)
+            first, text = chain.rows + 1, json.dumps(entries)
+            chain = chain.follow_batch(run_id, batch.table_name, batch.source, batch.changed_at, entries, text)
             conn.execute(sa.update(ledger_schema.audit_batches).where(b.id == batch.id).values(
-                changes=json.dumps(entries), n_changes=len(entries), first_seq=first, chain_sha256=chain.sha256))
+                changes=text, n_changes=len(entries), first_seq=first, chain_sha256=chain.sha256))
         chain_head = chain.sha256
         conn.execute(sa.update(ledger_schema.runs).where(ledger_schema.runs.c.run_id == run_id).values(
             audit_rows=9, audit_sha256=chain_head, counts=json.dumps({"applied": 9, "conflicts": 0, "converted": 0,
@@ -792,3 +792,36 @@ def test_a_0004_ledger_is_packed_keeping_every_audit_row_and_still_verifies(
     _rewrite_batch(db, batch_id, changes=json.dumps(entries))
     check = _tampered(_verify(cli, cfg)[1], run_id)
     assert [(f["kind"], f["seq"], f["rows"]) for f in check["findings"]] == [("altered", 2, 1)]
+
+
+# --- 9. a run begun on a version 1 chain (per row) goes on with it -------------------------------
+
+
+def test_a_run_begun_on_a_version_1_chain_goes_on_with_it_and_verifies(db: TestDB) -> None:
+    """A run started by a fillgate whose chain linked every row (resumed after an upgrade)
+    keeps linking rows; version 2 runs link batches; verify checks each by its own version."""
+    from fillgate.ledger import Run, new_run_id
+    from fillgate.ledger.chain import start
+
+    ledger = Ledger(db.engine)
+    ledger.upgrade()
+    when = dt.datetime(2026, 5, 6, 7, 8, 9, 123456)
+    items = [("[1]", "email", "update", "null", dumps("a@x")), ("[2]", "email", "update", "null", dumps("b@x"))]
+    chains = {}
+    for version in (1, 2):
+        run_id = new_run_id()
+        run = Run(run_id=run_id, kind="apply", target="t", environment="e", operator="o", status="running",
+                  args={"key": ["id"]}, job="j", table_name="people")
+        if version == 1:  # how a run recorded before version 2 looks: no version in its args
+            run.audit_rows, run.audit_sha256 = 0, start(run_id)
+        ledger.create_run(run)
+        assert ledger.get_run(run_id).audit_chain == version
+        with db.engine.begin() as conn:
+            chain = ledger.insert_changes(conn, run_id, "people", "j", when, items[:1], ledger.get_run(run_id).audit)
+            chain = ledger.insert_changes(conn, run_id, "people", "j", when, items[1:], chain)
+            ledger.update_run(run_id, conn, audit=chain, counts={"applied": 2, "conflicts": 0, "errors": 0})
+        chains[version] = chain
+        assert check_run(ledger, ledger.get_run(run_id)).state == "ok"
+        by_rows = AuditChain.start(run_id).follow(run_id, "people", "j", when, items)
+        assert chain is not None and (chain.sha256 == by_rows.sha256) == (version == 1)
+    assert chains[1] is not None and chains[2] is not None and chains[1].rows == chains[2].rows == 2

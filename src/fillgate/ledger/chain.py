@@ -23,6 +23,17 @@ first row and the chain value after its last (rows moved from a ledger older tha
 0005 keep their own chain value in their entry); the run stores ``audit_rows`` (the last
 ``seq``) and ``audit_sha256`` (the last chain value, or ``start`` for a run that wrote
 nothing), written in the same transaction as the rows.
+
+Version 2 (runs started since fillgate 0.1's packed audit; the run's ``args`` say
+``"audit_chain": 2``) links whole batches, one SHA-256 per batch instead of one per row:
+
+    start     = sha256("fillgate-audit-v2\n" + run_id)
+    chain[b]  = sha256(chain[b-1] + fields(run_id, table_name, source, changed_at, first_seq,
+                                            n_changes, changes))
+
+with ``fields`` as above and ``changes`` the batch's JSON text exactly as the database holds
+it: every byte of every entry is covered, and a batch is checked as one (a changed value is
+named as its batch's rows, as version 1 already did for the rows of one packed batch).
 """
 
 from __future__ import annotations
@@ -34,11 +45,13 @@ from dataclasses import dataclass
 from typing import Any
 
 VERSION = "fillgate-audit-v1"
+VERSIONS = {1: VERSION, 2: "fillgate-audit-v2"}
+CURRENT = 2  # the version new runs use
 
 
-def start(run_id: str) -> str:
+def start(run_id: str, version: int = 1) -> str:
     """The chain value before a run's first audit row."""
-    return hashlib.sha256(f"{VERSION}\n{run_id}".encode()).hexdigest()
+    return hashlib.sha256(f"{VERSIONS[version]}\n{run_id}".encode()).hexdigest()
 
 
 def canonical_time(value: dt.datetime) -> str:
@@ -56,6 +69,13 @@ def link(previous: str, run_id: str, seq: int, table: str, key: str, column: str
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def batch_link(previous: str, run_id: str, table: str, source: str, stamp: str, first_seq: int, n_changes: int,
+               changes: str) -> str:
+    """The chain value after one packed batch (version 2; ``stamp``: ``canonical_time``)."""
+    text = previous + _fields(run_id, table, source, stamp, str(first_seq), str(n_changes), changes)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def row_link(previous: str, row: Any) -> str:
     """The chain value of a ``fillgate_changes`` row as the database holds it now."""
     return link(previous, row.run_id, row.seq, row.table_name, row.row_key, row.column_name, row.op,
@@ -68,10 +88,20 @@ class AuditChain:
 
     rows: int
     sha256: str
+    version: int = 1
 
     @classmethod
-    def start(cls, run_id: str) -> AuditChain:
-        return cls(0, start(run_id))
+    def start(cls, run_id: str, version: int = 1) -> AuditChain:
+        return cls(0, start(run_id, version), version)
+
+    def follow_batch(self, run_id: str, table: str, source: str, when: dt.datetime,
+                     items: Sequence[Sequence[str]], changes: str) -> AuditChain:
+        """The chain after one packed batch: its rows ``items`` and their JSON text
+        ``changes`` as stored (version 2: one hash over the text; version 1: one per row)."""
+        if self.version == 1:
+            return self.follow(run_id, table, source, when, items)
+        sha = batch_link(self.sha256, run_id, table, source, canonical_time(when), self.rows + 1, len(items), changes)
+        return AuditChain(self.rows + len(items), sha, self.version)
 
     def extend(
         self, run_id: str, table: str, source: str, when: dt.datetime,
@@ -90,7 +120,7 @@ class AuditChain:
                     f"{len(old)}:{old}{len(new)}:{new}")  # link(), inlined: this runs once per audit row
             previous = sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
             out.append((seq, previous))
-        return AuditChain(seq, previous), out
+        return AuditChain(seq, previous, self.version), out
 
 
 
@@ -109,4 +139,4 @@ class AuditChain:
             text = (f"{previous}{head}{len(n)}:{n}{len(key)}:{key}{len(column)}:{column}{len(op)}:{op}"
                     f"{len(old)}:{old}{len(new)}:{new}")  # link(), inlined: this runs once per audit row
             previous = sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        return AuditChain(seq, previous)
+        return AuditChain(seq, previous, self.version)

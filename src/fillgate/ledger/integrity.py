@@ -22,7 +22,7 @@ from sqlalchemy import case, func, inspect, select
 
 from fillgate.errors import RunStateError, UsageError
 from fillgate.ledger import schema
-from fillgate.ledger.chain import row_link, start
+from fillgate.ledger.chain import batch_link, canonical_time, row_link, start
 from fillgate.ledger.schema import ID_FACTOR
 from fillgate.ledger.store import AuditRow, Ledger, Run, unpack
 from fillgate.runs import WRITING_KINDS
@@ -223,6 +223,7 @@ class _Walk:
     expected: int = 1
     last_id: int | None = None
     reread: bool = False
+    version: int = 1  # of the run's chain: 2 links whole batches
 
 
 def check_run(ledger: Ledger, run: Run, anchors: Sequence[Anchor] = (), since: str | None = None) -> RunCheck:
@@ -233,8 +234,9 @@ def check_run(ledger: Ledger, run: Run, anchors: Sequence[Anchor] = (), since: s
                      recorded_sha256=run.audit_sha256)
     if run.audit_rows is None or run.audit_sha256 is None:
         return _check_predating(ledger, run, check, anchors, since)
-    first = start(run.run_id)
-    walk = _Walk(check, run, run.audit_rows, {a.rows for a in anchors}, first, first, {0: first})
+    first = start(run.run_id, run.audit_chain)
+    walk = _Walk(check, run, run.audit_rows, {a.rows for a in anchors}, first, first, {0: first},
+                 version=run.audit_chain)
     for batch in ledger.iter_batches(run.run_id):
         try:
             rows = list(unpack(batch))
@@ -292,12 +294,41 @@ def _check_batch(ledger: Ledger, walk: _Walk, batch: Any, rows: list[AuditRow]) 
         check.add(Finding("altered", f"{_describe(head)}: its batch says it holds {batch.n_changes!r} changes "
                                      f"(positions {batch.first_seq}-{last_seq}) and holds {len(rows)}",
                           head.id, batch.first_seq, len(rows)))
-        _follow_rows(walk, rows)
+        _follow(walk, batch, rows)
         walk.stored = batch.chain_sha256
+    elif after_gap:  # the chain value before the batch is gone: the batch's own is taken as it is
+        _follow(walk, batch, rows)
+    elif walk.version == 2:
+        _check_whole_batch(walk, batch, rows)
     else:
-        # after a gap the chain value before the batch is gone: the batch's own is taken as it is
-        (_follow_rows if after_gap else _check_rows)(walk, rows)
+        _check_rows(walk, rows)
     walk.expected, walk.last_id = last_seq + 1, rows[-1].id
+
+
+def _batch_link(previous: str, batch: Any) -> str:
+    return batch_link(previous, batch.run_id, batch.table_name, batch.source, canonical_time(batch.changed_at),
+                      batch.first_seq, batch.n_changes, batch.changes)
+
+
+def _follow(walk: _Walk, batch: Any, rows: list[AuditRow]) -> None:
+    """A batch whose stored chain value cannot be checked: recompute the pure chain only."""
+    if walk.version == 1:
+        _follow_rows(walk, rows)
+        return
+    walk.pure = _batch_link(walk.pure, batch)
+    if rows[-1].seq in walk.wanted:
+        walk.seen[rows[-1].seq] = walk.pure
+    walk.stored = batch.chain_sha256
+
+
+def _check_whole_batch(walk: _Walk, batch: Any, rows: list[AuditRow]) -> None:
+    """A batch of a version 2 chain against the chain value stored with it: its text as a whole."""
+    computed = _batch_link(walk.stored, batch)
+    _follow(walk, batch, rows)
+    if computed != batch.chain_sha256:
+        walk.check.add(Finding("altered", f"{_describe_span(rows)} differs from what the run wrote (a value, "
+                                          "the key, the time or its chain hash was changed)",
+                               rows[0].id, rows[0].seq, len(rows)))
 
 
 def _follow_rows(walk: _Walk, rows: list[AuditRow]) -> None:

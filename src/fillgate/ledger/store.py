@@ -35,6 +35,8 @@ from fillgate.errors import (
     UsageError,
 )
 from fillgate.ledger import schema
+from fillgate.ledger.chain import CURRENT as CURRENT_CHAIN
+from fillgate.ledger.chain import VERSIONS as chain_versions
 from fillgate.ledger.chain import AuditChain
 from fillgate.ledger.schema import VERSION_TABLE
 from fillgate.redact import mask_secrets
@@ -163,7 +165,13 @@ class Run:
         before ledger revision 0003, or a run that writes no audit rows)."""
         if self.audit_rows is None or self.audit_sha256 is None:
             return None
-        return AuditChain(self.audit_rows, self.audit_sha256)
+        return AuditChain(self.audit_rows, self.audit_sha256, self.audit_chain)
+
+    @property
+    def audit_chain(self) -> int:
+        """The version of the run's audit hash chain (fillgate.ledger.chain)."""
+        version = self.args.get("audit_chain", 1)
+        return version if version in chain_versions else 1
 
     def to_row(self) -> dict[str, Any]:
         row = dict(self.__dict__)
@@ -431,8 +439,9 @@ class Ledger:
     def create_run(self, run: Run, conn: Connection | None = None) -> Run:
         now = utcnow()
         if run.kind in WRITING_KINDS and run.audit_rows is None:
-            chain = AuditChain.start(run.run_id)
+            chain = AuditChain.start(run.run_id, CURRENT_CHAIN)
             run.audit_rows, run.audit_sha256 = chain.rows, chain.sha256
+            run.args = {**run.args, "audit_chain": CURRENT_CHAIN}
         run.created_at = run.created_at or now
         run.host = run.host or socket.gethostname()
         run.pid = run.pid or os.getpid()
@@ -613,9 +622,10 @@ class Ledger:
         if not items:
             return chain
         first_seq: int | None = None
+        changes = _dump(items)
         if chain is not None:
             first_seq = chain.rows + 1
-            chain = chain.follow(run_id, table, source, when, items)
+            chain = chain.follow_batch(run_id, table, source, when, items, changes)
         b = schema.audit_batches.c
         number = conn.execute(
             select(func.coalesce(func.max(b.batch), 0)).where(b.run_id == run_id)
@@ -623,7 +633,7 @@ class Ledger:
         conn.execute(insert(schema.audit_batches).values(
             run_id=run_id, batch=number, table_name=table, source=source, changed_at=when, first_seq=first_seq,
             n_changes=len(items), column_names=_dump(sorted({item[1] for item in items})),
-            changes=_dump(items), chain_sha256=None if chain is None else chain.sha256,
+            changes=changes, chain_sha256=None if chain is None else chain.sha256,
         ))
         return chain
 

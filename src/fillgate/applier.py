@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from fillgate.canary import canary_order, check_canary, check_verified, verify_canary
+from fillgate.collector import fewer_collections
 from fillgate.database import write_transaction
 from fillgate.errors import (
     AlreadyDoneError,
@@ -108,7 +109,8 @@ def execute(
     (and whatever ``on_batch`` writes in that same transaction). A canary run pauses once its
     canary is written, and verifies it (fillgate.canary)."""
     monitor = monitor or Monitor()
-    result = _Applying(conn, run, limits, lock, monitor, on_batch).execute(changes)
+    with fewer_collections():
+        result = _Applying(conn, run, limits, lock, monitor, on_batch).execute(changes)
     if result.stopped == "canary":
         canary = verify_canary(conn, result.run)
         monitor.events.emit("canary_paused", run_id=run.run_id, done=result.run.checkpoint, total=result.run.total,

@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 
 from fillgate.backends import ColumnType, Unstorable, ValueChecker, backend_for, same_value
 from fillgate.backends.base import database_reason
+from fillgate.collector import fewer_collections
 from fillgate.context import RunContext, activate
 from fillgate.counts import ANOMALY_OF_LINE, PLAN_COUNTS
 from fillgate.errors import ColumnTypeError, FillgateError, GuardRefused, Interrupted, JobError, UsageError
@@ -106,17 +107,32 @@ def _compute_page(job: Job, rows: list[dict[str, Any]], keys: list[tuple[Any, ..
             return [wrong] * len(rows)
         return proposals
     out: list[Any] = []
+    append = out.append
     compute = job.compute
+    ends: list[float] = []  # one clock reading per row: its compute ends where the next one starts
+    mark = ends.append
+    started = clock()
+    if results is None:
+        ctx.result = None
+        for row in rows:
+            try:
+                append(compute(row, ctx))
+            except Exception as exc:
+                append(exc)
+            mark(clock())
+    else:
+        for row, result in zip(rows, results, strict=True):
+            ctx.result = result
+            try:
+                append(compute(row, ctx))
+            except Exception as exc:
+                append(exc)
+            mark(clock())
+        ctx.result = None
     timing = monitor.row_timing
-    for i, row in enumerate(rows):
-        ctx.result = results[i] if results is not None else None
-        started = clock()
-        try:
-            out.append(compute(row, ctx))
-        except Exception as exc:
-            out.append(exc)
-        timing(keys[i], (clock() - started) * 1000)
-    ctx.result = None
+    for key, end in zip(keys, ends, strict=True):
+        timing(key, (end - started) * 1000)
+        started = end
     return out
 
 
@@ -195,16 +211,15 @@ class _Planner:
         proposals = _compute_page(job, rows, keys, ctx, results, self.monitor)
         if ctx.escape is not None:  # a refusal, not a row error, even if the job caught it
             raise ctx.escape
+        if self.mode == "update":
+            self._update_page(rows, keys, proposals)
+            return
         checked: list[tuple[Mapping[str, Any], tuple[Any, ...], Mapping[str, Any]]] = []
         for row, key, proposal in zip(rows, keys, proposals, strict=True):
             if proposal is None:
                 continue
             if isinstance(proposal, BaseException):
                 self.row_error(key, proposal)
-            elif self.mode == "update":
-                proposal = _check_proposal(proposal, self.policies, row, key)
-                if proposal:
-                    checked.append((row, key, proposal))
             else:
                 for values in _check_rows(proposal, self.policies, self.key_cols, key):
                     if isinstance(values, JobError):
@@ -214,13 +229,6 @@ class _Planner:
         if not checked:
             return
         forms = self._storage_forms([proposal for _, _, proposal in checked])
-        if self.mode == "update":
-            for (source_row, key, _), stored in zip(checked, forms, strict=True):
-                if type(stored) is list:
-                    self._unstorable(key, stored)
-                else:
-                    self._diff(source_row, key, stored)
-            return
         wanted: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         for (_, key, _), stored in zip(checked, forms, strict=True):
             if type(stored) is list:
@@ -229,6 +237,64 @@ class _Planner:
                 wanted.append((key, stored))
         if wanted:
             self._ensure(wanted, reader)
+
+    def _update_page(self, rows: list[dict[str, Any]], keys: list[tuple[Any, ...]], proposals: list[Any]) -> None:
+        """An update job's page: check each proposal, then its storage forms, then diff."""
+        policies = self.policies
+        declared = policies.keys()
+        sources: list[Mapping[str, Any]] = []
+        checked_keys: list[tuple[Any, ...]] = []
+        checked: list[Mapping[str, Any]] = []
+        for row, key, proposal in zip(rows, keys, proposals, strict=True):
+            if proposal is None:
+                continue
+            # the common case, checked with two set operations (_check_proposal: the rest)
+            if not (type(proposal) is dict and proposal.keys() <= declared and proposal.keys() <= row.keys()):
+                if isinstance(proposal, BaseException):
+                    self.row_error(key, proposal)
+                    continue
+                proposal = _check_proposal(proposal, policies, row, key)
+            if proposal:
+                sources.append(row)
+                checked_keys.append(key)
+                checked.append(proposal)
+        if checked:
+            self._diff_page(sources, checked_keys, self._storage_forms(checked))
+
+    def _diff_page(self, rows: list[Mapping[str, Any]], keys: list[tuple[Any, ...]], forms: list[Any]) -> None:
+        """Decide every proposed value against the stored one; write the plan's lines."""
+        decide = {column: policy.decide for column, policy in self.policies.items()}
+        tally = dict.fromkeys(_DECISION_COUNT, 0)
+        write, samples = self.writer.change, self.samples["change"]
+        for row, key, stored in zip(rows, keys, forms, strict=True):
+            if type(stored) is list:
+                self._unstorable(key, stored)
+                continue
+            for column, new in stored.items():
+                old = row[column]
+                decision = decide[column](old, new)
+                tally[decision] += 1
+                if decision is Decision.WRITE:  # the hot path: no sample dict once the samples are full
+                    write(key, column, old, new)
+                    if len(samples) < SAMPLE:
+                        self._sample("change", {"key": list(key), "column": column, "old": old, "new": new})
+                elif decision is not Decision.UNCHANGED and decision is not Decision.SKIPPED:
+                    self._anomaly(decision, key, column, old, new)
+        counts = self.page_counts
+        for decision, n in tally.items():
+            if n:
+                name = _DECISION_COUNT[decision]
+                counts[name] = counts.get(name, 0) + n
+
+    def _anomaly(self, decision: Decision, key: tuple[Any, ...], column: str, old: Any, new: Any) -> None:
+        """A disagreement or a preserved value: a line of the plan and a sample."""
+        if decision is Decision.DISAGREEMENT:
+            self.writer.disagreement(key, column, old, new)
+            self._sample("disagreement", {"key": list(key), "column": column, "old": old, "new": new})
+        elif decision is Decision.PRESERVED:
+            reason = _printable(new.reason) if isinstance(new, Failed) else f"new value {new!r}"
+            self.writer.preserved(key, column, old, reason)
+            self._sample("preserved", {"key": list(key), "column": column, "old": old, "reason": reason})
 
     def _looked_up(self, rows: list[dict[str, Any]], lookup: Lookup) -> tuple[list[dict[str, Any]], list[Any]]:
         """The page's rows whose lookup result can be trusted, with those results (aligned);
@@ -327,23 +393,7 @@ class _Planner:
                 self._count("unchanged" if same else "skipped")
 
     def _diff(self, row: Mapping[str, Any], key: tuple[Any, ...], proposal: Mapping[str, Any]) -> None:
-        counts = self.page_counts
-        for column, new in proposal.items():
-            old = row[column]
-            decision = self.policies[column].decide(old, new)
-            name = _DECISION_COUNT[decision]
-            counts[name] = counts.get(name, 0) + 1
-            if decision is Decision.WRITE:  # the hot path: no sample dict once the samples are full
-                self.writer.change(key, column, old, new)
-                if len(self.samples["change"]) < SAMPLE:
-                    self._sample("change", {"key": list(key), "column": column, "old": old, "new": new})
-            elif decision is Decision.DISAGREEMENT:
-                self.writer.disagreement(key, column, old, new)
-                self._sample("disagreement", {"key": list(key), "column": column, "old": old, "new": new})
-            elif decision is Decision.PRESERVED:
-                reason = _printable(new.reason) if isinstance(new, Failed) else f"new value {new!r}"
-                self.writer.preserved(key, column, old, reason)
-                self._sample("preserved", {"key": list(key), "column": column, "old": old, "reason": reason})
+        self._diff_page([row], [key], [proposal])
 
     def examples(self) -> dict[str, Any]:
         """The current page's first example of each anomaly kind, for its alert."""
@@ -387,7 +437,8 @@ def make_plan(
     planning.trial = estimate
     planning.bounds = bounds or KeyRange()
     planning.on_page = on_page
-    return planning.plan(out)
+    with fewer_collections():
+        return planning.plan(out)
 
 
 def check_job(conn: Connected, job_cls: type[Job], args: Mapping[str, Any]) -> dict[str, ColumnType]:

@@ -38,9 +38,12 @@ class Policy:
     """Base class: how one column may be written."""
 
     name = "policy"
+    _all_known = False  # set by __init__
 
     def __init__(self, unknown: Iterable[Any] = ()) -> None:
         self.unknown: frozenset[Any] = frozenset(unknown)
+        # every value but None and Failed is known: decide() need not ask is_known of a new value
+        self._all_known = not self.unknown and type(self).is_known is Policy.is_known
 
     def is_known(self, value: Any) -> bool:
         """A value that carries information: not NULL, not failed, not an 'unknown' marker."""
@@ -53,6 +56,10 @@ class Policy:
 
     def decide(self, old: Any, new: Any) -> Decision:
         """Decide what to do with ``new`` given the stored ``old``."""
+        if new is not None and self._all_known and not isinstance(new, Failed):  # the common case, in short:
+            if old is not None and _same(old, new):  # what the steps below decide for a known new value
+                return Decision.UNCHANGED
+            return self._known_new(old, new)
         if isinstance(new, Failed):
             return Decision.PRESERVED if self.is_known(old) else Decision.SKIPPED
         if _same(old, new):

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring
 from typing import Any
 
+from orjson import loads as _fast_loads
+
 from fillgate.errors import UsageError
 
 
@@ -144,9 +146,28 @@ _CHANGE_PARTS = ('{"kind":"change","key":', ',"column":', ',"old":', ',"new":')
 
 def scan_change_line(line: str) -> tuple[Any, ...] | None:
     """A plan's change line as ``PlanWriter.change`` writes it, ``{"kind":"change","key":K,
-    "column":C,"old":O,"new":N}``, decoded in one scan: ``(key, column, old, new, key_text,
-    old_text, new_text)``, each text exactly as the line holds it (what the audit log stores:
-    nothing is encoded again). None for any other line (decode it with ``loads``)."""
+    "column":C,"old":O,"new":N}``, decoded: ``(key, column, old, new, key_text, old_text,
+    new_text)``, the texts as fillgate writes them (what the audit log stores). None for any
+    other line (decode it with ``loads``).
+
+    A line of plain JSON (no tagged value) is decoded by orjson, about a microsecond less per
+    line than Python's scanner, and its texts encoded again: ``dumps`` and ``encode_key`` give
+    back the text the line holds for every value JSON carries as such (the plan wrote them).
+    A tagged value, an integer past 64 bits or a lone surrogate (which orjson refuses) takes
+    the scanner, which keeps each text exactly as the line holds it."""
+    if '"$' not in line and line.startswith(_CHANGE_PARTS[0]):
+        try:
+            record = _fast_loads(line)
+        except ValueError:  # orjson.JSONDecodeError
+            record = None
+        if type(record) is dict and len(record) == 5:
+            key, column = record.get("key"), record.get("column")
+            if type(key) is list and key and type(column) is str and "old" in record and "new" in record:
+                old, new = record["old"], record["new"]
+                # dumps(), inlined for the commonest values: this runs once per planned change
+                old_text = "null" if old is None else encode_basestring(old) if type(old) is str else dumps(old)
+                new_text = "null" if new is None else encode_basestring(new) if type(new) is str else dumps(new)
+                return tuple(key), column, old, new, encode_key(key), old_text, new_text
     decoder = _decoder if '"$' in line else _plain_decoder
     scan = decoder.scan_once  # type: ignore[attr-defined]  # set by JSONDecoder.__init__
     out: list[Any] = []

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from functools import cache
 from itertools import chain
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import IO, Any, get_type_hints
 
@@ -169,8 +170,11 @@ class PlanWriter:
     def change(self, key: tuple[Any, ...], column: str, old: Any, new: Any) -> None:
         # the hot path of a plan: the line is put together directly (same JSON as _write)
         pending = self._pending
-        key_text, old_text, new_text = encode_key(key), dumps(old), dumps(new)
-        pending.append(f'{{"kind":"change","key":{key_text},"column":{dumps(column)},'
+        # encode_key() and dumps(), inlined for the commonest keys and values
+        key_text = "[" + dumps(key[0]) + "]" if len(key) == 1 else encode_key(key)
+        old_text = "null" if old is None else encode_basestring(old) if type(old) is str else dumps(old)
+        new_text = "null" if new is None else encode_basestring(new) if type(new) is str else dumps(new)
+        pending.append(f'{{"kind":"change","key":{key_text},"column":{encode_basestring(column)},'
                        f'"old":{old_text},"new":{new_text}}}\n')
         self.lines += 1
         self.changes += 1

@@ -4,11 +4,13 @@ tables; the plan is recorded as a run, with the SHA-256 of its plan (saved or no
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -326,17 +328,17 @@ class _Planner:
         columns cannot hold exactly. None and Failed values are left as they are."""
         out: list[Any] = list(proposals)
         for column in self.checker.types:
-            present = [(i, v) for i, p in enumerate(proposals) if (v := p.get(column)) is not None]
-            if not present:
+            values = [p.get(column) for p in proposals]
+            positions: Sequence[int] = range(len(values))  # the common case: every proposal sets the column
+            if any(map(operator.is_, values, repeat(None))) or any(map(isinstance, values, repeat(Failed))):
+                positions = [i for i, v in enumerate(values) if v is not None and not isinstance(v, Failed)]
+                values = [values[i] for i in positions]
+            if not values:
                 continue
-            values = [v for _, v in present]
-            if any(isinstance(v, Failed) for v in values):
-                present = [(i, v) for i, v in present if not isinstance(v, Failed)]
-                values = [v for _, v in present]
             forms = self.checker.storage_forms(column, values)
             if forms is values:  # every value is its own storage form
                 continue
-            for (i, value), form in zip(present, forms, strict=True):
+            for i, value, form in zip(positions, values, forms, strict=True):
                 if form is value:
                     continue
                 current = out[i]

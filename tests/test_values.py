@@ -353,3 +353,15 @@ def test_a_policy_description_reads_as_the_cli_shows_values() -> None:
     assert format_policy(Promote(unknown=[decimal.Decimal("1.5"), "n/a", "42"]).describe()) == (
         "promote (unknown: '42', 1.5, n/a)")
     assert format_policy(FillMissing().describe()) == "fill_missing"
+
+
+def test_a_change_line_with_an_integer_past_64_bits_keeps_it_exact() -> None:
+    """orjson reads -9223372036854775809 as a float: such a line is read by the scanner."""
+    from fillgate.values import scan_change_line
+
+    for number in (-(2**63) - 1, 2**64, 10**30):
+        line = f'{{"kind":"change","key":[{number}],"column":"c","old":null,"new":{number}}}\n'
+        key, column, old, new, key_text, old_text, new_text = scan_change_line(line)  # type: ignore[misc]
+        assert (key, column, old, new) == ((number,), "c", None, number)
+        assert (key_text, old_text, new_text) == (f"[{number}]", "null", str(number))
+        assert type(key[0]) is int and type(new) is int

@@ -151,10 +151,11 @@ def scan_change_line(line: str) -> tuple[Any, ...] | None:
     other line (decode it with ``loads``).
 
     A line of plain JSON (no tagged value) is decoded by orjson, about a microsecond less per
-    line than Python's scanner, and its texts encoded again: ``dumps`` and ``encode_key`` give
-    back the text the line holds for every value JSON carries as such (the plan wrote them).
-    A tagged value, an integer past 64 bits or a lone surrogate (which orjson refuses) takes
-    the scanner, which keeps each text exactly as the line holds it."""
+    line than Python's scanner, and its texts encoded again; they are used only if together
+    they make up the very line (as they do for every line ``PlanWriter.change`` wrote of values
+    JSON carries exactly). Anything else (a tagged value, an integer past 64 bits, which orjson
+    reads as a float, a lone surrogate, which it refuses) takes the scanner, which keeps each
+    text exactly as the line holds it."""
     if '"$' not in line and line.startswith(_CHANGE_PARTS[0]):
         try:
             record = _fast_loads(line)
@@ -167,7 +168,12 @@ def scan_change_line(line: str) -> tuple[Any, ...] | None:
                 # dumps(), inlined for the commonest values: this runs once per planned change
                 old_text = "null" if old is None else encode_basestring(old) if type(old) is str else dumps(old)
                 new_text = "null" if new is None else encode_basestring(new) if type(new) is str else dumps(new)
-                return tuple(key), column, old, new, encode_key(key), old_text, new_text
+                key_text = encode_key(key)
+                # taken only if the texts make up the very line (orjson reads an integer past 64
+                # bits as a float, for one): anything else is read by the scanner
+                if line == (f'{_CHANGE_PARTS[0]}{key_text}{_CHANGE_PARTS[1]}{encode_basestring(column)}'
+                            f'{_CHANGE_PARTS[2]}{old_text}{_CHANGE_PARTS[3]}{new_text}}}\n'):
+                    return tuple(key), column, old, new, key_text, old_text, new_text
     decoder = _decoder if '"$' in line else _plain_decoder
     scan = decoder.scan_once  # type: ignore[attr-defined]  # set by JSONDecoder.__init__
     out: list[Any] = []

@@ -52,6 +52,7 @@ TABLE_DDL = (
     "CREATE TABLE people (id INTEGER NOT NULL PRIMARY KEY, name VARCHAR(100) NOT NULL, email VARCHAR(200))"
 )
 HISTORY_TARGET_MS = 50
+HISTORY_INDEXES = 100_000  # fillgate.ledger.store.HISTORY_INDEXES (not imported: the parent imports no fillgate)
 FLAT_TOLERANCE = 0.10  # "flat" memory: peak RSS grows by at most 10% from the smallest to the largest N
 
 
@@ -683,6 +684,12 @@ def child_history(spec: dict[str, Any]) -> dict[str, Any]:
     entries = ledger.history("people", [f"[{keys[0]}]"], index=False)
     unindexed_ms = (time.perf_counter() - t0) * 1000
     check(len(entries) == spec["runs"], f"history of {keys[0]} before indexing: {len(entries)} changes")
+    t0 = time.perf_counter()
+    ledger.history("people", [f"[{keys[0]}]"])  # indexes up to HISTORY_INDEXES changes on the way
+    bounded_ms = (time.perf_counter() - t0) * 1000
+    t0 = time.perf_counter()
+    ledger.index_audit()  # the rest of the catch-up, as the history calls that follow would do it
+    catch_up_s = time.perf_counter() - t0
     times = []
     for key in keys:
         t0 = time.perf_counter()
@@ -692,7 +699,8 @@ def child_history(spec: dict[str, Any]) -> dict[str, Any]:
         check(len(entries) == spec["runs"], f"history of {key}: {len(entries)} changes, expected {spec['runs']}")
         check(entries[-1]["new_value"] == json.dumps(f"v{spec['runs']}-{key}"), f"history of {key}: wrong value")
     return {"first_ms": times[0] * 1000, "median_ms": statistics.median(times[1:]) * 1000,
-            "max_ms": max(times[1:]) * 1000, "unindexed_ms": unindexed_ms}
+            "max_ms": max(times[1:]) * 1000, "unindexed_ms": unindexed_ms, "bounded_ms": bounded_ms,
+            "catch_up_s": catch_up_s}
 
 
 def measure_history(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -1035,7 +1043,9 @@ def main(argv: list[str] | None = None) -> int:
               f"runs x {history['rows']:,} rows, {history['ledger_mib']:.0f} MiB, built in "
               f"{history['build_seconds']:.0f}s), the last run of {history['rows']:,} changes not in the row "
               f"index yet: history reading that run directly (no index writes) {history['unindexed_ms']:.1f} ms; "
-              f"first call (brings the row index up to date) {history['first_ms']:.1f} ms; then median of 20 "
+              f"a history call indexing {HISTORY_INDEXES:,} of those changes on the way "
+              f"{history['bounded_ms']:.1f} ms; the rest of the catch-up {history['catch_up_s']:.1f} s; then, "
+              f"every batch indexed: first call {history['first_ms']:.1f} ms, median of 20 "
               f"{history['median_ms']:.1f} ms, max {history['max_ms']:.1f} ms")
         print(f"history < {HISTORY_TARGET_MS} ms: {'PASS' if met else 'FAIL'}")
     print(f"\n{load()} (at end); wall time {time.perf_counter() - started:.1f}s")

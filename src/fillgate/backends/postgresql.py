@@ -161,8 +161,12 @@ class PostgreSQLBackend(Backend):
             bind = binders.get(name)
             return value if bind is None else bind(value)
 
-        params = [[bound(k, c.key[i]) for c in group] for i, k in enumerate(sql.key)]
-        params += [[bound(column, c.new) for c in group], [bound(column, c.old) for c in group]]
+        if binders:
+            params = [[bound(k, c.key[i]) for c in group] for i, k in enumerate(sql.key)]
+            params += [[bound(column, c.new) for c in group], [bound(column, c.old) for c in group]]
+        else:  # the common case: every value is bound as it is
+            params = [[c.key[i] for c in group] for i in range(len(sql.key))]
+            params += [[c.new for c in group], [c.old for c in group]]
         stored: list[Any] = [None] * len(group)
         returned = conn.exec_driver_sql(statement, tuple(params)).all()
         for n, value in returned:

@@ -52,7 +52,7 @@ TABLE_DDL = (
     "CREATE TABLE people (id INTEGER NOT NULL PRIMARY KEY, name VARCHAR(100) NOT NULL, email VARCHAR(200))"
 )
 HISTORY_TARGET_MS = 50
-HISTORY_INDEXES = 100_000  # fillgate.ledger.store.HISTORY_INDEXES (not imported: the parent imports no fillgate)
+HISTORY_INDEXES = 20_000  # fillgate.ledger.store.HISTORY_INDEXES (not imported: the parent imports no fillgate)
 FLAT_TOLERANCE = 0.10  # "flat" memory: peak RSS grows by at most 10% from the smallest to the largest N
 
 

@@ -257,8 +257,7 @@ def _load_list(text: Any) -> list[Any]:
 def key_hash(table: str, row_key: str) -> int:
     """A row's entry in ``fillgate_audit_keys``: the first 8 bytes of SHA-256 over the table's
     name, a NUL and the row key's JSON text, as a signed 64-bit integer."""
-    digest = hashlib.sha256(f"{table}\0{row_key}".encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return key_hashes(table, [row_key])[0]
 
 
 HISTORY_INDEXES = 20_000  # changes a history call adds to the row index, at most (see Ledger.history)
@@ -286,7 +285,7 @@ def _row_keys(changes: str) -> set[str]:
 
 
 def key_hashes(table: str, row_keys: Iterable[str]) -> list[int]:
-    """``key_hash`` of many keys of one table."""
+    """``key_hash`` of many keys of one table (the table's part of the hash is taken once)."""
     prefix = hashlib.sha256(f"{table}\0".encode("utf-8", "surrogatepass"))
     out = []
     for key in row_keys:

@@ -105,7 +105,7 @@ class AuditChain:
 
     def extend(
         self, run_id: str, table: str, source: str, when: dt.datetime,
-        items: Sequence[tuple[str, str, str, str, str]],
+        items: Sequence[Sequence[str]],
     ) -> tuple[AuditChain, list[tuple[int, str]]]:
         """Chain one batch of audit rows ``(row_key, column, op, old, new)``: the chain after
         them, and each row's ``(seq, chain_sha256)``."""
@@ -122,21 +122,10 @@ class AuditChain:
             out.append((seq, previous))
         return AuditChain(seq, previous, self.version), out
 
-
-
     def follow(
         self, run_id: str, table: str, source: str, when: dt.datetime,
         items: Sequence[Sequence[str]],
     ) -> AuditChain:
         """The chain after one batch of audit rows ``(row_key, column, op, old, new)`` (what
         :meth:`extend` returns first, without each row's value)."""
-        head = _fields(run_id, table, source, canonical_time(when))  # the same for the whole batch
-        sha256 = hashlib.sha256
-        previous, seq = self.sha256, self.rows
-        for key, column, op, old, new in items:
-            seq += 1
-            n = str(seq)
-            text = (f"{previous}{head}{len(n)}:{n}{len(key)}:{key}{len(column)}:{column}{len(op)}:{op}"
-                    f"{len(old)}:{old}{len(new)}:{new}")  # link(), inlined: this runs once per audit row
-            previous = sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        return AuditChain(seq, previous, self.version)
+        return self.extend(run_id, table, source, when, items)[0]

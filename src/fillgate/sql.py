@@ -247,14 +247,7 @@ def keyset_pages(
     Every row of the source comes exactly once, or a KeyNotUniqueError says which key the
     source returns more than once (or which keys the database compares as equal)."""
     first, later = _keyset_statements(conn.dialect, source, key, page_size)
-    wanted = set(first._bindparams)
-    base = {k: v for k, v in (params or {}).items() if k in wanted}
-    unbound = wanted - set(base)
-    if unbound:
-        raise JobError(
-            f"the job's source uses :{', :'.join(sorted(unbound))} but the job has no such "
-            "parameter(s); declare them in params."
-        )
+    base = _bound_params(source, params)
     stmt, bind = first, base
     last_key: tuple[Any, ...] | None = None
     while True:

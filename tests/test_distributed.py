@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import fillgate.partitions as partitions_module
 from fillgate import Target
-from fillgate.distributed import Cluster, apply_distributed, plan_distributed, resume_distributed
+from fillgate.distributed import Cluster, InProcess, apply_distributed, plan_distributed, resume_distributed
 from fillgate.errors import GateExceededError, PartitionFailedError, PlanFileError
 from fillgate.limits import Limits
 from fillgate.loader import load_job
@@ -297,28 +297,16 @@ def test_every_worker_checks_the_stamp_and_the_protection(db: TestDB, tmp_path: 
     assert db.rows("SELECT id, email, score FROM accounts ORDER BY id") == before
 
 
-class _PauseFirst:
+class _PauseFirst(InProcess):
     """An executor that asks the run to pause before running anything (nothing is applied)."""
 
-    remote = False
-
     def submit(self, fn: Any, *args: Any) -> Any:
-        from fillgate.distributed import InProcess
         from fillgate.ledger import Ledger
         from fillgate.stamp import connect as reach
 
         target, run_id = args[0], args[1]
         Ledger(reach(target).engine).update_run(run_id, control="pause")
-        return InProcess().submit(fn, *args)
-
-    def wait(self, pending: list[Any], timeout: float) -> tuple[list[Any], list[Any]]:
-        return list(pending), []
-
-    def outcome(self, handle: Any) -> tuple[Any, BaseException | None]:
-        return handle.value, handle.error
-
-    def close(self) -> None:
-        pass
+        return super().submit(fn, *args)
 
 
 def test_the_target_guard_holds_in_every_partition(db: TestDB, tmp_path: Path) -> None:

@@ -34,6 +34,17 @@ def test_the_row_keys_read_off_a_batch_are_its_entries_keys(keys: list[list[obje
         int.from_bytes(hashlib.sha256(f"t\0{k}".encode()).digest()[:8], "big", signed=True) for k in keys_read]
 
 
+def _applied(db: TestDB, cli: CliRunner, jobs_file: Path, people: int, *options: str) -> tuple[Path, str]:
+    """``people`` people (every other one without email), the ledger, and FillEmail run on them:
+    the config and the apply run's id."""
+    db.create_people(people)
+    cfg = db.config()
+    assert run_cli(cli, cfg, "init").exit_code == 0
+    done = run_cli(cli, cfg, "run", f"{jobs_file}:FillEmail", "--json", *options)
+    assert done.exit_code == 0, done.output
+    return cfg, str(json.loads(done.stdout)["run_id"])
+
+
 def _history(cli: CliRunner, cfg: Path, key: str) -> list[tuple[str, str]]:
     done = run_cli(cli, cfg, "history", "people", key, "--json")
     assert done.exit_code == 0, done.output
@@ -43,12 +54,7 @@ def _history(cli: CliRunner, cfg: Path, key: str) -> list[tuple[str, str]]:
 def test_an_apply_leaves_the_index_to_history_which_is_right_before_and_after(
     db: TestDB, cli: CliRunner, jobs_file: Path
 ) -> None:
-    db.create_people(10)
-    cfg = db.config()
-    assert run_cli(cli, cfg, "init").exit_code == 0
-    done = run_cli(cli, cfg, "run", f"{jobs_file}:FillEmail", "--batch-size", "2", "--json")
-    assert done.exit_code == 0, done.output
-    run_id = json.loads(done.stdout)["run_id"]
+    cfg, run_id = _applied(db, cli, jobs_file, 10, "--batch-size", "2")
     batches = db.scalar("SELECT count(*) FROM fillgate_audit_batches")
     assert batches == 3  # the 5 people without an email, 2 per batch
     assert db.scalar("SELECT count(*) FROM fillgate_audit_keys") == 0
@@ -76,10 +82,7 @@ def test_an_apply_leaves_the_index_to_history_which_is_right_before_and_after(
 def test_indexing_a_batch_twice_and_in_small_steps_changes_nothing(
     db: TestDB, cli: CliRunner, jobs_file: Path
 ) -> None:
-    db.create_people(12)
-    cfg = db.config()
-    assert run_cli(cli, cfg, "init").exit_code == 0
-    assert run_cli(cli, cfg, "run", f"{jobs_file}:FillEmail", "--batch-size", "2").exit_code == 0
+    _applied(db, cli, jobs_file, 12, "--batch-size", "2")
     ledger = Ledger(db.engine)
     assert ledger.index_audit(max_changes=1, rounds=1) == 1  # one batch per transaction, one round
     assert ledger.index_audit(max_changes=1) == 2
@@ -96,10 +99,7 @@ def test_history_on_a_ledger_it_cannot_write_reads_the_batches_directly(
     sqlite_db: TestDB, cli: CliRunner, jobs_file: Path
 ) -> None:
     db = sqlite_db
-    db.create_people(6)
-    cfg = db.config()
-    assert run_cli(cli, cfg, "init").exit_code == 0
-    assert run_cli(cli, cfg, "run", f"{jobs_file}:FillEmail").exit_code == 0
+    _applied(db, cli, jobs_file, 6)
     path = db.engine.url.database
     read_only = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
     entries = Ledger(read_only).history("people", [encode_key([5])])
@@ -109,10 +109,7 @@ def test_history_on_a_ledger_it_cannot_write_reads_the_batches_directly(
 
 
 def test_going_down_to_0007_indexes_what_is_not_indexed_yet(db: TestDB, cli: CliRunner, jobs_file: Path) -> None:
-    db.create_people(8)
-    cfg = db.config()
-    assert run_cli(cli, cfg, "init").exit_code == 0
-    assert run_cli(cli, cfg, "run", f"{jobs_file}:FillEmail", "--batch-size", "3").exit_code == 0
+    cfg, _ = _applied(db, cli, jobs_file, 8, "--batch-size", "3")
     ledger = Ledger(db.engine)
     ledger.index_audit(max_changes=1, rounds=1)  # one batch indexed, one not
     with db.engine.begin() as conn:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from sqlalchemy import case, func, insert, inspect, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.elements import ColumnElement
 from ulid import ULID
 
 from fillgate.backends import backend_for
@@ -263,6 +264,12 @@ def key_hash(table: str, row_key: str) -> int:
 HISTORY_INDEXES = 20_000  # changes a history call adds to the row index, at most (see Ledger.history)
 _DECODER = json.JSONDecoder()
 _ENTRY_START = '["['  # where an entry begins: a row key's JSON text always starts with "["
+
+
+def _not_indexed() -> ColumnElement[bool]:
+    """The audit batches the row index does not cover yet."""
+    return ~select(schema.audit_indexed.c.batch_id).where(
+        schema.audit_indexed.c.batch_id == schema.audit_batches.c.id).exists()
 
 
 def _entry_needle(key: str) -> str:
@@ -646,33 +653,30 @@ class Ledger:
         many batches at a time, each page is written once. Safe to run from several sessions
         at once (an entry or a batch indexed twice is skipped), and a failed or interrupted
         catch-up loses nothing: history reads the batches not covered directly."""
-        b, i = schema.audit_batches.c, schema.audit_indexed.c
+        b = schema.audit_batches.c
         done = 0
         while rounds is None or rounds > 0:
             rounds = None if rounds is None else rounds - 1
-            with self.engine.connect() as conn:  # read first: nothing to do takes no write lock
-                todo = conn.execute(
-                    select(b.id, b.n_changes)
-                    .where(~select(i.batch_id).where(i.batch_id == b.id).exists())
-                    .order_by(b.id).limit(1000)
-                ).all()
-            if not todo:
-                return done
-            ids: list[int] = []
-            total = 0
-            for batch_id, n in todo:
-                if ids and total + n > max_changes:
-                    break
-                ids.append(batch_id)
-                total += n
-            with write_transaction(self.engine) as conn:
+            # read and hash outside the write transaction (on SQLite another writer, an apply's
+            # batch, waits only for the inserts): the batches are append-only
+            with self.engine.connect() as conn:
+                todo = conn.execute(select(b.id, b.n_changes).where(_not_indexed()).order_by(b.id).limit(1000)).all()
+                ids: list[int] = []
+                total = 0
+                for batch_id, n in todo:
+                    if ids and total + n > max_changes:
+                        break
+                    ids.append(batch_id)
+                    total += n
+                if not ids:
+                    return done
                 entries: list[tuple[int, int]] = []
-                for batch_id, table, changes in conn.execute(
-                    select(b.id, b.table_name, b.changes).where(b.id.in_(ids))
-                ):
+                batches = conn.execute(select(b.id, b.table_name, b.changes).where(b.id.in_(ids)))
+                for batch_id, table, changes in batches:
                     entries.extend((h, batch_id) for h in key_hashes(table, _row_keys(changes)))
-                if entries:  # in the index's order: each page of it is written once
-                    entries.sort(key=itemgetter(0))
+            entries.sort(key=itemgetter(0))  # in the index's order: each page of it is written once
+            with write_transaction(self.engine) as conn:
+                if entries:
                     self.backend.append_new_rows(conn, "fillgate_audit_keys", ("key_hash", "batch_id"), entries)
                 self.backend.append_new_rows(conn, "fillgate_audit_indexed", ("batch_id",), [(x,) for x in ids])
             done += len(ids)
@@ -729,14 +733,12 @@ class Ledger:
         keys = list(dict.fromkeys(row_keys))
         if index:
             self._try_index_audit()
-        b, k, r, i = schema.audit_batches.c, schema.audit_keys.c, schema.runs.c, schema.audit_indexed.c
+        b, k, r = schema.audit_batches.c, schema.audit_keys.c, schema.runs.c
         hashes = sorted({key_hash(table, key) for key in keys})
         needles = [_entry_needle(key) for key in keys]
         with self.engine.connect() as conn:
             batch_ids = set(conn.execute(select(k.batch_id).where(k.key_hash.in_(hashes))).scalars())
-            unindexed = list(conn.execute(select(b.id).where(
-                b.table_name == table, ~select(i.batch_id).where(i.batch_id == b.id).exists(),
-            )).scalars())
+            unindexed = list(conn.execute(select(b.id).where(b.table_name == table, _not_indexed())).scalars())
             for chunk in range(0, len(unindexed), 500):  # of those, the batches whose text holds the key
                 batch_ids.update(conn.execute(select(b.id).where(
                     b.id.in_(unindexed[chunk:chunk + 500]),

@@ -277,22 +277,12 @@ def test_critical_load_pauses_the_run_at_a_batch_boundary(db: TestDB) -> None:
         pytest.skip("a server's load")
     conn, job = setup(db, 50)
     planned = make_plan(conn, job, out=db.tmp_path / "p.plan")
-    stack: list[Any] = []
-
-    def load_up() -> None:
-        cm = busy_sessions(db, 3.0)
-        cm.__enter__()
-        stack.append(cm)
-
+    load = contextlib.ExitStack()  # busy sessions from the end of the first batch on
     monitor, stream = events_monitor()
-    monitor.progress = AfterFirstBatch(load_up)
+    monitor.progress = AfterFirstBatch(lambda: load.enter_context(busy_sessions(db, 3.0)))
     limits = Limits.for_target(conn, critical_load=SLEEPERS - 4, batch_size=10)
-    try:
-        with pytest.raises(CriticalLoadError, match="--critical-load 8") as raised:
-            apply_plan(conn, planned.path, limits, monitor)
-    finally:
-        for cm in stack:
-            cm.__exit__(None, None, None)
+    with load, pytest.raises(CriticalLoadError, match="--critical-load 8") as raised:
+        apply_plan(conn, planned.path, limits, monitor)
     assert raised.value.exit_code == 3 and "Nothing more was written" in str(raised.value)
     (run_id,) = [r[0] for r in db.rows("SELECT run_id FROM fillgate_runs WHERE kind = 'apply'")]
     status, checkpoint, message = db.rows("SELECT status, checkpoint, message FROM fillgate_runs WHERE run_id = :r",
@@ -327,21 +317,12 @@ def test_max_load_holds_the_run_while_the_server_is_busy(db: TestDB) -> None:
         pytest.skip("a server's load")
     conn, job = setup(db, 30)
     planned = make_plan(conn, job, out=db.tmp_path / "p.plan")
-    stack: list[Any] = []
-
-    def load_up() -> None:
-        cm = busy_sessions(db, 2.0)
-        cm.__enter__()
-        stack.append(cm)
-
+    load = contextlib.ExitStack()  # busy sessions from the end of the first batch on
     monitor, stream = events_monitor()
-    monitor.progress = AfterFirstBatch(load_up)
+    monitor.progress = AfterFirstBatch(lambda: load.enter_context(busy_sessions(db, 2.0)))
     limits = Limits.for_target(conn, max_load=SLEEPERS - 4, batch_size=10)
-    try:
+    with load:  # the sessions end when the apply does
         applied = apply_plan(conn, planned.path, limits, monitor)
-    finally:
-        for cm in stack:
-            cm.__exit__(None, None, None)
     assert applied.run.status == "succeeded"
     assert_applied_exactly_once(db, applied.run.run_id, 30)
     held = events_of(stream, "run_held")

@@ -279,6 +279,23 @@ def load_module(path: Path, name: str, *, shared: bool = False) -> ModuleType:
     return module
 
 
+def second_database(db: TestDB, suffix: str) -> str:
+    """The URL of an empty second database beside ``db``: on a server, ``<db's name>_<suffix>``
+    (dropped at the end of the session with the rest of this worker's databases); on SQLite,
+    the file ``<suffix>.db`` in the test's folder."""
+    if db.backend == "sqlite":
+        return f"sqlite:///{db.tmp_path / f'{suffix}.db'}"
+    url = sa.make_url(parse_url(db.url, "test"))
+    name = f"{url.database}_{suffix}"
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        quoted = f'"{name}"' if db.backend == "postgresql" else f"`{name}`"
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted}")
+        conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
+    admin.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
 def fillgate_subprocess(args: Sequence[str], cwd: Path, **kwargs: Any) -> subprocess.Popen[str]:
     """Start ``fillgate ARGS`` in a separate process (for kill -9 and concurrency tests)."""
     env = {**os.environ, "PYTHONPATH": str(SRC)}

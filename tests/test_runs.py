@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from fillgate import connect, init_target
@@ -21,7 +20,7 @@ from fillgate.config import Target, parse_url
 from fillgate.errors import LockHeldError
 from fillgate.ledger import ApplyLock
 
-from conftest import TestDB, fillgate_subprocess, run_cli
+from conftest import TestDB, fillgate_subprocess, run_cli, second_database
 
 SLOW = ("--batch-size", "5", "--pause-between-batches", "50")
 
@@ -431,29 +430,11 @@ def test_revert_dry_run_writes_nothing_and_reports_conflicts(db: TestDB, cli: Cl
 # --- the apply lock ---------------------------------------------------------------------
 
 
-def _second_database(db: TestDB) -> str:
-    """An empty second database on the same server as ``db``."""
-    if db.backend == "sqlite":
-        return f"sqlite:///{db.tmp_path / 'other.db'}"
-    url = sa.make_url(parse_url(db.url, "test"))
-    name = f"{url.database}_b"
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        if db.backend == "postgresql":
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        else:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
-            conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
-    admin.dispose()
-    return url.set(database=name).render_as_string(hide_password=False)
-
-
 def test_apply_lock_is_per_database(db: TestDB) -> None:
     """One apply per (job, target): the same job may run on another database of the same
     server (GET_LOCK names are server-wide on MariaDB), but not twice on one database."""
     here = db.target()
-    there = Target("other", parse_url(_second_database(db), "test"), "other")
+    there = Target("other", parse_url(second_database(db, "b"), "test"), "other")
     init_target(here)
     init_target(there)
     held = ApplyLock(connect(here).engine, "apply:jobs:FillEmail", "R1", "me").acquire()

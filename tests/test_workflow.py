@@ -24,7 +24,7 @@ from fillgate.canary import canary_positions
 from fillgate.config import parse_url
 from fillgate.database import dispose_all
 
-from conftest import TestDB, current_apply, fillgate_subprocess, kill_when, run_cli
+from conftest import TestDB, current_apply, fillgate_subprocess, kill_when, run_cli, second_database
 
 N = 20  # people; every second one lacks an email, so FillEmail plans 10 changes
 LEDGER_TABLES = ("fillgate_runs", "fillgate_changes", "fillgate_errors", "fillgate_batches", "fillgate_actions",
@@ -51,27 +51,12 @@ class FillEmailChecked(Job):
 '''
 
 
-def _live_database(db: TestDB) -> str:
-    """An empty second database beside ``db`` (the live one)."""
-    if db.backend == "sqlite":
-        return f"sqlite:///{db.tmp_path / 'live.db'}"
-    url = sa.make_url(parse_url(db.url, "test"))
-    name = f"{url.database}_live"
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        quoted = f'"{name}"' if db.backend == "postgresql" else f"`{name}`"
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quoted}")
-        conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
-    admin.dispose()
-    return url.set(database=name).render_as_string(hide_password=False)
-
-
 class World:
     """Staging (the test database) and live (a second one), both with ``people``."""
 
     def __init__(self, db: TestDB, cli: CliRunner, live: dict[str, Any]) -> None:
         self.db, self.cli = db, cli
-        self.live_url = _live_database(db)
+        self.live_url = second_database(db, "live")
         self.live = TestDB(db.backend, self.live_url, sa.create_engine(parse_url(self.live_url, "test")),
                            db.tmp_path)
         for side in (db, self.live):

@@ -296,6 +296,19 @@ def second_database(db: TestDB, suffix: str) -> str:
     return url.set(database=name).render_as_string(hide_password=False)
 
 
+def dashboard_client(cfg: Path, tmp_path: Path, **settings: Any) -> tuple[Any, Any]:
+    """The dashboard of ``cfg`` behind Starlette's TestClient, and its data layer (``Dashboard``),
+    with its plan-index cache in ``tmp_path``; ``settings``: more ``Settings`` fields."""
+    from starlette.testclient import TestClient
+
+    from fillgate.web.app import Settings, create_app
+    from fillgate.web.data import Dashboard
+
+    board = Dashboard(cfg, None, tmp_path / "cache")
+    app = create_app(Settings(cfg, None, tmp_path / "cache", **settings), board)
+    return TestClient(app, base_url="http://127.0.0.1"), board
+
+
 def fillgate_subprocess(args: Sequence[str], cwd: Path, **kwargs: Any) -> subprocess.Popen[str]:
     """Start ``fillgate ARGS`` in a separate process (for kill -9 and concurrency tests)."""
     env = {**os.environ, "PYTHONPATH": str(SRC)}

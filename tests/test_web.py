@@ -23,19 +23,11 @@ from typer.testing import CliRunner
 
 from fillgate import Limits, apply_plan, connect, init_target, load_job, make_plan
 from fillgate.ledger import Run, new_run_id, utcnow
-from fillgate.web.app import Settings, create_app
-from fillgate.web.data import Dashboard
 
-from conftest import JOBS, TestDB, run_cli
+from conftest import JOBS, TestDB, dashboard_client, run_cli
 
 SCRIPT = "<script>alert(1)</script>"
 CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
-
-
-def _client(cfg: Path, tmp_path: Path, **settings: Any) -> tuple[TestClient, Dashboard]:
-    board = Dashboard(cfg, None, tmp_path / "cache")
-    app = create_app(Settings(cfg, None, tmp_path / "cache", **settings), board)
-    return TestClient(app, base_url="http://127.0.0.1"), board
 
 
 def _csrf(client: TestClient, url: str) -> str:
@@ -75,7 +67,7 @@ def sqlite_world(sqlite_db: TestDB, cli: CliRunner, jobs_file: Path) -> dict[str
 
 
 def test_pages_show_runs_with_full_ids_and_escape_values(world: dict[str, Any], tmp_path: Path) -> None:
-    client, board = _client(world["cfg"], tmp_path)
+    client, board = dashboard_client(world["cfg"], tmp_path)
     apply_id = world["apply"]["run_id"]
     runs = client.get("/t/staging/runs")
     assert runs.status_code == 200
@@ -100,7 +92,7 @@ def test_pages_show_runs_with_full_ids_and_escape_values(world: dict[str, Any], 
 
 
 def test_plan_review_filters_pages_and_finds_keys(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
-    client, board = _client(sqlite_world["cfg"], tmp_path)
+    client, board = dashboard_client(sqlite_world["cfg"], tmp_path)
     run_id = sqlite_world["kinds"]["run_id"]
     assert "Checking the plan file" in client.get(f"/t/staging/plans/{run_id}").text
     board.plans.wait()
@@ -119,7 +111,7 @@ def test_plan_review_filters_pages_and_finds_keys(sqlite_world: dict[str, Any], 
 
 
 def test_a_damaged_plan_file_is_refused(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
-    client, board = _client(sqlite_world["cfg"], tmp_path)
+    client, board = dashboard_client(sqlite_world["cfg"], tmp_path)
     path = sqlite_world["db"].tmp_path / "kind.plan"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-1]))  # truncated
@@ -133,7 +125,7 @@ def test_a_damaged_plan_file_is_refused(sqlite_world: dict[str, Any], tmp_path: 
 
 
 def test_token_required_off_loopback(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
-    client, _ = _client(sqlite_world["cfg"], tmp_path, token="s3cret-token", loopback=False)
+    client, _ = dashboard_client(sqlite_world["cfg"], tmp_path, token="s3cret-token", loopback=False)
     for url in ("/", "/t/staging/runs", "/metrics"):
         denied = client.get(url)
         assert denied.status_code == 401, url
@@ -147,7 +139,7 @@ def test_token_required_off_loopback(sqlite_world: dict[str, Any], tmp_path: Pat
 
 
 def test_foreign_host_refused_on_loopback(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
-    client, _ = _client(sqlite_world["cfg"], tmp_path)
+    client, _ = dashboard_client(sqlite_world["cfg"], tmp_path)
     assert client.get("/", headers={"Host": "evil.example"}).status_code == 400
     assert client.get("/", headers={"Host": "localhost:8642"}).status_code == 200
 
@@ -155,7 +147,7 @@ def test_foreign_host_refused_on_loopback(sqlite_world: dict[str, Any], tmp_path
 def test_actions_need_csrf_and_read_only_refuses(sqlite_world: dict[str, Any], tmp_path: Path) -> None:
     db = sqlite_world["db"]
     apply_id = sqlite_world["apply"]["run_id"]
-    client, _ = _client(sqlite_world["cfg"], tmp_path)
+    client, _ = dashboard_client(sqlite_world["cfg"], tmp_path)
     page = f"/t/staging/runs/{apply_id}/revert"
     no_token = client.post(page, data={})
     assert no_token.status_code == 403 and "CSRF" in no_token.text
@@ -166,7 +158,7 @@ def test_actions_need_csrf_and_read_only_refuses(sqlite_world: dict[str, Any], t
     assert db.scalar("SELECT count(*) FROM fillgate_runs WHERE kind = 'revert'") == 0
     assert db.scalar("SELECT count(*) FROM people WHERE email IS NOT NULL") == 20
 
-    ro, _ = _client(sqlite_world["cfg"], tmp_path, read_only=True)
+    ro, _ = dashboard_client(sqlite_world["cfg"], tmp_path, read_only=True)
     run_page = ro.get(f"/t/staging/runs/{apply_id}")
     assert run_page.status_code == 200 and "Revert…" not in run_page.text and 'name="csrf"' not in run_page.text
     token = CSRF.search(client.get(page).text).group(1)  # type: ignore[union-attr]
@@ -185,7 +177,7 @@ def test_revert_on_a_protected_target_needs_the_environment_name(
     applied = run_cli(cli, cfg, "apply", "p.plan", "--confirm", "live", "--json")
     apply_id = json.loads(applied.stdout)["run_id"]
     assert db.scalar("SELECT count(*) FROM people WHERE email IS NULL") == 0
-    client, board = _client(cfg, tmp_path)
+    client, board = dashboard_client(cfg, tmp_path)
     url = f"/t/live/runs/{apply_id}/revert"
     preview = client.get(url)
     assert "5</strong> of 5 fields would be restored" in preview.text
@@ -222,7 +214,7 @@ def test_targets_show_refused_and_unreachable_without_passwords(
         "claims_live": {"url": db.url, "environment": "live"},
         "gone": {"url": "postgresql://app:hunter2-secret@127.0.0.1:1/nowhere"},
     }, name="many.toml")
-    client, _ = _client(cfg, tmp_path)
+    client, _ = dashboard_client(cfg, tmp_path)
     page = client.get("/")
     assert page.status_code == 200
     assert "hunter2-secret" not in page.text and "***" in page.text
@@ -238,7 +230,7 @@ def test_targets_show_refused_and_unreachable_without_passwords(
 
 
 def test_metrics(world: dict[str, Any], tmp_path: Path) -> None:
-    client, _ = _client(world["cfg"], tmp_path)
+    client, _ = dashboard_client(world["cfg"], tmp_path)
     text = client.get("/metrics").text
     job = next(r["job"] for r in [world["plan"]])
     assert f'fillgate_changes_applied_total{{job="{job}",target="staging"}} 10.0' in text
@@ -259,7 +251,7 @@ def test_runs_are_paged_and_filtered(sqlite_db: TestDB, cli: CliRunner, tmp_path
                   operator="me", status="planned" if i % 3 else "succeeded", job=f"job{i % 2}", created_at=utcnow())
         ledger.create_run(run)
         ids.append(run.run_id)
-    client, _ = _client(cfg, tmp_path)
+    client, _ = dashboard_client(cfg, tmp_path)
     first = client.get("/t/staging/runs")
     assert "Runs 1\N{EN DASH}50 of 121" in first.text and ids[-1] in first.text and ids[0] not in first.text
     last = client.get("/t/staging/runs", params={"page": "3"})
@@ -364,7 +356,7 @@ def test_resume_and_cancel_from_the_web(db: TestDB, cli: CliRunner, jobs_file: P
     paused = apply_plan(conn, planned.path, Limits(batch_size=5), PauseAfterFirst())
     run_id = paused.run.run_id
     assert db.rows("SELECT status, checkpoint FROM fillgate_runs WHERE run_id = :r", {"r": run_id}) == [("paused", 10)]
-    client, board = _client(cfg, tmp_path)
+    client, board = dashboard_client(cfg, tmp_path)
     page = client.get(f"/t/staging/runs/{run_id}")
     assert "Resume</button>" in page.text and "Pause</button>" not in page.text
     token = CSRF.search(page.text).group(1)  # type: ignore[union-attr]
@@ -397,7 +389,7 @@ def test_history_page_says_the_cli_usage_error(world: dict[str, Any], tmp_path: 
                                               asked: dict[str, str]) -> None:
     """A table, column or key that makes no sense gets the words of ``fillgate history`` (not
     "no recorded changes"), above the form that still holds what was typed."""
-    client, _ = _client(world["cfg"], tmp_path)
+    client, _ = dashboard_client(world["cfg"], tmp_path)
     page = client.get("/t/staging/history", params=asked)
     argv = ["history", asked["table"], asked["key"], *(["--column", asked["column"]] if "column" in asked else [])]
     said = run_cli(cli, world["cfg"], *argv, "--json")
@@ -413,7 +405,7 @@ def test_history_page_says_the_cli_usage_error(world: dict[str, Any], tmp_path: 
 def test_history_page_counts_every_change_and_shows_the_first(world: dict[str, Any], tmp_path: Path) -> None:
     from fillgate.web import data
 
-    client, board = _client(world["cfg"], tmp_path)
+    client, board = dashboard_client(world["cfg"], tmp_path)
     assert "1 change to people 3, oldest first" in client.get(
         "/t/staging/history", params={"table": "people", "key": "3"}).text
     db = world["db"]
@@ -450,7 +442,7 @@ def test_a_running_run_whose_process_is_gone_shows_as_interrupted_everywhere(
                status="running", job="x", parent_run_id=apply_id, host=socket.gethostname(), pid=_dead_pid(),
                created_at=utcnow(), heartbeat_at=utcnow())
     ledger.create_run(gone)
-    client, _ = _client(world["cfg"], tmp_path)
+    client, _ = dashboard_client(world["cfg"], tmp_path)
     interrupted = f'<span class="badge s-interrupted" title="its process (pid {gone.pid} on {gone.host}) is gone">'
     for url in ("/", "/t/staging/runs", f"/t/staging/runs/{gone.run_id}", f"/t/staging/runs/{apply_id}"):
         page = client.get(url)
@@ -485,7 +477,7 @@ def test_a_pipeline_run_is_reverted_stage_by_stage_last_first(db: TestDB, cli: C
     applies = [s["apply"]["run_id"] for s in json.loads(ran.stdout)["stages"]]
     assert len(applies) == 2 and db.rows("SELECT id, email, kind FROM people ORDER BY id") != before
 
-    client, board = _client(cfg, tmp_path)
+    client, board = dashboard_client(cfg, tmp_path)
     assert "Revert…" in client.get(f"/t/staging/runs/{pipeline_id}").text
     url = f"/t/staging/runs/{pipeline_id}/revert"
     preview = client.get(url)
@@ -511,7 +503,7 @@ def test_plan_page_refuses_a_long_key_unless_it_is_json(sqlite_world: dict[str, 
     """Each numeric part of a typed key doubles the encodings looked up: past 12 parts the key
     must be a JSON list (as for ``fillgate history``), so no request can make the server
     build millions of them."""
-    client, board = _client(sqlite_world["cfg"], tmp_path)
+    client, board = dashboard_client(sqlite_world["cfg"], tmp_path)
     run_id = sqlite_world["kinds"]["run_id"]
     client.get(f"/t/staging/plans/{run_id}")
     board.plans.wait()
@@ -558,7 +550,7 @@ def test_the_request_that_starts_a_revert_does_not_race_its_first_batch(sqlite_w
     from sqlalchemy import event
 
     db = sqlite_world["db"]
-    client, board = _client(sqlite_world["cfg"], tmp_path)
+    client, board = dashboard_client(sqlite_world["cfg"], tmp_path)
     held: list[str] = []
 
     def hold_the_first_update(dbapi_conn: Any, _record: Any) -> None:
@@ -593,7 +585,7 @@ def test_no_query_makes_a_page_fail(sqlite_world: dict[str, Any], tmp_path: Path
     from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
-    client, board = _client(sqlite_world["cfg"], tmp_path)
+    client, board = dashboard_client(sqlite_world["cfg"], tmp_path)
     plan_url = f"/t/staging/plans/{sqlite_world['kinds']['run_id']}"
     client.get(plan_url)
     board.plans.wait()
@@ -646,7 +638,7 @@ def test_a_target_whose_url_uses_an_unset_variable_is_unavailable_and_the_others
     assert started.exit_code == 0, started.output
     assert "serving staging, live" in started.stdout and served["app"] is not None
 
-    client, _ = _client(cfg, tmp_path)
+    client, _ = dashboard_client(cfg, tmp_path)
     page = client.get("/")
     assert page.status_code == 200
     live = page.text.split('data-target="live"')[1].split("</section>")[0]
@@ -690,7 +682,7 @@ def test_plan_page_shows_values_policies_and_counts_as_the_cli_does(db: TestDB, 
     result = make_plan(connect(target), Typed, out=tmp_path / "typed.plan")
     assert result.header.changes == 9, result.counts
     cfg = db.config()
-    client, board = _client(cfg, tmp_path)
+    client, board = dashboard_client(cfg, tmp_path)
     url = f"/t/staging/plans/{result.run.run_id}"
     client.get(url)
     board.plans.wait()
@@ -716,7 +708,7 @@ def test_a_refused_action_says_it_was_recorded_and_a_missing_run_gets_no_record(
     the address); now it gets a 404 and nothing is written."""
     db = world["db"]
     apply_id = world["apply"]["run_id"]
-    client, _ = _client(world["cfg"], tmp_path)
+    client, _ = dashboard_client(world["cfg"], tmp_path)
     token = _csrf(client, f"/t/staging/runs/{apply_id}/revert")
     before = db.scalar("SELECT count(*) FROM fillgate_actions")
     paused = client.post(f"/t/staging/runs/{apply_id}/pause", data={"csrf": token})

@@ -13,21 +13,11 @@ import pytest
 
 pytest.importorskip("starlette")
 
-from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
-from fillgate.web.app import Settings, create_app
-from fillgate.web.data import Dashboard
-
-from conftest import TestDB, run_cli
+from conftest import TestDB, dashboard_client, run_cli
 
 CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
-
-
-def _client(cfg: Path, tmp_path: Path, **settings: Any) -> tuple[TestClient, Dashboard]:
-    board = Dashboard(cfg, None, tmp_path / "cache")
-    app = create_app(Settings(cfg, None, tmp_path / "cache", **settings), board)
-    return TestClient(app, base_url="http://127.0.0.1"), board
 
 
 def _approvals(db: TestDB) -> list[tuple[Any, ...]]:
@@ -44,7 +34,7 @@ def test_approve_from_the_plan_page(db: TestDB, cli: CliRunner, jobs_file: Path,
     plan_id = planned["run_id"]
 
     monkeypatch.setenv("FILLGATE_OPERATOR", "bob")  # the dashboard's server runs as bob
-    client, board = _client(cfg, tmp_path)
+    client, board = dashboard_client(cfg, tmp_path)
     url = f"/t/staging/plans/{plan_id}"
     client.get(url)
     board.plans.wait()
@@ -57,7 +47,7 @@ def test_approve_from_the_plan_page(db: TestDB, cli: CliRunner, jobs_file: Path,
     action = f"{url}/approve"
     assert client.post(action, data={"comment": "x"}).status_code == 403  # no CSRF token
     assert client.post(action, data={"csrf": "0" * 64}).status_code == 403
-    ro, _ = _client(cfg, tmp_path, read_only=True)
+    ro, _ = dashboard_client(cfg, tmp_path, read_only=True)
     assert f'{plan_id}/approve"' not in ro.get(url).text
     refused = ro.post(action, data={"csrf": token})
     assert refused.status_code == 403 and "read-only" in refused.text
@@ -92,7 +82,7 @@ def test_the_run_page_shows_a_canary_and_its_verification(sqlite_db: TestDB, cli
     applied = run_cli(cli, cfg, "apply", "email.plan", "--canary", "2", "--json")
     assert applied.exit_code == 0, applied.output
     run_id = json.loads(applied.stdout)["run_id"]
-    client, _ = _client(cfg, tmp_path)
+    client, _ = dashboard_client(cfg, tmp_path)
     page = client.get(f"/t/staging/runs/{run_id}")
     assert page.status_code == 200
     assert "<dt>canary</dt><dd class=\"wrap\">2 changes spread over the plan; verification passed</dd>" in page.text

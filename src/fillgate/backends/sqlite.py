@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from fillgate.backends.base import PROBE, WRITES, Backend, ColumnType, ProbeSession, Unstorable, database_reason, shown
 
@@ -156,43 +156,32 @@ class SQLiteBackend(Backend):
 
     def update_group(self, conn: Connection, sql: Any, column: str, group: Sequence[Any],
                      binders: Mapping[str, Callable[[Any], Any]]) -> tuple[int, list[Any] | None] | None:
-        """``UPDATE t SET col = new FROM json_each(?) AS j WHERE t.key = key AND t.col IS old``,
-        the group's ``[key..., new, old]`` as ONE JSON array: one statement for the group.
+        """The group's compare-and-set statement (``UPDATE t SET col = ? WHERE key = ? AND col
+        IS ?``) as ONE ``executemany`` straight on the driver's cursor: the values are bound
+        exactly as the row-by-row statement binds them, and the cursor's row count is the sum
+        of the rows matched (the caller redoes the group row by row when it is not the whole
+        group, to tell each conflict).
 
-        Only groups whose keys and values are all text, 64-bit integers or NULL go this way:
-        those are what JSON carries exactly and ``json_extract`` hands back with the very type
-        and value a bound parameter has (no affinity either way, so comparisons and stored
-        values are those of the row-by-row statement). Anything else (floats, blobs) runs as
-        one executemany. How many rows matched is the statement's row count; when it is not
-        the whole group, the caller redoes the group row by row to tell each conflict."""
+        Measured on 500,000 changes in batches of 5,000 (bench/README.md): 0.77 s, against 1.12
+        s for the same statements through SQLAlchemy's ``exec_driver_sql`` (its per-row
+        parameter handling) and 1.13 s plus 0.18 s of JSON encoding for one ``UPDATE ... FROM
+        json_each(?)`` per group. A driver error is raised as SQLAlchemy's, as from any other
+        statement (a batch timeout among them)."""
         if binders:
             return None
-        low, high = INT64
-        rows = []
-        for change in group:
-            values = (*change.key, change.new, change.old)
-            for value in values:
-                kind = type(value)
-                if not (value is None or kind is str or (kind is int and low <= value <= high)):
-                    return None
-            rows.append(values)
-        version = getattr(conn.dialect.dbapi, "sqlite_version_info", (0,))
-        if version < (3, 33):  # UPDATE ... FROM
-            return None
-        if version >= (3, 38):
-            def at(i: int) -> str:
-                return f"j.value ->> {i}"  # as json_extract, parsed once less
-        else:
-            def at(i: int) -> str:
-                return f"json_extract(j.value, '$[{i}]')"
-        q, t = sql.quote, sql.q_table
-        n = len(sql.key)
-        match = " AND ".join(f"{t}.{q(k)} = {at(i)}" for i, k in enumerate(sql.key))
-        statement = (f"UPDATE {t} SET {q(column)} = {at(n)} FROM json_each(?) AS j "
-                     f"WHERE {match} AND {t}.{q(column)} IS {at(n + 1)}")
-        text = json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
-        matched = conn.exec_driver_sql(statement, (text,)).rowcount
-        return matched, None
+        statement = sql.cas_update(column)
+        params = [(c.new, *c.key, c.old) for c in group]
+        raw = conn.connection.dbapi_connection
+        assert raw is not None  # the caller's transaction holds the connection
+        cursor = raw.cursor()
+        try:
+            cursor.executemany(statement, params)
+            return cursor.rowcount, None
+        except conn.dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance(statement, params, exc, conn.dialect.loaded_dbapi.Error,
+                                      dialect=conn.dialect, ismulti=True) from exc
+        finally:
+            cursor.close()
 
     # --- values -------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from orjson import dumps as _orjson_dumps
 from sqlalchemy import case, func, insert, inspect, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -243,8 +244,13 @@ def _partition_values(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dump(value: Any) -> str:
-    """The JSON text of a packed batch (non-ASCII kept as is, no spaces)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """The JSON text of a packed batch (non-ASCII kept as is, no spaces): orjson's text, which
+    is byte for byte json.dumps's for these lists of strings (tests/test_values.py checks it)
+    and ten times faster; a string orjson refuses (a lone surrogate) takes json.dumps."""
+    try:
+        return _orjson_dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _load_list(text: Any) -> list[Any]:

@@ -5,6 +5,10 @@ plans that do not belong to the target, database or moment they are applied to."
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,16 +18,16 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from fillgate import apply_plan, make_plan
+from fillgate import apply_plan, make_plan, stampread
 from fillgate.applier import lock_name
 from fillgate.config import load_config, parse_url
 from fillgate.database import dispose_all
-from fillgate.errors import PlanMismatchError, TargetEscapeError
+from fillgate.errors import PlanMismatchError, StampMismatchError, TargetEscapeError
 from fillgate.ledger import ApplyLock, new_run_id
 from fillgate.loader import load_job
 from fillgate.stamp import connect
 
-from conftest import MY_URL, PG_URL, TestDB, _worker, fillgate_subprocess, run_cli
+from conftest import MY_URL, PG_URL, SRC, TestDB, _worker, fillgate_subprocess, run_cli
 
 N = 20  # people; every second one lacks an email, so FillEmail plans 10 changes
 WRITES = N // 2
@@ -359,6 +363,49 @@ def test_target_escape_refused(db: TestDB, cli: CliRunner, escape_setup: tuple[P
     assert result.exit_code == 0, result.output
     assert db.scalar("SELECT email FROM people WHERE id = 1") == f"1-of-{N}@example.com"
     assert n_changes(db) == WRITES
+
+
+def test_a_stamp_refusal_is_read_through_the_driver_before_sqlalchemy_is_imported(
+    db: TestDB, cli: CliRunner, jobs_file: Path
+) -> None:
+    """fillgate.stampread reads the stamp the full connect reads, through the driver alone;
+    ``fillgate run`` on a target stamped otherwise is refused in a new process that never
+    imports SQLAlchemy (the fast CLI start), and leaves everything as it was."""
+    cfg = setup(db, cli, {"staging": {}, "qa": {}})
+    assert stampread.stamped_environment(db.url) == "staging"
+    stampread.refuse_if_stamped_otherwise("staging", "staging", db.url)  # the right stamp: nothing said
+    with pytest.raises(StampMismatchError, match="target 'qa' points at a database stamped 'staging'"):
+        stampread.refuse_if_stamped_otherwise("qa", "qa", db.url)
+    # driver options are left to the full connect: nothing is read, nothing refused
+    assert stampread.stamped_environment(db.url + "?connect_timeout=3") is None
+    before = ledger_snapshot(db), people(db)
+    argv = ["fillgate", "--config", str(cfg), "run", f"{jobs_file}:FillEmail", "--target", "qa"]
+    probe = ("import atexit, sys\n"
+             "atexit.register(lambda: print('sqlalchemy imported:', 'sqlalchemy' in sys.modules, file=sys.stderr))\n"
+             "from fillgate.cli import main\n"
+             f"sys.argv = {argv!r}\n"
+             "main()\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=db.tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=60, check=False)
+    assert done.returncode == 3, done.stderr
+    assert "refused: target 'qa' points at a database stamped 'staging'" in done.stderr
+    assert "sqlalchemy imported: False" in done.stderr
+    assert (ledger_snapshot(db), people(db)) == before
+
+
+def test_the_early_stamp_read_leaves_what_it_cannot_read_to_the_full_connect(tmp_path: Path) -> None:
+    """No file is created, no server is waited on for long, and nothing is refused."""
+    missing = tmp_path / "missing.db"
+    assert stampread.stamped_environment(f"sqlite:///{missing}") is None
+    assert not missing.exists()
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()  # a database without a ledger
+    for url in (f"sqlite:///{empty}", "sqlite://", "sqlite:///:memory:", "not a url", "oracle://u@h/db",
+                "postgresql://nobody@127.0.0.1:1/db", "mysql://nobody@127.0.0.1:1/db"):
+        started = time.monotonic()
+        assert stampread.stamped_environment(url) is None, url
+        assert time.monotonic() - started < stampread.CONNECT_TIMEOUT_S + 3, url
+    assert empty.stat().st_size == 0
 
 
 # --- init and re-stamping -------------------------------------------------------------

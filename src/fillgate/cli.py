@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from fillgate import output
 from fillgate.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -28,16 +29,16 @@ from fillgate.errors import (
     UsageError,
 )
 from fillgate.interrupts import stop_on_signals
-from fillgate.job import parse_param_options
 from fillgate.validate import has_surrogate
 
 # The modules below import SQLAlchemy, Alembic and the rest of fillgate: loaded by the command
 # that needs them, so that `fillgate --help` and a usage error start fast.
 if TYPE_CHECKING:
-    from fillgate import applier, commands, control, distributed, loader, pipeline_run, report, stamp
+    from fillgate import applier, commands, control, distributed, loader, pipeline_run, report, stamp, stampread
     from fillgate import config as config_mod
     from fillgate import events as events_mod
     from fillgate import history as history_mod
+    from fillgate import job as job_mod
     from fillgate import limits as limits_mod
     from fillgate import monitor as monitor_mod
     from fillgate import plan as plan_mod
@@ -60,11 +61,11 @@ else:
         def __getattr__(self, attr: str) -> Any:
             return getattr(importlib.import_module(self._name), attr)
 
-    applier, commands, control, loader, pipeline_run, report, stamp = (
+    applier, commands, control, loader, pipeline_run, report, stamp, stampread = (
         _Lazy(f"fillgate.{name}") for name in
-        ("applier", "commands", "control", "loader", "pipeline_run", "report", "stamp"))
-    config_mod, events_mod, history_mod, limits_mod, monitor_mod, revert_mod = (
-        _Lazy(f"fillgate.{name}") for name in ("config", "events", "history", "limits", "monitor", "revert"))
+        ("applier", "commands", "control", "loader", "pipeline_run", "report", "stamp", "stampread"))
+    config_mod, events_mod, history_mod, job_mod, limits_mod, monitor_mod, revert_mod = (
+        _Lazy(f"fillgate.{name}") for name in ("config", "events", "history", "job", "limits", "monitor", "revert"))
     integrity = _Lazy("fillgate.ledger.integrity")
     distributed, plan_mod = _Lazy("fillgate.distributed"), _Lazy("fillgate.plan")
 
@@ -319,9 +320,9 @@ def _interrupted_early(as_json: bool) -> None:
 def _fail(exit_code: int, kind: str, message: str, as_json: bool) -> None:
     if os.environ.get("FILLGATE_DEBUG"):  # for fillgate's own developers: where it came from
         traceback.print_exc()
-    report.print_error(err, exit_code, message)
+    output.print_error(err, exit_code, message)
     if as_json or _state["json"]:
-        sys.stdout.write(report.to_json(report.error_json(exit_code, kind, message)) + "\n")
+        sys.stdout.write(output.to_json(output.error_json(exit_code, kind, message)) + "\n")
     raise typer.Exit(exit_code)
 
 
@@ -352,9 +353,27 @@ def _target(name: str | None) -> Target:
     return target
 
 
+def _refuse_early(name: str | None) -> None:
+    """Refuse a target whose database is stamped as another environment, read through its
+    driver before SQLAlchemy and the rest of fillgate are imported (fillgate.stampread); any
+    other problem is left to the full connect, which reports it where it always did."""
+    try:
+        spec = config_mod.load_config(_state["config"]).spec(name)
+        url = spec.url_text()
+    except FillgateError:
+        return
+    stampread.refuse_if_stamped_otherwise(spec.name, spec.environment, url)
+
+
+def _connect(name: str | None) -> Connected:
+    """The target, reached and its stamp checked (refused early when it can be)."""
+    _refuse_early(name)
+    return stamp.connect(_target(name))
+
+
 def _emit(as_json: bool, data: Callable[[], Any], human: Callable[[], None]) -> None:
     if as_json:
-        sys.stdout.write(report.to_json(data()) + "\n")
+        sys.stdout.write(output.to_json(data()) + "\n")
     else:
         human()
 
@@ -416,6 +435,7 @@ def plan(
     With --workers, --scheduler or --partitions: a distributed plan, one plan directory
     (a manifest and a plan file per partition) that apply verifies and gates as one plan."""
     with _errors(as_json):
+        _refuse_early(target)  # before the job and the cluster are loaded: a refusal comes fast
         runnable = loader.load_runnable(job)
         cluster = distributed.Cluster.from_options(workers, scheduler, partitions)
         conn = stamp.connect(_target(target))
@@ -423,7 +443,7 @@ def plan(
                          health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),
                          max_errors=max_errors, max_error_rate=max_error_rate)
         with _monitor(events, as_json) as monitor:
-            result = commands.plan(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
+            result = commands.plan(conn, runnable, job_mod.parse_param_options(param or []), out=output, limits=limits,
                                    monitor=monitor, estimate=estimate, cluster=cluster)
     human = _human(events)
     if isinstance(result, pipeline_run.PipelineResult):
@@ -605,6 +625,7 @@ def run(
 ) -> None:
     """Plan, gate and apply in one go (distributed on a Dask cluster with --workers or --scheduler)."""
     with _errors(as_json):
+        _refuse_early(target)  # before the job and the cluster are loaded: a refusal comes fast
         runnable = loader.load_runnable(job)
         cluster = distributed.Cluster.from_options(workers, scheduler, partitions)
         conn = stamp.connect(_target(target))
@@ -621,7 +642,7 @@ def run(
                 report.print_plan(_human(events), planned, next_step=False)
 
         with _monitor(events, as_json) as monitor:
-            done = commands.run(conn, runnable, parse_param_options(param or []), out=output, limits=limits,
+            done = commands.run(conn, runnable, job_mod.parse_param_options(param or []), out=output, limits=limits,
                                 monitor=monitor, on_planned=show_plan, cluster=cluster, stream=stream)
     _finish_run(done, as_json, events)
 
@@ -665,7 +686,7 @@ def runs(
 ) -> None:
     """List recent runs, newest first."""
     with _errors(as_json):
-        found = stamp.connect(_target(target)).ledger.list_runs(limit=limit, kind=kind, status=status, job=job)
+        found = _connect(target).ledger.list_runs(limit=limit, kind=kind, status=status, job=job)
     _emit(as_json, lambda: report.runs_json(found),
           lambda: report.print_runs(out, found, {"kind": kind, "status": status, "job": job}))
 
@@ -688,7 +709,7 @@ def show(run_id: Annotated[str, typer.Argument(metavar="RUN", help="A run id, or
             _state["target"] = conn.target
             found = commands.describe(conn, plan_mod.read_header(plan_file).plan_id)
         else:
-            conn = stamp.connect(_target(target))
+            conn = _connect(target)
             found = commands.describe(conn, run_id)
         if shown == "markdown":
             from fillgate.mdreport import run_markdown
@@ -722,7 +743,7 @@ def history(
 ) -> None:
     """Which runs changed this row, when, and from what to what."""
     with _errors(as_json):
-        entries = history_mod.row_history(stamp.connect(_target(target)), table, key, column)
+        entries = history_mod.row_history(_connect(target), table, key, column)
     _emit(as_json, lambda: report.history_json(entries), lambda: report.print_history(out, table, key, entries))
 
 
@@ -743,7 +764,7 @@ def verify(
 ) -> None:
     """Check the audit log against its tamper evidence (exit 0: it matches; 4: it does not)."""
     with _errors():
-        conn = stamp.connect(_target(target))
+        conn = _connect(target)
         anchors = integrity.read_anchors(events or [], conn.target.name)
         result = integrity.verify_ledger(conn.ledger, run_ids, anchors, conn.target.name)
     _emit(as_json, lambda: report.verify_json(result), lambda: report.print_verify(out, result))
@@ -774,7 +795,7 @@ def revert(
 ) -> None:
     """Undo a run from its audit log, as a new audited run; rows changed since are left alone."""
     with _errors(as_json):
-        conn = stamp.connect(_target(target))
+        conn = _connect(target)
         if dry_run:
             preview = revert_mod.preview_revert(conn, run_id)
         else:
@@ -801,7 +822,7 @@ def revert(
 
 def _control(run_id: str, target: str | None, action: str, as_json: bool) -> None:
     with _errors(as_json):
-        conn: Connected = stamp.connect(_target(target))
+        conn: Connected = _connect(target)
         found = commands.control(conn, run_id, action)
     if as_json:
         sys.stdout.write(json.dumps({"run_id": found.run_id, "status": found.status,
@@ -857,7 +878,7 @@ def resume(
     --scheduler's cluster (default: the cluster it was started with)."""
     with _errors(as_json):
         cluster = distributed.Cluster.from_options(workers, scheduler)
-        conn = stamp.connect(_target(target))
+        conn = _connect(target)
         limits = _limits(conn, rate, max_replication_lag, hold_while, max_hold,
                          table=conn.ledger.get_run(run_id).table_name,
                          health=_health(max_load, critical_load, hold_during_vacuum, max_transaction_age),

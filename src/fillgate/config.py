@@ -13,15 +13,14 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
-
-from fillgate.backends import supported_dialects, url_drivers
 from fillgate.errors import ConfigError
 from fillgate.redact import redact_url
 from fillgate.validate import Field, has_surrogate, kind_of, non_empty, non_negative, validate
+
+if TYPE_CHECKING:  # SQLAlchemy is imported when a target is resolved, not to read the config
+    from sqlalchemy.engine import URL
 
 DEFAULT_PROTECTED = ("live", "prod", "production")
 DEFAULT_TARGET = "default"
@@ -108,11 +107,14 @@ class TargetSpec:
     rehearsal_tolerance: float | None = None
     raw_replicas: tuple[str, ...] = field(default=(), repr=False)
 
+    def url_text(self) -> str:
+        """The url as written, with its ``${VAR}`` references replaced (not parsed)."""
+        return interpolate(self.raw_url, self.where) if self.interpolate else self.raw_url
+
     def resolve(self, rehearsal: TargetSpec | None = None) -> Target:
-        raw = interpolate(self.raw_url, self.where) if self.interpolate else self.raw_url
         return Target(
             name=self.name,
-            url=parse_url(raw, self.where),
+            url=parse_url(self.url_text(), self.where),
             environment=self.environment,
             protected=self.protected,
             protected_environments=self.protected_environments,
@@ -138,6 +140,12 @@ class Config:
 
     def target(self, name: str | None) -> Target:
         """The target called ``name`` (or the default one), resolved; or fail naming the choices."""
+        spec = self.spec(name)
+        return spec.resolve(self.targets.get(spec.rehearse_on) if spec.rehearse_on else None)
+
+    def spec(self, name: str | None) -> TargetSpec:
+        """The target called ``name`` (or the default one) as declared, not resolved; or fail
+        naming the choices."""
         if name is None:
             name = self.default_target
             if name is None:
@@ -149,14 +157,13 @@ class Config:
                         f"({', '.join(sorted(self.targets))}); choose one with --target NAME."
                     )
         try:
-            spec = self.targets[name]
+            return self.targets[name]
         except KeyError:
             known = ", ".join(sorted(self.targets)) or "none"
             raise ConfigError(
                 f"unknown target '{name}' (declared in {self.source}: {known}); "
                 "add [targets." + name + "] to fillgate.toml or pick a declared one."
             ) from None
-        return spec.resolve(self.targets.get(spec.rehearse_on) if spec.rehearse_on else None)
 
 
 def interpolate(value: str, where: str, environ: dict[str, str] | None = None) -> str:
@@ -176,6 +183,11 @@ def interpolate(value: str, where: str, environ: dict[str, str] | None = None) -
 
 def parse_url(raw: str, where: str) -> URL:
     """Parse a database URL, choosing fillgate's drivers and checking they are installed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from fillgate.backends import supported_dialects, url_drivers
+
     try:
         url = make_url(raw)
     except (ArgumentError, ValueError):

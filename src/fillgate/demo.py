@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-from fillgate import report
+from fillgate import output, report
 from fillgate.applier import ApplyResult, apply_plan
 from fillgate.config import load_config
 from fillgate.context import RunContext
@@ -173,13 +173,13 @@ class _Tour:
         try:
             apply_plan(self.conn, self.plan_file, Limits(max_changes=25))
         except GuardRefused as exc:
-            report.print_error(console, exc.exit_code, str(exc))
+            output.print_error(console, exc.exit_code, str(exc))
         _step(console, 4, "The stamp: a target that claims to be 'live' but reaches this database is refused",
               cmd(f"plan {job} --target live"))
         try:
             connect(self.config.target("live"))
         except GuardRefused as exc:
-            report.print_error(console, exc.exit_code, str(exc))
+            output.print_error(console, exc.exit_code, str(exc))
         return planned
 
     def apply_and_revert(self, planned: PlanResult) -> tuple[ApplyResult, str]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import URL
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 MASK = "***"
 
@@ -45,7 +46,7 @@ def mask_secrets(text: str) -> str:
 def redact_url(url: URL | str, *, hide_path: bool = False) -> str:
     """Render a URL with its passwords masked. ``hide_path`` keeps only scheme, host and port
     (for webhooks, whose path and query are often the secret)."""
-    text = url.render_as_string(hide_password=True) if isinstance(url, URL) else str(url)
+    text = str(url) if isinstance(url, str) else url.render_as_string(hide_password=True)
     if hide_path:
         parts = urllib.parse.urlsplit(text)
         try:

@@ -27,7 +27,6 @@ from rich.text import Text
 from fillgate.applier import ApplyResult
 from fillgate.commands import Approval
 from fillgate.counts import LABELS, PLAN_COUNTS
-from fillgate.errors import EXIT_INTERRUPTED, EXIT_REFUSED
 from fillgate.estimate import Estimate, format_duration
 from fillgate.ledger import Run
 from fillgate.ledger.integrity import RunCheck, VerifyReport
@@ -40,18 +39,6 @@ from fillgate.stamp import InitResult
 from fillgate.values import decode_key, format_key, format_value, loads
 
 
-def to_json(data: Any) -> str:
-    def default(value: Any) -> Any:
-        if isinstance(value, dt.datetime):
-            return value.isoformat() + ("Z" if value.tzinfo is None else "")
-        if isinstance(value, dt.date | dt.time):
-            return value.isoformat()
-        return str(value)
-
-    return json.dumps(data, default=default, indent=2, sort_keys=False)
-
-
-
 def _short(value: Any, width: int = 40) -> str:
     """Kept for the "stored differently" table; shows the value whole (never cut)."""
     return format_value(value)
@@ -59,25 +46,6 @@ def _short(value: Any, width: int = 40) -> str:
 
 def _key(key: Sequence[Any]) -> str:
     return format_key(key)
-
-
-# --- errors -------------------------------------------------------------------------------
-
-
-def error_prefix(exit_code: int) -> str:
-    """``refused:`` for a guard's refusal (exit 3), ``interrupted:`` for Ctrl-C (exit 130),
-    ``error:`` for everything else."""
-    return {EXIT_REFUSED: "refused:", EXIT_INTERRUPTED: "interrupted:"}.get(exit_code, "error:")
-
-
-def print_error(console: Console, exit_code: int, message: str) -> None:
-    """The one line every error becomes (passwords masked)."""
-    console.print(f"[bold red]{error_prefix(exit_code)}[/] {escape(mask_secrets(message))}", soft_wrap=True)
-
-
-def error_json(exit_code: int, kind: str, message: str) -> dict[str, Any]:
-    """What ``--json`` prints on stdout for an error."""
-    return {"error": {"type": kind, "exit_code": exit_code, "message": mask_secrets(message)}}
 
 
 # --- tables that never cut ------------------------------------------------------------------

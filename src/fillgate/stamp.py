@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
 
+from fillgate import stampread
 from fillgate.config import Target
 from fillgate.database import check_reachable, missing_database_file
-from fillgate.errors import ProtectedTargetError, StampMismatchError
+from fillgate.errors import ProtectedTargetError
 from fillgate.ledger import Ledger, Run, new_run_id, operator_name, utcnow
 from fillgate.runs import RunKind, RunStatus
 
@@ -29,14 +30,8 @@ class Connected:
 
 
 def check_stamp(target: Target, meta: dict[str, str]) -> None:
-    stamped = meta.get("environment")
-    if stamped != target.environment:
-        raise StampMismatchError(
-            f"target '{target.name}' points at a database stamped '{stamped}', but the target "
-            f"declares environment '{target.environment}'. Nothing was done. Check the target's "
-            "url; if the stamp itself is wrong, re-stamp with: "
-            f"fillgate init --target {target.name} --force-stamp"
-        )
+    """The database's stamp (its ``meta``) must be the target's environment."""
+    stampread.check_stamp(target.name, target.environment, meta.get("environment"))
 
 
 def check_write_allowed(target: Target, confirm: str | None, what: str = "write to") -> None:

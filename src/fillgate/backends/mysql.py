@@ -128,7 +128,23 @@ class MySQLBackend(Backend):
         statement = (f"UPDATE {t} AS t JOIN ({derived}) AS j ON {match} SET t.{q(column)} = j.fillgate_new "
                      f"WHERE {same}")
         matched = conn.exec_driver_sql(statement, tuple(value for row in rows for value in row)).rowcount
-        return matched, None
+        if matched != len(rows) or len(sql.key) != 1:
+            return matched, None  # the caller reads back what it needs
+        return matched, self._stored_after(conn, sql, column, group)
+
+    def _stored_after(self, conn: Connection, sql: Any, column: str, group: Sequence[Any]) -> list[Any]:
+        """What the field of each row of the group holds now, read back with ONE ``SELECT key,
+        col FROM t WHERE key IN (...)`` in the group's transaction (the generic read-back
+        compiles a query per 500 keys through SQLAlchemy: on 50,000 changes it took 1.3 s of
+        an apply's 2.1 s of CPU). The values are the driver's, as the generic read-back gets
+        them; a row not found counts as holding what was planned, as there."""
+        q, t, key = sql.quote, sql.q_table, sql.key[0]
+        keys = [change.key[0] for change in group]
+        found: dict[Any, Any] = dict(conn.exec_driver_sql(
+            f"SELECT {q(key)}, {q(column)} FROM {t} WHERE {q(key)} IN ({', '.join(['%s'] * len(keys))})",
+            tuple(keys),
+        ).all())
+        return [found.get(change.key[0], change.new) for change in group]
 
     def estimate_rows(self, conn: Connection, table: str) -> int | None:
         schema, _, name = table.rpartition(".")

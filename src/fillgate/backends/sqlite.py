@@ -142,7 +142,7 @@ class SQLiteBackend(Backend):
         statements once ``seconds`` have passed since the batch began."""
         deadline = time.monotonic() + seconds
         raw = conn.connection.dbapi_connection
-        # every 100 VM instructions: a set-based UPDATE of a whole batch runs only a few per row
+        # every 100 VM instructions, counted across the rows of an executemany (the statement is reused)
         raw.set_progress_handler(lambda: int(time.monotonic() > deadline), 100)  # type: ignore[union-attr]
 
     def clear_batch_timeout(self, conn: Connection) -> None:

@@ -365,6 +365,14 @@ def _refuse_early(name: str | None) -> None:
     stampread.refuse_if_stamped_otherwise(spec.name, spec.environment, url)
 
 
+def _plan_target(plan_file: str | Path, target: str | None) -> Connected:
+    """The target a plan file was made for, connected (``target``, if given, must be it, and
+    its stamp is read early; without it the plan's header names the target)."""
+    if target is not None:
+        _refuse_early(target)
+    return commands.target_of_plan(_config(), plan_file, target)
+
+
 def _connect(name: str | None) -> Connected:
     """The target, reached and its stamp checked (refused early when it can be)."""
     _refuse_early(name)
@@ -567,8 +575,8 @@ def apply(
     A distributed plan (a plan directory) is applied on --workers N or the --scheduler's
     cluster, partition by partition; without either, in this process."""
     with _errors(as_json):
+        conn = _plan_target(plan_file, target)
         cluster = distributed.Cluster.from_options(workers, scheduler)
-        conn = commands.target_of_plan(_config(), plan_file, target)
         _state["target"] = conn.target
         if verify_sql is not None and canary is None:
             raise UsageError("--verify-sql checks a canary; give --canary N too.")
@@ -667,7 +675,7 @@ def approve(
 ) -> None:
     """Approve a plan file (four-eyes): record that you, the operator, reviewed this exact file."""
     with _errors(as_json):
-        conn = commands.target_of_plan(_config(), plan_file, target)
+        conn = _plan_target(plan_file, target)
         _state["target"] = conn.target
         result = commands.approve(conn, plan_file, comment)
     _emit(as_json, lambda: report.approve_json(result), lambda: report.print_approve(out, result))
@@ -705,7 +713,7 @@ def show(run_id: Annotated[str, typer.Argument(metavar="RUN", help="A run id, or
         shown = _show_format(output_format, as_json)
         plan_file = Path(run_id) if run_id.endswith(".plan") or Path(run_id).is_file() else None
         if plan_file is not None:
-            conn = commands.target_of_plan(_config(), plan_file, target)
+            conn = _plan_target(plan_file, target)
             _state["target"] = conn.target
             found = commands.describe(conn, plan_mod.read_header(plan_file).plan_id)
         else:

@@ -28,21 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench_backfill import JOBS_FILE
+
 TARGET_S = 0.25
-
-JOB = """
-from fillgate import FillMissing, Job
-
-
-class FillEmail(Job):
-    table = "people"
-    key = ("id",)
-    columns = {"email": FillMissing()}
-    source = "SELECT id, name, email FROM people"
-
-    def compute(self, row, ctx):
-        return {"email": row["name"].lower() + "@example.com"}
-"""
 
 
 def timed(argv: list[str], cwd: Path, runs: int) -> dict[str, Any]:
@@ -65,7 +53,7 @@ def timed(argv: list[str], cwd: Path, runs: int) -> dict[str, Any]:
 
 def prepare(folder: Path, url: str, fillgate: str) -> None:
     """A database stamped 'staging', and a config whose target 'live' reaches it too."""
-    (folder / "jobs.py").write_text(JOB)
+    (folder / "jobs.py").write_text(JOBS_FILE.format(where="", page_size=1000))  # bench_backfill.py's job
     (folder / "fillgate.toml").write_text(
         f'[targets.staging]\nurl = "{url}"\n\n[targets.live]\nurl = "{url}"\nenvironment = "live"\n'
     )

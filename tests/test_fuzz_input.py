@@ -354,3 +354,29 @@ def test_history_keys(ready: tuple[TestDB, Path], cli: CliRunner, key: str, colu
     _assert_one_error_line(result, (0, 2))
     if table == "peple" or column == "emial":
         assert result.exit_code == 2
+
+
+URL_TAILS = st.text(alphabet=string.printable + "é\x00\u2028", max_size=40)
+# a server URL always points at a closed local port: no host name is looked up, nothing waits
+SERVER_URLS = st.builds(lambda scheme, user, tail: f"{scheme}{user}@127.0.0.1:1/{tail}",
+                        st.sampled_from(["postgresql://", "postgresql+psycopg://", "postgres://", "mysql://",
+                                         "mariadb+pymysql://"]),
+                        st.text(alphabet=string.ascii_letters + ":%@", max_size=8), URL_TAILS)
+FILE_URLS = st.builds(lambda scheme, tail: scheme + tail,
+                      st.sampled_from(["sqlite://", "sqlite:///", "sqlite:////", "sqlite+pysqlite:///", "oracle://",
+                                       "", "x"]), URL_TAILS)
+
+
+@FUZZ
+@given(url=SERVER_URLS | FILE_URLS)
+@example(url="sqlite:///new.db")
+@example(url="sqlite:///sub/new.db")
+@example(url="mysql://u@127.0.0.1:1/db?charset=utf8")
+def test_the_early_stamp_read_takes_any_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """fillgate.stampread never raises, never creates a file, and finds no stamp where none is."""
+    from fillgate import stampread
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert stampread.stamped_environment(url) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

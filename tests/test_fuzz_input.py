@@ -108,6 +108,24 @@ def test_mutated_plan_headers_are_refused(planned: tuple[TestDB, Path, str, str]
     assert _ledger_and_table(db) == before
 
 
+@pytest.mark.parametrize("column", ["\n", "a\r\nb", "tab\there", "\x00", "\x1b[31m"])
+def test_an_error_naming_a_column_with_control_characters_is_one_line(
+    planned: tuple[TestDB, Path, str, str], cli: CliRunner, column: str
+) -> None:
+    """Found by the fuzz above (in CI): a header whose only column is named "\\n" made the
+    error that lists the declared columns two lines. Control characters are shown as escapes."""
+    db, cfg, header, body = planned
+    data = json.loads(header)
+    data["columns"] = {column: None}
+    before = _ledger_and_table(db)
+    path = db.tmp_path / "fuzzed.plan"
+    path.write_text(json.dumps(data) + "\n" + body, encoding="utf-8")
+    result = run_cli(cli, cfg, "apply", str(path), "--max-changes", "100")
+    _assert_one_error_line(result, (2,))
+    assert "\x1b" not in result.stderr
+    assert _ledger_and_table(db) == before
+
+
 @FUZZ
 @given(data=st.data())
 @example(data=None)  # the two cases the fuzz found (a TypeError: exit 1, "unexpected ... a bug")

@@ -34,9 +34,15 @@ def error_prefix(exit_code: int) -> str:
     return {EXIT_REFUSED: "refused:", EXIT_INTERRUPTED: "interrupted:"}.get(exit_code, "error:")
 
 
+# control characters a message may carry from a file or a value (a column named "\n"): shown
+# as escapes, so that an error is always one line
+_VISIBLE = {c: f"\\x{c:02x}" for c in range(32) if chr(c) != "\t"} | {10: "\\n", 13: "\\r", 0x7F: "\\x7f"}
+
+
 def print_error(console: Console, exit_code: int, message: str) -> None:
-    """The one line every error becomes (passwords masked)."""
-    console.print(f"[bold red]{error_prefix(exit_code)}[/] {escape(mask_secrets(message))}", soft_wrap=True)
+    """The one line every error becomes (passwords masked, control characters as escapes)."""
+    line = mask_secrets(message).translate(_VISIBLE)
+    console.print(f"[bold red]{error_prefix(exit_code)}[/] {escape(line)}", soft_wrap=True)
 
 
 def error_json(exit_code: int, kind: str, message: str) -> dict[str, Any]:

@@ -390,7 +390,7 @@ class _LineCheck:
             column = record.get("column")
             if not isinstance(column, str) or column not in self.columns:
                 self._bad(number, f"it names column {column!r}, which the plan's job does not declare "
-                                  f"({', '.join(sorted(self.columns))})")
+                                  f"({', '.join(map(repr, sorted(self.columns)))})")
             if kind == "change" and ("old" not in record or "new" not in record):
                 self._bad(number, "it lacks the old or the new value")
 

@@ -113,7 +113,7 @@ class _Group(TyperGroup):
     errors with the same ``error:`` line (and ``--json`` object) as every other error."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        _state.update(config=None, target=None, targets=(), json="--json" in args)
+        _state.update(config=None, loaded=None, target=None, targets=(), json="--json" in args)
         for number, arg in enumerate(args, start=1):
             if has_surrogate(arg) or "\x00" in arg:
                 _fail(EXIT_USAGE, "UsageError", f"argument {number} is not valid UTF-8 text ({_bad_bytes(arg)}); "
@@ -163,7 +163,7 @@ out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
 
 # per invocation: the --config given, the target resolved, the declared targets, --json anywhere
-_state: dict[str, Any] = {"config": None, "target": None, "targets": (), "json": False}
+_state: dict[str, Any] = {"config": None, "loaded": None, "target": None, "targets": (), "json": False}
 
 COUNT_MAX = 2**63 - 1  # the largest count or size an option takes (a database's BIGINT, Python's sys.maxsize)
 PAUSE_MAX_MS = 86_400_000  # a day: sleeping longer overflows the platform's timer
@@ -343,8 +343,11 @@ def _run_not_found(exc: RunNotFoundError) -> str:
 
 
 def _config() -> Config:
-    config = config_mod.load_config(_state["config"])
-    _state["targets"] = tuple(sorted(config.targets))
+    """The configuration, read once per command (the early stamp read and the connect share it)."""
+    config: Config | None = _state["loaded"]
+    if config is None:
+        config = _state["loaded"] = config_mod.load_config(_state["config"])
+        _state["targets"] = tuple(sorted(config.targets))
     return config
 
 
@@ -358,7 +361,7 @@ def _refuse_early(name: str | None) -> None:
     driver before SQLAlchemy and the rest of fillgate are imported (fillgate.stampread); any
     other problem is left to the full connect, which reports it where it always did."""
     try:
-        spec = config_mod.load_config(_state["config"]).spec(name)
+        spec = _config().spec(name)
         url = spec.url_text()
     except FillgateError:
         return

@@ -109,7 +109,10 @@ class TargetSpec:
 
     def url_text(self) -> str:
         """The url as written, with its ``${VAR}`` references replaced (not parsed)."""
-        return interpolate(self.raw_url, self.where) if self.interpolate else self.raw_url
+        return self._interpolated(self.raw_url)
+
+    def _interpolated(self, raw: str) -> str:
+        return interpolate(raw, self.where) if self.interpolate else raw
 
     def resolve(self, rehearsal: TargetSpec | None = None) -> Target:
         return Target(
@@ -124,7 +127,7 @@ class TargetSpec:
             rehearsal_tolerance=self.rehearsal_tolerance,
             rehearsal=rehearsal,
             replicas=tuple(
-                parse_url(interpolate(raw, self.where) if self.interpolate else raw, f"a replica of {self.where}")
+                parse_url(self._interpolated(raw), f"a replica of {self.where}")
                 for raw in self.raw_replicas
             ),
         )

@@ -46,7 +46,7 @@ def mask_secrets(text: str) -> str:
 def redact_url(url: URL | str, *, hide_path: bool = False) -> str:
     """Render a URL with its passwords masked. ``hide_path`` keeps only scheme, host and port
     (for webhooks, whose path and query are often the secret)."""
-    text = str(url) if isinstance(url, str) else url.render_as_string(hide_password=True)
+    text = url if isinstance(url, str) else url.render_as_string(hide_password=True)
     if hide_path:
         parts = urllib.parse.urlsplit(text)
         try:

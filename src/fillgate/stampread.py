@@ -89,8 +89,12 @@ def _host(parts: dict[str, Any]) -> str | None:
     return str(host) if host else None
 
 
-def _port(parts: dict[str, Any]) -> int | None:
-    return int(parts["port"]) if parts["port"] else None
+def _login(parts: dict[str, Any], database: str) -> dict[str, Any]:
+    """A server driver's connect arguments from the URL's parts (``database``: the driver's
+    name for it); a part the URL leaves out is left to the driver's default, as SQLAlchemy does."""
+    given = {"host": _host(parts), "port": int(parts["port"]) if parts["port"] else None,
+             "user": parts["username"], "password": parts["password"], database: parts["database"]}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _sqlite(parts: dict[str, Any]) -> str | None:
@@ -111,10 +115,7 @@ def _sqlite(parts: dict[str, Any]) -> str | None:
 def _postgresql(parts: dict[str, Any]) -> str | None:
     import psycopg
 
-    options = {"host": _host(parts), "port": _port(parts), "user": parts["username"],
-               "password": parts["password"], "dbname": parts["database"]}
-    with psycopg.connect(**{k: v for k, v in options.items() if v is not None}, autocommit=True,
-                         connect_timeout=CONNECT_TIMEOUT_S) as raw:
+    with psycopg.connect(**_login(parts, "dbname"), autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as raw:
         row = raw.execute(_QUERY).fetchone()
     return None if row is None else str(row[0])
 
@@ -122,10 +123,7 @@ def _postgresql(parts: dict[str, Any]) -> str | None:
 def _mysql(parts: dict[str, Any]) -> str | None:
     import pymysql  # type: ignore[import-untyped]  # no stubs shipped
 
-    options = {"host": _host(parts), "port": _port(parts), "user": parts["username"],
-               "password": parts["password"], "database": parts["database"]}
-    raw = pymysql.connect(**{k: v for k, v in options.items() if v is not None},
-                          connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
+    raw = pymysql.connect(**_login(parts, "database"), connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
     try:
         with raw.cursor() as cursor:
             cursor.execute(_QUERY)
